@@ -1,0 +1,66 @@
+"""Typed errors. Every failure a user can cause or meet carries a stable `code` and a human message.
+
+Functions map these to `io.turboflow.video.failed` events; the CLI prints `error[code]: message`.
+"""
+from __future__ import annotations
+
+
+class TurboflowError(Exception):
+    """Base class. `code` is stable (part of the event contract); `retryable` says whether trying the
+    same request again later can succeed."""
+
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None,
+                 retryable: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        self.field = field
+
+    def to_dict(self) -> dict:
+        d = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.field:
+            d["field"] = self.field
+        return d
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(TurboflowError):
+    """The request itself is wrong (bad steps, frames, resolution, ...). Never retryable."""
+    code = "invalid_request"
+
+
+class ImageError(InvalidRequestError):
+    """The I2V conditioning image cannot be read or is not an image."""
+    code = "invalid_image"
+
+
+class UnsupportedOptionError(InvalidRequestError):
+    """A recognised option this build or device cannot honour (e.g. sagesla without SpargeAttn)."""
+    code = "unsupported_option"
+
+
+class ModelCacheError(TurboflowError):
+    """The model cache directory is missing files, has a bad manifest or fails verification."""
+    code = "model_cache_error"
+
+
+class ChecksumMismatchError(ModelCacheError):
+    code = "checksum_mismatch"
+
+
+class CheckpointError(TurboflowError):
+    """A checkpoint file does not match the architecture (missing/unexpected keys, wrong shapes)."""
+    code = "checkpoint_mismatch"
+
+
+class OutOfMemoryError(TurboflowError):
+    """The device ran out of memory for this request; a smaller request may succeed."""
+    code = "out_of_memory"

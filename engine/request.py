@@ -1,0 +1,181 @@
+"""What a generation is asked to do, and what it returns. Validated once, here, for every front end."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import ImageError, InvalidRequestError, UnsupportedOptionError
+
+FPS = 16
+MAX_PROMPT_CHARS = 4000
+MAX_FRAMES = 241  # 15 s at 16 fps; the models were trained on 81
+ATTENTION_TYPES = ("original", "sla", "sagesla")
+# Attention types this build implements; the performance work adds the sparse ones.
+IMPLEMENTED_ATTENTION = ("original",)
+
+# TurboDiffusion's VIDEO_RES_SIZE_INFO: (width, height)
+RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
+    "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (640, 640), "4:3": (640, 480), "3:4": (480, 640)},
+    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960), "4:3": (960, 720), "3:4": (720, 960)},
+}
+DEFAULT_SIGMA_MAX = {"t2v": 80.0, "i2v": 200.0}
+SEED_MAX = 2**63 - 1
+
+
+def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(width, height) for a named resolution and aspect ratio, or a typed error."""
+    if resolution not in RESOLUTIONS:
+        raise InvalidRequestError(
+            f"unknown resolution {resolution!r}; expected one of {sorted(RESOLUTIONS)}",
+            code="invalid_resolution", field="resolution")
+    table = RESOLUTIONS[resolution]
+    if aspect_ratio not in table:
+        raise InvalidRequestError(
+            f"unknown aspect_ratio {aspect_ratio!r}; expected one of {list(table)}",
+            code="invalid_aspect_ratio", field="aspect_ratio")
+    return table[aspect_ratio]
+
+
+def adaptive_frame_size(base: tuple[int, int], image_size: tuple[int, int], stride: int = 16) -> tuple[int, int]:
+    """Keep the base area and the image's aspect ratio, each side a multiple of `stride` (TurboDiffusion I2V)."""
+    area = base[0] * base[1]
+    img_w, img_h = image_size
+    aspect = img_h / img_w
+    ideal_w = math.sqrt(area / aspect)
+    ideal_h = math.sqrt(area * aspect)
+    w = max(1, round(ideal_w / stride)) * stride
+    h = max(1, round(ideal_h / stride)) * stride
+    return w, h
+
+
+def load_image(data: Any):
+    """A PIL RGB image from bytes, a path, or a PIL image; ImageError otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(data, Image.Image):
+            img = data
+        elif isinstance(data, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(data))
+        else:
+            img = Image.open(data)
+        img.load()
+    except FileNotFoundError as e:
+        raise ImageError(f"image not found: {data}", field="image") from e
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image could not be decoded: {e}", field="image") from e
+    if img.width < 16 or img.height < 16:
+        raise ImageError(f"image is {img.width}x{img.height}; at least 16x16 is needed", field="image")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video to generate. `validated()` returns a copy with defaults resolved or raises a typed error."""
+
+    prompt: str
+    kind: Literal["t2v", "i2v"] = "t2v"
+    resolution: str = "480p"
+    aspect_ratio: str = "16:9"
+    num_frames: int = 81
+    num_steps: int = 4
+    seed: int = 0  # 0: pick a random seed; the seed used is in the result
+    sigma_max: float | None = None  # None: 80 for T2V, 200 for I2V
+    attention: str = "original"
+    sla_topk: float = 0.1
+    ode: bool = False
+    boundary: float = 0.9  # I2V: high-noise expert while t >= boundary
+    adaptive_resolution: bool = True  # I2V: keep target area, follow the image's aspect
+    image: Any = None  # I2V: PIL image, bytes or path
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+    def validated(self) -> "GenerationRequest":
+        def bad(msg: str, code: str, fld: str):
+            raise InvalidRequestError(msg, code=code, field=fld)
+
+        if self.kind not in ("t2v", "i2v"):
+            bad(f"unknown kind {self.kind!r}; expected t2v or i2v", "invalid_kind", "kind")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            bad("prompt must be a non-empty string", "invalid_prompt", "prompt")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            bad(f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
+                "prompt_too_long", "prompt")
+        frame_size(self.resolution, self.aspect_ratio)
+        if not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % 4:
+            bad(f"num_frames must be 4k+1 (e.g. 17, 49, 81), got {self.num_frames!r}", "invalid_num_frames",
+                "num_frames")
+        if self.num_frames > MAX_FRAMES:
+            bad(f"num_frames {self.num_frames} exceeds the limit of {MAX_FRAMES}", "invalid_num_frames",
+                "num_frames")
+        if not _is_int(self.num_steps) or not 1 <= self.num_steps <= 4:
+            bad(f"num_steps must be 1, 2, 3 or 4 (rCM), got {self.num_steps!r}", "invalid_num_steps", "num_steps")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            bad(f"seed must be an integer in [0, 2^63-1], got {self.seed!r}", "invalid_seed", "seed")
+        sigma_max = DEFAULT_SIGMA_MAX[self.kind] if self.sigma_max is None else self.sigma_max
+        if not _is_number(sigma_max) or not 0 < sigma_max <= 10000 or not math.isfinite(sigma_max):
+            bad(f"sigma_max must be a number in (0, 10000], got {sigma_max!r}", "invalid_sigma_max", "sigma_max")
+        if self.attention not in ATTENTION_TYPES:
+            bad(f"unknown attention {self.attention!r}; expected one of {list(ATTENTION_TYPES)}",
+                "invalid_attention", "attention")
+        if not _is_number(self.sla_topk) or not 0 < self.sla_topk <= 1:
+            bad(f"sla_topk must be in (0, 1], got {self.sla_topk!r}", "invalid_sla_topk", "sla_topk")
+        if self.attention not in IMPLEMENTED_ATTENTION:
+            raise UnsupportedOptionError(
+                f"attention {self.attention!r} is not available in this build; use 'original'",
+                field="attention")
+        if not isinstance(self.ode, bool):
+            bad("ode must be a boolean", "invalid_ode", "ode")
+        if not _is_number(self.boundary) or not 0 <= self.boundary <= 1:
+            bad(f"boundary must be in [0, 1], got {self.boundary!r}", "invalid_boundary", "boundary")
+        image = self.image
+        if self.kind == "i2v":
+            if image is None:
+                raise ImageError("i2v needs an image", field="image")
+            image = load_image(image)
+        elif image is not None:
+            bad("t2v takes no image", "unexpected_image", "image")
+        return dataclasses.replace(self, sigma_max=float(sigma_max), image=image)
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the output video, after adaptive resolution for I2V."""
+        base = frame_size(self.resolution, self.aspect_ratio)
+        if self.kind == "i2v" and self.adaptive_resolution and self.image is not None:
+            return adaptive_frame_size(base, load_image(self.image).size)
+        return base
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class GenerationResult:
+    """Frames plus everything needed to reproduce and account for them."""
+
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    seed: int
+    width: int
+    height: int
+    num_frames: int
+    num_steps: int
+    sigma_max: float
+    model: str
+    fps: int = FPS
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    experts: list[str] = field(default_factory=list)  # which network ran each step ("high"/"low"/"dit")
+
+    def summary(self) -> dict:
+        return {"seed": self.seed, "width": self.width, "height": self.height, "num_frames": self.num_frames,
+                "num_steps": self.num_steps, "sigma_max": self.sigma_max, "model": self.model, "fps": self.fps,
+                "timings": dict(self.timings), "experts": list(self.experts)}

@@ -1,0 +1,1 @@
+"""turboflow.storage"""
