@@ -1,0 +1,174 @@
+"""TurboDiffusion T2V / I2V on diffusers components: explicit parts in, one __call__ out.
+
+The pipeline owns no global state; `loading.load_pipeline` builds one from a model cache directory and a
+function keeps it for the life of its pod (text encoder, DiT and VAE stay loaded between requests).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequestError, OutOfMemoryError
+from .request import FPS, GenerationRequest, GenerationResult
+from .sampler import rcm_sample
+
+TEXT_LEN = 512  # umT5 context length used by Wan
+Progress = Callable[[int, int], None]
+
+
+class _Stopwatch:
+    def __init__(self, device: torch.device):
+        self.device, self.timings = device, {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class TurboVideoPipeline:
+    """rCM few-step text/image-to-video. `transformer_2` (I2V low-noise expert) is used for steps with t < boundary.
+
+    offload: "none" keeps every network on `device`; "experts" keeps only the expert in use on the device and moves
+    the other to CPU (upstream TurboDiffusion's behaviour, for cards that cannot hold both A14B experts).
+    """
+
+    def __init__(self, *, kind: str, transformer, vae, text_encoder, tokenizer, transformer_2=None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_dtype: torch.dtype | None = None, model_name: str = "unknown", defaults: dict | None = None,
+                 offload: str = "none"):
+        if kind not in ("t2v", "i2v"):
+            raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
+        if kind == "i2v" and transformer.config.in_channels != 36:
+            raise ValueError(f"I2V transformer needs 36 input channels, has {transformer.config.in_channels}")
+        if offload not in ("none", "experts"):
+            raise ValueError(f"offload must be 'none' or 'experts', got {offload!r}")
+        self.kind, self.model_name, self.defaults = kind, model_name, dict(defaults or {})
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_dtype = vae_dtype or dtype
+        self.offload = offload
+        self.spatial_factor = 2 ** len(vae.config.temperal_downsample)  # 8 for Wan2.1 VAE
+        self.temporal_factor = 2 ** sum(vae.config.temperal_downsample)  # 4
+        self.latent_channels = vae.config.z_dim
+        self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        for m in self._networks():
+            m.eval().requires_grad_(False)
+
+    def _networks(self):
+        return [m for m in (self.transformer, self.transformer_2, self.vae, self.text_encoder) if m is not None]
+
+    # ---- stages -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """umT5 embeddings [1, 512, D]; positions past the prompt's tokens are zero, as in Wan."""
+        tokens = self.tokenizer([prompt], padding="max_length", max_length=TEXT_LEN, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, image, width: int, height: int, num_frames: int) -> torch.Tensor:
+        """I2V condition [1, 20, T', H', W']: 4-channel first-frame mask + normalised VAE latent of
+        [image, zeros x (F-1)] (TurboDiffusion wan2.2_i2v_infer)."""
+        from PIL import Image
+
+        resized = image.resize((width, height), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3] in [-1, 1]
+        pixels = pixels.permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        video = video.to(self.device, self.vae_dtype)
+        latent = self.vae.encode(video).latent_dist.mode().float()
+        latent = (latent - self.latents_mean.to(latent.device)) / self.latents_std.to(latent.device)
+        mask = torch.zeros_like(latent[:, :4])
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, latent], dim=1).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 frames [F, H, W, 3]."""
+        z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
+        video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return video[0].permute(1, 2, 3, 0).cpu().numpy()
+
+    def _use(self, expert: str):
+        """The network for this step, moved onto the device under the 'experts' offload policy."""
+        net, other = ((self.transformer, self.transformer_2) if expert != "low"
+                      else (self.transformer_2, self.transformer))
+        if self.offload == "experts" and self.device.type != "cpu":
+            if other is not None:
+                other.to("cpu")
+            net.to(self.device)
+        return net
+
+    # ---- the call -----------------------------------------------------------------------------------------
+    def __call__(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+        req = request.validated()
+        if req.kind != self.kind:
+            raise InvalidRequestError(f"this is a {self.kind} model; it cannot serve a {req.kind} request",
+                                      code="wrong_model_kind", field="kind")
+        try:
+            return self._generate(req, progress)
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemoryError(f"out of device memory for {req.resolution} x {req.num_frames} frames: "
+                                   f"{str(e).splitlines()[0]}") from e
+
+    @torch.no_grad()
+    def _generate(self, req: GenerationRequest, progress: Progress | None) -> GenerationResult:
+        seed = req.seed or random.SystemRandom().randrange(1, 2**63 - 1)
+        width, height = req.size()
+        clock = _Stopwatch(self.device)
+        latent_frames = (req.num_frames - 1) // self.temporal_factor + 1
+        shape = (1, self.latent_channels, latent_frames, height // self.spatial_factor, width // self.spatial_factor)
+
+        with clock.stage("text_encode"):
+            context = self.encode_prompt(req.prompt)
+        condition = None
+        if self.kind == "i2v":
+            with clock.stage("vae_encode"):
+                condition = self.encode_image(req.image, width, height, req.num_frames)
+
+        experts: list[str] = []
+        ones = torch.ones(shape[0], device=self.device)
+
+        def denoise(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+            expert = "dit" if self.kind == "t2v" else ("high" if t >= req.boundary else "low")
+            experts.append(expert)
+            net = self._use(expert)
+            model_in = x.to(self.dtype)
+            if condition is not None:
+                model_in = torch.cat([model_in, condition], dim=1)
+            # upstream passes t*1000 in the model dtype (bf16 on GPU rounds it); do the same
+            timestep = (ones * (t * 1000.0)).to(self.dtype)
+            return net(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context,
+                       return_dict=False)[0]
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with clock.stage("diffusion"):
+            latents = rcm_sample(denoise, shape, num_steps=req.num_steps, sigma_max=req.sigma_max,
+                                 generator=generator, device=self.device, ode=req.ode, progress=progress)
+        with clock.stage("vae_decode"):
+            frames = self.decode(latents)
+        return GenerationResult(frames=frames, seed=seed, width=width, height=height, num_frames=req.num_frames,
+                                num_steps=req.num_steps, sigma_max=req.sigma_max, model=self.model_name, fps=FPS,
+                                timings=clock.timings, experts=experts)
