@@ -1,0 +1,59 @@
+"""Prometheus metrics of the video functions, served at GET /metrics on the function's own port.
+
+One registry per process (a pod serves one function). Names:
+
+    turboflow_requests_total{kind,outcome,code}      outcome: completed | replayed | failed | retry
+    turboflow_stage_seconds{kind,stage}              queue_wait, image_fetch, text_encode, vae_encode, diffusion,
+                                                     vae_decode, mp4_encode, upload, total
+    turboflow_queue_wait_seconds{kind}               time from arrival to the GPU worker picking the job up
+    turboflow_gpu_seconds_total{kind}                billed GPU-seconds (includes the cold-start load once)
+    turboflow_inflight_requests{kind}                requests waiting for or holding the device
+    turboflow_model_ready{kind}                      1 once weights are on the device
+    turboflow_model_load_seconds{kind}               how long the last successful load took
+    turboflow_gpu_memory_bytes{kind,type}            allocated | reserved | peak (peak of the last request)
+"""
+from __future__ import annotations
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               PlatformCollector, ProcessCollector, generate_latest)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+_STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("turboflow_requests", "Requests handled, by outcome and failure code",
+                   ["kind", "outcome", "code"], registry=REGISTRY)
+STAGE_SECONDS = Histogram("turboflow_stage_seconds", "Seconds per pipeline stage", ["kind", "stage"],
+                          buckets=_STAGE_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT = Histogram("turboflow_queue_wait_seconds", "Seconds a request waited for the GPU worker", ["kind"],
+                       buckets=_STAGE_BUCKETS, registry=REGISTRY)
+GPU_SECONDS = Counter("turboflow_gpu_seconds", "GPU-seconds billed to requests (cold-start load included once)",
+                      ["kind"], registry=REGISTRY)
+INFLIGHT = Gauge("turboflow_inflight_requests", "Requests waiting for or holding the device", ["kind"],
+                 registry=REGISTRY)
+MODEL_READY = Gauge("turboflow_model_ready", "1 when the model is loaded on the device", ["kind"],
+                    registry=REGISTRY)
+MODEL_LOAD_SECONDS = Gauge("turboflow_model_load_seconds", "Duration of the last successful model load",
+                           ["kind"], registry=REGISTRY)
+GPU_MEMORY = Gauge("turboflow_gpu_memory_bytes", "CUDA memory: allocated, reserved, peak of the last request",
+                   ["kind", "type"], registry=REGISTRY)
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def record_gpu_memory(kind: str, device) -> None:
+    """Update the GPU memory gauges (no-op on CPU)."""
+    try:
+        import torch
+
+        if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+            return
+        GPU_MEMORY.labels(kind, "allocated").set(torch.cuda.memory_allocated(device))
+        GPU_MEMORY.labels(kind, "reserved").set(torch.cuda.memory_reserved(device))
+        GPU_MEMORY.labels(kind, "peak").set(torch.cuda.max_memory_allocated(device))
+    except Exception:  # metrics must never fail a request
+        pass
