@@ -208,7 +208,6 @@ ERROR_CODES: dict[str, str] = {
     "image_bucket_not_allowed": "the s3:// image is in a bucket the function may not read",
     "image_not_found": "the s3:// image does not exist", "invalid_image": "the bytes are not a decodable image",
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
-    "model_cache_incomplete": "the model cache is not ready (retryable)",
     "internal_error": "unexpected failure",
 }
 
