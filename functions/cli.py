@@ -35,13 +35,13 @@ def _serve(args) -> int:
     return 0
 
 
-async def serve(kind: str, host: str, port: int, shutdown: asyncio.Event | None = None) -> None:
+async def serve(kind: str, host: str, port: int, shutdown: asyncio.Event | None = None, app=None) -> None:
     import hypercorn.asyncio
     import hypercorn.config
 
     from .app import create_app
 
-    app = create_app(kind)
+    app = app or create_app(kind)
     cfg = hypercorn.config.Config()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = 5

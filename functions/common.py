@@ -63,13 +63,14 @@ def _now_rfc3339() -> str:
 class VideoFunction:
     """A Knative function instance serving one model (kind t2v or i2v)."""
 
-    def __init__(self, kind: str, *, store=None, pipeline=None):
+    def __init__(self, kind: str, *, store=None, pipeline=None, config: Mapping[str, str] | None = None):
         if kind not in ("t2v", "i2v"):
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
         self.kind = kind
         self.source = DEFAULT_SOURCES[kind]
         self.store = store
         self.pipeline = pipeline  # injected (tests) or loaded by start()
+        self.config_overrides = dict(config or {})  # merged over start()'s cfg (tests, `turboflow serve`)
         self.model_dir: str | None = None
         self.model_aliases: set[str] = set()
         self.max_queue = 2
@@ -88,7 +89,7 @@ class VideoFunction:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start(self, cfg: Mapping[str, str]) -> None:
-        cfg = dict(cfg or {})
+        cfg = {**dict(cfg or {}), **self.config_overrides}
         self.source = cfg.get("TURBOFLOW_EVENT_SOURCE") or DEFAULT_SOURCES[self.kind]
         self.max_queue = int(cfg.get("TURBOFLOW_MAX_QUEUE") or 2)
         self.max_inline_image_bytes = int(cfg.get("TURBOFLOW_MAX_INLINE_IMAGE_BYTES")
