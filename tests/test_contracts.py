@@ -1,0 +1,115 @@
+"""The event contract: generated files are current, schemas are valid, parsing and reply builders behave."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+import yaml
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
+from jsonschema import Draft202012Validator
+
+from turboflow.engine.errors import InvalidRequestError
+from turboflow.eventing import asyncapi
+from turboflow.eventing.contracts import (SCHEMA_FILES, SCHEMAS, ContractError, completed_event, failed_event,
+                                          parse_request, validator)
+from turboflow.eventing.types import COMPLETED, FAILED, I2V_REQUESTED, T2V_REQUESTED
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _event(data, **attrs):
+    base = {"type": T2V_REQUESTED, "source": "/producer", "id": "req-123", "tenant": "acme", "traceparent": TP,
+            "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)}
+    base.update(attrs)
+    return CloudEvent(attributes={k: v for k, v in base.items() if v is not None}, data=data)
+
+
+def test_committed_schemas_and_asyncapi_are_up_to_date():
+    stale = asyncapi.stale_files()
+    assert not stale, f"regenerate with `python -m turboflow.eventing.asyncapi --write`: {stale}"
+
+
+def test_schema_files_are_the_contract_schemas():
+    for event_type, name in SCHEMA_FILES.items():
+        on_disk = json.loads((asyncapi.REPO_ROOT / "eventing" / "schemas" / name).read_text())
+        assert on_disk == SCHEMAS[event_type]
+        Draft202012Validator.check_schema(on_disk)
+
+
+def test_asyncapi_document_covers_every_event():
+    doc = yaml.safe_load((asyncapi.REPO_ROOT / asyncapi.ASYNCAPI_PATH).read_text())
+    assert doc["asyncapi"].startswith("3.")
+    addresses = {c["address"] for c in doc["channels"].values()}
+    assert addresses == {T2V_REQUESTED, I2V_REQUESTED, COMPLETED, FAILED}
+    for msg in doc["components"]["messages"].values():
+        ref = msg["payload"]["$ref"].rsplit("/", 1)[-1]
+        assert ref in doc["components"]["schemas"]
+    assert "out_of_memory" in doc["info"]["description"]
+
+
+def test_parse_request_in_both_http_modes():
+    event = _event({"prompt": "a cat", "num_frames": 17, "num_steps": 2, "seed": 3, "output_prefix": "promo"})
+    for encode in (to_binary_event, to_structured_event):
+        msg = encode(event)
+        decoded = from_http_event(HTTPMessage(headers={k.lower(): v for k, v in msg.headers.items()},
+                                              body=msg.body))
+        req = parse_request(decoded)
+        assert (req.request_id, req.kind, req.tenant, req.output_prefix, req.traceparent) == \
+            ("req-123", "t2v", "acme", "promo", TP)
+        assert req.generation.num_frames == 17 and req.generation.sigma_max == 80.0
+        assert req.time == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def test_defaults_tenant_and_i2v_defaults():
+    req = parse_request(_event({"prompt": "x", "image": "s3://bucket-a/in/cat.png"}, type=I2V_REQUESTED,
+                               tenant=None))
+    assert req.tenant == "default" and req.image.bucket == "bucket-a" and req.image.key == "in/cat.png"
+    assert req.generation.sigma_max == 200.0 and req.generation.image is None
+
+
+@pytest.mark.parametrize("data,attrs,code", [
+    ({"prompt": "x", "num_steps": 0}, {}, "invalid_num_steps"),
+    ({"prompt": "x", "num_frames": 9999}, {}, "invalid_num_frames"),
+    ({"prompt": "x", "extra": 1}, {}, "unknown_field"),
+    ({"prompt": "x"}, {"type": "com.example.other"}, "unsupported_event_type"),
+    ({"prompt": "x"}, {"id": "a b"}, "invalid_request_id"),
+    ({"prompt": "x"}, {"tenant": "-acme"}, "invalid_tenant"),
+    ("not json", {}, "invalid_data"),
+    ({"prompt": "x"}, {"datacontenttype": "text/plain"}, "invalid_data"),
+])
+def test_parse_request_rejects_with_codes(data, attrs, code):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request(_event(data, **attrs))
+    assert e.value.code == code
+
+
+def test_contract_error_is_an_invalid_request():
+    assert issubclass(ContractError, InvalidRequestError) and not ContractError("x").retryable
+
+
+def test_completed_event_is_deterministic_and_keeps_context():
+    request = _event({"prompt": "x"})
+    data = {"request_id": "req-123", "tenant": "acme", "completed_at": "2026-01-02T03:05:00Z"}
+    a, b = completed_event(request, data), completed_event(request, dict(data))
+    assert a.get_type() == COMPLETED and a.get_subject() == "req-123"
+    assert a.get_id() == b.get_id() != "req-123"
+    assert a.get_time() == b.get_time() == datetime(2026, 1, 2, 3, 5, tzinfo=timezone.utc)
+    assert a.get_extension("traceparent") == TP and a.get_extension("tenant") == "acme"
+    assert completed_event(parse_request(request), data).get_id() == a.get_id()
+
+
+def test_failed_event_shape():
+    ev = failed_event("req-9", "invalid_num_steps", "num_steps must be 1-4", False, source="/fn/t2v",
+                      tenant="acme", traceparent=TP)
+    assert ev.get_type() == FAILED and ev.get_subject() == "req-9" and ev.get_source() == "/fn/t2v"
+    assert ev.get_extension("traceparent") == TP and ev.get_extension("tenant") == "acme"
+    validator(FAILED).validate(ev.get_data())
+    assert ev.get_data() == {"request_id": "req-9", "code": "invalid_num_steps",
+                             "message": "num_steps must be 1-4", "retryable": False, "tenant": "acme"}
+    other = failed_event("req-9", "out_of_memory", "oom", False, source="/fn/t2v", subject="custom")
+    assert other.get_id() != ev.get_id() and other.get_subject() == "custom"
+    assert other.get_extension("tenant") is None and other.get_extension("traceparent") is None
+    msg = to_structured_event(ev)  # serialisable by the SDK
+    assert json.loads(msg.body)["data"]["code"] == "invalid_num_steps"

@@ -1,0 +1,151 @@
+"""storage.s3 against a moto S3 server over HTTP: key layout and validation, multipart, presigned URLs,
+idempotency sidecar, allow-listed image reads, typed errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from function_harness import free_port
+from turboflow.engine.errors import InvalidRequestError
+from turboflow.storage.s3 import S3Config, S3Store, StorageConfigError, StorageUnavailableError
+
+BUCKET, OTHER = "tf-store", "tf-store-inputs"
+WHEN = datetime(2026, 3, 9, 23, 59, 59, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def store(s3_client, moto_s3):
+    for b in (BUCKET, OTHER):
+        try:
+            s3_client.create_bucket(Bucket=b)
+        except s3_client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    return S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": moto_s3,
+                             "TURBOFLOW_INPUT_BUCKETS": OTHER, "TURBOFLOW_MULTIPART_THRESHOLD_BYTES": str(5 << 20),
+                             "TURBOFLOW_MULTIPART_CHUNK_BYTES": str(5 << 20), "TURBOFLOW_MAX_IMAGE_BYTES": "1000"})
+
+
+def test_key_layout_uses_the_request_date(store):
+    assert store.video_key("acme", "req-1", WHEN) == "videos/acme/2026/03/09/req-1.mp4"
+    local = WHEN.astimezone(timezone(timedelta(hours=5)))  # same instant, other zone: same key
+    assert store.video_key("acme", "req-1", local) == "videos/acme/2026/03/09/req-1.mp4"
+    assert store.video_key("acme", "req-1", WHEN, "promo/q1") == "videos/acme/promo/q1/2026/03/09/req-1.mp4"
+    assert store.sidecar_key("videos/acme/2026/03/09/req-1.mp4") == "videos/acme/2026/03/09/req-1.json"
+
+
+@pytest.mark.parametrize("tenant,request_id,prefix,code", [
+    ("../acme", "r", None, "invalid_tenant"),
+    ("acme/x", "r", None, "invalid_tenant"),
+    ("", "r", None, "invalid_tenant"),
+    ("Acme", "r", None, "invalid_tenant"),
+    ("acme", "../../x", None, "invalid_request_id"),
+    ("acme", "a/b", None, "invalid_request_id"),
+    ("acme", "a..b", None, "invalid_request_id"),
+    ("acme", "", None, "invalid_request_id"),
+    ("acme", "r", "../globex", "invalid_output_prefix"),
+    ("acme", "r", "/abs", "invalid_output_prefix"),
+    ("acme", "r", "a//b", "invalid_output_prefix"),
+    ("acme", "r", "a/b/c/d/e", "invalid_output_prefix"),
+    ("acme", "r", ".hidden", "invalid_output_prefix"),
+])
+def test_keys_never_escape_the_tenant_prefix(store, tenant, request_id, prefix, code):
+    with pytest.raises(InvalidRequestError) as e:
+        store.video_key(tenant, request_id, WHEN, prefix)
+    assert e.value.code == code
+
+
+def test_upload_multipart_metadata_and_presigned_url(store, s3_client, tmp_path):
+    path = tmp_path / "big.mp4"
+    payload = os.urandom((5 << 20) + 12345)  # above the 5 MiB threshold: multipart
+    path.write_bytes(payload)
+    key = store.video_key("acme", "multi-1", WHEN)
+    out = store.put_video(path, key, {"model": "m", "seed": 5, "steps": 4, "request-id": "multi-1"})
+    assert out["bytes"] == len(payload) and out["etag"].endswith("-2")  # two parts
+    head = s3_client.head_object(Bucket=BUCKET, Key=key)
+    assert head["ContentType"] == "video/mp4"
+    assert head["Metadata"] == {"model": "m", "seed": "5", "steps": "4", "request-id": "multi-1"}
+    url, expires = store.presign(key)
+    assert url.startswith(store.cfg.endpoint_url) and "X-Amz-Signature" in url
+    assert datetime.fromisoformat(expires.replace("Z", "+00:00")) > datetime.now(timezone.utc)
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200 and hashlib.sha256(r.content).digest() == hashlib.sha256(payload).digest()
+
+
+def test_small_upload_is_single_part(store, tmp_path):
+    path = tmp_path / "small.mp4"
+    path.write_bytes(b"\0" * 1000)
+    out = store.put_video(path, store.video_key("acme", "single-1", WHEN), {})
+    assert "-" not in out["etag"]
+
+
+def test_completion_sidecar_round_trip(store, s3_client, tmp_path):
+    key = store.video_key("acme", "idem-1", WHEN)
+    assert store.find_completion(key) is None
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"video-bytes")
+    store.put_video(path, key, {})
+    assert store.find_completion(key) is None  # video alone (crash before the sidecar): not done
+    url, expires = store.presign(key)
+    data = {"request_id": "idem-1", "video": {"key": key, "bytes": 11, "url": url, "url_expires_at": expires}}
+    store.put_completion(key, data)
+    assert store.find_completion(key) == data
+    assert json.loads(s3_client.get_object(Bucket=BUCKET, Key=store.sidecar_key(key))["Body"].read()) == data
+    s3_client.delete_object(Bucket=BUCKET, Key=key)  # video deleted by a lifecycle rule: generate again
+    assert store.find_completion(key) is None
+
+
+def test_refresh_url_only_near_expiry(store):
+    key = store.video_key("acme", "url-1", WHEN)
+    url, expires = store.presign(key)
+    data = {"video": {"key": key, "url": url, "url_expires_at": expires}}
+    assert store.refresh_url(data) is data
+    later = datetime.now(timezone.utc) + timedelta(seconds=store.cfg.url_expiry_seconds * 0.9)
+    fresh = store.refresh_url(data, now=later)
+    assert fresh["video"]["url_expires_at"] > expires and fresh["video"]["key"] == key
+
+
+def test_read_image_allow_list_and_caps(store, s3_client):
+    s3_client.put_object(Bucket=OTHER, Key="in/a.png", Body=b"x" * 10)
+    s3_client.put_object(Bucket=OTHER, Key="in/big.png", Body=b"x" * 2000)
+    s3_client.put_object(Bucket=BUCKET, Key="in/a.png", Body=b"x" * 10)
+    assert store.read_image(OTHER, "in/a.png") == b"x" * 10
+    cases = [((BUCKET, "in/a.png"), "image_bucket_not_allowed"),  # inputs configured: output bucket not implied
+             (("some-other", "in/a.png"), "image_bucket_not_allowed"),
+             ((OTHER, "in/missing.png"), "image_not_found"),
+             ((OTHER, "in/big.png"), "image_too_large"),
+             ((OTHER, "in/../a.png"), "invalid_image_reference")]
+    for (bucket, key), code in cases:
+        with pytest.raises(InvalidRequestError) as e:
+            store.read_image(bucket, key)
+        assert e.value.code == code, (bucket, key)
+
+
+def test_input_buckets_default_to_the_output_bucket():
+    cfg = S3Config.from_env({"TURBOFLOW_BUCKET": "out-bucket"})
+    assert cfg.input_buckets == ("out-bucket",) and cfg.output_prefix == "videos"
+
+
+@pytest.mark.parametrize("env", [{}, {"TURBOFLOW_BUCKET": "Bad_Bucket"},
+                                 {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_OUTPUT_PREFIX": "../x"},
+                                 {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_URL_EXPIRY_SECONDS": "9999999"}])
+def test_bad_configuration_is_typed(env):
+    with pytest.raises(StorageConfigError):
+        S3Config.from_env(env)
+
+
+def test_unreachable_endpoint_is_transient(moto_s3):
+    store = S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(StorageUnavailableError) as e:
+        store.find_completion(store.video_key("acme", "r", WHEN))
+    assert e.value.retryable
+
+
+def test_missing_bucket_is_a_configuration_error(moto_s3):
+    store = S3Store.from_env({"TURBOFLOW_BUCKET": "no-such-bucket-here", "S3_ENDPOINT_URL": moto_s3})
+    with pytest.raises(StorageConfigError):
+        store.find_completion(store.video_key("acme", "r", WHEN))
