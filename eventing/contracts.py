@@ -77,7 +77,8 @@ _COMMON_REQUEST_PROPERTIES: dict[str, dict] = {
                                   "`invalid_num_frames`."},
     "num_steps": {"type": "integer", "minimum": 1, "maximum": 4, "default": 4, "description": "rCM steps."},
     "seed": {"type": "integer", "minimum": 0, "maximum": SEED_MAX, "default": 0,
-             "description": "0 picks a random seed; the seed used is in the completion."},
+             "description": "0 picks a seed (derived from the request id, so a redelivered request that must be "
+                            "generated again reproduces the same video); the seed used is in the completion."},
     "sigma_max": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10000,
                   "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v)."},
     "attention": {"type": "string", "enum": list(ATTENTION_TYPES), "default": "original",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,12 @@ class DeviceBusyError(TurboflowError):
 class NotReadyError(TurboflowError):
     code = "not_ready"
     retryable = True
+
+
+def derived_seed(request_id: str) -> int:
+    """A seed in [1, 2^63-1] derived from the request id (used when the request asks for seed 0)."""
+    digest = hashlib.sha256(f"turboflow-seed/{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63 - 2) + 1
 
 
 def _now_rfc3339() -> str:
@@ -85,6 +92,7 @@ class VideoFunction:
         self._gpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight = 0
         self._lock = threading.Lock()
+        self._running: dict[str, asyncio.Future] = {}  # video key -> completion data of the job generating it
         self._started_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
@@ -230,6 +238,38 @@ class VideoFunction:
             log.info("request %s already completed (%s); replaying the completion", req.request_id, key)
             return completed_event(req, data, source=self.source)
 
+        # The same request may arrive again while it is still being generated here (the broker's ack deadline
+        # is shorter than a long generation): join the running job instead of generating twice.
+        running = self._running.get(key)
+        if running is not None:
+            log.info("request %s is already being generated here; waiting for that result", req.request_id)
+            try:
+                data = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if running.cancelled():  # the first delivery was abandoned (client gone): let the broker retry
+                    raise NotReadyError("an earlier delivery of this request was abandoned; retry") from None
+                raise
+            metrics.REQUESTS.labels(self.kind, "replayed", "").inc()
+            return completed_event(req, data, source=self.source)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
+        self._running[key] = future
+        try:
+            data = await self._generate_and_publish(req, key, arrived)
+        except Exception as e:
+            future.set_exception(e)
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(data)
+        finally:
+            self._running.pop(key, None)
+        return completed_event(req, data, source=self.source)
+
+    async def _generate_and_publish(self, req: ParsedRequest, key: str, arrived: float) -> dict:
+        store = self.store
         timings: dict[str, float] = {}
         generation = req.generation
         if req.image is not None and req.image.scheme == "s3":
@@ -238,6 +278,10 @@ class VideoFunction:
             timings["image_fetch"] = time.perf_counter() - t
             generation = await asyncio.to_thread(generation.replace(image=raw).validated)
 
+        if generation.seed == 0:
+            # "random" seed, but derived from the request id: a redelivery that has to generate again (e.g. the
+            # first attempt died before publishing) reproduces the same video
+            generation = generation.replace(seed=derived_seed(req.request_id))
         result, held, queue_wait = await self._run_exclusive(generation, arrived)
         timings["queue_wait"] = queue_wait
         timings.update(result.timings)
@@ -251,6 +295,10 @@ class VideoFunction:
             t = time.perf_counter()
             meta = {"request-id": req.request_id, "tenant": req.tenant, "model": result.model, "seed": result.seed,
                     "steps": result.num_steps, "kind": self.kind, "sha256": video.sha256}
+            other = await asyncio.to_thread(store.find_completion, key)
+            if other is not None:  # another replica finished the same request meanwhile: keep its result
+                log.info("request %s was completed elsewhere meanwhile; replaying that completion", req.request_id)
+                return await asyncio.to_thread(store.refresh_url, other)
             uploaded = await asyncio.to_thread(store.put_video, path, key, meta)
             url, expires_at = await asyncio.to_thread(store.presign, key)
             timings["upload"] = time.perf_counter() - t
@@ -281,7 +329,7 @@ class VideoFunction:
         metrics.REQUESTS.labels(self.kind, "completed", "").inc()
         log.info("request %s completed: %s (%d bytes, gpu %.2fs%s)", req.request_id, key, uploaded["bytes"],
                  gpu_seconds, ", cold start" if cold else "")
-        return completed_event(req, data, source=self.source)
+        return data
 
     async def _run_exclusive(self, generation, arrived: float):
         """Run the generation on the single GPU worker; (result, seconds holding the device, queue_wait)."""

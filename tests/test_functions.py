@@ -216,6 +216,43 @@ def test_queued_requests_wait_for_the_worker(t2v):
     assert waits[1] > 0.2
 
 
+def test_redelivery_during_generation_joins_the_running_job(t2v, buckets):
+    """The broker redelivers a long request before it finishes: the pod generates once and both deliveries get
+    the same completion. Seed 0 becomes a seed derived from the request id."""
+    from turboflow.functions.common import derived_seed
+
+    fn = t2v.fn
+    gate, entered = threading.Event(), threading.Event()
+    real_job, calls = fn._gpu_job, []
+
+    def gated(*args):
+        calls.append(args[0].seed)
+        entered.set()
+        assert gate.wait(30)
+        return real_job(*args)
+
+    fn._gpu_job = gated
+    event = request_event("t2v", {"prompt": "a slow river", "seed": 0, **SMALL}, tenant="umbrella")
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.setdefault(i, t2v.send(event, ("binary", "structured")[i])))
+               for i in range(2)]
+    try:
+        threads[0].start()
+        assert entered.wait(30)
+        threads[1].start()
+        time.sleep(0.3)
+    finally:
+        gate.set()
+        for th in threads:
+            th.join(60)
+        fn._gpu_job = real_job
+    (r0, d0), (r1, d1) = _completed(results[0]), _completed(results[1])
+    assert d0 == d1 and r0.get_id() == r1.get_id()
+    assert calls == [derived_seed(event.get_id())] and d0["seed"] == calls[0]
+    keys = [o["Key"] for o in buckets.list_objects_v2(Bucket=BUCKET, Prefix="videos/umbrella/")["Contents"]]
+    assert len([k for k in keys if k.endswith(".mp4")]) == 1
+
+
 def test_out_of_memory_is_a_failed_reply(t2v):
     import torch
 
