@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import io
 import json
 import re
 import uuid
@@ -348,6 +349,31 @@ def decode_inline_image(uri: str, max_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTE
     return ImageRef("inline", data=raw, media_type=media_type)
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def check_image_header(raw: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Reject an image whose header announces more than `max_pixels` before anything decodes it (a small PNG
+    can expand to gigabytes). Undecodable headers are left to the engine's `invalid_image`."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise ContractError(f"image is too large to decode safely: {e}", code="image_too_large",
+                            field="image") from e
+    except Exception:
+        return
+    if width * height > max_pixels:
+        raise ContractError(f"image is {width}x{height}; at most {max_pixels} pixels are accepted",
+                            code="image_too_large", field="image")
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://"):]
     bucket, _, key = rest.partition("/")
@@ -417,6 +443,7 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
             gen_image = _placeholder_image()
         else:
             image_ref = decode_inline_image(uri, max_inline_image_bytes)
+            check_image_header(image_ref.data)
             gen_image = image_ref.data
     fields = {k: data[k] for k in ("prompt", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed",
                                    "sigma_max", "attention", "sla_topk", "ode", "boundary",

@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 from turboflow.engine.errors import (InvalidRequestError, ModelCacheError, OutOfMemoryError, TurboflowError)
 from turboflow.eventing.contracts import (DEFAULT_MAX_INLINE_IMAGE_BYTES, DEFAULT_SOURCES, ParsedRequest,
-                                          completed_event, failed_from_error, parse_request, request_context)
+                                          check_image_header, completed_event, failed_from_error, parse_request, request_context)
 
 from . import metrics
 
@@ -221,7 +221,9 @@ class VideoFunction:
         await (send.binary(reply) if binary else send.structured(reply))
 
     async def _process(self, event, ctx: dict, arrived: float):
-        req = parse_request(event, kinds=(self.kind,), max_inline_image_bytes=self.max_inline_image_bytes)
+        # in a thread: an inline image is decoded here, and the loop must keep answering health checks
+        req = await asyncio.to_thread(parse_request, event, kinds=(self.kind,),
+                                      max_inline_image_bytes=self.max_inline_image_bytes)
         ctx["tenant"] = req.tenant
         ready, message = self.ready()
         if not ready:
@@ -276,6 +278,7 @@ class VideoFunction:
             t = time.perf_counter()
             raw = await asyncio.to_thread(store.read_image, req.image.bucket, req.image.key)
             timings["image_fetch"] = time.perf_counter() - t
+            await asyncio.to_thread(check_image_header, raw)
             generation = await asyncio.to_thread(generation.replace(image=raw).validated)
 
         if generation.seed == 0:

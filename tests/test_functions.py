@@ -32,6 +32,13 @@ def _png(w=400, h=300, seed=0) -> bytes:
     return buf.getvalue()
 
 
+def _bomb_png() -> bytes:
+    """A few KB of PNG that decodes to 100 megapixels."""
+    buf = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def _data_uri(raw: bytes, media="png") -> str:
     return f"data:image/{media};base64," + base64.b64encode(raw).decode()
 
@@ -336,6 +343,7 @@ MALFORMED = [
     ("i2v-inline-not-image", "i2v", {"prompt": "x", "image": _data_uri(b"hello, I am text")}, {}, "invalid_image"),
     ("i2v-inline-too-large", "i2v", {"prompt": "x", "image": _data_uri(b"\0" * (600 << 10))}, {},
      "image_too_large"),
+    ("i2v-inline-pixel-bomb", "i2v", {"prompt": "x", "image": _data_uri(_bomb_png())}, {}, "image_too_large"),
     ("i2v-bucket-not-allowed", "i2v", {"prompt": "x", "image": f"s3://{PRIVATE}/images/cat.png"}, {},
      "image_bucket_not_allowed"),
     ("i2v-image-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/nope.png"}, {},
