@@ -1,0 +1,430 @@
+"""The local broker: Knative Broker semantics on a real nats-server with JetStream, driven by the Trigger YAML.
+
+Names (any NATS client can use them)
+    stream   ``TURBOFLOW_EVENTS`` (file storage, duplicate window 1 h, limits retention, 7 days)
+    subjects ``turboflow.events.<type>``, e.g. ``turboflow.events.io.turboflow.video.completed``,
+             ``turboflow.events.io.turboflow.video.failed``, ``turboflow.events.io.turboflow.video.t2v.requested``
+             (characters outside ``[A-Za-z0-9_-]`` in a type become ``_``; dots stay token separators).
+    messages the CloudEvents NATS binding (`eventing/nats_binding.py`): the broker stores binary mode, i.e.
+             ``ce-*`` headers and the data (JSON) as payload; ``Nats-Msg-Id`` = event id. Producers may
+             publish either mode directly to a subject under ``turboflow.events.``.
+    durables ``trigger-<namespace>-<trigger>`` (one JetStream pull consumer per Trigger).
+
+Ingress (shaped like Knative's broker ingress)
+    ``POST /{namespace}/{broker}`` a CloudEvent (binary or structured) -> 202 once JetStream has stored it
+    (PubAck), 400 for a body that is not a CloudEvent, 404 for another broker, 503 if NATS cannot store it.
+    ``GET /healthz`` -> 200.
+
+Dispatcher (what eventing-natss's dispatcher does for a Trigger)
+    For each Trigger in the YAML: a durable pull consumer over the whole stream, explicit acks, AckWait longer
+    than the delivery timeout, in-progress acks while a delivery (or backoff) is under way. Events matching the
+    Trigger's filters are POSTed (binary mode) to the subscriber; 2xx ends the delivery and a CloudEvent in the
+    response is published back into the stream (its own id, so a repeated reply is de-duplicated); 5xx, 408,
+    429, timeouts and connection errors are retried `retry` times with the Trigger's backoff; other 4xx and
+    exhausted retries go to the dead-letter sink with the extensions `knativeerrorcode`, `knativeerrordest`,
+    `knativeerrordata` (base64 of the first KiB of the last response body), and its reply is published too.
+    A message is acked only once all that is finished, so a broker or function killed mid-delivery loses
+    nothing: JetStream redelivers it after AckWait (or the dispatcher's retry hits the restarted function).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Mapping
+
+import httpx
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
+
+from .nats_binding import from_nats, is_cloudevent_http, to_nats
+from .triggers import Trigger, TriggerError
+
+log = logging.getLogger(__name__)
+
+STREAM = "TURBOFLOW_EVENTS"
+SUBJECT_PREFIX = "turboflow.events"
+DUPLICATE_WINDOW_S = 3600.0
+MAX_AGE_S = 7 * 24 * 3600.0
+MAX_MSG_SIZE = 1 << 20  # JetStream's hard limit
+DEFAULT_TIMEOUT_S = 30.0  # Knative's default when a Trigger sets none
+RETRYABLE_STATUS = {408, 429}
+ERROR_DATA_LIMIT = 1024
+
+
+def subject_for(event_type: str, prefix: str = SUBJECT_PREFIX) -> str:
+    """The subject an event of `event_type` is stored under."""
+    tokens = [re.sub(r"[^A-Za-z0-9_-]", "_", t) or "_" for t in str(event_type).split(".")]
+    return ".".join([prefix, *tokens])
+
+
+def durable_name(trigger: Trigger) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"trigger-{trigger.namespace}-{trigger.name}")
+
+
+async def ensure_stream(js, stream: str = STREAM, prefix: str = SUBJECT_PREFIX,
+                        duplicate_window: float = DUPLICATE_WINDOW_S) -> None:
+    """Create (or update) the events stream: file storage, explicit duplicate window, limits retention."""
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    cfg = StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
+                       retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD, max_age=MAX_AGE_S,
+                       duplicate_window=duplicate_window, max_msg_size=MAX_MSG_SIZE, num_replicas=1)
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        await js.add_stream(cfg)
+    else:
+        await js.update_stream(cfg)
+
+
+async def publish_event(js, event, *, mode: str = "binary", prefix: str = SUBJECT_PREFIX, timeout: float = 5.0):
+    """Store one CloudEvent in the stream (NATS binding, Nats-Msg-Id = id). Returns the PubAck (`.duplicate`
+    is True when JetStream already had that id)."""
+    headers, payload = to_nats(event, mode)
+    return await js.publish(subject_for(event.get_type(), prefix), payload, headers=headers, timeout=timeout)
+
+
+def _attributes(event) -> dict:
+    return dict(event.get_attributes())
+
+
+class Undeliverable(Exception):
+    def __init__(self, status: int | None, body: bytes, dest: str, reason: str):
+        super().__init__(reason)
+        self.status, self.body, self.dest, self.reason = status, body, dest, reason
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    replies: int = 0
+    events: list = field(default_factory=list)  # (trigger, event id, outcome) for tests and `dev` logs
+
+
+class Broker:
+    """Ingress + dispatcher for one broker (`namespace/name`) on a NATS server.
+
+    addresses: maps a Destination ref (`kind/namespace/name` or `name`) to a base URL.
+    gates: optional URL -> readiness URL; before each attempt the dispatcher waits (up to the delivery timeout)
+        until the readiness URL answers 200, like Knative's activator holding a request for a pod that is not
+        ready yet. Without a gate, a subscriber that is down is simply retried.
+    """
+
+    def __init__(self, nats_url: str, triggers: list[Trigger], addresses: Mapping[str, str], *,
+                 namespace: str = "turboflow", name: str = "default", gates: Mapping[str, str] | None = None,
+                 stream: str = STREAM, prefix: str = SUBJECT_PREFIX, max_inflight: int = 2,
+                 duplicate_window: float = DUPLICATE_WINDOW_S, ack_margin: float = 30.0):
+        self.nats_url, self.namespace, self.name = nats_url, namespace, name
+        self.triggers = [t for t in triggers if t.broker == name and t.namespace == namespace]
+        if not self.triggers:
+            log.warning("no Trigger for broker %s/%s: events are stored but not delivered", namespace, name)
+        self.addresses, self.gates = dict(addresses), dict(gates or {})
+        self.stream, self.prefix, self.max_inflight = stream, prefix, max_inflight
+        self.duplicate_window, self.ack_margin = duplicate_window, ack_margin
+        self.stats = DeliveryStats()
+        self.nc = self.js = None
+        self._tasks: list[asyncio.Task] = []
+        self._inflight: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
+        self._http: httpx.AsyncClient | None = None
+        # resolve every destination now: a Trigger the broker cannot route fails at start, not per event
+        self._targets = {t.name: (t.subscriber.resolve(self.addresses),
+                                  t.delivery.dead_letter.resolve(self.addresses) if t.delivery.dead_letter else None)
+                         for t in self.triggers}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        import nats
+
+        self.nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                     connect_timeout=2, name=f"turboflow-broker-{self.namespace}-{self.name}")
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, self.stream, self.prefix, self.duplicate_window)
+        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        for trigger in self.triggers:
+            self._tasks.append(asyncio.create_task(self._consume(trigger), name=f"trigger:{trigger.name}"))
+        log.info("broker %s/%s: stream %s, subjects %s.>, triggers %s", self.namespace, self.name, self.stream,
+                 self.prefix, ", ".join(f"{t.name}->{self._targets[t.name][0]}" for t in self.triggers) or "none")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in [*self._tasks, *self._inflight]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._inflight, return_exceptions=True)
+        self._tasks.clear()
+        if self._http:
+            await self._http.aclose()
+        if self.nc and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.close(), 5)
+            except Exception:  # already gone
+                pass
+
+    # -- ingress -----------------------------------------------------------------------------------------------
+    async def accept(self, event) -> bool:
+        """Store an event; True if new, False if JetStream already had its id."""
+        ack = await publish_event(self.js, event, prefix=self.prefix)
+        return not ack.duplicate
+
+    async def asgi(self, scope, receive, send) -> None:
+        """The HTTP ingress (ASGI)."""
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        if path == "/healthz":
+            return await _respond(send, 200, b"ok")
+        if path != f"/{self.namespace}/{self.name}":
+            return await _respond(send, 404, f"no broker at {path!r}; POST to /{self.namespace}/{self.name}".encode())
+        if method != "POST":
+            return await _respond(send, 405, b"POST a CloudEvent", [(b"allow", b"POST")])
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if len(body) > MAX_MSG_SIZE:
+                return await _respond(send, 413, b"event larger than 1 MiB (JetStream's limit)")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not is_cloudevent_http(headers):
+            return await _respond(send, 400, b"not a CloudEvent: need ce-* headers (binary) or "
+                                             b"Content-Type: application/cloudevents+json (structured)")
+        try:
+            event = from_http_event(HTTPMessage(headers=headers, body=body))
+            attrs = _attributes(event)
+            missing = [a for a in ("id", "source", "type", "specversion") if not attrs.get(a)]
+            if missing:
+                raise ValueError(f"missing required attributes {missing}")
+        except Exception as e:
+            return await _respond(send, 400, f"not a valid CloudEvent: {e}".encode())
+        try:
+            await self.accept(event)
+        except Exception as e:
+            log.warning("ingress: cannot store event %s: %s", attrs.get("id"), e)
+            return await _respond(send, 503, f"cannot store the event now: {type(e).__name__}".encode(),
+                                  [(b"retry-after", b"1")])
+        await _respond(send, 202, b"")
+
+    # -- dispatcher --------------------------------------------------------------------------------------------
+    def _ack_wait(self, trigger: Trigger) -> float:
+        return (trigger.delivery.timeout or DEFAULT_TIMEOUT_S) + self.ack_margin
+
+    async def _consume(self, trigger: Trigger) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        durable = durable_name(trigger)
+        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                                ack_wait=self._ack_wait(trigger), max_deliver=-1,
+                                max_ack_pending=max(self.max_inflight * 4, 16))
+        slots = asyncio.Semaphore(self.max_inflight)
+        psub = None
+        while not self._stopping.is_set():
+            try:
+                if psub is None:
+                    psub = await self.js.pull_subscribe(f"{self.prefix}.>", durable=durable, stream=self.stream,
+                                                        config=config)
+                await slots.acquire()
+                try:
+                    msgs = await psub.fetch(1, timeout=1.0)
+                except BaseException:
+                    slots.release()
+                    raise
+                for msg in msgs:
+                    task = asyncio.create_task(self._handle(trigger, msg))
+                    self._inflight.add(task)
+                    task.add_done_callback(lambda t: (self._inflight.discard(t), slots.release()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # fetch timeouts, NATS restarting: keep going
+                from nats.errors import TimeoutError as NatsTimeout
+
+                if not isinstance(e, (NatsTimeout, asyncio.TimeoutError)):
+                    log.debug("trigger %s: consumer: %s: %s", trigger.name, type(e).__name__, e)
+                    await asyncio.sleep(0.25)
+                    if "consumer" in str(e).lower() and "not found" in str(e).lower():
+                        psub = None
+
+    async def _keepalive(self, msg, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await msg.in_progress()
+            except Exception:  # NATS briefly away: AckWait is generous
+                pass
+
+    async def _handle(self, trigger: Trigger, msg) -> None:
+        try:
+            event = from_nats(msg.headers, msg.data)
+        except ValueError as e:
+            log.warning("trigger %s: dropping a message that is not a CloudEvent (%s)", trigger.name, e)
+            await _quiet(msg.term())
+            return
+        if not trigger.matches(_attributes(event)):
+            await _quiet(msg.ack())
+            return
+        keepalive = asyncio.create_task(self._keepalive(msg, max(self._ack_wait(trigger) / 4, 0.2)))
+        try:
+            outcome = await self._deliver(trigger, event)
+            self.stats.events.append((trigger.name, event.get_id(), outcome))
+            await self._ack(msg)
+        except asyncio.CancelledError:
+            raise  # broker stopping: no ack, JetStream redelivers after AckWait
+        except Exception as e:
+            log.warning("trigger %s: event %s not finished (%s): redelivering later", trigger.name,
+                        event.get_id(), e)
+            await _quiet(msg.nak(delay=max(trigger.delivery.backoff_delay, 1.0)))
+        finally:
+            keepalive.cancel()
+
+    async def _ack(self, msg) -> None:
+        for _ in range(50):
+            try:
+                await msg.ack_sync(timeout=2)
+                return
+            except Exception:
+                await asyncio.sleep(0.2)
+        log.warning("could not ack a finished delivery; JetStream will redeliver it (replies are de-duplicated)")
+
+    async def _deliver(self, trigger: Trigger, event) -> str:
+        url, dead_letter = self._targets[trigger.name]
+        try:
+            reply = await self._send_with_retries(trigger, url, event)
+            self.stats.delivered += 1
+            if reply is not None:
+                await self._publish_reply(reply)
+            return "delivered"
+        except Undeliverable as failure:
+            log.warning("trigger %s: event %s undeliverable to %s: %s", trigger.name, event.get_id(), url,
+                        failure.reason)
+            if dead_letter is None:
+                return "dropped"
+            attrs = _attributes(event)
+            attrs["knativeerrordest"] = failure.dest
+            if failure.status is not None:
+                attrs["knativeerrorcode"] = str(failure.status)
+            if failure.body:
+                attrs["knativeerrordata"] = base64.b64encode(failure.body[:ERROR_DATA_LIMIT]).decode()
+            dlq_event = type(event)(attributes=attrs, data=event.get_data())
+            reply = await self._send_with_retries(trigger, dead_letter, dlq_event)  # Undeliverable -> nak later
+            self.stats.dead_lettered += 1
+            if reply is not None:
+                await self._publish_reply(reply)
+            return "dead_lettered"
+
+    async def _wait_ready(self, url: str, limit: float) -> None:
+        gate = self.gates.get(url)
+        if not gate:
+            return
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                if (await self._http.get(gate, timeout=2)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+
+    async def _send_with_retries(self, trigger: Trigger, url: str, event):
+        d = trigger.delivery
+        timeout = d.timeout or DEFAULT_TIMEOUT_S
+        msg = to_binary_event(event)
+        body = msg.body if isinstance(msg.body, (bytes, bytearray)) else (msg.body or b"")
+        status, last_body, reason = None, b"", ""
+        for attempt in range(d.retry + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(d.backoff(attempt))
+            await self._wait_ready(url, timeout)
+            try:
+                resp = await self._http.post(url, headers=dict(msg.headers), content=bytes(body), timeout=timeout)
+            except httpx.TimeoutException:
+                status, last_body, reason = None, b"", f"no answer within {timeout:g}s"
+                continue
+            except httpx.HTTPError as e:
+                status, last_body, reason = None, b"", f"{type(e).__name__}: {e}"
+                continue
+            status, last_body = resp.status_code, resp.content
+            if 200 <= status < 300:
+                return _reply_event(resp)
+            reason = f"HTTP {status}"
+            if not (status >= 500 or status in RETRYABLE_STATUS):
+                break  # other 4xx: terminal, straight to the dead-letter sink
+        raise Undeliverable(status, last_body, url, reason)
+
+    async def _publish_reply(self, reply) -> None:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                ack = await publish_event(self.js, reply, prefix=self.prefix)
+                self.stats.replies += 0 if ack.duplicate else 1
+                return
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.debug("publishing reply %s: %s; retrying", reply.get_id(), e)
+                await asyncio.sleep(0.25)
+
+
+def _reply_event(resp: httpx.Response):
+    headers = {k.lower(): v for k, v in resp.headers.items()}
+    if not resp.content and "ce-id" not in headers:
+        return None
+    if not is_cloudevent_http(headers):
+        return None  # a plain 2xx body is not an event: nothing to publish
+    try:
+        return from_http_event(HTTPMessage(headers=headers, body=resp.content))
+    except Exception as e:
+        log.warning("subscriber replied with an invalid CloudEvent (%s): ignored", e)
+        return None
+
+
+async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:
+    hdrs = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _quiet(aw: Awaitable) -> None:
+    try:
+        await aw
+    except Exception:
+        pass
+
+
+async def serve_asgi(app, host: str, port: int, stop: asyncio.Event) -> None:
+    """Run an ASGI app under hypercorn until `stop` is set."""
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    cfg = hypercorn.config.Config()
+    cfg.bind = [f"{host}:{port}"]
+    cfg.graceful_timeout = 2
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)
+
+
+def decode_error_data(value: str | None) -> str:
+    """`knativeerrordata` as text (base64 as Knative sends it; raw text tolerated)."""
+    if not value:
+        return ""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        return value
+    return raw.decode("utf-8", "replace")
