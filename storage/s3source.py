@@ -1,0 +1,371 @@
+"""S3-triggered image-to-video: bucket notifications -> `io.turboflow.video.i2v.requested`.
+
+Production: MinIO publishes S3 bucket notifications (the AWS `Records[]` JSON) to a NATS subject (JetStream on);
+`turboflow s3source` (a Knative ContainerSource, eventing/manifests/s3source.yaml) consumes that subject with a
+durable JetStream consumer and POSTs one request per new image under the configured prefix to `K_SINK` (the
+Broker). A notification is acked only after the Broker accepted the request.
+
+Request contents
+    image        `s3://<bucket>/<key>` of the uploaded object (the I2V function reads it; its bucket must be in
+                 the function's TURBOFLOW_INPUT_BUCKETS).
+    prompt and options  object user metadata (`x-amz-meta-prompt`, `x-amz-meta-num-frames`, ...; `-` or `_`) and/or
+                 a sidecar JSON object at `<key>.json` (wins over metadata). Only request fields are taken
+                 (prompt, resolution, aspect_ratio, num_frames, num_steps, seed, sigma_max, attention, sla_topk,
+                 ode, boundary, adaptive_resolution, output_prefix, model); `tenant` picks the tenant. Without a
+                 prompt (and no --default-prompt) the upload is skipped with a warning.
+    id           `s3-` + uuid5(bucket/key@ETag): a repeated notification is the same request (JetStream drops
+                 it; the function's idempotency makes one video). `time` is the object's LastModified, so the
+                 request maps to one output key. To run again, upload the image again (new ETag) - or under
+                 another key.
+    order        upload the sidecar first, or after: the image's notification emits when a prompt is available;
+                 otherwise the sidecar's notification emits once the image exists.
+
+Development: moto S3 does not publish notifications. `BucketNotifier` is the stand-in for MinIO's notifier that
+`turboflow dev` runs: it lists the prefix every `interval` seconds and publishes, for each new (key, ETag), the same
+`Records[]` JSON MinIO would publish onto the same subject; the source consumes it exactly as in production.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote_plus, unquote_plus
+
+log = logging.getLogger(__name__)
+
+NOTIFY_SUBJECT = "minio.turboflow.uploads"
+NOTIFY_STREAM = "MINIO_EVENTS"
+DURABLE = "turboflow-s3source"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+SIDECAR_SUFFIX = ".json"
+_ID_NAMESPACE = uuid.UUID("0c9b3a56-5f0e-5b86-a3e2-73337363e7a1")
+OPTION_FIELDS = ("prompt", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed", "sigma_max", "attention",
+                 "sla_topk", "ode", "boundary", "adaptive_resolution", "output_prefix", "model")
+
+
+@dataclass
+class S3SourceConfig:
+    prefix: str = "uploads/"
+    buckets: tuple[str, ...] = ()  # empty: any bucket in the notifications
+    tenant: str | None = None  # default tenant (metadata/sidecar `tenant` wins)
+    default_prompt: str | None = None
+    source: str = "/turboflow/s3source"
+
+
+def records_of(payload: bytes | str | dict) -> list[dict]:
+    """The `Records` of an S3 notification (MinIO wraps them as {"EventName", "Key", "Records"}; AWS sends
+    {"Records"})."""
+    doc = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
+    if not isinstance(doc, dict):
+        raise ValueError("S3 notification is not a JSON object")
+    records = doc.get("Records") or []
+    return [r for r in records if isinstance(r, dict)]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Metadata values are strings: give them the schema's type."""
+    from turboflow.eventing.contracts import SCHEMAS
+    from turboflow.eventing.types import I2V_REQUESTED
+
+    if not isinstance(value, str):
+        return value
+    types = SCHEMAS[I2V_REQUESTED]["properties"].get(name, {}).get("type")
+    types = types if isinstance(types, list) else [types]
+    text = value.strip()
+    if "boolean" in types:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+    if "integer" in types:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if "number" in types:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return value
+
+
+def request_id_for(bucket: str, key: str, etag: str | None) -> str:
+    return "s3-" + str(uuid.uuid5(_ID_NAMESPACE, f"{bucket}/{key}@{(etag or '').strip(chr(34))}"))
+
+
+class S3Source:
+    """Turns notification records into I2V request events (boto3 calls; run it in a thread)."""
+
+    def __init__(self, s3_client, config: S3SourceConfig | None = None):
+        self.s3 = s3_client
+        self.cfg = config or S3SourceConfig()
+
+    def _wanted(self, bucket: str, key: str) -> bool:
+        return (not self.cfg.buckets or bucket in self.cfg.buckets) and key.startswith(self.cfg.prefix)
+
+    def _head(self, bucket: str, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _sidecar(self, bucket: str, key: str) -> dict:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.s3.get_object(Bucket=bucket, Key=key + SIDECAR_SUFFIX)["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return {}
+            raise
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            log.warning("s3source: %s/%s%s is not JSON: ignored", bucket, key, SIDECAR_SUFFIX)
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def events_for(self, records: list[dict]) -> list:
+        out, seen = [], set()
+        for rec in records:
+            name = str(rec.get("eventName", ""))
+            if not (name.startswith("s3:ObjectCreated:") or name.startswith("ObjectCreated:")):
+                continue
+            s3 = rec.get("s3") or {}
+            bucket = (s3.get("bucket") or {}).get("name")
+            key = unquote_plus((s3.get("object") or {}).get("key") or "")
+            if not bucket or not key or not self._wanted(bucket, key):
+                continue
+            image_key = key[:-len(SIDECAR_SUFFIX)] if key.endswith(SIDECAR_SUFFIX) else key
+            if not image_key.lower().endswith(IMAGE_SUFFIXES) or (bucket, image_key) in seen:
+                continue
+            seen.add((bucket, image_key))
+            event = self.request_for(bucket, image_key, sidecar_notified=key != image_key)
+            if event is not None:
+                out.append(event)
+        return out
+
+    def request_for(self, bucket: str, key: str, sidecar_notified: bool = False):
+        from cloudevents.core.v1.event import CloudEvent
+
+        from turboflow.eventing.types import I2V_REQUESTED, TENANT_EXTENSION
+
+        head = self._head(bucket, key)
+        if head is None:
+            if not sidecar_notified:
+                log.warning("s3source: %s/%s is gone; skipped", bucket, key)
+            return None  # a sidecar for an image not uploaded yet: the image's notification will emit
+        options: dict[str, Any] = {}
+        for mkey, value in (head.get("Metadata") or {}).items():
+            name = mkey.lower().removeprefix("x-amz-meta-").replace("-", "_")
+            if name in OPTION_FIELDS or name == "tenant":
+                options[name] = _coerce(name, value)
+        sidecar = self._sidecar(bucket, key)
+        ignored = sorted(k for k in sidecar if k not in OPTION_FIELDS and k != "tenant")
+        if ignored:
+            log.warning("s3source: %s/%s%s: ignoring fields %s", bucket, key, SIDECAR_SUFFIX, ignored)
+        options.update({k: v for k, v in sidecar.items() if k in OPTION_FIELDS or k == "tenant"})
+        tenant = options.pop("tenant", None) or self.cfg.tenant
+        if not options.get("prompt"):
+            if self.cfg.default_prompt:
+                options["prompt"] = self.cfg.default_prompt
+            else:
+                if not sidecar_notified:
+                    log.warning("s3source: %s/%s has no prompt (metadata `prompt` or %s%s); waiting for a sidecar",
+                                bucket, key, key, SIDECAR_SUFFIX)
+                return None
+        etag = str(head.get("ETag", "")).strip('"')
+        when = head.get("LastModified") or datetime.now(timezone.utc)
+        attrs = {"type": I2V_REQUESTED, "source": f"{self.cfg.source}/{bucket}", "id": request_id_for(bucket, key, etag),
+                 "subject": key, "time": when, "datacontenttype": "application/json"}
+        if tenant:
+            attrs[TENANT_EXTENSION] = str(tenant)
+        return CloudEvent(attributes=attrs, data={**options, "image": f"s3://{bucket}/{key}"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the source: NATS subject in, HTTP sink (K_SINK) out
+# ---------------------------------------------------------------------------------------------------------------
+async def post_to_sink(client, sink: str, event, attempts: int = 8) -> None:
+    """POST `event` (binary mode) to the sink, retrying 5xx/connection errors with backoff."""
+    import httpx
+    from cloudevents.core.bindings.http import to_binary_event
+
+    msg = to_binary_event(event)
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            r = await client.post(sink, headers=dict(msg.headers), content=msg.body, timeout=10)
+            if r.status_code < 300:
+                return
+            if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                raise RuntimeError(f"sink refused {event.get_id()}: HTTP {r.status_code} {r.text[:200]}")
+        except httpx.HTTPError as e:
+            if attempt == attempts - 1:
+                raise
+            log.debug("s3source: sink %s: %s", sink, e)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5)
+    raise RuntimeError(f"sink {sink} did not accept {event.get_id()}")
+
+
+async def ensure_notify_stream(js, stream: str = NOTIFY_STREAM, subject: str = NOTIFY_SUBJECT) -> None:
+    from nats.js.api import StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE,
+                                         duplicate_window=3600.0, max_age=7 * 24 * 3600.0))
+
+
+async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.Event, *,
+                     subject: str = NOTIFY_SUBJECT, stream: str | None = NOTIFY_STREAM, durable: str = DURABLE,
+                     emitted: Callable[[Any], Awaitable[None] | None] | None = None) -> None:
+    """Consume notifications until `stop` is set. With `stream` (MinIO `jetstream on`): a durable pull consumer,
+    a notification acked after its requests were accepted. Without: a core NATS subscription."""
+    import httpx
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, name="turboflow-s3source")
+    client = httpx.AsyncClient()
+
+    async def process(payload: bytes) -> None:
+        try:
+            records = records_of(payload)
+        except ValueError as e:
+            log.warning("s3source: not an S3 notification (%s): ignored", e)
+            return
+        for event in await asyncio.to_thread(source.events_for, records):
+            await post_to_sink(client, sink, event)
+            log.info("s3source: %s -> request %s", event.get_subject(), event.get_id())
+            if emitted is not None:
+                result = emitted(event)
+                if asyncio.iscoroutine(result):
+                    await result
+
+    try:
+        if stream:
+            from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+            js = nc.jetstream()
+            await ensure_notify_stream(js, stream, subject)
+            psub = await js.pull_subscribe(subject, durable=durable, stream=stream,
+                                           config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                                                 deliver_policy=DeliverPolicy.ALL, ack_wait=120,
+                                                                 max_deliver=-1))
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(4, timeout=0.5)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+                except Exception as e:  # NATS restarting
+                    log.debug("s3source: fetch: %s", e)
+                    await asyncio.sleep(0.25)
+                    continue
+                for msg in msgs:
+                    try:
+                        await process(msg.data)
+                        await msg.ack()
+                    except Exception as e:
+                        log.warning("s3source: notification not processed (%s): retrying later", e)
+                        await msg.nak(delay=2)
+        else:
+            queue: asyncio.Queue = asyncio.Queue()
+            await nc.subscribe(subject, queue="turboflow-s3source", cb=lambda m: queue.put(m.data))
+            while not stop.is_set():
+                try:
+                    payload = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                try:
+                    await process(payload)
+                except Exception as e:
+                    log.warning("s3source: notification lost (core NATS, no redelivery): %s", e)
+    finally:
+        await client.aclose()
+        await nc.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Development stand-in for MinIO's notifier
+# ---------------------------------------------------------------------------------------------------------------
+def minio_record(bucket: str, key: str, etag: str, size: int, content_type: str | None = None,
+                 metadata: dict | None = None, event_name: str = "s3:ObjectCreated:Put") -> dict:
+    """One notification in MinIO's NATS format (key URL-encoded as MinIO does)."""
+    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"EventName": event_name, "Key": f"{bucket}/{key}", "Records": [{
+        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": now, "eventName": event_name,
+        "userIdentity": {"principalId": "turboflow-dev"}, "requestParameters": {}, "responseElements": {},
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "turboflow",
+               "bucket": {"name": bucket, "ownerIdentity": {"principalId": "turboflow-dev"},
+                          "arn": f"arn:aws:s3:::{bucket}"},
+               "object": {"key": quote_plus(key, safe=""), "size": size, "eTag": etag,
+                          "contentType": content_type or "application/octet-stream",
+                          "userMetadata": {f"X-Amz-Meta-{k}": v for k, v in (metadata or {}).items()},
+                          "sequencer": f"{int(datetime.now().timestamp() * 1e9):X}"}},
+        "source": {"host": "127.0.0.1", "port": "", "userAgent": "turboflow-dev-notifier"}}]}
+
+
+class BucketNotifier:
+    """`turboflow dev`'s stand-in for MinIO bucket notifications (moto publishes none).
+
+    Polls `list_objects_v2` under `prefix` every `interval` seconds; for every object that is new or changed
+    (key, ETag) since the previous listing it publishes `minio_record(...)` to `subject` through JetStream
+    (Nats-Msg-Id = bucket/key/ETag). Objects present at start are the baseline, as MinIO only notifies new writes.
+    """
+
+    def __init__(self, s3_client, bucket: str, prefix: str, nats_url: str, *, subject: str = NOTIFY_SUBJECT,
+                 stream: str = NOTIFY_STREAM, interval: float = 0.5):
+        self.s3, self.bucket, self.prefix = s3_client, bucket, prefix
+        self.nats_url, self.subject, self.stream, self.interval = nats_url, subject, stream, interval
+        self.published = 0
+
+    def _listing(self) -> dict[str, dict]:
+        out = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = obj
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import nats
+
+        nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                                name="turboflow-dev-s3-notifier")
+        js = nc.jetstream()
+        try:
+            await ensure_notify_stream(js, self.stream, self.subject)
+            known = {k: o["ETag"] for k, o in (await asyncio.to_thread(self._listing)).items()}
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), self.interval)
+                except asyncio.TimeoutError:
+                    pass
+                try:
+                    listing = await asyncio.to_thread(self._listing)
+                except Exception as e:  # S3 briefly away
+                    log.debug("dev notifier: listing failed: %s", e)
+                    continue
+                for key, obj in sorted(listing.items(), key=lambda kv: kv[1]["LastModified"]):
+                    etag = obj["ETag"]
+                    if known.get(key) == etag:
+                        continue
+                    record = minio_record(self.bucket, key, etag.strip('"'), obj.get("Size", 0))
+                    await js.publish(self.subject, json.dumps(record).encode(),
+                                     headers={"Nats-Msg-Id": f"{self.bucket}/{key}/{etag.strip(chr(34))}"})
+                    known[key] = etag
+                    self.published += 1
+        finally:
+            await nc.close()
