@@ -283,7 +283,11 @@ async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.E
                         await msg.nak(delay=2)
         else:
             queue: asyncio.Queue = asyncio.Queue()
-            await nc.subscribe(subject, queue="turboflow-s3source", cb=lambda m: queue.put(m.data))
+
+            async def on_message(m):
+                await queue.put(m.data)
+
+            await nc.subscribe(subject, queue="turboflow-s3source", cb=on_message)
             while not stop.is_set():
                 try:
                     payload = await asyncio.wait_for(queue.get(), 0.5)

@@ -156,7 +156,7 @@ async def test_s3_upload_triggers_i2v(stack, completions, tmp_path):
 async def test_function_sigkilled_mid_generation_is_redelivered(stack, completions, tmp_path):
     fn = stack.functions["t2v"]
     restarts = fn.restarts
-    req = build_request("t2v", "a robot walking in the city", options={**SMALL, "num_frames": 33, "num_steps": 4})
+    req = build_request("t2v", "a robot walking in the city", options={**SMALL, "num_frames": 9})
     await http_post(stack, req)
     async with httpx.AsyncClient() as client:  # wait until the function is generating it
         for _ in range(200):
@@ -223,7 +223,7 @@ async def test_twenty_requests_exactly_one_object_and_one_completion_each(stack)
 
 
 async def test_nats_server_killed_and_restarted_loses_no_accepted_request(stack, tmp_path):
-    reqs = [build_request("t2v", f"a snowy mountain {i}", options=SMALL) for i in range(4)]
+    reqs = [build_request("t2v", f"a snowy mountain {i}", options=SMALL) for i in range(3)]
     nc, sub = await reply_subscription(stack.nats.url, since=None)
     await nc.close()
     for r in reqs:

@@ -1,0 +1,144 @@
+"""eventing/manifests/*.yaml against the real Knative / eventing-natss CRD schemas (copied into tests/data), plus
+the wiring between the objects (names, refs, delivery semantics)."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from turboflow.eventing.triggers import MANIFESTS_DIR, load_manifests, parse_duration
+
+CRDS = Path(__file__).parent / "data" / "knative-crds"
+GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|ms|s|m|h))+$")
+
+
+def to_json_schema(node):
+    """An openAPIV3Schema as JSON Schema. Objects with `properties` and no x-kubernetes-preserve-unknown-fields
+    reject unknown keys: the API server would silently prune them, which is how typos get lost."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "description"}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validators() -> dict:
+    out = {}
+    for f in CRDS.glob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            for version in spec["versions"]:
+                schema = to_json_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+                schema.setdefault("properties", {}).update(
+                    apiVersion={"type": "string"}, kind={"type": "string"}, metadata={"type": "object"})
+                out[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = Draft202012Validator(schema)
+    return out
+
+
+VALIDATORS = crd_validators()
+DOCS = load_manifests()
+
+
+def by_kind(kind):
+    return [d for d in DOCS if d["kind"] == kind]
+
+
+def test_crds_are_loaded():
+    assert ("eventing.knative.dev/v1", "Trigger") in VALIDATORS
+    assert ("messaging.knative.dev/v1alpha1", "NatsJetStreamChannel") in VALIDATORS
+    assert ("serving.knative.dev/v1", "Service") in VALIDATORS
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] != "ConfigMap"],
+                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_custom_resources_match_their_crd(doc):
+    validator = VALIDATORS.get((doc["apiVersion"], doc["kind"]))
+    assert validator is not None, f"no CRD for {doc['apiVersion']} {doc['kind']}"
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+def test_a_typo_would_be_caught():
+    trigger = copy.deepcopy(by_kind("Trigger")[0])
+    trigger["spec"]["delivery"]["deadLetterSink"]["reff"] = {}
+    assert list(VALIDATORS[("eventing.knative.dev/v1", "Trigger")].iter_errors(trigger))
+
+
+def test_channel_template_is_a_valid_jetstream_channel():
+    (cm,) = [d for d in by_kind("ConfigMap") if "channelTemplateSpec" in d.get("data", {})]
+    template = yaml.safe_load(cm["data"]["channelTemplateSpec"])
+    assert (template["apiVersion"], template["kind"]) == ("messaging.knative.dev/v1alpha1", "NatsJetStreamChannel")
+    validator = VALIDATORS[("messaging.knative.dev/v1alpha1", "NatsJetStreamChannel")]
+    errors = list(validator.iter_errors({"apiVersion": template["apiVersion"], "kind": template["kind"],
+                                         "metadata": {}, "spec": template["spec"]}))
+    assert not errors, [e.message for e in errors]
+    stream = template["spec"]["stream"]["config"]
+    assert stream["storage"] == "File" and stream["retention"] in ("Limits", "Interest", "Work")
+    assert stream["discard"] in ("Old", "New") and stream["maxMsgSize"] <= 1 << 20
+    for key in ("duplicateWindow", "maxAge"):
+        assert GO_DURATION.match(stream[key]), key
+    consumer = template["spec"]["consumerConfigTemplate"]
+    assert GO_DURATION.match(consumer["ackWait"])
+    assert consumer["deliverPolicy"] in ("All", "Last", "New", "ByStartSequence", "ByStartTime")
+    (broker,) = by_kind("Broker")
+    assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "MTChannelBasedBroker"
+    assert broker["spec"]["config"] == {"apiVersion": "v1", "kind": "ConfigMap", "name": cm["metadata"]["name"],
+                                        "namespace": cm["metadata"]["namespace"]}
+
+
+def go_seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text))
+
+
+def test_triggers_route_requests_with_long_timeouts_and_a_dead_letter_sink():
+    triggers = {t["metadata"]["name"]: t for t in by_kind("Trigger")}
+    (broker,) = by_kind("Broker")
+    services = {d["metadata"]["name"] for d in by_kind("Service")}
+    expected = {"turboflow-t2v": "io.turboflow.video.t2v.requested",
+                "turboflow-i2v": "io.turboflow.video.i2v.requested"}
+    assert set(triggers) == set(expected)
+    for name, etype in expected.items():
+        spec = triggers[name]["spec"]
+        assert spec["broker"] == broker["metadata"]["name"]
+        assert spec["filters"] == [{"exact": {"type": etype}}]
+        assert spec["subscriber"]["ref"]["name"] == name
+        d = spec["delivery"]
+        # longer than the slowest generation (cold start included); eventing-natss sets AckWait = timeout + 0.5s
+        assert parse_duration(d["timeout"]) >= 600
+        assert d["retry"] == 3 and d["backoffPolicy"] == "exponential" and parse_duration(d["backoffDelay"]) > 0
+        assert d["deadLetterSink"]["ref"]["name"] == "turboflow-deadletter" in services
+    (cm,) = [d for d in by_kind("ConfigMap") if "channelTemplateSpec" in d.get("data", {})]
+    stream = yaml.safe_load(cm["data"]["channelTemplateSpec"])["spec"]["stream"]["config"]
+    longest = max(parse_duration(t["spec"]["delivery"]["timeout"]) for t in triggers.values())
+    # a redelivered request's reply must still fall inside the duplicate window: 4 attempts + backoff
+    assert go_seconds(stream["duplicateWindow"]) >= 4 * longest + 35
+
+
+def test_config_nats_and_sources():
+    (cfg,) = [d for d in by_kind("ConfigMap") if d["metadata"]["name"] == "config-nats"]
+    assert cfg["metadata"]["namespace"] == "knative-eventing"
+    assert yaml.safe_load(cfg["data"]["eventing-nats"])["url"].startswith("nats://")
+    (src,) = by_kind("ContainerSource")
+    container = src["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["turboflow"] and container["args"][0] == "s3source"
+    assert "--subject" in container["args"] and "--stream" in container["args"]
+    assert src["spec"]["sink"]["ref"]["kind"] == "Broker"
+    (binding,) = by_kind("SinkBinding")
+    assert binding["spec"]["subject"]["name"] == "turboflow-deadletter"
+
+
+def test_manifests_ship_with_the_package():
+    assert MANIFESTS_DIR.is_dir() and len(list(MANIFESTS_DIR.glob("*.yaml"))) >= 5
