@@ -404,9 +404,13 @@ def vae_config(overrides: dict | None = None) -> dict:
 
     from diffusers import AutoencoderKLWan
 
-    cfg = {name: p.default for name, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
-           if p.default is not inspect.Parameter.empty}
-    cfg.update(overrides or {})
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    cfg = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    overrides = {k: v for k, v in (overrides or {}).items() if not k.startswith("_")}  # _class_name & co.
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise CheckpointError(f"unknown AutoencoderKLWan config keys {unknown}")
+    cfg.update(overrides)
     return cfg
 
 
