@@ -453,7 +453,7 @@ def infer_t5_config(sd: dict[str, torch.Tensor], overrides: dict | None = None) 
     cfg = dict(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
                num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-               tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     cfg.update(overrides or {})
     return cfg
 

@@ -1,0 +1,479 @@
+"""`turboflow model import|pull`: turn downloaded TurboDiffusion / Wan files into a model cache directory.
+
+Output layout (storage.modelcache): diffusers-style component directories with config.json + safetensors,
+`manifest.json` written last (its presence marks the cache complete):
+
+    OUT/transformer/        WanTransformer3DModel (I2V: the high-noise expert, used while t >= boundary)
+    OUT/transformer/sla/proj_l.safetensors   SLA proj_l tensors when the checkpoint has them (see checkpoint.py)
+    OUT/transformer_2/      I2V only: the low-noise expert
+    OUT/vae/                AutoencoderKLWan
+    OUT/text_encoder/       transformers UMT5EncoderModel
+    OUT/tokenizer/          copied from a local directory (tokenizer.json / spiece.model ...): never a hub
+
+Inputs per component: a Wan-native `.pth` file (TurboDiffusion DiT, its `-quant.pth`, `Wan2.1_VAE.pth`,
+`models_t5_umt5-xxl-enc-bf16.pth`) or an already-converted component directory (config.json + *.safetensors), or
+`diffusers_dir=` a diffusers pipeline directory supplying every component not given explicitly. Every component's
+keys and shapes are checked against its architecture; nothing mismatched is written silently.
+
+`pull_model` downloads named files with huggingface_hub's `hf_hub_download` (where the cluster has network), then
+runs the same import and a full sha256 verification of the result. The downloader is injectable; this repository's
+tests inject one that copies local files, so the real network download is not exercised here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from turboflow.storage import modelcache
+
+from . import checkpoint as ck
+from .errors import CheckpointError, TurboflowError
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD = "5GB"
+DTYPES = {"keep": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+
+
+class ModelImportError(TurboflowError):  # noqa: N801 - not the builtin
+    """Bad import arguments (missing inputs, existing output without --force, unclassifiable file names)."""
+    code = "model_import_error"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# component writers
+# ---------------------------------------------------------------------------------------------------------------
+def _is_native_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in (".pth", ".pt", ".ckpt")
+
+
+def _save_model(cls, config: dict, state_dict: dict, dest: Path, what: str) -> None:
+    """Build `cls` on the meta device, adopt the (already checked) tensors, save_pretrained as safetensors."""
+    with torch.device("meta"):
+        model = cls(**config) if not hasattr(cls, "config_class") else cls(cls.config_class(**config))
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:  # check_state_dict ran already; this is a belt-and-braces guard
+        raise CheckpointError(f"{what}: {e}") from e
+    model.save_pretrained(dest, max_shard_size=MAX_SHARD, safe_serialization=True)
+
+
+def _expected_from_dir(role: str, src: Path) -> dict[str, tuple[int, ...]]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if role == "text_encoder":
+        config = UMT5Config.from_pretrained(src, local_files_only=True)
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config)
+    else:
+        cls = WanTransformer3DModel if role.startswith("transformer") else AutoencoderKLWan
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(src, local_files_only=True))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
+    """Copy an already-converted component directory after checking its tensor headers against its config."""
+    from safetensors import safe_open
+
+    if not (src / "config.json").is_file():
+        raise ModelImportError(f"{role}: {src} has no config.json (expected a diffusers/transformers component directory "
+                           f"or a .pth file)")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        others = [p.name for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+        raise ModelImportError(f"{role}: {src} has no *.safetensors weights"
+                           + (f" (found {others}; convert them to safetensors first)" if others else ""))
+    shapes: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                shapes[k] = fh.get_slice(k).get_shape()
+    fake = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    ignore = ("encoder.embed_tokens.weight",) if role == "text_encoder" else ()  # tied to shared.weight
+    ck.check_state_dict(f"{role} in {src}", fake, _expected_from_dir(role, src), ignore_missing=ignore)
+    dest.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name.endswith(".safetensors.index.json")):
+            shutil.copyfile(p, dest / p.name)
+    sla = src / ck.SLA_FILE
+    if sla.is_file():
+        (dest / ck.SLA_FILE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sla, dest / ck.SLA_FILE)
+
+
+def _write_dit(src: Path, dest: Path, config: dict | None, dtype) -> dict:
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    if not _is_native_file(src):
+        _copy_component_dir(dest.name, src, dest)
+        return {"file": src.name, "format": "diffusers"}
+    conv = ck.load_dit_checkpoint(src, config, dtype=dtype)
+    _save_model(WanTransformer3DModel, conv.config, conv.state_dict, dest, f"DiT {src}")
+    if conv.sla_proj_l:
+        (dest / ck.SLA_FILE).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in conv.sla_proj_l.items()}, dest / ck.SLA_FILE)
+    return {**conv.info, "format": "wan-native", "in_channels": conv.config["in_channels"],
+            "num_layers": conv.config["num_layers"]}
+
+
+def _write_vae(src: Path, dest: Path, config: dict | None, dtype) -> dict:
+    from diffusers import AutoencoderKLWan
+
+    if not _is_native_file(src):
+        _copy_component_dir("vae", src, dest)
+        return {"file": src.name, "format": "diffusers"}
+    sd, cfg = ck.load_vae_checkpoint(src, config, dtype=dtype)
+    _save_model(AutoencoderKLWan, cfg, sd, dest, f"VAE {src}")
+    return {"file": src.name, "format": "wan-native"}
+
+
+def _write_text_encoder(src: Path, dest: Path, config: dict | None, dtype) -> dict:
+    from transformers import UMT5EncoderModel
+
+    if not _is_native_file(src):
+        _copy_component_dir("text_encoder", src, dest)
+        return {"file": src.name, "format": "transformers"}
+    sd, cfg = ck.load_t5_checkpoint(src, config, dtype=dtype)
+    _save_model(UMT5EncoderModel, cfg, sd, dest, f"umT5 {src}")
+    return {"file": src.name, "format": "wan-native"}
+
+
+def _write_tokenizer(src: Path, dest: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    if not src.is_dir():
+        raise ModelImportError(f"tokenizer: {src} is not a directory (give the local umT5 tokenizer directory with "
+                           f"tokenizer.json and/or spiece.model; it is never fetched from a hub)")
+    if not any((src / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+        raise ModelImportError(f"tokenizer: {src} has neither tokenizer.json nor spiece.model")
+    dest.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES:
+            shutil.copyfile(p, dest / p.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(dest, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelImportError(f"tokenizer in {src} cannot be loaded offline: {e}") from e
+    return {"dir": src.name, "class": type(tok).__name__, "vocab_size": len(tok)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------------------------
+def default_defaults(kind: str, dit_name: str = "") -> dict:
+    resolution = "720p" if kind == "i2v" or "720" in dit_name else "480p"
+    return {"sigma_max": 80.0 if kind == "t2v" else 200.0, "boundary": 0.9, "resolution": resolution}
+
+
+def _resolve(value, diffusers_dir: Path | None, sub: str) -> Path | None:
+    if value is not None:
+        return Path(value)
+    if diffusers_dir is not None and (diffusers_dir / sub).is_dir():
+        return diffusers_dir / sub
+    return None
+
+
+def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=None, vae=None, text_encoder=None,
+                 tokenizer_dir=None, diffusers_dir=None, name: str | None = None, dit_config: dict | None = None,
+                 vae_config: dict | None = None, t5_config: dict | None = None, sigma_max: float | None = None,
+                 boundary: float | None = None, resolution: str | None = None, dtype: str | None = "keep",
+                 force: bool = False, source: dict | None = None,
+                 progress: Callable[[str], None] | None = None) -> modelcache.Manifest:
+    """Convert/copy every component into `out_dir` and write its manifest. Returns the Manifest."""
+    if kind not in modelcache.KINDS:
+        raise ModelImportError(f"kind must be one of {modelcache.KINDS}, got {kind!r}")
+    if dtype not in DTYPES:
+        raise ModelImportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    say = progress or (lambda msg: log.info("%s", msg))
+    ddir = Path(diffusers_dir) if diffusers_dir is not None else None
+    if ddir is not None and not ddir.is_dir():
+        raise ModelImportError(f"diffusers directory not found: {ddir}")
+    inputs = {"transformer": _resolve(dit, ddir, "transformer"), "vae": _resolve(vae, ddir, "vae"),
+              "text_encoder": _resolve(text_encoder, ddir, "text_encoder"),
+              "tokenizer": _resolve(tokenizer_dir, ddir, "tokenizer")}
+    if kind == "i2v":
+        inputs["transformer_2"] = _resolve(dit_low, ddir, "transformer_2")
+    elif dit_low is not None:
+        raise ModelImportError("dit_low (the low-noise expert) only applies to --kind i2v")
+    missing = [role for role, p in inputs.items() if p is None]
+    if missing:
+        raise ModelImportError(f"no input for {missing}: pass them explicitly or a diffusers directory that has them")
+    absent = [f"{role}: {p}" for role, p in inputs.items() if not p.exists()]
+    if absent:
+        raise ModelImportError(f"input not found: {absent}")
+
+    root = Path(out_dir)
+    _prepare_output(root, list(inputs), force)
+    record: dict = {"importer": "turboflow.engine.model_import", **(source or {})}
+    writers = {"transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype),
+               "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype),
+               "vae": lambda s, d: _write_vae(s, d, vae_config, torch_dtype),
+               "text_encoder": lambda s, d: _write_text_encoder(s, d, t5_config, torch_dtype),
+               "tokenizer": lambda s, d: _write_tokenizer(s, d)}
+    for role in ("tokenizer", "vae", "text_encoder", "transformer", "transformer_2"):
+        if role in inputs:
+            say(f"{role}: {inputs[role]}")
+            record[role] = writers[role](inputs[role], root / role)
+    _check_pairing(kind, root)
+    defaults = default_defaults(kind, inputs["transformer"].name)
+    defaults.update({k: v for k, v in (("sigma_max", sigma_max), ("boundary", boundary),
+                                       ("resolution", resolution)) if v is not None})
+    name = name or _default_name(kind, inputs["transformer"])
+    return modelcache.write_manifest(root, name=name, kind=kind, components={r: r for r in inputs},
+                                     defaults=defaults, source=record)
+
+
+def _default_name(kind: str, dit: Path) -> str:
+    stem = dit.stem if dit.is_file() else dit.resolve().parent.name
+    stem = stem.removesuffix("-quant").replace("-high", "")
+    return stem.lower() or f"imported-{kind}"
+
+
+def _prepare_output(root: Path, roles: list[str], force: bool) -> None:
+    existing = [r for r in [modelcache.MANIFEST, *roles] if (root / r).exists()]
+    if existing and not force:
+        raise ModelImportError(f"{root} already holds {existing}; pass force=True (--force) to replace them")
+    for r in existing:
+        p = root / r
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _check_pairing(kind: str, root: Path) -> None:
+    for role in ("transformer", "transformer_2") if kind == "i2v" else ("transformer",):
+        cfg = json.loads((root / role / "config.json").read_text())
+        want = 36 if kind == "i2v" else 16
+        if cfg.get("in_channels") != want:
+            raise ModelImportError(f"{role} has {cfg.get('in_channels')} input channels; a {kind} model needs {want} "
+                               f"(is this the right checkpoint for --kind {kind}?)")
+
+
+def export_native(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, net_prefix: bool = True,
+                  quantize: bool = False, proj_l: dict | None = None) -> dict[str, Path]:
+    """Write a cache's components back as TurboDiffusion/Wan-native .pth files (the inverse of import).
+
+    DiTs get TurboDiffusion's layout (Linear patch embedding, `net.` prefix unless disabled, proj_l from
+    `transformer/sla/` or `proj_l`, int8 + scales when `quantize`). Used by tests to build realistic inputs.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from .quant import quantize_state_dict
+
+    root, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = modelcache.read_manifest(root)
+    written: dict[str, Path] = {}
+    for role, sub in manifest.components.items():
+        src = root / sub
+        if role.startswith("transformer"):
+            sd = WanTransformer3DModel.from_pretrained(src, local_files_only=True).state_dict()
+            wan = ck.diffusers_dit_to_wan(sd, proj_l=proj_l if proj_l is not None else ck.load_sla_proj_l(src))
+            if quantize:
+                wan = quantize_state_dict(wan)
+            path = out / f"{manifest.name}-{role}{'-quant' if quantize else ''}.pth"
+            torch.save({(ck.NET_PREFIX if net_prefix else "") + k: v for k, v in wan.items()}, path)
+        elif role == "vae":
+            model = AutoencoderKLWan.from_pretrained(src, local_files_only=True)
+            path = out / "Wan2.1_VAE.pth"
+            torch.save(ck.diffusers_vae_to_wan(model.state_dict(), dict(model.config)), path)
+        elif role == "text_encoder":
+            model = UMT5EncoderModel.from_pretrained(src, local_files_only=True)
+            path = out / "models_t5_umt5-xxl-enc.pth"
+            torch.save(ck.transformers_t5_to_wan(model.state_dict()), path)
+        else:
+            path = out / sub
+            shutil.copytree(src, path, dirs_exist_ok=True)
+        written[role] = path
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pull
+# ---------------------------------------------------------------------------------------------------------------
+Downloader = Callable[[str, str, str | None, Path], str]
+
+
+def hf_downloader(repo: str, filename: str, revision: str | None, local_dir: Path) -> str:
+    """huggingface_hub download of one file (needs network; not exercised in this repository's tests)."""
+    import huggingface_hub
+    from huggingface_hub import hf_hub_download
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelImportError("HF_HUB_OFFLINE is set in this process; `model pull` needs the hub: run it in a fresh "
+                           "process with HF_HUB_OFFLINE unset (or download the files and use `model import`)")
+    return hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_dir=local_dir)
+
+
+def parse_file_spec(spec: str, repo: str | None) -> tuple[str, str]:
+    """`NAME` (from --repo) or `OWNER/REPO:NAME`."""
+    if ":" in spec:
+        r, _, f = spec.partition(":")
+        if r.count("/") != 1 or not f:
+            raise ModelImportError(f"--file {spec!r}: expected NAME or OWNER/REPO:NAME")
+        return r, f
+    if not repo:
+        raise ModelImportError(f"--file {spec!r} names no repository and no --repo was given")
+    return repo, spec
+
+
+def classify_files(kind: str, names: list[str]) -> dict[str, str]:
+    """Map downloaded file names to import roles by their (TurboDiffusion / Wan) naming."""
+    roles: dict[str, str] = {}
+
+    def put(role, n):
+        if role in roles:
+            raise ModelImportError(f"two files for {role}: {Path(roles[role]).name} and {Path(n).name}")
+        roles[role] = n
+
+    for n in names:
+        low = Path(n).name.lower()
+        if "vae" in low:
+            put("vae", n)
+        elif "t5" in low:
+            put("text_encoder", n)
+        elif kind == "i2v" and "low" in low:
+            put("dit_low", n)
+        elif kind == "t2v" or "high" in low:
+            put("dit", n)
+        else:
+            raise ModelImportError(f"cannot tell what {Path(n).name} is (expected a DiT, *VAE*, *t5* file"
+                               + ("; I2V experts must be named *high* / *low*)" if kind == "i2v" else ")"))
+    need = ["dit", "vae", "text_encoder"] + (["dit_low"] if kind == "i2v" else [])
+    lacking = [r for r in need if r not in roles]
+    if lacking:
+        raise ModelImportError(f"the --file list has nothing for {lacking}")
+    return roles
+
+
+def pull_model(out_dir: str | os.PathLike, *, kind: str, files: list[str], repo: str | None = None,
+               tokenizer_dir=None, tokenizer_repo: str | None = None, revision: str | None = None,
+               download_dir=None, downloader: Downloader | None = None, keep_downloads: bool = True,
+               progress: Callable[[str], None] | None = None, **import_kwargs) -> modelcache.Manifest:
+    """Download named files, import them into `out_dir`, then verify every file's sha256 against the manifest."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    download = downloader or hf_downloader
+    if (tokenizer_dir is None) == (tokenizer_repo is None):
+        raise ModelImportError("give exactly one of a local tokenizer directory or --tokenizer-repo")
+    specs = [parse_file_spec(f, repo) for f in files]
+    roles = classify_files(kind, [f for _, f in specs])
+    root = Path(out_dir)
+    ddir = Path(download_dir) if download_dir else root.parent / (root.name + ".download")
+    ddir.mkdir(parents=True, exist_ok=True)
+    local: dict[str, Path] = {}
+    by_name = {f: r for r, f in specs}
+    for role, fname in roles.items():
+        say(f"downloading {by_name[fname]}:{fname}")
+        local[role] = Path(download(by_name[fname], fname, revision, ddir))
+    if tokenizer_repo is not None:
+        tok_dir = ddir / "tokenizer"
+        tok_dir.mkdir(exist_ok=True)
+        for fname in _TOKENIZER_FILES:
+            try:
+                got = Path(download(tokenizer_repo, fname, None, tok_dir))
+            except Exception as e:  # optional files (spiece.model vs tokenizer.json) may be absent
+                say(f"tokenizer file {fname} not fetched: {type(e).__name__}")
+                continue
+            if got.parent != tok_dir:
+                shutil.copyfile(got, tok_dir / fname)
+        tokenizer_dir = tok_dir
+    source = {"pull": {"repo": repo, "files": [f"{r}:{f}" for r, f in specs], "revision": revision,
+                       "tokenizer": tokenizer_repo or str(tokenizer_dir)}}
+    manifest = import_model(root, kind=kind, dit=local["dit"], dit_low=local.get("dit_low"), vae=local["vae"],
+                            text_encoder=local["text_encoder"], tokenizer_dir=tokenizer_dir, source=source,
+                            progress=say, **import_kwargs)
+    say("verifying sha256 of every file")
+    manifest = modelcache.verify(root, checksums=True)
+    if not keep_downloads:
+        shutil.rmtree(ddir, ignore_errors=True)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: `turboflow model import ...`, `turboflow model pull ...` (engine/cli.py calls add_model_parsers)
+# ---------------------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output model cache directory")
+    p.add_argument("--kind", choices=modelcache.KINDS, required=True)
+    p.add_argument("--name", help="model name recorded in the manifest (default: from the DiT file name)")
+    p.add_argument("--sigma-max", type=float, help="default sigma_max (default 80 t2v / 200 i2v)")
+    p.add_argument("--boundary", type=float, help="I2V expert switch (default 0.9)")
+    p.add_argument("--resolution", choices=("480p", "720p"), help="default resolution")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store weights as (default: as in file)")
+    p.add_argument("--dit-config", type=json.loads, help="JSON overrides for WanTransformer3DModel's config")
+    p.add_argument("--vae-config", type=json.loads, help="JSON AutoencoderKLWan config (default: Wan2.1 VAE)")
+    p.add_argument("--t5-config", type=json.loads, help="JSON UMT5Config overrides (default: inferred)")
+    p.add_argument("--force", action="store_true", help="replace an existing cache in DIR")
+
+
+def add_model_parsers(msub: argparse._SubParsersAction) -> None:
+    imp = msub.add_parser("import", help="convert downloaded TurboDiffusion/Wan files into a model cache")
+    _common(imp)
+    imp.add_argument("--dit", help="DiT: TurboDiffusion .pth (or -quant.pth) or a diffusers transformer directory; "
+                                   "I2V: the high-noise expert")
+    imp.add_argument("--dit-low", help="I2V low-noise expert (.pth or directory)")
+    imp.add_argument("--vae", help="Wan2.1_VAE.pth or a diffusers vae directory")
+    imp.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or a transformers directory")
+    imp.add_argument("--tokenizer", dest="tokenizer_dir", help="local umT5 tokenizer directory")
+    imp.add_argument("--diffusers", dest="diffusers_dir", help="diffusers pipeline directory supplying any "
+                                                               "component not given above")
+    imp.set_defaults(func=_cmd_import)
+
+    pull = msub.add_parser("pull", help="download TurboDiffusion files from the Hugging Face hub, import, verify")
+    _common(pull)
+    pull.add_argument("--repo", help="default repository for --file NAME")
+    pull.add_argument("--file", dest="files", action="append", required=True,
+                      help="NAME or OWNER/REPO:NAME; repeat for the DiT(s), the VAE and the umT5 encoder")
+    pull.add_argument("--revision")
+    tok = pull.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", dest="tokenizer_dir", help="local umT5 tokenizer directory")
+    tok.add_argument("--tokenizer-repo", help="repository to fetch tokenizer files from (e.g. google/umt5-xxl)")
+    pull.add_argument("--download-dir", help="where downloads go (default: DIR.download next to DIR)")
+    pull.add_argument("--delete-downloads", action="store_true")
+    pull.set_defaults(func=_cmd_pull)
+
+
+def _import_kwargs(args) -> dict:
+    return dict(kind=args.kind, name=args.name, sigma_max=args.sigma_max, boundary=args.boundary,
+                resolution=args.resolution, dtype=args.dtype, dit_config=args.dit_config,
+                vae_config=args.vae_config, t5_config=args.t5_config, force=args.force,
+                progress=lambda m: print(m, flush=True))
+
+
+def _report(manifest: modelcache.Manifest, root) -> int:
+    print(f"ok: {manifest.name} ({manifest.kind}), {len(manifest.files)} files, "
+          f"{manifest.total_bytes / 1e9:.2f} GB in {Path(root).resolve()}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    manifest = import_model(args.dir, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
+                            text_encoder=args.text_encoder, tokenizer_dir=args.tokenizer_dir,
+                            diffusers_dir=args.diffusers_dir, **_import_kwargs(args))
+    return _report(manifest, args.dir)
+
+
+def _cmd_pull(args) -> int:
+    manifest = pull_model(args.dir, files=args.files, repo=args.repo, tokenizer_dir=args.tokenizer_dir,
+                          tokenizer_repo=args.tokenizer_repo, revision=args.revision,
+                          download_dir=args.download_dir, keep_downloads=not args.delete_downloads,
+                          **_import_kwargs(args))
+    return _report(manifest, args.dir)
+
+
+__all__ = ["import_model", "pull_model", "add_model_parsers", "classify_files", "parse_file_spec", "hf_downloader",
+           "ModelImportError"]
