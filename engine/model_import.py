@@ -310,10 +310,9 @@ Downloader = Callable[[str, str, str | None, Path], str]
 
 def hf_downloader(repo: str, filename: str, revision: str | None, local_dir: Path) -> str:
     """huggingface_hub download of one file (needs network; not exercised in this repository's tests)."""
-    import huggingface_hub
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:
         raise ModelImportError("HF_HUB_OFFLINE is set in this process; `model pull` needs the hub: run it in a fresh "
                            "process with HF_HUB_OFFLINE unset (or download the files and use `model import`)")
     return hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_dir=local_dir)

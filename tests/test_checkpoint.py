@@ -358,3 +358,41 @@ def test_keymap_rejects_partial_matches():
     assert ck.DIT_KEYS.forward("blocks.3.self_attn.q.weight.extra") is None
     assert ck.DIT_KEYS.forward("xblocks.3.self_attn.q.weight") is None
     assert pickle.loads(pickle.dumps(ck.DIT_KEYS.rules)) == ck.DIT_KEYS.rules
+
+
+# ---- real sizes, on the meta device (no memory): the full key sets of the published models --------------------
+@pytest.mark.parametrize("config, heads", [
+    (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, in_channels=16), 12),
+    (dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36), 40),
+], ids=["wan2.1-t2v-1.3b", "wan2.2-i2v-a14b-expert"])
+def test_real_size_dit_key_sets(config, heads):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    sd = model.state_dict()
+    proj_l = {f"blocks.{i}.proj_l.{leaf}": torch.empty(*((128, 128) if leaf == "weight" else (128,)), device="meta")
+              for i in range(config["num_layers"]) for leaf in ("weight", "bias")}
+    native = ck.diffusers_dit_to_wan(sd, proj_l=proj_l, prefix="net.")
+    assert native["net.patch_embedding.weight"].shape == (128 * heads, config["in_channels"] * 4)
+    conv = ck.wan_dit_to_diffusers(native)  # no config: everything inferred from the shapes
+    assert {k: conv.config[k] for k in config} == config
+    assert conv.state_dict.keys() == sd.keys() and len(conv.sla_proj_l) == 2 * config["num_layers"]
+
+
+def test_real_size_vae_and_umt5_key_sets():
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan()  # the Wan2.1 VAE
+        t5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, relative_attention_num_buckets=32,
+                                         feed_forward_proj="gated-gelu"))
+    sd, cfg = ck.wan_vae_to_diffusers(ck.diffusers_vae_to_wan(vae.state_dict()))
+    assert sd.keys() == vae.state_dict().keys() and cfg["base_dim"] == 96
+    native = ck.transformers_t5_to_wan(t5.state_dict())
+    assert len(native) == 2 + 24 * 10
+    sd, cfg = ck.wan_t5_to_transformers(native)
+    assert (cfg["num_heads"], cfg["d_kv"], cfg["num_layers"], cfg["d_ff"]) == (64, 64, 24, 10240)
+    assert sd.keys() == t5.state_dict().keys()

@@ -270,3 +270,14 @@ def test_cli_import_and_errors(native_t2v, tiny_t2v_dir, tmp_path, capsys):
     assert main(argv) == 2  # exists, no --force
     assert "error[model_import_error]" in capsys.readouterr().err
     assert main(["model", "verify", str(out), "--checksums"]) == 0
+
+
+def test_real_downloader_refuses_when_offline(tmp_path, monkeypatch):
+    """The hub is unreachable here; the default downloader must fail fast and clearly, never hang on a network call."""
+    from huggingface_hub import constants
+
+    from turboflow.engine.model_import import hf_downloader
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelImportError, match="HF_HUB_OFFLINE"):
+        hf_downloader("TurboDiffusion/TurboWan2.1-T2V-1.3B-480P", "TurboWan2.1-T2V-1.3B-480P.pth", None, tmp_path)
