@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Awaitable, Mapping
 
 import httpx
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 
 from .nats_binding import from_nats, is_cloudevent_http, to_nats
-from .triggers import Trigger, TriggerError
+from .triggers import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,6 @@ class DeliveryStats:
     retries: int = 0
     dead_lettered: int = 0
     replies: int = 0
-    events: list = field(default_factory=list)  # (trigger, event id, outcome) for tests and `dev` logs
 
 
 class Broker:
@@ -280,7 +278,7 @@ class Broker:
         keepalive = asyncio.create_task(self._keepalive(msg, max(self._ack_wait(trigger) / 4, 0.2)))
         try:
             outcome = await self._deliver(trigger, event)
-            self.stats.events.append((trigger.name, event.get_id(), outcome))
+            log.debug("trigger %s: event %s %s", trigger.name, event.get_id(), outcome)
             await self._ack(msg)
         except asyncio.CancelledError:
             raise  # broker stopping: no ack, JetStream redelivers after AckWait

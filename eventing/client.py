@@ -1,7 +1,6 @@
 """Producer/consumer helpers behind `turboflow submit` and `turboflow events tail` (usable from Python too)."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -153,7 +152,10 @@ def download(data: dict, out_dir: str | Path, *, s3_client=None) -> Path:
 
 def describe(event) -> str:
     """One line for a turboflow event."""
-    data = event_data(event) if "json" in str(event.get_attributes().get("datacontenttype") or "json") else {}
+    try:
+        data = event_data(event)
+    except ValueError:  # not JSON: show the attributes only
+        data = {}
     t = event.get_type()
     head = f"{event.get_time().isoformat(timespec='seconds') if event.get_time() else '-'} {t} id={event.get_id()}"
     if event.get_subject():

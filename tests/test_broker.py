@@ -9,7 +9,7 @@ import httpx
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 
-from turboflow.eventing.broker import STREAM, Broker, ensure_stream, publish_event, subject_for
+from turboflow.eventing.broker import publish_event, subject_for
 from turboflow.eventing.deadletter import DeadLetterApp
 from turboflow.eventing.nats_binding import from_nats, to_nats
 from turboflow.eventing.natsserver import NatsServer, find_nats_server
@@ -181,7 +181,8 @@ async def test_broker_killed_mid_delivery_redelivers(nats_server):
 
     async with Sink(hang) as t2v:
         addresses = {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url}
-        async with running_broker(nats_server.url, addresses, delivery=FAST, ack_margin=0.5) as broker:
+        async with running_broker(nats_server.url, addresses, delivery=dict(FAST, timeout=1.0),
+                                  ack_margin=0.5) as broker:
             req = event(T2V)
             await broker.accept(req)
             for _ in range(100):
@@ -189,7 +190,7 @@ async def test_broker_killed_mid_delivery_redelivers(nats_server):
                     break
                 await asyncio.sleep(0.05)
         gate.set()  # the first broker is gone without acking
-        async with running_broker(nats_server.url, addresses, delivery=FAST, ack_margin=0.5):
+        async with running_broker(nats_server.url, addresses, delivery=dict(FAST, timeout=1.0), ack_margin=0.5):
             for _ in range(200):
                 if len(t2v.received) >= 2:
                     break

@@ -19,8 +19,8 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 
 from eventing_harness import Collector, data_of
 
-from turboflow.eventing.broker import STREAM, publish_event
-from turboflow.eventing.client import build_request, download, reply_subscription, submit_and_wait, wait_for_reply
+from turboflow.eventing.broker import publish_event
+from turboflow.eventing.client import build_request, download, reply_subscription
 from turboflow.eventing.devstack import DevConfig, DevStack
 from turboflow.eventing.nats_binding import from_nats
 from turboflow.eventing.types import COMPLETED, FAILED
