@@ -42,10 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("dir")
     verify.add_argument("--checksums", action="store_true", help="also hash every file (slow for real weights)")
     verify.set_defaults(func=_verify)
-    try:
-        from .model_import import add_model_parsers
-    except ImportError:
-        return
+    from .model_import import add_model_parsers
+
     add_model_parsers(msub)
 
 
