@@ -39,6 +39,7 @@ from typing import Awaitable, Mapping
 import httpx
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 
+from .asgi import lifespan, read_body, request_headers, respond
 from .nats_binding import from_nats, is_cloudevent_http, to_nats
 from .triggers import Trigger
 
@@ -174,33 +175,22 @@ class Broker:
     async def asgi(self, scope, receive, send) -> None:
         """The HTTP ingress (ASGI)."""
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["type"] != "http":
             return
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/healthz":
-            return await _respond(send, 200, b"ok")
+            return await respond(send, 200, b"ok")
         if path != f"/{self.namespace}/{self.name}":
-            return await _respond(send, 404, f"no broker at {path!r}; POST to /{self.namespace}/{self.name}".encode())
+            return await respond(send, 404, f"no broker at {path!r}; POST to /{self.namespace}/{self.name}".encode())
         if method != "POST":
-            return await _respond(send, 405, b"POST a CloudEvent", [(b"allow", b"POST")])
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if len(body) > MAX_MSG_SIZE:
-                return await _respond(send, 413, b"event larger than 1 MiB (JetStream's limit)")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            return await respond(send, 405, b"POST a CloudEvent", [(b"allow", b"POST")])
+        body = await read_body(receive, MAX_MSG_SIZE)
+        if body is None:
+            return await respond(send, 413, b"event larger than 1 MiB (JetStream's limit)")
+        headers = request_headers(scope)
         if not is_cloudevent_http(headers):
-            return await _respond(send, 400, b"not a CloudEvent: need ce-* headers (binary) or "
+            return await respond(send, 400, b"not a CloudEvent: need ce-* headers (binary) or "
                                              b"Content-Type: application/cloudevents+json (structured)")
         try:
             event = from_http_event(HTTPMessage(headers=headers, body=body))
@@ -209,14 +199,14 @@ class Broker:
             if missing:
                 raise ValueError(f"missing required attributes {missing}")
         except Exception as e:
-            return await _respond(send, 400, f"not a valid CloudEvent: {e}".encode())
+            return await respond(send, 400, f"not a valid CloudEvent: {e}".encode())
         try:
             await self.accept(event)
         except Exception as e:
             log.warning("ingress: cannot store event %s: %s", attrs.get("id"), e)
-            return await _respond(send, 503, f"cannot store the event now: {type(e).__name__}".encode(),
+            return await respond(send, 503, f"cannot store the event now: {type(e).__name__}".encode(),
                                   [(b"retry-after", b"1")])
-        await _respond(send, 202, b"")
+        await respond(send, 202, b"")
 
     # -- dispatcher --------------------------------------------------------------------------------------------
     def _ack_wait(self, trigger: Trigger) -> float:
@@ -389,12 +379,6 @@ def _reply_event(resp: httpx.Response):
     except Exception as e:
         log.warning("subscriber replied with an invalid CloudEvent (%s): ignored", e)
         return None
-
-
-async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:
-    hdrs = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _quiet(aw: Awaitable) -> None:

@@ -21,7 +21,8 @@ import os
 import httpx
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 
-from .broker import _respond, decode_error_data
+from .asgi import lifespan, read_body, request_headers, respond, respond_event
+from .broker import decode_error_data
 from .nats_binding import is_cloudevent_http
 from .types import REQUEST_TYPES
 
@@ -65,38 +66,27 @@ class DeadLetterApp:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["type"] != "http":
             return
         if scope["path"].startswith("/health"):
-            return await _respond(send, 200, b"ok")
+            return await respond(send, 200, b"ok")
         if scope["method"] != "POST":
-            return await _respond(send, 405, b"POST a CloudEvent")
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            return await respond(send, 405, b"POST a CloudEvent")
+        body = await read_body(receive)
+        headers = request_headers(scope)
         if not is_cloudevent_http(headers):
-            return await _respond(send, 400, b"not a CloudEvent")
+            return await respond(send, 400, b"not a CloudEvent")
         try:
             event = from_http_event(HTTPMessage(headers=headers, body=body))
         except Exception as e:
-            return await _respond(send, 400, f"not a valid CloudEvent: {e}".encode())
+            return await respond(send, 400, f"not a valid CloudEvent: {e}".encode())
         self.received += 1
         failed = failed_for(event)
         if failed is None:
             log.warning("dead letter: %s %s (not a turboflow request) dropped after delivery failure to %s",
                         event.get_type(), event.get_id(), event.get_attributes().get("knativeerrordest"))
-            return await _respond(send, 202, b"")
+            return await respond(send, 202, b"")
         log.warning("dead letter: request %s -> %s %s", event.get_id(), failed.get_type(), failed.get_id())
         out = to_binary_event(failed)
         if self.sink:
@@ -106,7 +96,4 @@ class DeadLetterApp:
                     r.raise_for_status()
             except httpx.HTTPError as e:
                 log.warning("dead letter: posting %s to K_SINK %s failed: %s", failed.get_id(), self.sink, e)
-        hdrs = [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in out.headers.items()]
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": hdrs + [(b"content-length", str(len(out.body)).encode())]})
-        await send({"type": "http.response.body", "body": out.body})
+        await respond_event(send, 200, out)

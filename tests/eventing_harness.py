@@ -10,6 +10,7 @@ import uuid
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 from cloudevents.core.v1.event import CloudEvent
 
+from turboflow.eventing.asgi import lifespan, read_body, request_headers, respond_event
 from turboflow.eventing.broker import Broker, serve_asgi
 from turboflow.eventing.nats_binding import from_nats
 from turboflow.eventing.natsserver import free_port
@@ -30,21 +31,10 @@ class Sink:
     async def app(self, scope, receive, send):
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    else:
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
+                await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        body = await read_body(receive)
+        headers = request_headers(scope)
         event = from_http_event(HTTPMessage(headers=headers, body=body))
         self.received.append(event)
         result = self.behaviour(event, len(self.received))
@@ -55,10 +45,7 @@ class Sink:
             await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b"sink says no" if status >= 400 else b""})
             return
-        out = to_binary_event(reply)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(k.encode(), str(v).encode()) for k, v in out.headers.items()]})
-        await send({"type": "http.response.body", "body": out.body})
+        await respond_event(send, status, to_binary_event(reply))
 
     async def __aenter__(self):
         self._task = asyncio.create_task(serve_asgi(self.app, "127.0.0.1", self.port, self._stop))

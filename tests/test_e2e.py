@@ -59,6 +59,29 @@ def is_reply_to(request_id):
     return lambda e: e.get_type() in (COMPLETED, FAILED) and e.get_subject() == request_id
 
 
+async def replies_in_stream(nats_url, ids, *, timeout, settle=0.0) -> dict[str, list]:
+    """Every completed/failed event for `ids` in the whole stream (a fresh consumer from its start), read until
+    each id has one, then `settle` seconds more so a late duplicate would show."""
+    nc, sub = await reply_subscription(nats_url, since=None)
+    got: dict[str, list] = {}
+    loop = asyncio.get_running_loop()
+    deadline, settled = loop.time() + timeout, None
+    try:
+        while loop.time() < (settled or deadline):
+            if settled is None and ids <= set(got):
+                settled = loop.time() + settle
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except Exception:  # nothing new right now
+                continue
+            ev = from_nats(msg.headers, msg.data)
+            if ev.get_subject() in ids and ev.get_type() in (COMPLETED, FAILED):
+                got.setdefault(ev.get_subject(), []).append(ev)
+    finally:
+        await nc.close()
+    return got
+
+
 async def http_post(stack, event, mode="binary"):
     msg = to_binary_event(event) if mode == "binary" else to_structured_event(event)
     async with httpx.AsyncClient() as client:
@@ -189,30 +212,7 @@ async def test_twenty_requests_exactly_one_object_and_one_completion_each(stack)
             await publish_event(nc.jetstream(), r)
             await nc.close()
     ids = {r.get_id() for r in reqs}
-    nc, sub = await reply_subscription(stack.nats.url, since=None)  # whole stream, from a fresh consumer
-    got: dict[str, list] = {}
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 180
-        while loop.time() < deadline and not ids <= set(got):
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except Exception:
-                continue
-            ev = from_nats(msg.headers, msg.data)
-            if ev.get_subject() in ids and ev.get_type() in (COMPLETED, FAILED):
-                got.setdefault(ev.get_subject(), []).append(ev)
-        await asyncio.sleep(2.0)  # let any late duplicate arrive
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except Exception:
-                break
-            ev = from_nats(msg.headers, msg.data)
-            if ev.get_subject() in ids and ev.get_type() in (COMPLETED, FAILED):
-                got.setdefault(ev.get_subject(), []).append(ev)
-    finally:
-        await nc.close()
+    got = await replies_in_stream(stack.nats.url, ids, timeout=180, settle=2.0)
     assert set(got) == ids
     assert all(len(v) == 1 and v[0].get_type() == COMPLETED for v in got.values()), \
         {k: [e.get_type() for e in v] for k, v in got.items() if len(v) != 1}
@@ -224,8 +224,6 @@ async def test_twenty_requests_exactly_one_object_and_one_completion_each(stack)
 
 async def test_nats_server_killed_and_restarted_loses_no_accepted_request(stack, tmp_path):
     reqs = [build_request("t2v", f"a snowy mountain {i}", options=SMALL) for i in range(3)]
-    nc, sub = await reply_subscription(stack.nats.url, since=None)
-    await nc.close()
     for r in reqs:
         await http_post(stack, r)  # 202 = stored in JetStream's file store
     stack.nats.restart(kill=True)  # SIGKILL while requests are queued / being delivered
@@ -239,22 +237,8 @@ async def test_nats_server_killed_and_restarted_loses_no_accepted_request(stack,
         assert r.status_code == 503
         await asyncio.sleep(0.1)
     ids = {r.get_id() for r in reqs + [more]}
-    nc, sub = await reply_subscription(stack.nats.url, since=None)
-    found = set()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 150
-        while loop.time() < deadline and not ids <= found:
-            try:
-                m = await sub.next_msg(timeout=1)
-            except Exception:
-                continue
-            ev = from_nats(m.headers, m.data)
-            if ev.get_type() == COMPLETED:
-                found.add(ev.get_subject())
-    finally:
-        await nc.close()
-    assert ids <= found
+    got = await replies_in_stream(stack.nats.url, ids, timeout=150)
+    assert set(got) == ids and all(v[0].get_type() == COMPLETED for v in got.values())
 
 
 async def test_submit_cli_waits_and_downloads(stack, tmp_path, monkeypatch):

@@ -1,0 +1,44 @@
+"""Small ASGI helpers shared by the broker ingress and the dead-letter sink (no web framework needed)."""
+from __future__ import annotations
+
+
+async def lifespan(receive, send) -> None:
+    """Answer the ASGI lifespan protocol (nothing to set up)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def read_body(receive, limit: int | None = None) -> bytes | None:
+    """The request body, or None once it grows past `limit` bytes."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if limit is not None and len(body) > limit:
+            return None
+        if not msg.get("more_body"):
+            return body
+
+
+def request_headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def respond(send, status: int, body: bytes, headers: list | None = None) -> None:
+    hdrs = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_event(send, status: int, message) -> None:
+    """Send an HTTPMessage (the SDK's to_binary_event/to_structured_event output) as the response."""
+    body = bytes(message.body or b"")
+    hdrs = [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in message.headers.items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
