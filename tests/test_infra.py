@@ -1,0 +1,650 @@
+"""infra/: every kustomization renders (pure-Python renderer, turboflow.manifests), every object validates (Knative
+kinds against the upstream CRD schemas copied in tests/data/knative-crds, core kinds against typed schemas below),
+and the deployment policy holds: GPU only in the gpu overlay, concurrency 1, scale-to-zero settings backed by the
+cluster config, ordered timeouts, probes, non-root, read-only model cache, consistent names and metrics."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from turboflow.eventing.triggers import parse_duration as iso_seconds
+from turboflow.manifests import build, resource_id
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+CRDS = Path(__file__).parent / "data" / "knative-crds"
+KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring"]
+OVERLAYS = ["overlays/dev", "overlays/gpu"]
+FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
+# COMMON.md's shared numbers
+REVISION_TIMEOUT = {"turboflow-t2v": 600, "turboflow-i2v": 900}
+MAX_REVISION_TIMEOUT = 1800
+MODEL_DIRS = {"turboflow-t2v": "/models/wan2.1-t2v-1.3b-480p", "turboflow-i2v": "/models/wan2.2-i2v-a14b-720p"}
+GPU_PRODUCTS = {"NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-GeForce-RTX-5090"}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {k: build(INFRA / k) for k in KUSTOMIZATIONS}
+
+
+def kind(docs, k, group=None):
+    return [d for d in docs if d["kind"] == k and (group is None or d["apiVersion"].startswith(group))]
+
+
+def ksvc(docs, name):
+    (svc,) = [d for d in kind(docs, "Service", "serving.knative.dev") if d["metadata"]["name"] == name]
+    return svc
+
+
+def container(svc) -> dict:
+    (c,) = svc["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env(c) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def go_seconds(text: str) -> float:
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a Go duration: {text!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}[u] for n, u in parts)
+
+
+def knative_config(rendered, namespace, name) -> dict:
+    (cm,) = [d for d in rendered["knative"] if d["metadata"]["namespace"] == namespace
+             and d["metadata"]["name"] == name]
+    return cm["data"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schemas
+# ---------------------------------------------------------------------------------------------------------------
+def crd_to_json_schema(node):
+    """openAPIV3Schema -> JSON Schema: structural objects reject unknown keys (the API server would prune them
+    silently), int-or-string becomes anyOf, x-kubernetes-* annotations are dropped."""
+    if isinstance(node, list):
+        return [crd_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: crd_to_json_schema(v) for k, v in node.items()
+           if not k.startswith("x-kubernetes-") and k != "description"}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validators() -> dict:
+    out = {}
+    for f in sorted(CRDS.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            for version in doc["spec"]["versions"]:
+                schema = crd_to_json_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+                schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"},
+                                                           metadata={"$ref": "#/$defs/meta"})
+                schema["$defs"] = {"meta": META}
+                out[(f"{doc['spec']['group']}/{version['name']}", doc["spec"]["names"]["kind"])] = \
+                    Draft202012Validator(schema)
+    return out
+
+
+# Typed schemas for the core kinds infra/ uses: the fields turboflow sets, nothing else (a typo fails).
+STR = {"type": "string"}
+STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$"}
+DNS1123 = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+META = {"type": "object", "additionalProperties": False, "required": ["name"],
+        "properties": {"name": DNS1123, "namespace": DNS1123, "labels": STRMAP, "annotations": STRMAP}}
+
+
+def obj(props, required=()):
+    return {"type": "object", "additionalProperties": False, "properties": props, "required": list(required)}
+
+
+PROBE = obj({"httpGet": obj({"path": STR, "port": {"type": ["integer", "string"]}}, ["path"]),
+             "periodSeconds": {"type": "integer", "minimum": 1}, "timeoutSeconds": {"type": "integer", "minimum": 1},
+             "failureThreshold": {"type": "integer", "minimum": 1}, "initialDelaySeconds": {"type": "integer"}},
+            ["httpGet"])
+ENV = obj({"name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"}, "value": STR,
+           "valueFrom": obj({"secretKeyRef": obj({"name": STR, "key": STR, "optional": {"type": "boolean"}},
+                                                 ["name", "key"])})}, ["name"])
+SECURITY = obj({"runAsNonRoot": {"type": "boolean"}, "runAsUser": {"type": "integer"},
+                "runAsGroup": {"type": "integer"}, "allowPrivilegeEscalation": {"type": "boolean"},
+                "readOnlyRootFilesystem": {"type": "boolean"},
+                "capabilities": obj({"drop": {"type": "array", "items": STR}}),
+                "seccompProfile": obj({"type": {"enum": ["RuntimeDefault", "Localhost"]}}, ["type"])})
+CONTAINER = obj({
+    "name": DNS1123, "image": STR, "command": {"type": "array", "items": STR}, "args": {"type": "array", "items": STR},
+    "ports": {"type": "array", "items": obj({"name": STR, "containerPort": {"type": "integer"}}, ["containerPort"])},
+    "env": {"type": "array", "items": ENV},
+    "resources": obj({"requests": {"type": "object", "additionalProperties": QUANTITY},
+                      "limits": {"type": "object", "additionalProperties": QUANTITY}}),
+    "volumeMounts": {"type": "array", "items": obj({"name": STR, "mountPath": STR, "readOnly": {"type": "boolean"}},
+                                                   ["name", "mountPath"])},
+    "securityContext": SECURITY, "readinessProbe": PROBE, "livenessProbe": PROBE, "startupProbe": PROBE,
+}, ["name", "image"])
+MATCH_EXPRESSIONS = {"type": "array", "items": obj({"key": STR, "operator": {"enum": ["In", "NotIn", "Exists"]},
+                                                    "values": {"type": "array", "items": STR}}, ["key", "operator"])}
+NODE_AFFINITY = obj({"nodeAffinity": obj({
+    "requiredDuringSchedulingIgnoredDuringExecution": obj({"nodeSelectorTerms": {"type": "array", "items": obj({
+        "matchExpressions": MATCH_EXPRESSIONS})}}, ["nodeSelectorTerms"]),
+    "preferredDuringSchedulingIgnoredDuringExecution": {"type": "array", "items": obj({
+        "weight": {"type": "integer", "minimum": 1, "maximum": 100},
+        "preference": obj({"matchExpressions": MATCH_EXPRESSIONS})}, ["weight", "preference"])}})})
+POD_SPEC = obj({
+    "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}, "automountServiceAccountToken": {"type": "boolean"},
+    "serviceAccountName": STR,
+    "securityContext": obj({"runAsNonRoot": {"type": "boolean"}, "runAsUser": {"type": "integer"},
+                            "runAsGroup": {"type": "integer"}, "fsGroup": {"type": "integer"},
+                            "seccompProfile": obj({"type": STR}, ["type"])}),
+    "affinity": NODE_AFFINITY,
+    "tolerations": {"type": "array", "items": obj({"key": STR, "operator": {"enum": ["Exists", "Equal"]},
+                                                   "value": STR, "effect": STR})},
+    "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+    "volumes": {"type": "array", "items": obj({
+        "name": STR, "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}, ["claimName"]),
+        "emptyDir": obj({"sizeLimit": QUANTITY})}, ["name"])},
+}, ["containers"])
+POD_TEMPLATE = obj({"metadata": obj({"labels": STRMAP, "annotations": STRMAP}), "spec": POD_SPEC}, ["spec"])
+
+
+def core(api, spec_schema=None, extra=None):
+    props = {"apiVersion": {"const": api}, "kind": STR, "metadata": META}
+    if spec_schema is not None:
+        props["spec"] = spec_schema
+    props.update(extra or {})
+    return Draft202012Validator(obj(props, ["apiVersion", "kind", "metadata"] + (["spec"] if spec_schema else [])))
+
+
+CORE_VALIDATORS = {
+    ("v1", "Namespace"): core("v1"),
+    ("v1", "ServiceAccount"): core("v1", extra={"automountServiceAccountToken": {"type": "boolean"}}),
+    ("v1", "ConfigMap"): core("v1", extra={"data": STRMAP}),
+    ("v1", "PersistentVolumeClaim"): core("v1", obj({
+        "accessModes": {"type": "array", "minItems": 1,
+                        "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
+        "storageClassName": STR, "resources": obj({"requests": obj({"storage": QUANTITY}, ["storage"])})},
+        ["accessModes", "resources"])),
+    ("batch/v1", "Job"): core("batch/v1", obj({"backoffLimit": {"type": "integer"},
+                                               "activeDeadlineSeconds": {"type": "integer"},
+                                               "template": POD_TEMPLATE}, ["template"])),
+    ("apps/v1", "DaemonSet"): core("apps/v1", obj({"selector": obj({"matchLabels": STRMAP}, ["matchLabels"]),
+                                                   "updateStrategy": obj({"type": STR}),
+                                                   "template": POD_TEMPLATE}, ["selector", "template"])),
+    ("monitoring.coreos.com/v1", "PodMonitor"): core("monitoring.coreos.com/v1", obj({
+        "selector": obj({"matchExpressions": {"type": "array", "items": obj(
+            {"key": STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+             "values": {"type": "array", "items": STR}}, ["key", "operator"])}, "matchLabels": STRMAP}),
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": obj({
+            "port": STR, "path": STR, "interval": STR, "scrapeTimeout": STR,
+            "relabelings": {"type": "array", "items": obj({"sourceLabels": {"type": "array", "items": STR},
+                                                          "targetLabel": STR})}})}}, ["selector",
+                                                                                       "podMetricsEndpoints"])),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): core("monitoring.coreos.com/v1", obj({"groups": {
+        "type": "array", "items": obj({"name": STR, "interval": STR, "rules": {"type": "array", "items": {"oneOf": [
+            obj({"record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"}, "expr": STR},
+                ["record", "expr"]),
+            obj({"alert": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9]*$"}, "expr": STR, "for": STR,
+                 "labels": STRMAP, "annotations": STRMAP}, ["alert", "expr", "labels", "annotations"])]}}},
+            ["name", "rules"])}}, ["groups"])),
+}
+CRD_VALIDATORS = _crd_validators()
+
+
+def test_schemas_are_loaded_and_strict():
+    for key in [("serving.knative.dev/v1", "Service"), ("eventing.knative.dev/v1", "Broker"),
+                ("eventing.knative.dev/v1", "Trigger"), ("sources.knative.dev/v1", "ContainerSource"),
+                ("sources.knative.dev/v1", "SinkBinding")]:
+        assert key in CRD_VALIDATORS, key
+    svc = ksvc(build(INFRA / "overlays/gpu"), "turboflow-t2v")
+    typo = copy.deepcopy(svc)
+    typo["spec"]["template"]["spec"]["containerConcurency"] = 1
+    assert list(CRD_VALIDATORS[("serving.knative.dev/v1", "Service")].iter_errors(typo))
+    probe = copy.deepcopy(svc)
+    container(probe)["startupProbe"]["failureTreshold"] = 3
+    assert list(CRD_VALIDATORS[("serving.knative.dev/v1", "Service")].iter_errors(probe))
+    bad_quantity = copy.deepcopy(svc)
+    container(bad_quantity)["resources"]["requests"]["memory"] = "24 GB"
+    assert list(CORE_VALIDATORS[("v1", "PersistentVolumeClaim")].iter_errors(
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
+         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "24 GB"}}}}))
+
+
+@pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
+def test_every_object_validates(rendered, kdir):
+    docs = rendered[kdir]
+    assert docs
+    ids = [resource_id(d) for d in docs]
+    assert len(ids) == len(set(ids))
+    for d in docs:
+        key = (d["apiVersion"], d["kind"])
+        validator = CRD_VALIDATORS.get(key) or CORE_VALIDATORS.get(key)
+        assert validator is not None, f"{kdir}: no schema for {key}"
+        errors = sorted(validator.iter_errors(d), key=lambda e: list(e.path))
+        assert not errors, (d["kind"], d["metadata"]["name"], [f"{list(e.path)}: {e.message}" for e in errors])
+        # the Knative CRD leaves the PodSpec loosely typed in places: hold its containers to the typed schema too
+        if d["kind"] == "Service" and d["apiVersion"] == "serving.knative.dev/v1":
+            template = {k: v for k, v in d["spec"]["template"].items()}
+            spec = {k: v for k, v in template["spec"].items()
+                    if k not in ("containerConcurrency", "timeoutSeconds", "enableServiceLinks")}
+            errors = list(Draft202012Validator(POD_TEMPLATE).iter_errors({**template, "spec": spec}))
+            assert not errors, (d["metadata"]["name"], [f"{list(e.path)}: {e.message}" for e in errors])
+
+
+def test_overlays_contain_the_whole_system(rendered):
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        for expected in [("Namespace", "turboflow"), ("PersistentVolumeClaim", "turboflow-models"),
+                         ("Service", "turboflow-t2v"), ("Service", "turboflow-i2v"),
+                         ("Service", "turboflow-deadletter"), ("Trigger", "turboflow-t2v"),
+                         ("Trigger", "turboflow-i2v"), ("Broker", "default"), ("ContainerSource", "turboflow-s3-uploads")]:
+            assert expected in names, (overlay, expected)
+        for d in docs:
+            assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "turboflow"
+            if d["kind"] != "Namespace" and d["metadata"]["name"] != "config-nats":
+                assert d["metadata"]["namespace"] == "turboflow", d["metadata"]["name"]
+
+
+def test_eventing_kustomization_lists_every_manifest():
+    kfile = ROOT / "eventing/manifests/kustomization.yml"
+    listed = set(yaml.safe_load(kfile.read_text())["resources"])
+    assert listed == {p.name for p in (ROOT / "eventing/manifests").glob("*.yaml")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# policy
+# ---------------------------------------------------------------------------------------------------------------
+def all_containers(docs):
+    for d in docs:
+        spec = d.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        for c in pod.get("containers", []):
+            yield d, pod, c
+
+
+def test_gpu_overlay_requests_a_gpu_on_accelerator_nodes(rendered):
+    docs = rendered["overlays/gpu"]
+    for name in FUNCTIONS:
+        svc = ksvc(docs, name)
+        pod, c = svc["spec"]["template"]["spec"], container(svc)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert env(c)["TURBOFLOW_DEVICE"] == "cuda"
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+        (expr,) = term["matchExpressions"]
+        assert expr["key"] == "nvidia.com/gpu.product" and expr["operator"] == "In"
+        assert set(expr["values"]) == GPU_PRODUCTS
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        # host memory and CPU are requested, and the memory limit bounds a leak
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+        assert c["resources"]["limits"]["memory"]
+    # only the two video functions take GPUs
+    gpu_users = {d["metadata"]["name"] for d, _, c in all_containers(docs)
+                 if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})}
+    assert gpu_users == set(FUNCTIONS)
+    (pvc,) = kind(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_dev_overlay_is_cpu_only_with_tiny_models(rendered):
+    docs = rendered["overlays/dev"]
+    text = json.dumps(docs)
+    assert "nvidia.com/gpu" not in text
+    (job,) = kind(docs, "Job")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "turboflow model tiny" in script and "turboflow model verify --checksums" in script
+    for name, k in FUNCTIONS.items():
+        svc = ksvc(docs, name)
+        pod, c = svc["spec"]["template"]["spec"], container(svc)
+        assert "affinity" not in pod and "tolerations" not in pod and "nodeSelector" not in pod
+        e = env(c)
+        assert e["TURBOFLOW_DEVICE"] == "cpu"
+        assert e["MODEL_DIR"] == f"/models/tiny-{k}" and "/models/tiny-$kind" in script
+        assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_functions_scale_to_zero_one_request_per_pod(rendered, overlay):
+    autoscaler = knative_config(rendered, "knative-serving", "config-autoscaler")
+    for name in FUNCTIONS:
+        svc = ksvc(rendered[overlay], name)
+        tmpl = svc["spec"]["template"]
+        a = tmpl["metadata"]["annotations"]
+        assert tmpl["spec"]["containerConcurrency"] == 1
+        assert a["autoscaling.knative.dev/min-scale"] == "0"
+        assert a["autoscaling.knative.dev/target"] == "1"
+        # with the default 70 % utilization one request would ask for two GPUs
+        assert a["autoscaling.knative.dev/target-utilization-percentage"] == "100"
+        assert int(a["autoscaling.knative.dev/max-scale"]) >= 1
+        assert go_seconds(a["autoscaling.knative.dev/scale-to-zero-pod-retention-period"]) >= 60
+        if a.get("autoscaling.knative.dev/initial-scale") == "0":
+            assert autoscaler["allow-zero-initial-scale"] == "true"
+        assert autoscaler.get("enable-scale-to-zero", "true") == "true"
+        assert svc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_timeouts_are_ordered(rendered, overlay):
+    """Trigger delivery timeout <= revision timeoutSeconds <= max-revision-timeout-seconds, and the JetStream ack
+    wait outlasts the delivery timeout (else a running job is redelivered)."""
+    docs = rendered[overlay]
+    defaults = knative_config(rendered, "knative-serving", "config-defaults")
+    max_timeout = int(defaults["max-revision-timeout-seconds"])
+    assert max_timeout == MAX_REVISION_TIMEOUT
+    assert int(defaults["revision-timeout-seconds"]) <= max_timeout
+    triggers = {t["spec"]["subscriber"]["ref"]["name"]: t for t in kind(docs, "Trigger")}
+    assert set(triggers) == set(FUNCTIONS)
+    for name in FUNCTIONS:
+        svc = ksvc(docs, name)
+        revision = svc["spec"]["template"]["spec"]["timeoutSeconds"]
+        assert revision == REVISION_TIMEOUT[name]
+        delivery = iso_seconds(triggers[name]["spec"]["delivery"]["timeout"])
+        assert 0 < delivery <= revision <= max_timeout, (name, delivery, revision, max_timeout)
+    (cm,) = [d for d in kind(docs, "ConfigMap") if "channelTemplateSpec" in d.get("data", {})]
+    ack_wait = yaml.safe_load(cm["data"]["channelTemplateSpec"])["spec"]["consumerConfigTemplate"]["ackWait"]
+    assert go_seconds(ack_wait) > max(iso_seconds(t["spec"]["delivery"]["timeout"]) for t in triggers.values())
+
+
+def test_progress_deadline_covers_gpu_scale_up_and_startup(rendered):
+    deployment = knative_config(rendered, "knative-serving", "config-deployment")
+    cluster = go_seconds(deployment["progress-deadline"])
+    for name in FUNCTIONS:
+        svc = ksvc(rendered["overlays/gpu"], name)
+        per_revision = go_seconds(svc["spec"]["template"]["metadata"]["annotations"][
+            "serving.knative.dev/progress-deadline"])
+        startup = container(svc)["startupProbe"]
+        window = startup["periodSeconds"] * startup["failureThreshold"]
+        # a GPU node (5-10 min) plus the whole startup window must fit
+        assert per_revision >= window + 600 and cluster >= 1200, (name, per_revision, window)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes(rendered, overlay):
+    for name in FUNCTIONS:
+        svc = ksvc(rendered[overlay], name)
+        c = container(svc)
+        port = c["ports"][0]["containerPort"]
+        assert port == 8080 and c["ports"][0]["name"] in ("http1", "h2c")
+        assert c["readinessProbe"]["httpGet"]["path"] == "/health/readiness"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/health/liveness"
+        assert c["startupProbe"]["httpGet"]["path"] == "/health/readiness"
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["httpGet"].get("port", port) == port  # Knative only probes the serving port
+        # no readiness periodSeconds: queue-proxy then probes aggressively and a cold pod gets traffic at once
+        assert "periodSeconds" not in c["readinessProbe"]
+        if overlay == "overlays/gpu":
+            s = c["startupProbe"]
+            assert s["periodSeconds"] * s["failureThreshold"] >= 600  # weight loading from network storage
+        assert c["args"][:2] == ["serve", FUNCTIONS[name]] and "$(MODEL_DIR)" in c["args"]
+
+
+def _owned(docs):
+    """turboflow's own workloads (the eventing helper's sinks/sources are checked by their own tests)."""
+    for d, pod, c in all_containers(docs):
+        if d["kind"] in ("Job", "DaemonSet") or d["metadata"]["name"] in FUNCTIONS:
+            yield d, pod, c
+
+
+@pytest.mark.parametrize("kdir", ["overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm"])
+def test_workloads_run_non_root_without_privileges(rendered, kdir):
+    seen = 0
+    for d, pod, c in _owned(rendered[kdir]):
+        seen += 1
+        sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, d["metadata"]["name"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["securityContext"].get("readOnlyRootFilesystem") is True
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        # a read-only root filesystem needs a writable /tmp (HOME points there)
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]) and env(c).get("HOME") == "/tmp"
+        assert pod.get("automountServiceAccountToken") is False or d["kind"] == "Service"
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert seen
+    (sa,) = kind(rendered["base"], "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_cache_is_mounted_read_only_by_functions(rendered, overlay):
+    docs = rendered[overlay]
+    for name in FUNCTIONS:
+        svc = ksvc(docs, name)
+        pod, c = svc["spec"]["template"]["spec"], container(svc)
+        vols = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if "persistentVolumeClaim" in vols[m["name"]]]
+        assert mount["mountPath"] == "/models" and mount["readOnly"] is True
+        pvc = vols[mount["name"]]["persistentVolumeClaim"]
+        assert pvc == {"claimName": "turboflow-models", "readOnly": True}
+        model_dir = env(c)["MODEL_DIR"]
+        assert model_dir.startswith("/models/")
+        if overlay == "overlays/gpu":
+            assert model_dir == MODEL_DIRS[name]
+        assert svc["spec"]["template"]["spec"]["serviceAccountName"] == "turboflow-functions"
+        e = env(c)
+        assert e["TURBOFLOW_BUCKET"] and e["HF_HUB_OFFLINE"] == "1"
+        assert e["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "turboflow-s3", "key": "accessKeyId"}}
+        assert e["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "turboflow-s3", "key": "secretAccessKey"}}
+    # the S3 source reads the same Secret keys
+    (src,) = kind(docs, "ContainerSource")
+    src_env = env(src["spec"]["template"]["spec"]["containers"][0])
+    assert src_env["AWS_ACCESS_KEY_ID"] == env(container(ksvc(docs, "turboflow-t2v")))["AWS_ACCESS_KEY_ID"]
+
+
+def test_pull_jobs_write_the_cache_and_verify_checksums(rendered):
+    jobs = {j["metadata"]["name"]: j for j in kind(rendered["model-cache"], "Job")}
+    assert set(jobs) == {"turboflow-pull-t2v", "turboflow-pull-i2v"}
+    for name, job in jobs.items():
+        k = name.rsplit("-", 1)[1]
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        script = c["args"][0]
+        e = env(c)
+        assert e["MODEL_DIR"] == MODEL_DIRS[f"turboflow-{k}"]
+        assert e["HF_HUB_OFFLINE"] == "0"  # the one place that downloads
+        assert f'turboflow model pull "$MODEL_DIR" --kind {k}' in script
+        assert script.rstrip().endswith('turboflow model verify --checksums "$MODEL_DIR"')
+        assert "--tokenizer-repo" in script and "--force" in script
+        assert script.count("--file ") == (3 if k == "t2v" else 4)
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/models"]
+        assert not mount.get("readOnly")
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    (ds,) = kind(rendered["model-cache/warm"], "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["args"][:2] == ["model-cache", "warm"] and set(MODEL_DIRS.values()) <= set(c["args"])
+    assert "limits" not in c["resources"]  # a memory limit would evict the pages it warms
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["mountPath"] == "/models")
+    gpu_pod = ksvc(rendered["overlays/gpu"], "turboflow-t2v")["spec"]["template"]["spec"]
+    assert pod["tolerations"] == gpu_pod["tolerations"]
+    assert pod["affinity"] == {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                                                gpu_pod["affinity"]["nodeAffinity"][
+                                                    "requiredDuringSchedulingIgnoredDuringExecution"]}}
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_knative_feature_flags_cover_what_the_services_use(rendered):
+    features = knative_config(rendered, "knative-serving", "config-features")
+    needs = {"affinity": "kubernetes.podspec-affinity", "tolerations": "kubernetes.podspec-tolerations",
+             "nodeSelector": "kubernetes.podspec-nodeselector", "securityContext": "kubernetes.podspec-securitycontext"}
+    used = set()
+    for overlay in OVERLAYS:
+        for svc in kind(rendered[overlay], "Service", "serving.knative.dev"):
+            pod = svc["spec"]["template"]["spec"]
+            for field, flag in needs.items():
+                if field in pod:
+                    used.add(flag)
+            for v in pod.get("volumes", []):
+                if "persistentVolumeClaim" in v:
+                    used.add("kubernetes.podspec-persistent-volume-claim")
+                    mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])
+                              if m["name"] == v["name"]]
+                    if not v["persistentVolumeClaim"].get("readOnly") or not all(m.get("readOnly") for m in mounts):
+                        used.add("kubernetes.podspec-persistent-volume-write")
+    assert {"kubernetes.podspec-affinity", "kubernetes.podspec-tolerations",
+            "kubernetes.podspec-persistent-volume-claim"} <= used
+    for flag in used:
+        assert features.get(flag) == "enabled", flag
+    assert "kubernetes.podspec-persistent-volume-write" not in used  # read-only is enough
+    eventing = knative_config(rendered, "knative-eventing", "config-features")
+    if any("timeout" in t["spec"].get("delivery", {}) for t in kind(rendered["overlays/gpu"], "Trigger")):
+        assert eventing["delivery-timeout"] == "enabled"
+    # every setting carries a comment saying why
+    for f in (INFRA / "knative").glob("*-config-*.yaml"):
+        data = yaml.safe_load(f.read_text())["data"]
+        lines = f.read_text().splitlines()
+        for key in data:
+            (i,) = [n for n, line in enumerate(lines) if line.strip().startswith(f"{key}:")]
+            assert lines[i - 1].strip().startswith("#"), (f.name, key)
+
+
+def test_one_image_everywhere(rendered):
+    for overlay in OVERLAYS:
+        images = {c["image"] for _, _, c in all_containers(rendered[overlay])}
+        images |= {c["image"] for s in kind(rendered[overlay], "ContainerSource")
+                   for c in s["spec"]["template"]["spec"]["containers"]}
+        assert len(images) == 1 and images.pop().startswith("ghcr.io/turboflow/turboflow:")
+
+
+def test_triggers_and_dead_letter_refs_resolve(rendered):
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        services = {s["metadata"]["name"] for s in kind(docs, "Service", "serving.knative.dev")}
+        brokers = {b["metadata"]["name"] for b in kind(docs, "Broker")}
+        for t in kind(docs, "Trigger"):
+            assert t["spec"]["broker"] in brokers
+            assert t["spec"]["subscriber"]["ref"]["name"] in services
+            assert t["spec"]["delivery"]["deadLetterSink"]["ref"]["name"] in services
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# monitoring
+# ---------------------------------------------------------------------------------------------------------------
+def _exported_metric_names() -> set[str]:
+    from turboflow.functions import metrics
+
+    names = set()
+    for family in metrics.REGISTRY.collect():
+        for sample_suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
+            names.add(family.name + sample_suffix)
+    return names
+
+
+def test_monitoring_matches_the_functions(rendered):
+    docs = rendered["monitoring"]
+    (pm,) = kind(docs, "PodMonitor")
+    exprs = {e["key"]: set(e["values"]) for e in pm["spec"]["selector"]["matchExpressions"]}
+    for overlay in OVERLAYS:
+        for name, k in FUNCTIONS.items():
+            labels = ksvc(rendered[overlay], name)["spec"]["template"]["metadata"]["labels"]
+            assert all(labels.get(key) in values for key, values in exprs.items()), (name, labels)
+    assert exprs["app.kubernetes.io/component"] == set(FUNCTIONS.values())
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["path"] == "/metrics" and ep["port"] == "user-port"
+
+    (rule,) = kind(docs, "PrometheusRule")
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    recorded = {r["record"] for r in rules if "record" in r}
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    (cm,) = [d for d in kind(docs, "ConfigMap") if d["metadata"]["name"] == "turboflow-grafana-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["turboflow.json"])
+    assert dashboard["uid"] == "turboflow" and len(dashboard["panels"]) >= 8
+    exprs_all = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exported = _exported_metric_names()
+    external = {"DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_UTIL", "kube_pod_container_status_restarts_total"}
+    for expr in exprs_all:
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+        unquoted = re.sub(r'"[^"]*"', '""', expr)
+        for metric in re.findall(r"\b(turboflow[a-z_:0-9]*|DCGM_[A-Z_]+|kube_[a-z_]+)\b", unquoted):
+            assert metric in exported or metric in recorded or metric in external, metric
+    assert any("turboflow_requests_total" in e for e in exprs_all)
+    assert any("turboflow_stage_seconds_bucket" in e for e in exprs_all)
+    assert any("turboflow_queue_wait_seconds_bucket" in e for e in exprs_all)
+    assert any("turboflow_gpu_memory_bytes" in e for e in exprs_all)
+    assert "< 0.995" in alerts["TurboflowSuccessRateLow"]["expr"]
+    assert "DCGM_FI_DEV_GPU_TEMP" in alerts["TurboflowGPUTemperatureHigh"]["expr"]
+    assert "> 85" in alerts["TurboflowGPUTemperatureHigh"]["expr"]
+    assert "histogram_quantile(0.95" in " ".join(r["expr"] for r in rules)
+    assert {"TurboflowGenerationSlowT2V", "TurboflowGenerationSlowI2V", "TurboflowPodRestarting"} <= set(alerts)
+    # the dashboard shipped in the repo is the one in the ConfigMap
+    assert (INFRA / "monitoring/dashboards/turboflow.json").read_text() == cm["data"]["turboflow.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build: Containerfile and func.yaml
+# ---------------------------------------------------------------------------------------------------------------
+def test_containerfile(rendered):
+    text = (INFRA / "Containerfile").read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.lstrip().startswith("#")]
+    (arg,) = [ln for ln in lines if ln.startswith("ARG BASE_IMAGE=")]
+    assert re.fullmatch(r"ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", arg)
+    assert "FROM ${BASE_IMAGE}" in lines
+    # torch from the base, never reinstalled
+    assert "torch=={torch.__version__}" in text and "pip install -c /tmp/torch-constraint.txt" in text
+    # every package directory of the distribution is copied
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pkg_dir in set(re.findall(r'^"turboflow(?:\.\w+)?" = "(\w+)"$', pyproject, re.M)):
+        assert f"COPY {pkg_dir}/ {pkg_dir}/" in text, pkg_dir
+    (user,) = [ln for ln in lines if ln.startswith("USER ")]
+    uid = int(user.split()[1].split(":")[0])
+    assert uid > 0
+    for kdir in ("overlays/gpu", "model-cache"):
+        for _, pod, c in _owned(rendered[kdir]):
+            assert {**pod.get("securityContext", {}), **c.get("securityContext", {})}["runAsUser"] == uid
+    assert 'ENTRYPOINT ["turboflow"]' in lines
+    ignore = (INFRA / "Containerfile.dockerignore").read_text().split()
+    assert ".venv" in ignore and ".git" in ignore
+
+
+FUNC_YAML_SCHEMA = obj({
+    "specVersion": STR, "name": DNS1123, "runtime": {"const": "python"}, "namespace": STR, "registry": STR,
+    "image": STR, "created": STR, "invoke": {"enum": ["http", "cloudevent"]},
+    "run": obj({"envs": {"type": "array", "items": obj({"name": STR, "value": STR}, ["name"])},
+                "volumes": {"type": "array", "items": obj({
+                    "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}),
+                    "path": STR})}}),
+    "deploy": obj({"namespace": STR, "healthEndpoints": obj({"liveness": STR, "readiness": STR}),
+                   "options": obj({"scale": obj({"min": {"type": "integer"}, "max": {"type": "integer"},
+                                                 "metric": {"enum": ["concurrency", "rps"]},
+                                                 "target": {"type": "number"}, "utilization": {"type": "number"}}),
+                                   "resources": obj({"limits": obj({"concurrency": {"type": "integer"}})})})}),
+}, ["specVersion", "name", "runtime", "created"])
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_func_yaml_mirrors_the_service(rendered, name):
+    k = FUNCTIONS[name]
+    path = ROOT / "functions" / k / "func.yaml"
+    fy = yaml.safe_load(path.read_text())
+    errors = list(Draft202012Validator(FUNC_YAML_SCHEMA).iter_errors(fy))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    assert (ROOT / "functions" / k / "function" / "func.py").is_file()  # func-python's function root layout
+    svc = ksvc(rendered["overlays/gpu"], name)
+    c, a = container(svc), svc["spec"]["template"]["metadata"]["annotations"]
+    assert fy["name"] == name and fy["namespace"] == fy["deploy"]["namespace"] == svc["metadata"]["namespace"]
+    assert fy["invoke"] == "cloudevent" and fy["image"] == c["image"]
+    assert fy["deploy"]["healthEndpoints"] == {"liveness": c["livenessProbe"]["httpGet"]["path"],
+                                               "readiness": c["readinessProbe"]["httpGet"]["path"]}
+    scale = fy["deploy"]["options"]["scale"]
+    assert scale["min"] == int(a["autoscaling.knative.dev/min-scale"])
+    assert scale["max"] == int(a["autoscaling.knative.dev/max-scale"])
+    assert scale["target"] == int(a["autoscaling.knative.dev/target"])
+    assert scale["utilization"] == int(a["autoscaling.knative.dev/target-utilization-percentage"])
+    assert fy["deploy"]["options"]["resources"]["limits"]["concurrency"] == svc["spec"]["template"]["spec"][
+        "containerConcurrency"]
+    assert {e["name"]: e["value"] for e in fy["run"]["envs"]}["MODEL_DIR"] == env(c)["MODEL_DIR"]
+    (vol,) = fy["run"]["volumes"]
+    assert vol == {"persistentVolumeClaim": {"claimName": "turboflow-models", "readOnly": True}, "path": "/models"}
