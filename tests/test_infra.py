@@ -648,3 +648,17 @@ def test_func_yaml_mirrors_the_service(rendered, name):
     assert {e["name"]: e["value"] for e in fy["run"]["envs"]}["MODEL_DIR"] == env(c)["MODEL_DIR"]
     (vol,) = fy["run"]["volumes"]
     assert vol == {"persistentVolumeClaim": {"claimName": "turboflow-models", "readOnly": True}, "path": "/models"}
+
+
+def test_readme_walkthrough_applies_existing_kustomizations_in_order():
+    text = (INFRA / "README.md").read_text()
+    applied = re.findall(r"kubectl apply -k (infra/[\w/-]+)", text)
+    for path in applied:
+        assert (ROOT / path).is_dir() and path.removeprefix("infra/") in KUSTOMIZATIONS, path
+    walkthrough = text[text.index("## From an empty cluster"):text.index("## Development cluster")]
+    steps = [walkthrough.index(f"kubectl apply -k infra/{k}") for k in
+             ("knative", "overlays/gpu", "model-cache\n", "model-cache/warm", "monitoring")]
+    assert steps == sorted(steps)
+    # the secret the manifests read is created before the deploy, with the keys they read
+    assert walkthrough.index("create secret generic turboflow-s3") < steps[1]
+    assert "accessKeyId=" in walkthrough and "secretAccessKey=" in walkthrough
