@@ -662,3 +662,15 @@ def test_readme_walkthrough_applies_existing_kustomizations_in_order():
     # the secret the manifests read is created before the deploy, with the keys they read
     assert walkthrough.index("create secret generic turboflow-s3") < steps[1]
     assert "accessKeyId=" in walkthrough and "secretAccessKey=" in walkthrough
+
+
+@pytest.mark.parametrize("kdir", ["overlays/dev", "overlays/gpu"])
+def test_every_container_is_non_root_and_unprivileged(rendered, kdir):
+    """Including the eventing containers (dead-letter sink, S3 source): nothing in the namespace runs as root."""
+    names = set()
+    for d, pod, c in all_containers(rendered[kdir]):
+        sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, (d["metadata"]["name"], c["name"])
+        assert sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"]
+        names.add(d["metadata"]["name"])
+    assert {"turboflow-deadletter", "turboflow-s3-uploads"} <= names, names

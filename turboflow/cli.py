@@ -16,6 +16,7 @@ _REGISTRARS = (
     "turboflow.functions.cli",
     "turboflow.eventing.cli",
     "turboflow.storage.cli",
+    "turboflow.manifests",
 )
 
 
