@@ -11,6 +11,7 @@ import torch
 from turboflow.storage import modelcache
 
 from . import fastload
+from .checkpoint import load_sla_proj_l
 from .errors import CheckpointError, ModelCacheError
 from .pipeline import TurboVideoPipeline
 
@@ -128,7 +129,9 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
                                   transformer_2=parts.get("transformer_2"), vae=parts["vae"],
                                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device=device,
                                   dtype=dtype, vae_dtype=vae_dtype, model_name=manifest.name,
-                                  defaults=manifest.defaults, offload=policy)
+                                  defaults=manifest.defaults, offload=policy,
+                                  sla_proj_l={role: load_sla_proj_l(root / manifest.components[role])
+                                              for role in ("transformer", "transformer_2") if role in networks})
     warmup_s = 0.0
     if device.type == "cuda" and os.environ.get("TURBOFLOW_WARMUP", "1") != "0":
         warm = time.perf_counter()

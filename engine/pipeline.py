@@ -81,7 +81,7 @@ class TurboVideoPipeline:
     def __init__(self, *, kind: str, transformer, vae, text_encoder, tokenizer, transformer_2=None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  vae_dtype: torch.dtype | None = None, model_name: str = "unknown", defaults: dict | None = None,
-                 offload: str = "none"):
+                 offload: str = "none", sla_proj_l: dict[str, dict] | None = None):
         if kind not in ("t2v", "i2v"):
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
         if kind == "i2v" and transformer.config.in_channels != 36:
@@ -94,6 +94,9 @@ class TurboVideoPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.vae_dtype = vae_dtype or dtype
         self.offload = offload
+        # SLA's fine-tuned proj_l weights per network role ("transformer", "transformer_2"); empty if none shipped
+        self.sla_proj_l = dict(sla_proj_l or {})
+        self._attention: tuple[str, float] = ("original", 0.0)
         self.spatial_factor = 2 ** len(vae.config.temperal_downsample)  # 8 for Wan2.1 VAE
         self.temporal_factor = 2 ** sum(vae.config.temperal_downsample)  # 4
         self.latent_channels = vae.config.z_dim
@@ -142,6 +145,18 @@ class TurboVideoPipeline:
         video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return video[0].permute(1, 2, 3, 0).cpu().numpy()
 
+    def _set_attention(self, attention: str, topk: float) -> None:
+        """Swap the DiT self-attention processors when a request asks for another attention than the last."""
+        from .sla import set_attention
+
+        wanted = (attention, topk if attention != "original" else 0.0)
+        if wanted == self._attention:
+            return
+        for role, net in (("transformer", self.transformer), ("transformer_2", self.transformer_2)):
+            if net is not None:
+                set_attention(net, attention, topk=topk, proj_l=self.sla_proj_l.get(role))
+        self._attention = wanted
+
     def _use(self, expert: str):
         """The network for this step, moved onto the device under the 'experts' offload policy."""
         net, other = ((self.transformer, self.transformer_2) if expert != "low"
@@ -183,6 +198,7 @@ class TurboVideoPipeline:
 
         experts: list[str] = []
         ones = torch.ones(shape[0], device=self.device)
+        self._set_attention(req.attention, req.sla_topk)
 
         def denoise(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             expert = "dit" if self.kind == "t2v" else ("high" if t >= req.boundary else "low")

@@ -15,8 +15,8 @@ FPS = 16
 MAX_PROMPT_CHARS = 4000
 MAX_FRAMES = 241  # 15 s at 16 fps; the models were trained on 81
 ATTENTION_TYPES = ("original", "sla", "sagesla")
-# Attention types this build implements; the performance work adds the sparse ones.
-IMPLEMENTED_ATTENTION = ("original",)
+# Attention types this build implements. sagesla needs SpargeAttn's kernels (spas_sage_attn), built from source.
+IMPLEMENTED_ATTENTION = ("original", "sla")
 
 # TurboDiffusion's VIDEO_RES_SIZE_INFO: (width, height)
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
@@ -128,8 +128,8 @@ class GenerationRequest:
             bad(f"sla_topk must be in (0, 1], got {self.sla_topk!r}", "invalid_sla_topk", "sla_topk")
         if self.attention not in IMPLEMENTED_ATTENTION:
             raise UnsupportedOptionError(
-                f"attention {self.attention!r} is not available in this build; use 'original'",
-                field="attention")
+                f"attention {self.attention!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; "
+                f"use 'sla' (same math, portable kernels) or 'original'", field="attention")
         if not isinstance(self.ode, bool):
             bad("ode must be a boolean", "invalid_ode", "ode")
         if not _is_number(self.boundary) or not 0 <= self.boundary <= 1:

@@ -121,7 +121,7 @@ def test_i2v_image_changes_the_video(i2v_pipeline):
     (dict(seed=-1), InvalidRequestError, "invalid_seed"),
     (dict(sigma_max=float("nan")), InvalidRequestError, "invalid_sigma_max"),
     (dict(attention="flash9"), InvalidRequestError, "invalid_attention"),
-    (dict(attention="sla"), UnsupportedOptionError, "unsupported_option"),
+    (dict(attention="sagesla"), UnsupportedOptionError, "unsupported_option"),
     (dict(kind="i2v"), ImageError, "invalid_image"),
     (dict(kind="i2v", image=b"not an image at all"), ImageError, "invalid_image"),
     (dict(kind="i2v", image="/nonexistent/picture.png"), ImageError, "invalid_image"),

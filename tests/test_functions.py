@@ -318,7 +318,7 @@ MALFORMED = [
     ("seed-float", "t2v", {"prompt": "x", "seed": 1.5}, {}, "invalid_seed"),
     ("sigma-zero", "t2v", {"prompt": "x", "sigma_max": 0}, {}, "invalid_sigma_max"),
     ("attention-unknown", "t2v", {"prompt": "x", "attention": "flash"}, {}, "invalid_attention"),
-    ("attention-unbuilt", "t2v", {"prompt": "x", "attention": "sla"}, {}, "unsupported_option"),
+    ("attention-unbuilt", "t2v", {"prompt": "x", "attention": "sagesla"}, {}, "unsupported_option"),
     ("topk-2", "t2v", {"prompt": "x", "sla_topk": 2}, {}, "invalid_sla_topk"),
     ("ode-string", "t2v", {"prompt": "x", "ode": "yes"}, {}, "invalid_ode"),
     ("prefix-traversal", "t2v", {"prompt": "x", "output_prefix": "../../other-tenant"}, {},

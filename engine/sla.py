@@ -1,0 +1,147 @@
+"""SLA: sparse-linear attention as TurboDiffusion's `turbodiffusion/SLA` computes it, for Wan self-attention.
+
+Per (batch, head):
+  * block selection: Q mean-pooled over blocks of `blk_q` tokens, K made zero-mean over the sequence ("smooth-k") and
+    mean-pooled over blocks of `blk_k` tokens (a short last block is averaged over its real tokens); each Q block
+    keeps the top `int(topk * n_k_blocks)` K blocks by pooled score;
+  * sparse branch: exact softmax attention (scale 1/sqrt(D)) of each query over the keys of its selected blocks only;
+  * linear branch over ALL tokens with the softmax feature map phi(x) = softmax(x, dim=-1):
+    o_l = phi(q) (phi(k)^T v) / (1e-5 + phi(q) . sum phi(k)), then projected by the fine-tuned `proj_l` (D x D);
+  * output o_s + proj_l(o_l).
+TurboDiffusion's `--attention sla` uses blk_q 128, blk_k 64. The checkpoints were fine-tuned with this attention,
+so it is needed for faithful output, not only for speed.
+
+`sla_attention` gathers each Q block's selected K/V blocks and runs SDPA on them (CPU and GPU); `sla_reference` is
+the same math with an explicit dense mask, for tests.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BLK_Q, BLK_K = 128, 64
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[-2]) % multiple
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, ceil(L/blk), D], each block averaged over its real tokens."""
+    length = x.shape[-2]
+    padded = _pad_to(x.float(), blk)
+    sums = padded.unflatten(-2, (-1, blk)).sum(dim=-2)
+    counts = torch.full((sums.shape[-2],), float(blk), device=x.device)
+    counts[-1] = length - blk * (sums.shape[-2] - 1)
+    return sums / counts[:, None]
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K):
+    """Indices [B, H, n_q_blocks, n_sel] of the K blocks each Q block attends to exactly."""
+    smooth_k = k - k.mean(dim=-2, keepdim=True)
+    score = _block_means(q, blk_q) @ _block_means(smooth_k, blk_k).transpose(-1, -2)
+    n_k = score.shape[-1]
+    n_sel = max(1, min(n_k, int(topk * n_k)))  # upstream has no floor at 1: with 0 blocks its output is undefined
+    return torch.topk(score, n_sel, dim=-1, sorted=False).indices
+
+
+def _linear_branch(q, k, v):
+    fq, fk = torch.softmax(q, dim=-1), torch.softmax(k, dim=-1)
+    kv = fk.transpose(-1, -2) @ v
+    ksum = fk.sum(dim=-2, keepdim=True)
+    return (fq @ kv) / (1e-5 + (fq * ksum).sum(dim=-1, keepdim=True))
+
+
+def _project(o_l: torch.Tensor, proj_weight, proj_bias) -> torch.Tensor:
+    if proj_weight is None:
+        return torch.zeros_like(o_l)  # proj_l initialised to zero upstream: a checkpoint without it adds nothing
+    return F.linear(o_l, proj_weight.to(o_l.dtype), None if proj_bias is None else proj_bias.to(o_l.dtype))
+
+
+def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
+                  blk_k: int = BLK_K) -> torch.Tensor:
+    """q, k, v [B, H, L, D] -> [B, H, L, D]."""
+    b, h, length, d = q.shape
+    lut = select_blocks(q, k, topk, blk_q, blk_k)  # [B, H, Mq, S]
+    n_sel = lut.shape[-1]
+    kp = _pad_to(k, blk_k).unflatten(-2, (-1, blk_k))  # [B, H, Kb, blk_k, D]
+    vp = _pad_to(v, blk_k).unflatten(-2, (-1, blk_k))
+    index = lut[..., None, None].expand(-1, -1, -1, -1, blk_k, d)
+    k_sel = torch.gather(kp[:, :, None].expand(-1, -1, lut.shape[2], -1, -1, -1), 3, index).flatten(3, 4)
+    v_sel = torch.gather(vp[:, :, None].expand(-1, -1, lut.shape[2], -1, -1, -1), 3, index).flatten(3, 4)
+    key_pos = (lut[..., None] * blk_k + torch.arange(blk_k, device=q.device)).flatten(-2)  # [B, H, Mq, S*blk_k]
+    valid = (key_pos < length)[..., None, :]  # [B, H, Mq, 1, S*blk_k]
+    qb = _pad_to(q, blk_q).unflatten(-2, (-1, blk_q))  # [B, H, Mq, blk_q, D]
+    o_s = F.scaled_dot_product_attention(qb, k_sel, v_sel, attn_mask=valid).flatten(2, 3)[:, :, :length]
+    del k_sel, v_sel, n_sel
+    o_l = _project(_linear_branch(q, k, v), proj_weight, proj_bias)
+    return o_s + o_l
+
+
+def sla_reference(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
+                  blk_k: int = BLK_K) -> torch.Tensor:
+    """The same function with an explicit [L, L] block mask (small sizes only)."""
+    length = q.shape[-2]
+    lut = select_blocks(q, k, topk, blk_q, blk_k)
+    block_mask = torch.zeros(*lut.shape[:3], -(-length // blk_k), dtype=torch.bool, device=q.device)
+    block_mask.scatter_(-1, lut, True)
+    mask = block_mask.repeat_interleave(blk_q, dim=2)[:, :, :length].repeat_interleave(blk_k, dim=3)[..., :length]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    o_s = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    return o_s + _project(_linear_branch(q, k, v), proj_weight, proj_bias)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding (same as diffusers' WanAttnProcessor)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class SLAProcessor:
+    """Attention processor for a WanTransformer3DModel block's self-attention (`attn1`) computing SLA."""
+
+    def __init__(self, topk: float, proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None):
+        self.topk, self.proj_weight, self.proj_bias = topk, proj_weight, proj_bias
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None:
+            raise ValueError("SLAProcessor is for self-attention only")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # [B, L, H, D]
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D]
+        out = sla_attention(q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None) -> None:
+    """Swap every block's self-attention to SLA ('sla') or back to diffusers' dense processor ('original').
+
+    proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l)."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    if attention not in ("original", "sla"):
+        raise ValueError(f"attention must be 'original' or 'sla', got {attention!r}")
+    proj_l = proj_l or {}
+    device = next(transformer.parameters()).device
+    for i, block in enumerate(transformer.blocks):
+        if attention == "original":
+            block.attn1.set_processor(WanAttnProcessor())
+            continue
+        w, b = proj_l.get(f"blocks.{i}.proj_l.weight"), proj_l.get(f"blocks.{i}.proj_l.bias")
+        block.attn1.set_processor(SLAProcessor(topk, None if w is None else w.to(device),
+                                               None if b is None else b.to(device)))
