@@ -63,11 +63,36 @@ def _project(o_l: torch.Tensor, proj_weight, proj_bias) -> torch.Tensor:
     return F.linear(o_l, proj_weight.to(o_l.dtype), None if proj_bias is None else proj_bias.to(o_l.dtype))
 
 
+_flex = None
+
+
+def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int) -> torch.Tensor:
+    """Sparse branch with FlexAttention (CUDA): the selected blocks become a BlockMask built from block tables
+    (never from a per-token mask_mod, which would materialise the whole L x L grid)."""
+    global _flex
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False)
+    b, h, mq, n_sel = lut.shape
+    length = q.shape[-2]
+    n_kb = -(-length // blk_k)
+    indices = torch.zeros(b, h, mq, n_kb, dtype=torch.int32, device=q.device)
+    indices[..., :n_sel] = torch.sort(lut, dim=-1).values.to(torch.int32)
+    mask = BlockMask.from_kv_blocks(torch.zeros(b, h, mq, dtype=torch.int32, device=q.device), indices,
+                                    torch.full((b, h, mq), n_sel, dtype=torch.int32, device=q.device), indices,
+                                    BLOCK_SIZE=(blk_q, blk_k), seq_lengths=(length, length))
+    return _flex(q, k, v, block_mask=mask)
+
+
 def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
-                  blk_k: int = BLK_K) -> torch.Tensor:
-    """q, k, v [B, H, L, D] -> [B, H, L, D]."""
+                  blk_k: int = BLK_K, backend: str = "auto") -> torch.Tensor:
+    """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto"."""
     b, h, length, d = q.shape
     lut = select_blocks(q, k, topk, blk_q, blk_k)  # [B, H, Mq, S]
+    if backend == "flex" or (backend == "auto" and q.is_cuda):
+        o_l = _project(_linear_branch(q, k, v), proj_weight, proj_bias)
+        return _sparse_flex(q, k, v, lut, blk_q, blk_k) + o_l
     n_sel = lut.shape[-1]
     kp = _pad_to(k, blk_k).unflatten(-2, (-1, blk_k))  # [B, H, Kb, blk_k, D]
     vp = _pad_to(v, blk_k).unflatten(-2, (-1, blk_k))
