@@ -64,6 +64,7 @@ def _project(o_l: torch.Tensor, proj_weight, proj_bias) -> torch.Tensor:
 
 
 _flex = None
+_flex_broken = False
 
 
 def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int) -> torch.Tensor:
@@ -90,9 +91,16 @@ def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk
     """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto"."""
     b, h, length, d = q.shape
     lut = select_blocks(q, k, topk, blk_q, blk_k)  # [B, H, Mq, S]
-    if backend == "flex" or (backend == "auto" and q.is_cuda):
+    global _flex_broken
+    if backend == "flex" or (backend == "auto" and q.is_cuda and not _flex_broken):
         o_l = _project(_linear_branch(q, k, v), proj_weight, proj_bias)
-        return _sparse_flex(q, k, v, lut, blk_q, blk_k) + o_l
+        try:
+            return _sparse_flex(q, k, v, lut, blk_q, blk_k) + o_l
+        except Exception as e:  # e.g. no C compiler for Triton in a slim image: stay correct, get slower
+            if backend == "flex":
+                raise
+            _flex_broken = True
+            log.warning("FlexAttention unavailable (%s: %s); SLA falls back to gather+SDPA", type(e).__name__, e)
     n_sel = lut.shape[-1]
     kp = _pad_to(k, blk_k).unflatten(-2, (-1, blk_k))  # [B, H, Kb, blk_k, D]
     vp = _pad_to(v, blk_k).unflatten(-2, (-1, blk_k))
