@@ -10,41 +10,10 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from crd_schemas import CRDS, crd_to_json_schema as to_json_schema, crd_validators  # noqa: F401
 from turboflow.eventing.triggers import MANIFESTS_DIR, load_manifests, parse_duration
 
-CRDS = Path(__file__).parent / "data" / "knative-crds"
 GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|ms|s|m|h))+$")
-
-
-def to_json_schema(node):
-    """An openAPIV3Schema as JSON Schema. Objects with `properties` and no x-kubernetes-preserve-unknown-fields
-    reject unknown keys: the API server would silently prune them, which is how typos get lost."""
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "description"}
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
-def crd_validators() -> dict:
-    out = {}
-    for f in CRDS.glob("*.yaml"):
-        for doc in yaml.safe_load_all(f.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            spec = doc["spec"]
-            for version in spec["versions"]:
-                schema = to_json_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
-                schema.setdefault("properties", {}).update(
-                    apiVersion={"type": "string"}, kind={"type": "string"}, metadata={"type": "object"})
-                out[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = Draft202012Validator(schema)
-    return out
 
 
 VALIDATORS = crd_validators()

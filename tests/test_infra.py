@@ -13,12 +13,12 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from crd_schemas import CRDS, crd_validators  # noqa: F401
 from turboflow.eventing.triggers import parse_duration as iso_seconds
 from turboflow.manifests import build, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-CRDS = Path(__file__).parent / "data" / "knative-crds"
 KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring"]
 OVERLAYS = ["overlays/dev", "overlays/gpu"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
@@ -67,37 +67,8 @@ def knative_config(rendered, namespace, name) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # schemas
 # ---------------------------------------------------------------------------------------------------------------
-def crd_to_json_schema(node):
-    """openAPIV3Schema -> JSON Schema: structural objects reject unknown keys (the API server would prune them
-    silently), int-or-string becomes anyOf, x-kubernetes-* annotations are dropped."""
-    if isinstance(node, list):
-        return [crd_to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: crd_to_json_schema(v) for k, v in node.items()
-           if not k.startswith("x-kubernetes-") and k != "description"}
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
 def _crd_validators() -> dict:
-    out = {}
-    for f in sorted(CRDS.glob("*.yaml")):
-        for doc in yaml.safe_load_all(f.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            for version in doc["spec"]["versions"]:
-                schema = crd_to_json_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
-                schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"},
-                                                           metadata={"$ref": "#/$defs/meta"})
-                schema["$defs"] = {"meta": META}
-                out[(f"{doc['spec']['group']}/{version['name']}", doc["spec"]["names"]["kind"])] = \
-                    Draft202012Validator(schema)
-    return out
+    return crd_validators(META)
 
 
 # Typed schemas for the core kinds infra/ uses: the fields turboflow sets, nothing else (a typo fails).
