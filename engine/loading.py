@@ -92,12 +92,23 @@ def _weight_bytes(path: Path, dtype: torch.dtype) -> int:
 
 def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-                  verify_checksums: bool = False, offload: str = "auto") -> TurboVideoPipeline:
+                  verify_checksums: bool = False, offload: str = "auto", quant_linear: str | None = None,
+                  compile: bool | str = False, compile_cache_dir: str | os.PathLike | None = None,
+                  fast_vae: bool = True, vae_chunk: int | None = None) -> TurboVideoPipeline:
     """Load every component named in the manifest onto `device` (default: CUDA if present).
 
     dtype defaults to bfloat16 on CUDA and float32 on CPU. offload="auto" keeps both I2V experts resident when
     the device has room for them (weights plus headroom), else swaps them per step like upstream.
+
+    Performance options (engine/linear.py, engine/compiled.py, engine/vae_decode.py):
+    quant_linear: None | "fp8" | "int8" | "int8_weight_only" -- the DiT blocks' Linear layers (default None: the
+      fine-tuned bf16 weights as they are; fp8 is the fast choice on H100/Ada, int8_weight_only halves memory).
+    compile: False | True | an inductor mode -- torch.compile each DiT block (default off: the first request at a
+      new video size pays the compile; the cache in `compile_cache_dir` makes later processes reuse it).
+    fast_vae: chunked VAE decode, equal to diffusers' decode up to rounding (default on); vae_chunk latent frames
+      per decoder call (default by frame size).
     """
+    from .linear import check_supported, quantize_transformer
     root = Path(model_dir)
     manifest = modelcache.verify(root, checksums=verify_checksums)
     device = torch.device(device) if device is not None else default_device()
@@ -112,8 +123,13 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
     for role, path in networks.items():
         if not path.is_dir():
             raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
-    policy = _offload_policy(offload, manifest.kind, {r: _weight_bytes(p, dtype) for r, p in networks.items()},
-                             device)
+    check_supported(quant_linear, device)
+    sizes = {r: _weight_bytes(p, dtype) for r, p in networks.items()}
+    if quant_linear in ("fp8", "int8", "int8_weight_only"):
+        for r in ("transformer", "transformer_2"):
+            if r in sizes:  # the blocks' linears are ~all of a DiT's weights; 1 byte instead of 2
+                sizes[r] = sizes[r] * 55 // 100
+    policy = _offload_policy(offload, manifest.kind, sizes, device)
     devices = {role: device for role in networks}
     if policy == "experts" and "transformer_2" in devices:
         devices["transformer_2"] = torch.device("cpu")
@@ -123,13 +139,33 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
     parts["tokenizer"] = _load_tokenizer(root / manifest.components["tokenizer"])
     if vae_dtype is not None:
         parts["vae"].to(vae_dtype)
+    if fast_vae and device.type == "cuda":
+        from .vae_decode import to_channels_last
+
+        to_channels_last(parts["vae"])  # cuDNN's preferred conv layout for the fast decode (8% on H100)
+        torch.backends.cudnn.benchmark = True  # fixed chunk shapes: the algorithm search is paid once per size
+    if quant_linear:
+        for role in ("transformer", "transformer_2"):
+            if role in parts:
+                n = quantize_transformer(parts[role], quant_linear)
+                log.info("%s: %d linears -> %s", role, n, quant_linear)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if compile:
+        from .compiled import compile_cache_dir as _cache_dir, compile_transformer, use_cache_dir
+
+        use_cache_dir(_cache_dir(root, compile_cache_dir))
+        for role in ("transformer", "transformer_2"):
+            if role in parts:
+                compile_transformer(parts[role], None if compile is True else str(compile))
     log.info("loaded %s (%s) on %s in %.2fs, offload=%s", manifest.name, manifest.kind, device,
              time.perf_counter() - start, policy)
     pipeline = TurboVideoPipeline(kind=manifest.kind, transformer=parts["transformer"],
                                   transformer_2=parts.get("transformer_2"), vae=parts["vae"],
                                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device=device,
                                   dtype=dtype, vae_dtype=vae_dtype, model_name=manifest.name,
-                                  defaults=manifest.defaults, offload=policy,
+                                  defaults=manifest.defaults, offload=policy, fast_vae=fast_vae,
+                                  vae_chunk=vae_chunk,
                                   sla_proj_l={role: load_sla_proj_l(root / manifest.components[role])
                                               for role in ("transformer", "transformer_2") if role in networks})
     warmup_s = 0.0

@@ -81,7 +81,8 @@ class TurboVideoPipeline:
     def __init__(self, *, kind: str, transformer, vae, text_encoder, tokenizer, transformer_2=None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  vae_dtype: torch.dtype | None = None, model_name: str = "unknown", defaults: dict | None = None,
-                 offload: str = "none", sla_proj_l: dict[str, dict] | None = None):
+                 offload: str = "none", sla_proj_l: dict[str, dict] | None = None, fast_vae: bool = False,
+                 vae_chunk: int | None = None):
         if kind not in ("t2v", "i2v"):
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
         if kind == "i2v" and transformer.config.in_channels != 36:
@@ -97,6 +98,8 @@ class TurboVideoPipeline:
         # SLA's fine-tuned proj_l weights per network role ("transformer", "transformer_2"); empty if none shipped
         self.sla_proj_l = dict(sla_proj_l or {})
         self._attention: tuple[str, float] = ("original", 0.0)
+        # engine.vae_decode.fast_decode (chunked causal decode, fused padding/norm) instead of diffusers' per-frame loop
+        self.fast_vae, self.vae_chunk = fast_vae, vae_chunk
         self.spatial_factor = 2 ** len(vae.config.temperal_downsample)  # 8 for Wan2.1 VAE
         self.temporal_factor = 2 ** sum(vae.config.temperal_downsample)  # 4
         self.latent_channels = vae.config.z_dim
@@ -141,7 +144,13 @@ class TurboVideoPipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> uint8 frames [F, H, W, 3]."""
         z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
-        video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+        if self.fast_vae:
+            from .vae_decode import fast_decode
+
+            video = fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
+                                channels_last=self.device.type == "cuda")
+        else:
+            video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
         video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return video[0].permute(1, 2, 3, 0).cpu().numpy()
 

@@ -32,19 +32,23 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, ceil(L/blk), D], each block averaged over its real tokens."""
+    """[B, H, L, D] -> [B, H, ceil(L/blk), D] in fp32, each block averaged over its real tokens (one read of x,
+    no padded or fp32 copy)."""
     length = x.shape[-2]
-    padded = _pad_to(x.float(), blk)
-    sums = padded.unflatten(-2, (-1, blk)).sum(dim=-2)
-    counts = torch.full((sums.shape[-2],), float(blk), device=x.device)
-    counts[-1] = length - blk * (sums.shape[-2] - 1)
-    return sums / counts[:, None]
+    full, tail = divmod(length, blk)
+    parts = []
+    if full:
+        parts.append(x[..., :full * blk, :].unflatten(-2, (full, blk)).sum(dim=-2, dtype=torch.float32) / blk)
+    if tail:
+        parts.append(x[..., full * blk:, :].sum(dim=-2, keepdim=True, dtype=torch.float32) / tail)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K):
     """Indices [B, H, n_q_blocks, n_sel] of the K blocks each Q block attends to exactly."""
-    smooth_k = k - k.mean(dim=-2, keepdim=True)
-    score = _block_means(q, blk_q) @ _block_means(smooth_k, blk_k).transpose(-1, -2)
+    # pooling commutes with the mean subtraction: pooled(k - mean k) = pooled(k) - mean k (no smoothed copy of k)
+    pooled_k = _block_means(k, blk_k) - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+    score = _block_means(q, blk_q) @ pooled_k.transpose(-1, -2)
     n_k = score.shape[-1]
     n_sel = max(1, min(n_k, int(topk * n_k)))  # upstream has no floor at 1: with 0 blocks its output is undefined
     return torch.topk(score, n_sel, dim=-1, sorted=False).indices
@@ -67,13 +71,13 @@ _flex = None
 _flex_broken = False
 
 
-def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int) -> torch.Tensor:
+def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int, compiled: bool = True) -> torch.Tensor:
     """Sparse branch with FlexAttention (CUDA): the selected blocks become a BlockMask built from block tables
     (never from a per-token mask_mod, which would materialise the whole L x L grid)."""
     global _flex
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    if _flex is None:
+    if compiled and _flex is None:
         _flex = torch.compile(flex_attention, dynamic=False)
     b, h, mq, n_sel = lut.shape
     length = q.shape[-2]
@@ -83,7 +87,7 @@ def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int) -> torch.Tensor:
     mask = BlockMask.from_kv_blocks(torch.zeros(b, h, mq, dtype=torch.int32, device=q.device), indices,
                                     torch.full((b, h, mq), n_sel, dtype=torch.int32, device=q.device), indices,
                                     BLOCK_SIZE=(blk_q, blk_k), seq_lengths=(length, length))
-    return _flex(q, k, v, block_mask=mask)
+    return (_flex if compiled else flex_attention)(q, k, v, block_mask=mask)
 
 
 def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
@@ -92,6 +96,10 @@ def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk
     b, h, length, d = q.shape
     lut = select_blocks(q, k, topk, blk_q, blk_k)  # [B, H, Mq, S]
     global _flex_broken
+    if torch.compiler.is_compiling() and backend != "gather" and q.is_cuda:
+        # inside a torch.compile'd DiT block: let dynamo trace FlexAttention itself (fused with the rest)
+        return _sparse_flex(q, k, v, lut, blk_q, blk_k, compiled=False) + _project(_linear_branch(q, k, v),
+                                                                                   proj_weight, proj_bias)
     if backend == "flex" or (backend == "auto" and q.is_cuda and not _flex_broken):
         o_l = _project(_linear_branch(q, k, v), proj_weight, proj_bias)
         try:
