@@ -113,18 +113,19 @@ def test_wrong_weights_are_checkpoint_errors(tmp_path, tiny_t2v_dir):
     assert "mismatched" in info.value.message
 
 
-def _library_pipeline(model_dir):
+def _library_pipeline(model_dir, fast_vae):
     """The pre-fastload path: from_pretrained per component on the CPU."""
     manifest = read_manifest(model_dir)
     parts = {role: _load_component(role, model_dir / sub, torch.float32) for role, sub in manifest.components.items()}
     return TurboVideoPipeline(kind=manifest.kind, transformer=parts["transformer"],
                               transformer_2=parts.get("transformer_2"), vae=parts["vae"],
                               text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device="cpu",
-                              dtype=torch.float32, model_name=manifest.name, defaults=manifest.defaults)
+                              dtype=torch.float32, model_name=manifest.name, defaults=manifest.defaults,
+                              fast_vae=fast_vae)
 
 
 def test_pipeline_through_fastload_gives_identical_frames(tiny_t2v_dir, t2v_pipeline):
-    ref = _library_pipeline(tiny_t2v_dir)
+    ref = _library_pipeline(tiny_t2v_dir, fast_vae=t2v_pipeline.fast_vae)  # same decode path: only loading differs
     request = GenerationRequest(prompt="a red fox running in the snow", seed=7, **FAST)
     a, b = ref(request), t2v_pipeline(request)
     assert np.array_equal(a.frames, b.frames) and a.frames.std() > 0
