@@ -42,7 +42,7 @@ SPECS = {
     "14b-480p": Spec("Wan2.1-T2V-14B 480p", "t2v", WAN_14B, "480p", steps=2, published_s=9.9),
     "14b-720p": Spec("Wan2.1-T2V-14B 720p", "t2v", WAN_14B, "720p", steps=1, published_s=24.0),
     # boundary 0.95 makes a 2-step run use both experts (t = 0.995 high, 0.934 low)
-    "i2v-a14b-720p": Spec("Wan2.2-I2V-A14B 720p", "i2v", WAN_A14B_I2V, "720p", steps=2, sigma_max=200.0,
+    "i2v-a14b-720p": Spec("Wan2.2-I2V-A14B 720p", "i2v", WAN_A14B_I2V, "720p", steps=2, warmup_steps=2, sigma_max=200.0,
                           boundary=0.95, published_s=38.0),
 }
 

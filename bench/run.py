@@ -266,10 +266,25 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
     t = time.perf_counter()
     te = build_text_encoder(spec.text, device, dtype)
     vae = build_vae(spec.vae, device, dtype)
-    tr = build_transformer(spec.transformer, device, dtype)
+    # I2V with only quantising variants: quantise each expert as soon as it exists, so both fit on the GPU at once
+    # (T2V quantises in the variant's prepare, after the bf16 baseline)
+    quants = {VARIANTS[v].get("quant") for v in variants}
+    quant_at_build = quants.pop() if len(quants) == 1 and spec.kind == "i2v" else None
+
+    def transformer():
+        net = build_transformer(spec.transformer, device, dtype)
+        if quant_at_build:
+            from turboflow.engine.linear import quantize_transformer
+
+            quantize_transformer(net, quant_at_build)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return net
+
+    tr = transformer()
     tr2, offload = None, "none"
     if spec.kind == "i2v":
-        tr2 = build_transformer(spec.transformer, device, dtype)
+        tr2 = transformer()
         if device.type == "cuda":  # what load_pipeline's offload="auto" decides
             params = sum(p.numel() * p.element_size() for m in (te, vae, tr, tr2) for p in m.parameters())
             free, _ = torch.cuda.mem_get_info(device)
@@ -284,15 +299,27 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
                               tokenizer=tok, device=device, dtype=dtype, model_name=key, offload=offload)
     rows = []
     base = None
+    if baseline and quant_at_build:
+        base = {"error": f"skipped: the weights were quantised to {quant_at_build} at build (plain diffusers runs "
+                         "the bf16 weights)"}
+    elif baseline:  # first, while the modules are as built (later variants compile and quantise in place)
+        try:
+            log(f"  diffusers baseline ({spec.steps} timed step(s))")
+            base = run_baseline(pipe, spec, clock)
+        except Exception as e:  # noqa: BLE001
+            base = {"error": f"{type(e).__name__}: {e}"}
+            log(traceback.format_exc())
     for vname in variants:
         variant = VARIANTS[vname]
         row = {"key": key, "model": spec.name, "variant": vname, "kind": spec.kind, "resolution": spec.resolution,
                "aspect_ratio": spec.aspect_ratio, "frames": spec.frames, "timed_steps": spec.steps,
                "warmup_steps": spec.warmup_steps, "offload": offload, "build_s": build_s,
+               "quantized_at_build": quant_at_build,
                "published_5090_s": spec.published_s, "note": variant.get("note", "")}
         try:
             if variant.get("prepare"):
                 variant["prepare"](pipe)
+            row["dit_weights_gb"] = dit_weights_gb(pipe)
             row["ours"] = run_ours(pipe, spec, variant, clock, s3, workdir)
         except Exception as e:  # noqa: BLE001
             row["ours_error"] = f"{type(e).__name__}: {e}"
@@ -301,13 +328,8 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
             if variant.get("restore"):
                 variant["restore"](pipe)
         rows.append(row)
-    if baseline:
-        try:
-            log(f"  diffusers baseline ({spec.steps} timed step(s))")
-            base = run_baseline(pipe, spec, clock)
-        except Exception as e:  # noqa: BLE001
-            base = {"error": f"{type(e).__name__}: {e}"}
-            log(traceback.format_exc())
+        log(f"  {vname}: " + ", ".join(f"{k}={v:.3f}" for k, v in (row.get("ours") or {}).items()
+                                       if isinstance(v, float)))
     for row in rows:
         row["baseline"] = base
         row["speedup"] = speedups(row.get("ours"), base)
@@ -315,6 +337,12 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def dit_weights_gb(pipe) -> float:
+    """Bytes of the DiT weights (both experts for I2V), whatever their dtype or device."""
+    nets = [n for n in (pipe.transformer, pipe.transformer_2) if n is not None]
+    return sum(t.numel() * t.element_size() for n in nets for t in (*n.parameters(), *n.buffers())) / 1e9
 
 
 STAGES = [("text_encode_s", "text encode"), ("vae_encode_s", "VAE encode (I2V)"), ("step_median_s", "DiT step (median)"),
@@ -334,6 +362,50 @@ def speedups(ours, base) -> dict:
     return out
 
 
+def attention_op(device, tiny: bool, out: Path) -> dict:
+    """SLA vs dense SDPA at Wan2.1-1.3B 480p 81-frame shapes (12 heads x 32,760 tokens x 128), bench.perf_opts' op."""
+    from . import perf_opts
+
+    out.mkdir(parents=True, exist_ok=True)
+    perf_opts.OUT, perf_opts.RES = str(out), {}
+    try:
+        perf_opts.attention_op(device, tiny)
+    except Exception as e:  # noqa: BLE001
+        perf_opts.RES["error"] = f"{type(e).__name__}: {e}"
+        log(traceback.format_exc())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(perf_opts.RES)
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One table per model: variants side by side (each adds one optimisation), plain diffusers last."""
+    lines = []
+    keys = list(dict.fromkeys(r["key"] for r in rows))
+    for key in keys:
+        mine = [r for r in rows if r["key"] == key]
+        if len(mine) < 2 and not (mine and (mine[0].get("baseline") or {}).get("step_median_s")):
+            continue
+        base = next((r.get("baseline") for r in mine if r.get("baseline")), None) or {}
+        cols = [r["variant"] for r in mine] + (["plain diffusers"] if base.get("step_median_s") else [])
+        data = [r.get("ours") or {} for r in mine] + ([base] if base.get("step_median_s") else [])
+        lines += [f"## Summary: {mine[0]['model']} ({mine[0]['frames']} frames), variants side by side", "",
+                  "| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for k, label in STAGES:
+            if k == "vae_encode_s" and mine[0]["kind"] != "i2v":
+                continue
+            lines.append(f"| {label} | " + " | ".join(_f(d.get(k)) for d in data) + " |")
+        lines.append("| DiT weights GB | " + " | ".join(_f(r.get("dit_weights_gb"), 3) for r in mine)
+                     + (" | " + _f(mine[0].get("dit_weights_gb"), 3) if base.get("step_median_s") else "") + " |")
+        ref = base.get("projected_dit_4_steps_s")
+        if ref:
+            lines.append("| DiT 4 steps vs plain diffusers | " + " | ".join(
+                (_f(ref / d["projected_dit_4_steps_s"], 2) + "x") if d.get("projected_dit_4_steps_s") else "–"
+                for d in data) + " |")
+        lines.append("")
+    return lines
+
+
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _f(v, digits=3):
     if v is None:
@@ -349,6 +421,19 @@ def markdown(result: dict) -> str:
              f"GPU {env.get('gpu')}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
              f"diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, python {env['python']}", "",
              f"Command: `{env['command']}`", ""]
+    if result.get("attention_op"):
+        op = result["attention_op"]
+        dense = op.get("attn_dense_sdpa_s")
+        lines += ["## SLA attention op vs dense SDPA (12 heads x 32,760 tokens x 128, bf16; tiny on CPU)", "",
+                  "| op | ms | vs dense | peak GB |", "|---|---|---|---|"]
+        for k, v in op.items():
+            if k.endswith("_s") and isinstance(v, float):
+                name = k[:-2]
+                lines.append(f"| {name} | {v * 1e3:.2f} | {_f(dense / v, 2) + 'x' if dense else '–'} | "
+                             f"{_f(op.get(name + '_peak_gb'), 2)} |")
+        lines += [f"| {k} | {v} | | |" for k, v in op.items() if k.endswith("error")]
+        lines.append("")
+    lines += summary(result.get("models", []))
     for row in result.get("models", []):
         ours, base = row.get("ours") or {}, row.get("baseline") or {}
         lines += [f"## {row['model']} — {row['resolution']} {row['aspect_ratio']}, {row['frames']} frames, "
@@ -411,9 +496,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (CI; same output structure)")
     ap.add_argument("--models", default=None, help=f"comma list of {','.join(SPECS)} (default: all; none: '')")
     ap.add_argument("--variants", default="eager", help=f"comma list of {','.join(VARIANTS)}")
+    ap.add_argument("--plan", default=None, help="per-model variants, e.g. '1.3b-480p=eager,sla;14b-480p=turbo' "
+                    "(overrides --models/--variants; models run in the order given)")
     ap.add_argument("--no-baseline", action="store_true", help="skip plain diffusers")
     ap.add_argument("--frames", type=int, default=None, help="override frames (e.g. 81)")
     ap.add_argument("--steps", type=int, default=None, help="override timed steps for every model")
+    ap.add_argument("--attn-op", action="store_true", help="also time the SLA attention op against dense SDPA")
     ap.add_argument("--coldstart", action="store_true", help="also the loader GB/s and cold-start measurements")
     ap.add_argument("--cache-dir", default=None, help="where --coldstart writes the full-size model cache")
     args = ap.parse_args(argv)
@@ -423,8 +511,12 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     specs = tiny_specs() if args.tiny else SPECS
     keys = list(specs) if args.models is None else [k for k in args.models.split(",") if k]
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [k for k in keys if k not in specs] + [v for v in variants if v not in VARIANTS]
+    plan = {k: [v for v in args.variants.split(",") if v] for k in keys}
+    if args.plan:
+        plan = {k.strip(): [v for v in vs.split(",") if v] for k, _, vs in
+                (item.partition("=") for item in args.plan.split(";") if item.strip())}
+        keys = list(plan)
+    unknown = [k for k in keys if k not in specs] + [v for vs in plan.values() for v in vs if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown models/variants: {unknown}")
     result = {"environment": environment(args), "device": str(device), "dtype": str(dtype), "models": [],
@@ -449,6 +541,9 @@ def main(argv=None) -> int:
                 result["coldstart_error"] = f"{type(e).__name__}: {e}"
                 log(traceback.format_exc())
             write(result, out)
+        if args.attn_op:
+            result["attention_op"] = attention_op(device, args.tiny, out)
+            write(result, out)
         for key in keys:
             spec = specs[key]
             if args.frames:
@@ -456,10 +551,10 @@ def main(argv=None) -> int:
             if args.steps:
                 spec.steps = args.steps
             try:
-                result["models"] += bench_model(key, spec, variants, device, dtype, s3, work,
+                result["models"] += bench_model(key, spec, plan[key], device, dtype, s3, work,
                                                 baseline=not args.no_baseline)
             except Exception as e:  # noqa: BLE001
-                result["models"].append({"key": key, "model": spec.name, "variant": ",".join(variants),
+                result["models"].append({"key": key, "model": spec.name, "variant": ",".join(plan[key]),
                                          "kind": spec.kind, "resolution": spec.resolution, "aspect_ratio":
                                          spec.aspect_ratio, "frames": spec.frames, "timed_steps": spec.steps,
                                          "warmup_steps": spec.warmup_steps, "offload": "?",
