@@ -61,3 +61,13 @@ def test_loader_throughput_rows_on_tiny_cache(tiny_t2v_dir):
             ("fastload", "cold disk")} <= methods
     assert all(r["gb"] > 0 and r["seconds"] > 0 for r in rows)
     drop_page_cache(sorted(tiny_t2v_dir.glob("*/*.safetensors")))  # must not raise
+
+
+def test_plan_runs_cumulative_variants_and_reports_them_side_by_side(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_run.main(["--tiny", "--plan", "tiny-t2v=eager,sla-vae", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["models"]
+    assert [r["variant"] for r in rows] == ["eager", "sla-vae"] and all(r.get("ours") for r in rows)
+    assert rows[0]["baseline"]["step_median_s"] > 0 and rows[0]["dit_weights_gb"] == rows[0]["built_dit_weights_gb"]
+    table = (out / "bench.md").read_text()
+    assert "| stage | eager | sla-vae | plain diffusers |" in table

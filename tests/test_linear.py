@@ -13,7 +13,7 @@ TOL = {FP8Linear: 0.06, Int8Linear: 0.015, BlockInt8Linear: 0.01}
 
 
 def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @pytest.mark.parametrize("cls", [FP8Linear, Int8Linear, BlockInt8Linear])
