@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .request import ATTENTION_TYPES, RESOLUTIONS
+from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,17 +15,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--model", required=True, help="model cache directory (see `turboflow model`)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", help="I2V conditioning image (path)")
-    gen.add_argument("--resolution", default="480p", choices=sorted(RESOLUTIONS))
-    gen.add_argument("--aspect-ratio", default="16:9")
+    gen.add_argument("--resolution", default=None, choices=sorted(RESOLUTIONS), help="default: the model's (480p)")
+    gen.add_argument("--aspect-ratio", default=None, help="default: the model's (16:9)")
     gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps (default 81)")
     gen.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4 (default 4)")
     gen.add_argument("--seed", type=int, default=0, help="0 picks a random seed; the seed used is printed")
     gen.add_argument("--sigma-max", type=float, default=None, help="default 80 (t2v) / 200 (i2v)")
     gen.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
-    gen.add_argument("--boundary", type=float, default=0.9, help="I2V: high-noise expert while t >= boundary")
+    gen.add_argument("--boundary", type=float, default=None, help="I2V: high-noise expert while t >= boundary "
+                     "(default: the model's, 0.9)")
     gen.add_argument("--no-adaptive-resolution", dest="adaptive_resolution", action="store_false")
-    gen.add_argument("--attention", default="original", choices=ATTENTION_TYPES)
-    gen.add_argument("--sla-topk", type=float, default=0.1)
+    gen.add_argument("--attention", default=None, choices=ATTENTION_TYPES,
+                     help="default: the model's (sla for TurboDiffusion checkpoints with proj_l, else original)")
+    gen.add_argument("--sla-topk", type=float, default=None, help="fraction of K blocks kept by SLA (default 0.1)")
+    perf = gen.add_argument_group("performance (see BENCHMARKS.md)")
+    perf.add_argument("--quant-linear", default=None, choices=QUANT_MODES,
+                      help="quantise the DiT's linears: fp8 (H100/Ada, W8A8), int8 (W8A8), int8_weight_only")
+    perf.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                      help="torch.compile the DiT blocks (optional inductor MODE); the first run at a size compiles")
+    perf.add_argument("--compile-cache", default=None, help="compile cache dir (default $TURBOFLOW_COMPILE_CACHE, "
+                      "else MODEL/.compile-cache)")
+    perf.add_argument("--no-fast-vae", dest="fast_vae", action="store_false", help="diffusers' stock VAE decode")
+    perf.add_argument("--vae-chunk", type=int, default=None, help="latent frames per VAE decoder call")
+    perf.add_argument("--offload", default="auto", choices=("auto", "none", "experts"),
+                      help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     gen.add_argument("--out", default="out/video.mp4")
     gen.set_defaults(func=_generate)
@@ -51,15 +64,22 @@ def _generate(args) -> int:
     from tqdm import tqdm
 
     from .loading import load_pipeline
-    from .request import GenerationRequest
+    from .request import GenerationRequest, model_request_defaults
     from .video import write_mp4
 
+    from turboflow.storage.modelcache import read_manifest
+
+    given = {k: v for k, v in dict(resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+                                   sigma_max=args.sigma_max, attention=args.attention, sla_topk=args.sla_topk,
+                                   boundary=args.boundary).items() if v is not None}
     request = GenerationRequest(
-        prompt=args.prompt, kind=args.kind, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-        num_frames=args.frames, num_steps=args.steps, seed=args.seed, sigma_max=args.sigma_max,
-        attention=args.attention, sla_topk=args.sla_topk, ode=args.ode, boundary=args.boundary,
-        adaptive_resolution=args.adaptive_resolution, image=args.image).validated()  # fail before loading
-    pipeline = load_pipeline(args.model, device=args.device)
+        prompt=args.prompt, kind=args.kind, num_frames=args.frames, num_steps=args.steps, seed=args.seed,
+        ode=args.ode, adaptive_resolution=args.adaptive_resolution, image=args.image,
+        **{**model_request_defaults(read_manifest(args.model).defaults), **given}).validated()  # fail before loading
+    pipeline = load_pipeline(args.model, device=args.device, quant_linear=args.quant_linear,
+                             compile=(True if args.compile == "default" else args.compile or False),
+                             compile_cache_dir=args.compile_cache, fast_vae=args.fast_vae, vae_chunk=args.vae_chunk,
+                             offload=args.offload, compile_warmup=[])
     with tqdm(total=request.num_steps, desc="rCM steps", unit="step", file=sys.stderr) as bar:
         result = pipeline(request, progress=lambda step, total: bar.update(1))
     video = write_mp4(result.frames, args.out, fps=result.fps)

@@ -64,3 +64,8 @@ class CheckpointError(TurboflowError):
 class OutOfMemoryError(TurboflowError):
     """The device ran out of memory for this request; a smaller request may succeed."""
     code = "out_of_memory"
+
+
+class ConfigError(TurboflowError, ValueError):
+    """A deployment setting (environment variable, load option) has a value the engine cannot use."""
+    code = "invalid_config"

@@ -21,12 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .quant import BlockInt8Linear
+from .request import QUANT_LINEAR_MODES
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
-MODES = ("fp8", "int8", "int8_weight_only")
+MODES = QUANT_LINEAR_MODES
 
 
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, *, under: str 
 
     The bf16 weight of each layer is freed as soon as its replacement exists, so the peak is one layer's copy."""
     if mode not in _FACTORY:
-        raise ValueError(f"quant_linear must be one of {MODES} or None, got {mode!r}")
+        raise ConfigError(f"quant_linear must be one of {MODES} or None, got {mode!r}", field="quant_linear")
     root = transformer.get_submodule(under) if under else transformer
     targets = [(n, m) for n, m in root.named_modules()
                if isinstance(m, torch.nn.Linear) and not any(s in n for s in skip)]
@@ -174,9 +176,9 @@ def check_supported(mode: str | None, device: torch.device) -> None:
     if mode is None:
         return
     if mode not in MODES:
-        raise ValueError(f"quant_linear must be one of {MODES} or None, got {mode!r}")
+        raise ConfigError(f"quant_linear must be one of {MODES} or None, got {mode!r}", field="quant_linear")
     if mode == "fp8" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ValueError(f"quant_linear='fp8' needs an fp8 GPU (compute capability 8.9+, e.g. Ada or H100); "
+            raise ConfigError(f"quant_linear='fp8' needs an fp8 GPU (compute capability 8.9+, e.g. Ada or H100); "
                              f"this one is {major}.{minor}: use 'int8' or 'int8_weight_only'")

@@ -230,6 +230,9 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
             record[role] = writers[role](inputs[role], root / role)
     _check_pairing(kind, root)
     defaults = default_defaults(kind, inputs["transformer"].name)
+    if all((root / role / ck.SLA_FILE).is_file() for role in ("transformer", "transformer_2") if role in inputs):
+        # fine-tuned with SLA (upstream's default is SageSLA, the same math): serve it that way unless asked not to
+        defaults.update(attention="sla", sla_topk=0.1)
     defaults.update({k: v for k, v in (("sigma_max", sigma_max), ("boundary", boundary),
                                        ("resolution", resolution)) if v is not None})
     name = name or _default_name(kind, inputs["transformer"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidRequestError, OutOfMemoryError
-from .request import FPS, GenerationRequest, GenerationResult
+from .request import FPS, GenerationRequest, GenerationResult, model_request_defaults
 from .sampler import rcm_sample
 
 TEXT_LEN = 512  # umT5 context length used by Wan
@@ -177,6 +177,11 @@ class TurboVideoPipeline:
         return net
 
     # ---- the call -----------------------------------------------------------------------------------------
+    def request(self, prompt: str, **fields) -> GenerationRequest:
+        """A request for this model: its manifest defaults (resolution, attention, ...) under the given fields."""
+        return GenerationRequest(prompt=prompt, **{"kind": self.kind, **model_request_defaults(self.defaults),
+                                                   **fields})
+
     def __call__(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         req = request.validated()
         if req.kind != self.kind:
@@ -229,4 +234,5 @@ class TurboVideoPipeline:
             frames = self.decode(latents)
         return GenerationResult(frames=frames, seed=seed, width=width, height=height, num_frames=req.num_frames,
                                 num_steps=req.num_steps, sigma_max=req.sigma_max, model=self.model_name, fps=FPS,
-                                timings=clock.timings, experts=experts)
+                                timings=clock.timings, experts=experts, attention=req.attention,
+                                sla_topk=req.sla_topk if req.attention != "original" else None)

@@ -17,6 +17,7 @@ MAX_FRAMES = 241  # 15 s at 16 fps; the models were trained on 81
 ATTENTION_TYPES = ("original", "sla", "sagesla")
 # Attention types this build implements. sagesla needs SpargeAttn's kernels (spas_sage_attn), built from source.
 IMPLEMENTED_ATTENTION = ("original", "sla")
+QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 
 # TurboDiffusion's VIDEO_RES_SIZE_INFO: (width, height)
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
@@ -25,6 +26,14 @@ RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
 }
 DEFAULT_SIGMA_MAX = {"t2v": 80.0, "i2v": 200.0}
 SEED_MAX = 2**63 - 1
+# request fields a model cache's manifest may default (e.g. a 720p checkpoint, or attention "sla" for a checkpoint
+# fine-tuned with SLA); a field the request sets always wins
+MODEL_DEFAULT_FIELDS = ("resolution", "aspect_ratio", "attention", "sla_topk", "sigma_max", "boundary")
+
+
+def model_request_defaults(defaults: dict | None) -> dict:
+    """The request fields among a manifest's `defaults` (other keys, e.g. aliases, are not request fields)."""
+    return {k: v for k, v in (defaults or {}).items() if k in MODEL_DEFAULT_FIELDS and v is not None}
 
 
 def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
@@ -174,8 +183,11 @@ class GenerationResult:
     fps: int = FPS
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     experts: list[str] = field(default_factory=list)  # which network ran each step ("high"/"low"/"dit")
+    attention: str = "original"
+    sla_topk: float | None = None  # None unless attention is sparse
 
     def summary(self) -> dict:
         return {"seed": self.seed, "width": self.width, "height": self.height, "num_frames": self.num_frames,
                 "num_steps": self.num_steps, "sigma_max": self.sigma_max, "model": self.model, "fps": self.fps,
-                "timings": dict(self.timings), "experts": list(self.experts)}
+                "timings": dict(self.timings), "experts": list(self.experts), "attention": self.attention,
+                "sla_topk": self.sla_topk}

@@ -27,7 +27,7 @@ from typing import Any
 
 from turboflow.engine.errors import InvalidRequestError, TurboflowError
 from turboflow.engine.request import (ATTENTION_TYPES, MAX_FRAMES, MAX_PROMPT_CHARS, RESOLUTIONS, SEED_MAX,
-                                      GenerationRequest)
+                                      GenerationRequest, model_request_defaults)
 
 from .types import (COMPLETED, DEFAULT_TENANT, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED,
                     TENANT_EXTENSION)
@@ -149,6 +149,9 @@ COMPLETED_SCHEMA: dict = {
         "num_frames": {"type": "integer", "minimum": 1}, "fps": _NUM, "duration": _NUM,
         "seed": {"type": "integer", "minimum": 0}, "num_steps": {"type": "integer", "minimum": 1, "maximum": 4},
         "sigma_max": _NUM,
+        "attention": {"enum": list(ATTENTION_TYPES), "description": "The attention the video was made with (the "
+                      "request's, else the model's default: `sla` for checkpoints fine-tuned with SLA)."},
+        "sla_topk": {**_NUM, "description": "Fraction of key blocks SLA kept; present when attention is sparse."},
         "timings": {"type": "object", "additionalProperties": _NUM,
                     "description": "Seconds per stage: queue_wait, image_fetch, text_encode, vae_encode, "
                                    "diffusion, vae_decode, mp4_encode, upload, total."},
@@ -396,8 +399,11 @@ def _placeholder_image():
 
 
 def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
-                  max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES) -> ParsedRequest:
+                  max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES,
+                  model_defaults: dict | None = None) -> ParsedRequest:
     """Validate a request CloudEvent completely (attributes, schema, engine rules, inline image) without I/O.
+
+    `model_defaults`: the serving model's manifest defaults; they fill the request fields the event leaves out.
 
     Raises ContractError / InvalidRequestError (both carry a stable `code`); the caller answers with
     `failed_event(...)`. An s3:// image is only syntax-checked here; fetching it (and the bucket allow-list) is
@@ -448,6 +454,7 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
     fields = {k: data[k] for k in ("prompt", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed",
                                    "sigma_max", "attention", "sla_topk", "ode", "boundary",
                                    "adaptive_resolution") if k in data}
+    fields = {**model_request_defaults(model_defaults), **fields}  # what the request leaves out, the model decides
     generation = GenerationRequest(kind=kind, image=gen_image, **fields).validated()
     if image_ref is not None and image_ref.scheme == "s3":
         generation = generation.replace(image=None)

@@ -38,7 +38,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from turboflow.engine.errors import (InvalidRequestError, ModelCacheError, OutOfMemoryError, TurboflowError)
+from turboflow.engine.errors import (ConfigError, InvalidRequestError, ModelCacheError, OutOfMemoryError,
+                                     TurboflowError)
+from turboflow.engine.options import load_options
 from turboflow.eventing.contracts import (DEFAULT_MAX_INLINE_IMAGE_BYTES, DEFAULT_SOURCES, ParsedRequest,
                                           check_image_header, completed_event, failed_from_error, parse_request, request_context)
 
@@ -123,18 +125,25 @@ class VideoFunction:
             return
         device = cfg.get("TURBOFLOW_DEVICE") or None
         retry = float(cfg.get("TURBOFLOW_LOAD_RETRY_SECONDS") or 15)
+        try:
+            options = load_options(cfg)  # quantisation, compile, VAE decode, offload (engine/options.py)
+        except ConfigError as e:
+            self._load_error = f"{e.code}: {e.message}"
+            self._state = "failed"
+            log.error("invalid configuration: %s; the function will never become ready", e.message)
+            return
         self._state = "loading"
-        self._loader = threading.Thread(target=self._load_loop, args=(self.model_dir, device, retry),
+        self._loader = threading.Thread(target=self._load_loop, args=(self.model_dir, device, retry, options),
                                         name=f"{self.kind}-loader", daemon=True)
         self._loader.start()
 
-    def _load_loop(self, model_dir: str, device: str | None, retry: float) -> None:
+    def _load_loop(self, model_dir: str, device: str | None, retry: float, options: dict) -> None:
         from turboflow.engine.loading import load_pipeline
 
         while not self._stop.is_set():
             start = time.perf_counter()
             try:
-                pipeline = load_pipeline(model_dir, device=device)
+                pipeline = load_pipeline(model_dir, device=device, **options)
             except ModelCacheError as e:
                 self._load_error = f"{e.code}: {e.message}"
                 self._state = "waiting for model cache"
@@ -223,7 +232,8 @@ class VideoFunction:
     async def _process(self, event, ctx: dict, arrived: float):
         # in a thread: an inline image is decoded here, and the loop must keep answering health checks
         req = await asyncio.to_thread(parse_request, event, kinds=(self.kind,),
-                                      max_inline_image_bytes=self.max_inline_image_bytes)
+                                      max_inline_image_bytes=self.max_inline_image_bytes,
+                                      model_defaults=getattr(self.pipeline, "defaults", None))
         ctx["tenant"] = req.tenant
         ready, message = self.ready()
         if not ready:
@@ -314,7 +324,9 @@ class VideoFunction:
                       "key": key, "content_type": "video/mp4", "bytes": uploaded["bytes"], "sha256": video.sha256},
             "width": video.width, "height": video.height, "num_frames": video.num_frames, "fps": video.fps,
             "duration": video.duration, "seed": result.seed, "num_steps": result.num_steps,
-            "sigma_max": result.sigma_max, "timings": {k: round(v, 6) for k, v in timings.items()},
+            "sigma_max": result.sigma_max, "attention": result.attention,
+            **({"sla_topk": result.sla_topk} if result.sla_topk is not None else {}),
+            "timings": {k: round(v, 6) for k, v in timings.items()},
             "usage": {"gpu_seconds": round(gpu_seconds, 6), "cold_start": cold,
                       "model_load_seconds": round(self.load_seconds, 6), "device": str(self.pipeline.device)},
             "completed_at": _now_rfc3339(),

@@ -79,7 +79,9 @@ def test_import_native_files_verifies_and_gives_same_frames(imported_t2v, refere
     out, manifest = imported_t2v
     verified = modelcache.verify(out, checksums=True)
     assert verified.kind == "t2v" and verified.name == "tiny-imported"
-    assert verified.defaults == {"sigma_max": 80.0, "boundary": 0.9, "resolution": "480p"}
+    # fine-tuned with SLA (proj_l present): served with SLA unless a request asks otherwise
+    assert verified.defaults == {"sigma_max": 80.0, "boundary": 0.9, "resolution": "480p", "attention": "sla",
+                                 "sla_topk": 0.1}
     assert set(verified.components) == {"transformer", "vae", "text_encoder", "tokenizer"}
     src = verified.source
     assert src["transformer"]["net_prefix"] and src["transformer"]["patch_embedding"] == "linear->conv3d"
@@ -125,7 +127,8 @@ def test_import_whole_diffusers_dir_and_i2v_experts(tiny_i2v_dir, i2v_pipeline, 
     out = tmp_path / "i2v"
     manifest = import_model(out, kind="i2v", dit=high, dit_low=low, diffusers_dir=tiny_i2v_dir)
     assert manifest.name == "turbowan2.2-i2v-a14b-720p"
-    assert manifest.defaults == {"sigma_max": 200.0, "boundary": 0.9, "resolution": "720p"}
+    assert manifest.defaults == {"sigma_max": 200.0, "boundary": 0.9, "resolution": "720p", "attention": "sla",
+                                 "sla_topk": 0.1}
     assert json.loads((out / "transformer_2" / "config.json").read_text())["in_channels"] == 36
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     req = dict(kind="i2v", image=image)
@@ -281,3 +284,8 @@ def test_real_downloader_refuses_when_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelImportError, match="HF_HUB_OFFLINE"):
         hf_downloader("TurboDiffusion/TurboWan2.1-T2V-1.3B-480P", "TurboWan2.1-T2V-1.3B-480P.pth", None, tmp_path)
+
+
+def test_plain_diffusers_weights_keep_original_attention_by_default(tiny_t2v_dir, tmp_path):
+    manifest = import_model(tmp_path / "plain", kind="t2v", diffusers_dir=tiny_t2v_dir)
+    assert "attention" not in manifest.defaults  # no proj_l: not fine-tuned with SLA
