@@ -645,3 +645,17 @@ def test_every_container_is_non_root_and_unprivileged(rendered, kdir):
         assert sc.get("allowPrivilegeEscalation") is False and sc["capabilities"]["drop"] == ["ALL"]
         names.add(d["metadata"]["name"])
     assert {"turboflow-deadletter", "turboflow-s3-uploads"} <= names, names
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/dev"])
+def test_function_settings_are_valid_engine_options(rendered, overlay):
+    from turboflow.engine.options import load_options
+
+    for name in FUNCTIONS:
+        settings = {k: v for k, v in env(container(ksvc(rendered[overlay], name))).items() if isinstance(v, str)}
+        load_options(settings)  # raises ConfigError naming the variable on a value the pod would refuse
+    if overlay == "overlays/gpu":
+        gpu = {n: env(container(ksvc(rendered[overlay], n))) for n in FUNCTIONS}
+        # both A14B experts resident in FP8 on the GPU; T2V serves the fine-tuned bf16 weights as shipped
+        assert gpu["turboflow-i2v"]["TURBOFLOW_QUANT_LINEAR"] == "fp8"
+        assert "TURBOFLOW_QUANT_LINEAR" not in gpu["turboflow-t2v"]
