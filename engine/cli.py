@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
@@ -64,8 +65,8 @@ def _generate(args) -> int:
     from tqdm import tqdm
 
     from .loading import load_pipeline
-    from .request import GenerationRequest, model_request_defaults
-    from .video import write_mp4
+    from .request import FPS, GenerationRequest, model_request_defaults
+    from .video import Mp4Stream
 
     from turboflow.storage.modelcache import read_manifest
 
@@ -80,11 +81,18 @@ def _generate(args) -> int:
                              compile=(True if args.compile == "default" else args.compile or False),
                              compile_cache_dir=args.compile_cache, fast_vae=args.fast_vae, vae_chunk=args.vae_chunk,
                              offload=args.offload, compile_warmup=[])
-    with tqdm(total=request.num_steps, desc="rCM steps", unit="step", file=sys.stderr) as bar:
-        result = pipeline(request, progress=lambda step, total: bar.update(1))
-    video = write_mp4(result.frames, args.out, fps=result.fps)
+    width, height = request.size()
+    mp4 = Mp4Stream(args.out, width, height, fps=FPS, background=True)  # encodes while the VAE decodes
+    try:
+        with tqdm(total=request.num_steps, desc="rCM steps", unit="step", file=sys.stderr) as bar:
+            result = pipeline(request, progress=lambda step, total: bar.update(1), frame_sink=mp4.put)
+    except BaseException:
+        mp4.abort()
+        raise
+    start = time.perf_counter()
+    video = mp4.finish()
     record = {**result.summary(), "video": video.to_dict()}
-    record["timings"]["mp4_encode"] = video.encode_seconds
+    record["timings"]["mp4_encode"] = time.perf_counter() - start
     print(json.dumps(record, indent=2))
     return 0
 

@@ -19,6 +19,7 @@ from .sampler import rcm_sample
 
 TEXT_LEN = 512  # umT5 context length used by Wan
 Progress = Callable[[int, int], None]
+FrameSink = Callable[[np.ndarray], None]  # gets uint8 frames [n, H, W, 3] in order as they are decoded
 
 
 class _Stopwatch:
@@ -140,19 +141,35 @@ class TurboVideoPipeline:
         mask[:, :, 0] = 1.0
         return torch.cat([mask, latent], dim=1).to(self.dtype)
 
+    @staticmethod
+    def _to_frames(video: torch.Tensor) -> np.ndarray:
+        """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] on the host."""
+        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return video[0].permute(1, 2, 3, 0).cpu().numpy()
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 frames [F, H, W, 3]."""
+    def decode(self, latents: torch.Tensor, frame_sink: FrameSink | None = None) -> np.ndarray:
+        """Latents -> uint8 frames [F, H, W, 3]; `frame_sink` also gets them piece by piece, in order, while the
+        rest decodes (per chunk with the fast decode, all at once with diffusers')."""
         z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
         if self.fast_vae:
             from .vae_decode import fast_decode
 
-            video = fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
-                                channels_last=self.device.type == "cuda")
-        else:
-            video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
-        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return video[0].permute(1, 2, 3, 0).cpu().numpy()
+            pieces: list[np.ndarray] = []
+
+            def on_chunk(piece: torch.Tensor) -> None:
+                pieces.append(self._to_frames(piece))
+                if frame_sink is not None:
+                    frame_sink(pieces[-1])
+
+            fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
+                        channels_last=self.device.type == "cuda", on_chunk=on_chunk)
+            return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+        frames = self._to_frames(video)
+        if frame_sink is not None:
+            frame_sink(frames)
+        return frames
 
     def _set_attention(self, attention: str, topk: float) -> None:
         """Swap the DiT self-attention processors when a request asks for another attention than the last."""
@@ -182,13 +199,14 @@ class TurboVideoPipeline:
         return GenerationRequest(prompt=prompt, **{"kind": self.kind, **model_request_defaults(self.defaults),
                                                    **fields})
 
-    def __call__(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+    def __call__(self, request: GenerationRequest, progress: Progress | None = None,
+                 frame_sink: FrameSink | None = None) -> GenerationResult:
         req = request.validated()
         if req.kind != self.kind:
             raise InvalidRequestError(f"this is a {self.kind} model; it cannot serve a {req.kind} request",
                                       code="wrong_model_kind", field="kind")
         try:
-            return self._generate(req, progress)
+            return self._generate(req, progress, frame_sink)
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -196,7 +214,8 @@ class TurboVideoPipeline:
                                    f"{str(e).splitlines()[0]}") from e
 
     @torch.no_grad()
-    def _generate(self, req: GenerationRequest, progress: Progress | None) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, progress: Progress | None,
+                  frame_sink: FrameSink | None = None) -> GenerationResult:
         seed = req.seed or random.SystemRandom().randrange(1, 2**63 - 1)
         width, height = req.size()
         clock = _Stopwatch(self.device)
@@ -231,7 +250,7 @@ class TurboVideoPipeline:
             latents = rcm_sample(denoise, shape, num_steps=req.num_steps, sigma_max=req.sigma_max,
                                  generator=generator, device=self.device, ode=req.ode, progress=progress)
         with clock.stage("vae_decode"):
-            frames = self.decode(latents)
+            frames = self.decode(latents, frame_sink)
         return GenerationResult(frames=frames, seed=seed, width=width, height=height, num_frames=req.num_frames,
                                 num_steps=req.num_steps, sigma_max=req.sigma_max, model=self.model_name, fps=FPS,
                                 timings=clock.timings, experts=experts, attention=req.attention,

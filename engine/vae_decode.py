@@ -83,10 +83,17 @@ def default_chunk(height: int, width: int) -> int:
 
 
 @torch.no_grad()
-def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last: bool = False) -> torch.Tensor:
-    """z [B, z_dim, T, h, w] (already un-normalised, in the VAE's dtype) -> video [B, 3, F, H, W] clamped to [-1, 1]."""
+def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last: bool = False,
+                on_chunk=None) -> torch.Tensor:
+    """z [B, z_dim, T, h, w] (already un-normalised, in the VAE's dtype) -> video [B, 3, F, H, W] clamped to [-1, 1].
+
+    on_chunk(piece): called with each decoded piece [B, 3, n, H, W] (clamped) in order, as soon as it exists -- a
+    consumer (the mp4 encoder) can work on it while the next chunk decodes."""
     if not supports_fast_decode(vae) or getattr(vae, "use_tiling", False):
-        return vae.decode(z, return_dict=False)[0]
+        video = vae.decode(z, return_dict=False)[0].clamp_(-1.0, 1.0)
+        if on_chunk is not None:
+            on_chunk(video)
+        return video
     b, _, frames, h, w = z.shape
     scale = vae.spatial_compression_ratio if hasattr(vae, "spatial_compression_ratio") else 8
     chunk = chunk or default_chunk(h * scale, w * scale)
@@ -109,6 +116,8 @@ def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last
                     out = piece.new_empty(b, piece.shape[1], total, piece.shape[3], piece.shape[4])
                     pos = 0
                 out[:, :, pos:pos + piece.shape[2]] = piece
+                if on_chunk is not None:
+                    on_chunk(out[:, :, pos:pos + piece.shape[2]].clamp(-1.0, 1.0))
                 pos += piece.shape[2]
                 start += n
     finally:

@@ -154,7 +154,8 @@ COMPLETED_SCHEMA: dict = {
         "sla_topk": {**_NUM, "description": "Fraction of key blocks SLA kept; present when attention is sparse."},
         "timings": {"type": "object", "additionalProperties": _NUM,
                     "description": "Seconds per stage: queue_wait, image_fetch, text_encode, vae_encode, "
-                                   "diffusion, vae_decode, mp4_encode, upload, total."},
+                                   "diffusion, vae_decode, mp4_encode (the part not overlapped with the decode), "
+                                   "mp4_encode_total, upload, total."},
         "usage": {
             "type": "object", "additionalProperties": False,
             "required": ["gpu_seconds", "cold_start", "model_load_seconds", "device"],

@@ -295,16 +295,25 @@ class VideoFunction:
             # "random" seed, but derived from the request id: a redelivery that has to generate again (e.g. the
             # first attempt died before publishing) reproduces the same video
             generation = generation.replace(seed=derived_seed(req.request_id))
-        result, held, queue_wait = await self._run_exclusive(generation, arrived)
-        timings["queue_wait"] = queue_wait
-        timings.update(result.timings)
-
         with tempfile.TemporaryDirectory(prefix="turboflow-") as tmp:
-            from turboflow.engine.video import write_mp4
+            from turboflow.engine.request import FPS
+            from turboflow.engine.video import Mp4Stream
 
             path = os.path.join(tmp, f"{req.request_id}.mp4")
-            video = await asyncio.to_thread(write_mp4, result.frames, path, result.fps)
-            timings["mp4_encode"] = video.encode_seconds
+            width, height = await asyncio.to_thread(generation.size)
+            # frames are encoded on another thread as each VAE chunk is decoded, overlapping decode and encode
+            mp4 = Mp4Stream(path, width, height, fps=FPS, background=True)
+            try:
+                result, held, queue_wait = await self._run_exclusive(generation, arrived, mp4.put)
+            except BaseException:
+                mp4.abort()
+                raise
+            timings["queue_wait"] = queue_wait
+            timings.update(result.timings)
+            t = time.perf_counter()
+            video = await asyncio.to_thread(mp4.finish)
+            timings["mp4_encode"] = time.perf_counter() - t  # what the overlap left after the decode
+            timings["mp4_encode_total"] = video.encode_seconds
             t = time.perf_counter()
             meta = {"request-id": req.request_id, "tenant": req.tenant, "model": result.model, "seed": result.seed,
                     "steps": result.num_steps, "kind": self.kind, "sha256": video.sha256}
@@ -346,7 +355,7 @@ class VideoFunction:
                  gpu_seconds, ", cold start" if cold else "")
         return data
 
-    async def _run_exclusive(self, generation, arrived: float):
+    async def _run_exclusive(self, generation, arrived: float, frame_sink=None):
         """Run the generation on the single GPU worker; (result, seconds holding the device, queue_wait)."""
         with self._lock:
             if self._inflight > self.max_queue:  # one running + max_queue waiting
@@ -358,7 +367,8 @@ class VideoFunction:
         try:
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(self._gpu, self._gpu_job, generation, submitted, arrived)
+                return await loop.run_in_executor(self._gpu, self._gpu_job, generation, submitted, arrived,
+                                                  frame_sink)
             except RuntimeError as e:  # executor shut down (pod stopping)
                 if "shutdown" in str(e):
                     raise NotReadyError("function is stopping") from e
@@ -368,7 +378,7 @@ class VideoFunction:
                 self._inflight -= 1
                 metrics.INFLIGHT.labels(self.kind).set(self._inflight)
 
-    def _gpu_job(self, generation, submitted: float, arrived: float):
+    def _gpu_job(self, generation, submitted: float, arrived: float, frame_sink=None):
         """Runs on the GPU worker thread: the only place device work happens."""
         started = time.perf_counter()
         queue_wait = started - submitted
@@ -381,7 +391,7 @@ class VideoFunction:
         except Exception:
             pass
         try:
-            result = self.pipeline(generation)
+            result = self.pipeline(generation, frame_sink=frame_sink)
         finally:
             metrics.record_gpu_memory(self.kind, device)
         return result, time.perf_counter() - started, queue_wait

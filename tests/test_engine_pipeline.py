@@ -194,3 +194,17 @@ def test_cli_generate_from_tiny_model(tiny_t2v_dir, tmp_path):
     missing = subprocess.run([*cli, "generate", "t2v", "--model", str(tmp_path / "nope"), "--prompt", "x"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "error[model_cache_missing]" in missing.stderr
+
+
+def test_mp4_stream_rejects_bad_frames_and_cleans_up(tmp_path):
+    from turboflow.engine.errors import InvalidRequestError
+    from turboflow.engine.video import Mp4Stream
+
+    with pytest.raises(InvalidRequestError):
+        Mp4Stream(tmp_path / "odd.mp4", 641, 480)
+    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, background=True)
+    stream.put(np.zeros((2, 48, 64, 3), np.uint8))
+    with pytest.raises(InvalidRequestError):
+        stream.put(np.zeros((2, 48, 32, 3), np.uint8))
+    stream.abort()  # generation failed: nothing is left behind
+    assert list(tmp_path.iterdir()) == []
