@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .quant import dequantize_state_dict, is_quantized
+from .quant import INT8_STORAGE, INT8_SUFFIX, SCALE_SUFFIX, dequantize_state_dict, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +280,21 @@ def infer_dit_config(sd: dict[str, torch.Tensor], overrides: dict | None = None)
 
 
 def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None, *,
-                         dtype: torch.dtype | None = None, what: str = "DiT checkpoint") -> ConvertedDiT:
-    """Wan-native DiT state dict (any of: `net.` prefix, Linear patch embedding, proj_l, int8) -> diffusers."""
+                         dtype: torch.dtype | None = None, what: str = "DiT checkpoint",
+                         keep_int8: bool = False) -> ConvertedDiT:
+    """Wan-native DiT state dict (any of: `net.` prefix, Linear patch embedding, proj_l, int8) -> diffusers.
+
+    keep_int8: a `-quant` checkpoint's layers stay int8 + 128x128 scales (`<layer>.int8_weight`, `<layer>.scale`
+    under diffusers names) instead of being dequantized; they load into `BlockInt8Linear` (engine/quant.py)."""
     info = {"net_prefix": any(k.startswith(NET_PREFIX) for k in sd)}
     sd = strip_prefix(sd)
     info["quantized"] = is_quantized(sd)
+    int8_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if info["quantized"]:
-        sd = dequantize_state_dict(sd, dtype or torch.bfloat16)
+        if keep_int8:
+            int8_pairs = {k[: -len(INT8_SUFFIX)]: (v, sd[k[: -len(INT8_SUFFIX)] + SCALE_SUFFIX])
+                          for k, v in sd.items() if k.endswith(INT8_SUFFIX)}
+        sd = dequantize_state_dict(sd, dtype or torch.bfloat16)  # also validates the pairs
     cfg = infer_dit_config(sd, config)
     proj_l, rest = {}, {}
     for k, v in sd.items():
@@ -312,6 +320,12 @@ def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None
 
     check_state_dict(what, out, expected_shapes(WanTransformer3DModel, cfg))
     info["sla_proj_l"] = bool(proj_l)
+    if int8_pairs:
+        for layer, (q, scale) in int8_pairs.items():
+            name = DIT_KEYS.forward(layer + ".weight")[: -len(".weight")]
+            del out[name + ".weight"]
+            out[name + INT8_SUFFIX], out[name + SCALE_SUFFIX] = q.contiguous(), scale.to(torch.float32).contiguous()
+        info["stored"] = INT8_STORAGE
     return ConvertedDiT(out, cfg, proj_l, info)
 
 
@@ -329,8 +343,9 @@ def diffusers_dit_to_wan(sd: dict[str, torch.Tensor], *, proj_l: dict[str, torch
 
 
 def load_dit_checkpoint(path: str | os.PathLike, config: dict | None = None, *,
-                        dtype: torch.dtype | None = None) -> ConvertedDiT:
-    converted = wan_dit_to_diffusers(load_torch_file(path), config, dtype=dtype, what=f"DiT checkpoint {path}")
+                        dtype: torch.dtype | None = None, keep_int8: bool = False) -> ConvertedDiT:
+    converted = wan_dit_to_diffusers(load_torch_file(path), config, dtype=dtype, what=f"DiT checkpoint {path}",
+                                     keep_int8=keep_int8)
     converted.info["file"] = Path(path).name
     return converted
 

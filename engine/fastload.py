@@ -296,12 +296,19 @@ def _set_param(model, name: str, tensor: torch.Tensor):
         tensor, requires_grad=False)
 
 
+def _is_int8_scale(model, name: str) -> bool:
+    """The fp32 block scales of a stored int8 layer keep their dtype (the weight dtype would round them)."""
+    from .quant import SCALE_SUFFIX, BlockInt8Linear
+
+    return name.endswith(SCALE_SUFFIX) and isinstance(_get(model, name[: -len(SCALE_SUFFIX)]), BlockInt8Linear)
+
+
 def fill_model(model, role: str, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
     """Assign the loaded tensors (cast per the library's dtype rules); tie, check keys, move buffers."""
     expected = model.state_dict(keep_vars=True)
     cast = {}
     for name, t in state.items():
-        if name in expected and t.is_floating_point():
+        if name in expected and t.is_floating_point() and not _is_int8_scale(model, name):
             t = t.to(_target_dtype(model, role, name, dtype))
         cast[name] = t
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -391,6 +398,11 @@ def load_models(components: dict[str, Path], dtype: torch.dtype, devices: dict[s
             states.update(fut.result())
     report.read_seconds = max(read_done.values()) - read_started
     t = time.perf_counter()
+    for role in roles:
+        if role.startswith("transformer"):  # a cache imported with --keep-int8: int8 layers load as they are
+            from .quant import use_stored_int8
+
+            use_stored_int8(empties[role], states[role])
     models = {role: fill_model(empties[role], role, states[role], dtype, devices[role]) for role in roles}
     for dev in {d for d in devices.values() if d.type == "cuda"}:
         torch.cuda.synchronize(dev)

@@ -14,7 +14,8 @@ module of the diffusers model and stays fp32):
 
 A checkpoint imported from a `-quant.pth` is stored dequantized in the model cache (w = q * scale, exact in fp32,
 then bf16); ``"int8_weight_only"`` re-derives the int8 tiles from it (the same codes except where bf16 rounding moved
-a value across a rounding boundary), the W8A8 modes re-quantize per row.
+a value across a rounding boundary), the W8A8 modes re-quantize per row. Imported with `--keep-int8`, the file's
+int8 tiles load straight into `BlockInt8Linear` (no re-derivation); the W8A8 modes re-quantize those too.
 """
 from __future__ import annotations
 
@@ -159,15 +160,17 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, *, under: str 
     if mode not in _FACTORY:
         raise ConfigError(f"quant_linear must be one of {MODES} or None, got {mode!r}", field="quant_linear")
     root = transformer.get_submodule(under) if under else transformer
-    targets = [(n, m) for n, m in root.named_modules()
-               if isinstance(m, torch.nn.Linear) and not any(s in n for s in skip)]
+    # layers a `--keep-int8` cache loaded as BlockInt8Linear are re-quantized too (from their dequantized weight)
+    kinds = torch.nn.Linear if mode == "int8_weight_only" else (torch.nn.Linear, BlockInt8Linear)
+    targets = [(n, m) for n, m in root.named_modules() if isinstance(m, kinds) and not any(s in n for s in skip)]
     make = _FACTORY[mode]
     for name, lin in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         with torch.no_grad():
             setattr(parent, leaf, make(lin))
-        lin.weight = None  # drop the float weight now (the caller may still hold the old module)
+        if isinstance(lin, torch.nn.Linear):
+            lin.weight = None  # drop the float weight now (the caller may still hold the old module)
     return len(targets)
 
 

@@ -34,6 +34,7 @@ import torch
 from turboflow.storage import modelcache
 
 from . import checkpoint as ck
+from .quant import INT8_STORAGE, use_stored_int8
 from .errors import CheckpointError, TurboflowError
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ def _is_native_file(path: Path) -> bool:
     return path.is_file() and path.suffix in (".pth", ".pt", ".ckpt")
 
 
-def _save_model(cls, config: dict, state_dict: dict, dest: Path, what: str) -> None:
+def _save_model(cls, config: dict, state_dict: dict, dest: Path, what: str, int8: bool = False) -> None:
     """Build `cls` on the meta device, adopt the (already checked) tensors, save_pretrained as safetensors."""
     with torch.device("meta"):
         model = cls(**config) if not hasattr(cls, "config_class") else cls(cls.config_class(**config))
+    if int8:  # `-quant` layers stored as int8 + block scales (loaded the same way by engine/fastload.py)
+        use_stored_int8(model, state_dict)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:  # check_state_dict ran already; this is a belt-and-braces guard
@@ -113,15 +116,16 @@ def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
         shutil.copyfile(sla, dest / ck.SLA_FILE)
 
 
-def _write_dit(src: Path, dest: Path, config: dict | None, dtype) -> dict:
+def _write_dit(src: Path, dest: Path, config: dict | None, dtype, keep_int8: bool = False) -> dict:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
     if not _is_native_file(src):
         _copy_component_dir(dest.name, src, dest)
         return {"file": src.name, "format": "diffusers"}
-    conv = ck.load_dit_checkpoint(src, config, dtype=dtype)
-    _save_model(WanTransformer3DModel, conv.config, conv.state_dict, dest, f"DiT {src}")
+    conv = ck.load_dit_checkpoint(src, config, dtype=dtype, keep_int8=keep_int8)
+    _save_model(WanTransformer3DModel, conv.config, conv.state_dict, dest, f"DiT {src}",
+                int8=conv.info.get("stored") == INT8_STORAGE)
     if conv.sla_proj_l:
         (dest / ck.SLA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in conv.sla_proj_l.items()}, dest / ck.SLA_FILE)
@@ -190,6 +194,7 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
                  tokenizer_dir=None, diffusers_dir=None, name: str | None = None, dit_config: dict | None = None,
                  vae_config: dict | None = None, t5_config: dict | None = None, sigma_max: float | None = None,
                  boundary: float | None = None, resolution: str | None = None, dtype: str | None = "keep",
+                 keep_int8: bool = False,
                  force: bool = False, source: dict | None = None,
                  progress: Callable[[str], None] | None = None) -> modelcache.Manifest:
     """Convert/copy every component into `out_dir` and write its manifest. Returns the Manifest."""
@@ -219,8 +224,8 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
     root = Path(out_dir)
     _prepare_output(root, list(inputs), force)
     record: dict = {"importer": "turboflow.engine.model_import", **(source or {})}
-    writers = {"transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype),
-               "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype),
+    writers = {"transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
+               "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
                "vae": lambda s, d: _write_vae(s, d, vae_config, torch_dtype),
                "text_encoder": lambda s, d: _write_text_encoder(s, d, t5_config, torch_dtype),
                "tokenizer": lambda s, d: _write_tokenizer(s, d)}
@@ -416,6 +421,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary", type=float, help="I2V expert switch (default 0.9)")
     p.add_argument("--resolution", choices=("480p", "720p"), help="default resolution")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store weights as (default: as in file)")
+    p.add_argument("--keep-int8", action="store_true", help="-quant.pth DiTs: store their int8 layers and block "
+                   "scales as they are (half the cache and GPU memory; weight-only int8 at run time) instead of "
+                   "dequantizing them")
     p.add_argument("--dit-config", type=json.loads, help="JSON overrides for WanTransformer3DModel's config")
     p.add_argument("--vae-config", type=json.loads, help="JSON AutoencoderKLWan config (default: Wan2.1 VAE)")
     p.add_argument("--t5-config", type=json.loads, help="JSON UMT5Config overrides (default: inferred)")
@@ -451,7 +459,7 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
 
 def _import_kwargs(args) -> dict:
     return dict(kind=args.kind, name=args.name, sigma_max=args.sigma_max, boundary=args.boundary,
-                resolution=args.resolution, dtype=args.dtype, dit_config=args.dit_config,
+                resolution=args.resolution, dtype=args.dtype, keep_int8=args.keep_int8, dit_config=args.dit_config,
                 vae_config=args.vae_config, t5_config=args.t5_config, force=args.force,
                 progress=lambda m: print(m, flush=True))
 

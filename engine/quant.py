@@ -28,6 +28,7 @@ from .errors import CheckpointError
 BLOCK = 128
 INT8_SUFFIX = ".int8_weight"
 SCALE_SUFFIX = ".scale"
+INT8_STORAGE = "int8-block128"  # manifest/source tag of a cache that stores `-quant` layers as int8
 SKIP_LAYER = "proj_l"  # SLA's linear-attention projection stays fp32 upstream
 
 
@@ -140,9 +141,37 @@ class BlockInt8Linear(torch.nn.Module):
         q, s = quantize_blockwise(linear.weight)
         return cls(q, s, None if linear.bias is None else linear.bias.detach().clone())
 
+    @classmethod
+    def placeholder(cls, out_features: int, in_features: int, bias: bool) -> "BlockInt8Linear":
+        """Shapes only (meta tensors), for a loader that assigns the stored tensors afterwards."""
+        meta = torch.device("meta")
+        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=meta),
+                   torch.empty(*scale_shape(out_features, in_features), device=meta),
+                   torch.empty(out_features, device=meta) if bias else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what the layer computes with), e.g. for re-quantizing to FP8/W8A8."""
+        dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+        return dequantize_blockwise(self.int8_weight, self.scale, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_blockwise(self.int8_weight, self.scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def use_stored_int8(model: torch.nn.Module, keys) -> int:
+    """Before loading a cache stored with int8 layers: swap each nn.Linear whose `<name>.int8_weight` is among
+    `keys` for a BlockInt8Linear placeholder, so the stored int8 tensors and scales load as they are."""
+    layers = [k[: -len(INT8_SUFFIX)] for k in keys if k.endswith(INT8_SUFFIX)]
+    for name in layers:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, leaf, None)
+        if not isinstance(lin, torch.nn.Linear):
+            raise CheckpointError(f"{name}{INT8_SUFFIX}: {name} is not a Linear layer of this model")
+        setattr(parent, leaf, BlockInt8Linear.placeholder(lin.out_features, lin.in_features, lin.bias is not None))
+    return len(layers)
 
 
 def quantize_linears(module: torch.nn.Module, *, skip: str = SKIP_LAYER) -> int:

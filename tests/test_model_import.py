@@ -19,6 +19,7 @@ from turboflow.engine import checkpoint as ck
 from turboflow.engine.errors import ChecksumMismatchError, CheckpointError
 from turboflow.engine.model_import import (ModelImportError, classify_files, export_native, import_model,
                                            parse_file_spec, pull_model)
+from turboflow.cli import main as main_cli
 from turboflow.engine.request import GenerationRequest
 from turboflow.engine.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE
 from turboflow.storage import modelcache
@@ -116,6 +117,31 @@ def test_import_quant_file_and_diffusers_dir(tiny_t2v_dir, native_t2v, tmp_path,
     got = _frames(out).astype(int)
     diff = np.abs(got - reference_frames.astype(int))
     assert diff.mean() < 3 and diff.max() > 0  # int8 weights: close to, not equal to, the original
+
+    # --keep-int8: the same file's int8 codes and block scales go into the cache and onto the device untouched
+    kept = tmp_path / "kept"
+    manifest = main_cli(["model", "import", str(kept), "--kind", "t2v", "--dit", str(qdir["transformer"]),
+                         "--diffusers", str(tiny_t2v_dir), "--dtype", "fp32", "--keep-int8"])
+    assert manifest == 0
+    manifest = modelcache.verify(kept, checksums=True)
+    assert manifest.source["transformer"]["stored"] == "int8-block128"
+    dit_bytes = {d.name: sum(f.size for f in m.files if f.path.startswith("transformer/")) for d, m in
+                 ((out, modelcache.read_manifest(out)), (kept, manifest))}
+    assert dit_bytes["kept"] < 0.7 * dit_bytes["quant"]  # int8 instead of fp32 block linears (tiny: norms weigh in)
+    from turboflow.engine.loading import load_pipeline
+    from turboflow.engine.quant import BlockInt8Linear
+
+    pipe = load_pipeline(kept, device="cpu")
+    layer = pipe.transformer.blocks[0].attn1.to_q
+    original = ck.strip_prefix(torch.load(qdir["transformer"], map_location="cpu", weights_only=True))
+    assert isinstance(layer, BlockInt8Linear) and layer.scale.dtype == torch.float32
+    assert torch.equal(layer.int8_weight, original["blocks.0.self_attn.q.int8_weight"])
+    assert torch.equal(layer.scale, original["blocks.0.self_attn.q.scale"])
+    # weight-only int8 computes with exactly the dequantized weights: the same frames as the dequantized import
+    assert np.array_equal(_frames(kept), got.astype(np.uint8))
+    # and FP8 re-quantizes those layers from their dequantized weights
+    fp8 = load_pipeline(kept, device="cpu", quant_linear="fp8")
+    assert type(fp8.transformer.blocks[0].attn1.to_q).__name__ == "FP8Linear"
 
 
 def test_import_whole_diffusers_dir_and_i2v_experts(tiny_i2v_dir, i2v_pipeline, tmp_path):
