@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("dir")
     verify.add_argument("--checksums", action="store_true", help="also hash every file (slow for real weights)")
     verify.set_defaults(func=_verify)
-    from .model_import import add_model_parsers
+    from .model_cli import add_model_parsers
 
     add_model_parsers(msub)
 
