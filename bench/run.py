@@ -313,6 +313,9 @@ def main(argv=None) -> int:
         plan = {k.strip(): [v for v in vs.split(",") if v] for k, _, vs in
                 (item.partition("=") for item in args.plan.split(";") if item.strip())}
         keys = list(plan)
+        empty = [k for k, vs in plan.items() if not vs]
+        if empty:
+            ap.error(f"--plan: give each model its variants as MODEL=VARIANT[,VARIANT...]: {empty}")
     unknown = [k for k in keys if k not in specs] + [v for vs in plan.values() for v in vs if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown models/variants: {unknown}")

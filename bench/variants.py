@@ -33,10 +33,9 @@ def _nets(pipe):
 def fast_vae(pipe) -> None:
     from turboflow.engine.vae_decode import to_channels_last
 
-    pipe.fast_vae = True
+    pipe.fast_vae = True  # the pipeline turns cudnn.benchmark on around this decode only
     if pipe.device.type == "cuda":
         to_channels_last(pipe.vae)
-        torch.backends.cudnn.benchmark = True
 
 
 def compiled(pipe) -> None:

@@ -10,6 +10,12 @@ from pathlib import Path
 from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate one video locally from a model cache directory")
     gen.add_argument("kind", choices=("t2v", "i2v"))
@@ -37,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     perf.add_argument("--compile-cache", default=None, help="compile cache dir (default $TURBOFLOW_COMPILE_CACHE, "
                       "else MODEL/.compile-cache)")
     perf.add_argument("--no-fast-vae", dest="fast_vae", action="store_false", help="diffusers' stock VAE decode")
-    perf.add_argument("--vae-chunk", type=int, default=None, help="latent frames per VAE decoder call")
+    perf.add_argument("--vae-chunk", type=_positive_int, default=None, help="latent frames per VAE decoder call")
     perf.add_argument("--offload", default="auto", choices=("auto", "none", "experts"),
                       help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

@@ -162,16 +162,20 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, *, under: str 
     root = transformer.get_submodule(under) if under else transformer
     # layers a `--keep-int8` cache loaded as BlockInt8Linear are re-quantized too (from their dequantized weight)
     kinds = torch.nn.Linear if mode == "int8_weight_only" else (torch.nn.Linear, BlockInt8Linear)
-    targets = [(n, m) for n, m in root.named_modules() if isinstance(m, kinds) and not any(s in n for s in skip)]
+    names = [n for n, m in root.named_modules() if isinstance(m, kinds) and not any(s in n for s in skip)]
     make = _FACTORY[mode]
-    for name, lin in targets:
+    for name in names:  # names, not modules: no list keeps the replaced layers' tensors alive
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
+        old = getattr(parent, leaf)
         with torch.no_grad():
-            setattr(parent, leaf, make(lin))
-        if isinstance(lin, torch.nn.Linear):
-            lin.weight = None  # drop the float weight now (the caller may still hold the old module)
-    return len(targets)
+            setattr(parent, leaf, make(old))
+        # drop the old tensors now (the caller may still hold the old module)
+        if isinstance(old, torch.nn.Linear):
+            old.weight = None
+        else:
+            old._buffers.clear()
+    return len(names)
 
 
 def check_supported(mode: str | None, device: torch.device) -> None:

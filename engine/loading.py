@@ -13,6 +13,7 @@ from turboflow.storage import modelcache
 from . import fastload
 from .checkpoint import load_sla_proj_l
 from .errors import CheckpointError, ConfigError, ModelCacheError
+from .quant import INT8_STORAGE
 from .pipeline import TurboVideoPipeline
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,15 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
         if not path.is_dir():
             raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
     check_supported(quant_linear, device)
+    if vae_chunk is not None and (not isinstance(vae_chunk, int) or vae_chunk < 1):
+        raise ConfigError(f"vae_chunk must be a positive number of latent frames, got {vae_chunk!r}",
+                          field="vae_chunk")
+    _check_request_defaults(root, manifest)
     sizes = {r: _weight_bytes(p, dtype) for r, p in networks.items()}
     if quant_linear in ("fp8", "int8", "int8_weight_only"):
         for r in ("transformer", "transformer_2"):
-            if r in sizes:  # the blocks' linears are ~all of a DiT's weights; 1 byte instead of 2
+            stored_int8 = (manifest.source.get(r) or {}).get("stored") == INT8_STORAGE  # already 1 byte on disk
+            if r in sizes and not stored_int8:  # the blocks' linears are ~all of a DiT's weights; 1 byte, not 2
                 sizes[r] = sizes[r] * 55 // 100
     policy = _offload_policy(offload, manifest.kind, sizes, device)
     devices = {role: device for role in networks}
@@ -151,7 +157,6 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
         from .vae_decode import to_channels_last
 
         to_channels_last(parts["vae"])  # cuDNN's preferred conv layout for the fast decode (8% on H100)
-        torch.backends.cudnn.benchmark = True  # fixed chunk shapes: the algorithm search is paid once per size
     if quant_linear:
         for role in ("transformer", "transformer_2"):
             if role in parts:
@@ -191,6 +196,24 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
                             "gbps": report.gbps, "assign_s": report.assign_seconds, "warmup_s": warmup_s,
                             "total_s": time.perf_counter() - start}
     return pipeline
+
+
+def _check_request_defaults(root: Path, manifest) -> None:
+    """The manifest's request defaults must make a valid request, or every event would fail blaming its sender."""
+    from .errors import TurboflowError
+    from .request import GenerationRequest, model_request_defaults
+
+    image = {}
+    if manifest.kind == "i2v":
+        from PIL import Image
+
+        image = {"image": Image.new("RGB", (16, 16))}
+    try:
+        GenerationRequest(prompt="x", kind=manifest.kind, **image,
+                          **model_request_defaults(manifest.defaults)).validated()
+    except TurboflowError as e:
+        raise ModelCacheError(f"manifest of {root} has an unusable request default: {e.message}",
+                              code="model_cache_invalid") from e
 
 
 def warm_compiled(pipeline: TurboVideoPipeline, sizes: list[tuple[str, str, int]]) -> list[float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .errors import ConfigError
-from .request import QUANT_LINEAR_MODES, RESOLUTIONS
+from .request import MAX_FRAMES, QUANT_LINEAR_MODES, RESOLUTIONS
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OFFLOAD_POLICIES = ("auto", "none", "experts")
@@ -43,9 +43,9 @@ def parse_sizes(raw: str, name: str = "TURBOFLOW_COMPILE_WARMUP") -> list[tuple[
             continue
         parts = item.split(":")
         if len(parts) != 4 or parts[0] not in RESOLUTIONS or f"{parts[1]}:{parts[2]}" not in RESOLUTIONS[parts[0]] \
-                or not parts[3].isdigit() or (int(parts[3]) - 1) % 4:
+                or not parts[3].isdigit() or (int(parts[3]) - 1) % 4 or not 1 <= int(parts[3]) <= MAX_FRAMES:
             raise ConfigError(f"{name}: {item!r} is not RESOLUTION:W:H:FRAMES with a known resolution and aspect "
-                              f"ratio and 4k+1 frames (e.g. 480p:16:9:81)", field=name)
+                              f"ratio and 4k+1 frames up to {MAX_FRAMES} (e.g. 480p:16:9:81)", field=name)
         sizes.append((parts[0], f"{parts[1]}:{parts[2]}", int(parts[3])))
     return sizes
 
@@ -71,6 +71,10 @@ def load_options(env: Mapping[str, str]) -> dict:
         opts["compile_cache_dir"] = env["TURBOFLOW_COMPILE_CACHE"]
     if env.get("TURBOFLOW_COMPILE_WARMUP"):
         opts["compile_warmup"] = parse_sizes(env["TURBOFLOW_COMPILE_WARMUP"])
+        if "compile" not in opts:
+            raise ConfigError("TURBOFLOW_COMPILE_WARMUP is set but TURBOFLOW_COMPILE is off: nothing would be "
+                              "compiled (set TURBOFLOW_COMPILE=1 or drop the warm-up sizes)",
+                              field="TURBOFLOW_COMPILE_WARMUP")
     opts["fast_vae"] = _flag(env, "TURBOFLOW_FAST_VAE", True)
     chunk = (env.get("TURBOFLOW_VAE_CHUNK") or "").strip()
     if chunk:

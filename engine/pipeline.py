@@ -162,8 +162,15 @@ class TurboVideoPipeline:
                 if frame_sink is not None:
                     frame_sink(pieces[-1])
 
-            fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
-                        channels_last=self.device.type == "cuda", on_chunk=on_chunk)
+            # the chunks have fixed shapes: cuDNN's algorithm search pays off here (only here: I2V encodes
+            # arbitrary sizes, and the search's workspaces inflate peak memory elsewhere)
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = self.device.type == "cuda"
+            try:
+                fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
+                            channels_last=self.device.type == "cuda", on_chunk=on_chunk)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
             return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         video = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
         frames = self._to_frames(video)

@@ -64,6 +64,7 @@ class Mp4Stream:
         stream.time_base = Fraction(1, fps)
         stream.options = {"crf": str(crf), "preset": "veryfast", "movflags": "+faststart"}
         self._stream, self._count, self.encode_seconds = stream, 0, 0.0
+        self._state = "open"  # -> finished | aborted
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -74,6 +75,8 @@ class Mp4Stream:
 
     def put(self, frames: np.ndarray) -> None:
         """Append uint8 frames [N, H, W, 3] (copied when encoded in the background)."""
+        if self._state != "open":
+            raise RuntimeError(f"mp4 stream {self.path.name} is {self._state}; no more frames")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
             raise InvalidRequestError(f"frames must be uint8 [N, {self.height}, {self.width}, 3], got "
                                       f"{frames.dtype} {frames.shape}")
@@ -103,25 +106,37 @@ class Mp4Stream:
                     self._error = e
 
     def finish(self) -> VideoInfo:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-        if self._error is not None:
+        """Flush, close and move the file into place; on any failure the partial file is removed."""
+        if self._state != "open":
+            raise RuntimeError(f"mp4 stream {self.path.name} is already {self._state}")
+        try:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+            if self._error is not None:
+                raise self._error
+            if self._count == 0:
+                raise InvalidRequestError("no frames were written to the video")
+            start = time.perf_counter()
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            os.replace(self._tmp, self.path)
+            self.encode_seconds += time.perf_counter() - start
+        except BaseException:
             self.abort()
-            raise self._error
-        start = time.perf_counter()
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
-        os.replace(self._tmp, self.path)
-        self.encode_seconds += time.perf_counter() - start
+            raise
+        self._state = "finished"
         n = self._count
         return VideoInfo(path=str(self.path), bytes=self.path.stat().st_size, sha256=_sha256(self.path),
                          width=self.width, height=self.height, num_frames=n, fps=float(self.fps),
                          duration=n / self.fps, encode_seconds=self.encode_seconds)
 
     def abort(self) -> None:
-        """Stop and delete the partial file (generation failed)."""
+        """Stop and delete the partial file (generation failed). Safe to call more than once; no-op once finished."""
+        if self._state == "finished":
+            return
+        self._state = "aborted"
         if self._thread is not None and self._thread.is_alive():
             self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)

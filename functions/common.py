@@ -231,13 +231,16 @@ class VideoFunction:
 
     async def _process(self, event, ctx: dict, arrived: float):
         # in a thread: an inline image is decoded here, and the loop must keep answering health checks
+        pipeline = self.pipeline  # the model whose defaults fill the request must be the one that serves it
         req = await asyncio.to_thread(parse_request, event, kinds=(self.kind,),
                                       max_inline_image_bytes=self.max_inline_image_bytes,
-                                      model_defaults=getattr(self.pipeline, "defaults", None))
+                                      model_defaults=getattr(pipeline, "defaults", None))
         ctx["tenant"] = req.tenant
         ready, message = self.ready()
         if not ready:
             raise NotReadyError(message)
+        if self.pipeline is not pipeline:  # the model finished loading while this request was parsed
+            raise NotReadyError("the model became ready while this request was read; retry")
         if req.model and req.model.lower() not in self.model_aliases:
             raise InvalidRequestError(f"model {req.model!r} is not served here; this function serves "
                                       f"{self.pipeline.model_name!r}", code="unknown_model", field="model")
@@ -306,7 +309,8 @@ class VideoFunction:
             try:
                 result, held, queue_wait = await self._run_exclusive(generation, arrived, mp4.put)
             except BaseException:
-                mp4.abort()
+                # joins the encoder thread: off the event loop, and not skipped by a second cancellation
+                await asyncio.shield(asyncio.to_thread(mp4.abort))
                 raise
             timings["queue_wait"] = queue_wait
             timings.update(result.timings)

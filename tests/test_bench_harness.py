@@ -71,3 +71,34 @@ def test_plan_runs_cumulative_variants_and_reports_them_side_by_side(tmp_path):
     assert rows[0]["baseline"]["step_median_s"] > 0 and rows[0]["dit_weights_gb"] == rows[0]["built_dit_weights_gb"]
     table = (out / "bench.md").read_text()
     assert "| stage | eager | sla-vae | plain diffusers |" in table
+
+
+def _fp8(pipe):
+    from turboflow.engine.linear import quantize_transformer
+
+    for net in (pipe.transformer, pipe.transformer_2):
+        if net is not None:
+            quantize_transformer(net, "fp8")
+
+
+def test_quantising_variants_run_after_the_bf16_baseline_and_i2v_experts_are_quantised_at_build(tmp_path):
+    register("test-fp8", request={"attention": "sla"}, prepare=_fp8, quant="fp8", note="fp8 without compiling")
+    try:
+        out = tmp_path / "out"
+        assert bench_run.main(["--tiny", "--plan", "tiny-t2v=eager,test-fp8;tiny-i2v=test-fp8", "--out",
+                               str(out)]) == 0
+    finally:
+        VARIANTS.pop("test-fp8")
+    t2v_eager, t2v_fp8, i2v = json.loads((out / "bench.json").read_text())["models"]
+    # T2V: the baseline ran on the bf16 modules before the variant quantised them in place
+    assert t2v_fp8["quantized_at_build"] is None and t2v_fp8["baseline"]["step_median_s"] > 0
+    assert t2v_fp8["dit_weights_gb"] < t2v_eager["dit_weights_gb"] == t2v_fp8["built_dit_weights_gb"]
+    # I2V with only quantising variants: both experts quantised as built, no bf16 baseline to compare
+    assert i2v["quantized_at_build"] == "fp8" and i2v["offload"] == "none" and i2v["ours"]["experts"]
+    assert "skipped" in i2v["baseline"]["error"]
+    assert i2v["built_dit_weights_gb"] == i2v["dit_weights_gb"] < 2 * t2v_eager["dit_weights_gb"]
+
+
+def test_plan_items_need_variants(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_run.main(["--tiny", "--plan", "tiny-t2v", "--out", str(tmp_path)])

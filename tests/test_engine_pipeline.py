@@ -208,3 +208,23 @@ def test_mp4_stream_rejects_bad_frames_and_cleans_up(tmp_path):
         stream.put(np.zeros((2, 48, 32, 3), np.uint8))
     stream.abort()  # generation failed: nothing is left behind
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mp4_stream_lifecycle_misuse_is_clear(tmp_path):
+    from turboflow.engine.errors import InvalidRequestError
+    from turboflow.engine.video import Mp4Stream, probe_video
+
+    empty = Mp4Stream(tmp_path / "empty.mp4", 64, 48, background=True)
+    with pytest.raises(InvalidRequestError, match="no frames"):
+        empty.finish()
+    assert list(tmp_path.iterdir()) == []  # the failed finish removed the partial file
+    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, background=True)
+    stream.put(np.full((3, 48, 64, 3), 128, np.uint8))
+    info = stream.finish()
+    assert probe_video(info.path).num_frames == 3
+    with pytest.raises(RuntimeError, match="finished"):
+        stream.put(np.zeros((1, 48, 64, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="finished"):
+        stream.finish()
+    stream.abort()  # a no-op once finished: the video stays
+    assert (tmp_path / "v.mp4").is_file()

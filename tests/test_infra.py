@@ -654,8 +654,25 @@ def test_function_settings_are_valid_engine_options(rendered, overlay):
     for name in FUNCTIONS:
         settings = {k: v for k, v in env(container(ksvc(rendered[overlay], name))).items() if isinstance(v, str)}
         load_options(settings)  # raises ConfigError naming the variable on a value the pod would refuse
+        # and every TURBOFLOW_* name is one the code reads (a misspelt switch would be silently ignored)
+        assert {k for k in settings if k.startswith("TURBOFLOW_")} <= _settings_the_code_reads()
     if overlay == "overlays/gpu":
         gpu = {n: env(container(ksvc(rendered[overlay], n))) for n in FUNCTIONS}
         # both A14B experts resident in FP8 on the GPU; T2V serves the fine-tuned bf16 weights as shipped
         assert gpu["turboflow-i2v"]["TURBOFLOW_QUANT_LINEAR"] == "fp8"
         assert "TURBOFLOW_QUANT_LINEAR" not in gpu["turboflow-t2v"]
+
+
+def _settings_the_code_reads() -> set[str]:
+    root = Path(__file__).resolve().parent.parent
+    names = set()
+    for package in ("engine", "functions", "storage", "eventing", "turboflow"):
+        for path in (root / package).rglob("*.py"):
+            names |= set(re.findall(r"[\"'](TURBOFLOW_[A-Z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+def test_settings_scan_finds_the_switches():
+    names = _settings_the_code_reads()
+    assert {"TURBOFLOW_QUANT_LINEAR", "TURBOFLOW_BUCKET", "TURBOFLOW_DEVICE", "TURBOFLOW_LOAD_RETRY_SECONDS"} <= names
+    assert "TURBOFLOW_QUANT_LINEARS" not in names

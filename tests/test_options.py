@@ -50,6 +50,29 @@ def test_bad_settings_are_config_errors_naming_the_variable(env, field):
     assert info.value.field == field and info.value.code == "invalid_config" and field in info.value.message
 
 
+def test_warmup_sizes_need_compile_and_a_frame_count_in_range():
+    with pytest.raises(ConfigError, match="TURBOFLOW_COMPILE is off"):
+        load_options({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81"})
+    with pytest.raises(ConfigError, match="up to"):
+        load_options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:245"})
+
+
+def test_a_manifest_default_that_makes_no_valid_request_is_a_model_cache_error(tiny_t2v_dir, tmp_path):
+    from turboflow.engine.errors import ModelCacheError
+    from turboflow.engine.loading import load_pipeline
+
+    root = tmp_path / "model"
+    shutil.copytree(tiny_t2v_dir, root)
+    manifest = modelcache.read_manifest(root)
+    modelcache.write_manifest(root, name=manifest.name, kind=manifest.kind, components=manifest.components,
+                              defaults={**manifest.defaults, "attention": "sagesla"})
+    with pytest.raises(ModelCacheError) as info:
+        load_pipeline(root, device="cpu")
+    assert info.value.code == "model_cache_invalid" and "sagesla" in info.value.message
+    with pytest.raises(ConfigError, match="vae_chunk"):
+        load_pipeline(tiny_t2v_dir, device="cpu", vae_chunk=0)
+
+
 def test_parse_sizes_skips_blanks():
     assert parse_sizes(" ,720p:16:9:81,") == [("720p", "16:9", 81)]
 
@@ -126,6 +149,7 @@ def test_function_applies_settings_and_model_defaults(quantized_fn, tmp_path):
     # no attention in the request: the model's default (SLA at its top-k) is used and reported
     body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, **SMALL}, tmp_path)
     assert body["attention"] == "sla" and body["sla_topk"] == 0.25
+    assert pipe._attention == ("sla", 0.25)  # the SLA processors really ran
     # the request's own choice wins
     body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, "attention": "original", **SMALL},
                       tmp_path)
@@ -143,15 +167,29 @@ def test_function_with_a_bad_setting_never_becomes_ready(tiny_t2v_dir):
         live.close()
 
 
-def test_cli_generate_takes_performance_flags_and_model_defaults(sla_model, tmp_path, capsys):
+def test_cli_generate_takes_performance_flags_and_model_defaults(sla_model, tmp_path, capsys, monkeypatch):
     from turboflow.cli import main
+    from turboflow.engine import loading
 
+    seen = {}
+    real = loading.load_pipeline
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pipeline", spy)
     out = tmp_path / "v.mp4"
     assert main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--resolution", "480p",
                  "--aspect-ratio", "4:3", "--frames", "1", "--steps", "1", "--seed", "5", "--device", "cpu",
                  "--quant-linear", "int8", "--no-fast-vae", "--out", str(out)]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["attention"] == "sla" and record["sla_topk"] == 0.25 and record["seed"] == 5
+    assert seen["quant_linear"] == "int8" and seen["fast_vae"] is False and seen["compile"] is False
+    # a bad chunk size is refused by argparse (usage error), before any model is loaded
+    with pytest.raises(SystemExit):
+        main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--vae-chunk", "-1"])
+    capsys.readouterr()
     assert probe_video(out).num_frames == 1
     assert main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--device", "cpu",
                  "--compile", "fastest", "--out", str(out)]) != 0
