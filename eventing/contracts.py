@@ -1,4 +1,5 @@
-"""The event contract: JSON Schemas of every data payload, request parsing, reply builders.
+"""The event contract: request parsing and reply builders, with the JSON Schemas of every data payload (defined in
+event_schemas.py, re-exported here).
 
 This module is the single source of truth. `eventing/schemas/*.json` and `docs/events.asyncapi.yaml` are generated
 from it (`python -m turboflow.eventing.asyncapi --write`; tests/test_contracts.py fails when they are stale).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import io
 import json
 import re
@@ -25,255 +25,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from turboflow.engine.errors import InvalidRequestError, TurboflowError
-from turboflow.engine.request import (ATTENTION_TYPES, MAX_FRAMES, MAX_PROMPT_CHARS, RESOLUTIONS, SEED_MAX,
-                                      GenerationRequest, model_request_defaults)
+from turboflow.engine.errors import TurboflowError
+from turboflow.engine.request import GenerationRequest, model_request_defaults
 
-from .types import (COMPLETED, DEFAULT_TENANT, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED,
-                    TENANT_EXTENSION)
-
-SCHEMA_BASE = "https://turboflow.io/schemas/events"
-SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-TRACEPARENT_EXTENSION = "traceparent"
-TRACESTATE_EXTENSION = "tracestate"
-DEFAULT_SOURCES = {"t2v": "/turboflow/functions/t2v", "i2v": "/turboflow/functions/i2v"}
-_ID_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # uuid5 namespace for reply ids
-
-# Identifiers that end up in object keys. Conservative on purpose: keys never need escaping and can never
-# climb out of the tenant prefix ("..", "/", absolute paths, control characters are all impossible).
-TENANT_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-PREFIX_SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"  # no dots at all: "..", ".", hidden names impossible
-OUTPUT_PREFIX_PATTERN = rf"^{PREFIX_SEGMENT}(/{PREFIX_SEGMENT}){{0,3}}$"
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]{1,1024}$"
-DATA_URI_PATTERN = r"^data:image/(png|jpeg|jpg|webp|gif|bmp);base64,"
-# Inline images travel inside the event; JetStream's default message limit is 1 MB, so the schema caps the
-# string at 1 MiB and the function caps the decoded bytes (TURBOFLOW_MAX_INLINE_IMAGE_BYTES, default 512 KiB).
-MAX_INLINE_IMAGE_CHARS = 1 << 20
-DEFAULT_MAX_INLINE_IMAGE_BYTES = 512 << 10
-
-
-class ContractError(InvalidRequestError):
-    """The event violates the contract. Always answered with a `failed` reply, never retried."""
-    code = "invalid_request"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Schemas (data payloads)
-# ---------------------------------------------------------------------------------------------------------------
-_ASPECTS = sorted({a for table in RESOLUTIONS.values() for a in table})
-
-_COMMON_REQUEST_PROPERTIES: dict[str, dict] = {
-    "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
-               "description": "What the video shows. umT5 reads at most 512 tokens."},
-    "model": {"type": "string", "pattern": MODEL_PATTERN,
-              "description": "Optional: the model the request was written for. The function serves one model; a "
-                             "different name fails with `unknown_model` instead of silently using another."},
-    "resolution": {"type": "string", "enum": sorted(RESOLUTIONS), "default": "480p",
-                   "description": "Named resolution (TurboDiffusion table)."},
-    "aspect_ratio": {"type": "string", "enum": _ASPECTS, "default": "16:9"},
-    "num_frames": {"type": "integer", "minimum": 1, "maximum": MAX_FRAMES, "default": 81,
-                   "description": "4k+1 frames (17, 49, 81, ...) at 16 fps; other values fail with "
-                                  "`invalid_num_frames`."},
-    "num_steps": {"type": "integer", "minimum": 1, "maximum": 4, "default": 4, "description": "rCM steps."},
-    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_MAX, "default": 0,
-             "description": "0 picks a seed (derived from the request id, so a redelivered request that must be "
-                            "generated again reproduces the same video); the seed used is in the completion."},
-    "sigma_max": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10000,
-                  "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v)."},
-    "attention": {"type": "string", "enum": list(ATTENTION_TYPES), "default": "original",
-                  "description": "Self-attention kernel; kinds this build lacks fail with `unsupported_option`."},
-    "sla_topk": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1,
-                 "description": "SLA: fraction of key blocks each query block attends to exactly."},
-    "ode": {"type": "boolean", "default": False, "description": "Deterministic ODE steps instead of SDE."},
-    "output_prefix": {"type": "string", "pattern": OUTPUT_PREFIX_PATTERN, "maxLength": 200,
-                      "description": "Optional sub-folder under the tenant's prefix: the object key is "
-                                     "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{yyyy}/{mm}/{dd}/"
-                                     "{request-id}.mp4`. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`."},
-}
-
-_I2V_PROPERTIES: dict[str, dict] = {
-    "image": {"type": "string", "maxLength": MAX_INLINE_IMAGE_CHARS,
-              "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
-              "description": "Conditioning image: `s3://bucket/key` in a bucket the function is allowed to read "
-                             "(TURBOFLOW_INPUT_BUCKETS, default the output bucket) or an inline "
-                             "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
-                             "512 KiB)."},
-    "boundary": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
-                 "description": "High-noise expert while t >= boundary, low-noise expert after."},
-    "adaptive_resolution": {"type": "boolean", "default": True,
-                            "description": "Keep the resolution's area, follow the image's aspect ratio."},
-}
-
-
-def _request_schema(kind: str) -> dict:
-    props = copy.deepcopy(_COMMON_REQUEST_PROPERTIES)
-    required = ["prompt"]
-    if kind == "i2v":
-        props.update(copy.deepcopy(_I2V_PROPERTIES))
-        required.append("image")
-    title = {"t2v": "Text-to-video request", "i2v": "Image-to-video request"}[kind]
-    return {"$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/{kind}.requested.json", "title": title,
-            "description": f"data of `{REQUEST_TYPES[kind]}`. Unknown fields are rejected (`unknown_field`).",
-            "type": "object", "additionalProperties": False, "required": required, "properties": props}
-
-
-_NUM = {"type": "number", "minimum": 0}
-COMPLETED_SCHEMA: dict = {
-    "$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/completed.json", "title": "Video completed",
-    "description": f"data of `{COMPLETED}`. A redelivered request gets an equal event (same id and data) "
-                   "without generating again; `video.url` is re-signed only once less than half its lifetime is "
-                   "left.",
-    "type": "object", "additionalProperties": False,
-    "required": ["request_id", "tenant", "kind", "model", "video", "width", "height", "num_frames", "fps",
-                 "duration", "seed", "num_steps", "sigma_max", "timings", "usage", "completed_at"],
-    "properties": {
-        "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
-        "tenant": {"type": "string", "pattern": TENANT_PATTERN},
-        "kind": {"type": "string", "enum": ["t2v", "i2v"]},
-        "model": {"type": "string"},
-        "video": {
-            "type": "object", "additionalProperties": False,
-            "required": ["uri", "url", "url_expires_at", "bucket", "key", "content_type", "bytes", "sha256"],
-            "properties": {
-                "uri": {"type": "string", "pattern": "^s3://", "description": "s3://bucket/key"},
-                "url": {"type": "string", "format": "uri", "description": "Presigned GET URL."},
-                "url_expires_at": {"type": "string", "format": "date-time"},
-                "bucket": {"type": "string"}, "key": {"type": "string"},
-                "content_type": {"const": "video/mp4"},
-                "bytes": {"type": "integer", "minimum": 1},
-                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            }},
-        "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1},
-        "num_frames": {"type": "integer", "minimum": 1}, "fps": _NUM, "duration": _NUM,
-        "seed": {"type": "integer", "minimum": 0}, "num_steps": {"type": "integer", "minimum": 1, "maximum": 4},
-        "sigma_max": _NUM,
-        "attention": {"enum": list(ATTENTION_TYPES), "description": "The attention the video was made with (the "
-                      "request's, else the model's default: `sla` for checkpoints fine-tuned with SLA)."},
-        "sla_topk": {**_NUM, "description": "Fraction of key blocks SLA kept; present when attention is sparse."},
-        "timings": {"type": "object", "additionalProperties": _NUM,
-                    "description": "Seconds per stage: queue_wait, image_fetch, text_encode, vae_encode, "
-                                   "diffusion, vae_decode, mp4_encode (the part not overlapped with the decode), "
-                                   "mp4_encode_total, upload, total."},
-        "usage": {
-            "type": "object", "additionalProperties": False,
-            "required": ["gpu_seconds", "cold_start", "model_load_seconds", "device"],
-            "properties": {
-                "gpu_seconds": {**_NUM, "description": "Wall time this request held the device, plus the model "
-                                                       "load when it was the pod's first request."},
-                "cold_start": {"type": "boolean"},
-                "model_load_seconds": {**_NUM, "description": "Included in gpu_seconds only when cold_start."},
-                "device": {"type": "string"},
-            }},
-        "completed_at": {"type": "string", "format": "date-time"},
-    },
-}
-
-FAILED_SCHEMA: dict = {
-    "$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/failed.json", "title": "Video failed",
-    "description": f"data of `{FAILED}`. `code` is stable (see the list); `retryable` says whether sending the "
-                   "same request again later can succeed.",
-    "type": "object", "additionalProperties": False, "required": ["request_id", "code", "message", "retryable"],
-    "properties": {
-        "request_id": {"type": "string"},
-        "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-        "message": {"type": "string"},
-        "retryable": {"type": "boolean"},
-        "field": {"type": "string", "description": "The request field at fault, when there is one."},
-        "tenant": {"type": "string"},
-    },
-}
-
-SCHEMAS: dict[str, dict] = {
-    T2V_REQUESTED: _request_schema("t2v"),
-    I2V_REQUESTED: _request_schema("i2v"),
-    COMPLETED: COMPLETED_SCHEMA,
-    FAILED: FAILED_SCHEMA,
-}
-SCHEMA_FILES: dict[str, str] = {T2V_REQUESTED: "t2v.requested.json", I2V_REQUESTED: "i2v.requested.json",
-                                COMPLETED: "completed.json", FAILED: "failed.json"}
-
-# Stable failure codes (documented in the AsyncAPI document).
-ERROR_CODES: dict[str, str] = {
-    "invalid_data": "data is missing, not JSON, or not a JSON object",
-    "unsupported_event_type": "the event type is not one this function serves",
-    "invalid_request_id": "the CloudEvent id is not usable as a request id ([A-Za-z0-9._-], <= 128)",
-    "invalid_tenant": "the tenant extension is not a DNS label",
-    "missing_field": "a required field is absent",
-    "unknown_field": "a field the schema does not define",
-    "invalid_prompt": "prompt is empty or not a string", "prompt_too_long": "prompt exceeds the limit",
-    "invalid_model": "model is not a valid name", "unknown_model": "this function does not serve that model",
-    "invalid_resolution": "", "invalid_aspect_ratio": "", "invalid_num_frames": "not 4k+1 or out of range",
-    "invalid_num_steps": "not 1-4", "invalid_seed": "", "invalid_sigma_max": "", "invalid_attention": "",
-    "invalid_sla_topk": "", "invalid_ode": "", "invalid_boundary": "", "invalid_adaptive_resolution": "",
-    "invalid_output_prefix": "not 1-4 lowercase segments (no dots, no leading slash)",
-    "unsupported_option": "a recognised option this build cannot honour",
-    "invalid_image_reference": "image is neither an s3:// URI nor a data:image/...;base64 URI",
-    "invalid_image_base64": "the inline image is not valid base64", "image_too_large": "image over the size cap",
-    "image_bucket_not_allowed": "the s3:// image is in a bucket the function may not read",
-    "image_not_found": "the s3:// image does not exist", "invalid_image": "the bytes are not a decodable image",
-    "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
-    "internal_error": "unexpected failure",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------------------------
-_VALIDATORS: dict[str, Any] = {}
-
-
-def validator(event_type: str):
-    """A cached jsonschema validator for the data of `event_type`."""
-    if event_type not in _VALIDATORS:
-        from jsonschema import Draft202012Validator
-
-        schema = SCHEMAS[event_type]
-        Draft202012Validator.check_schema(schema)
-        _VALIDATORS[event_type] = Draft202012Validator(schema)
-    return _VALIDATORS[event_type]
-
-
-def _error_code(err) -> tuple[str, str | None, str]:
-    """(code, field, message) for a jsonschema ValidationError."""
-    path = list(err.absolute_path)
-    fld = str(path[0]) if path else None
-    if err.validator == "required":
-        missing = [p for p in err.validator_value if isinstance(err.instance, dict) and p not in err.instance]
-        name = missing[0] if missing else None
-        return "missing_field", name, f"required field {name!r} is missing"
-    if err.validator == "additionalProperties":
-        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-        name = extra[0] if extra else None
-        return "unknown_field", name, f"unknown field {name!r} (typo? see the schema)"
-    if fld is None:
-        return "invalid_data", None, f"data: {err.message}"
-    shown = err.message if len(err.message) <= 200 else err.message[:200] + "..."
-    if fld == "prompt" and err.validator == "maxLength":
-        return "prompt_too_long", fld, f"prompt has {len(err.instance)} characters; the limit is {MAX_PROMPT_CHARS}"
-    if fld == "image":
-        if err.validator == "maxLength":
-            return "image_too_large", fld, f"inline image is {len(err.instance)} characters; the event limit is " \
-                                          f"{MAX_INLINE_IMAGE_CHARS}: upload it and pass an s3:// URI"
-        if err.validator in ("anyOf", "pattern"):
-            return "invalid_image_reference", fld, \
-                "image must be an s3://bucket/key URI or a data:image/<type>;base64,... URI"
-    if fld == "output_prefix":
-        return "invalid_output_prefix", fld, \
-            "output_prefix must be 1-4 segments of [a-z0-9][a-z0-9_-]* separated by '/' (no dots, no leading '/')"
-    return f"invalid_{fld}", fld, f"{fld}: {shown}"
-
-
-def validate_data(event_type: str, data: Any) -> None:
-    """Raise ContractError (with the most relevant schema violation's code) unless `data` fits the schema."""
-    from jsonschema.exceptions import best_match
-
-    err = best_match(validator(event_type).iter_errors(data))
-    if err is not None:
-        code, fld, message = _error_code(err)
-        raise ContractError(message, code=code, field=fld)
-
+# schemas, patterns, error codes and validation live in event_schemas.py; this module re-exports them
+from .event_schemas import (  # noqa: F401
+    SCHEMA_BASE, SCHEMA_DIALECT, TRACEPARENT_EXTENSION, TRACESTATE_EXTENSION, DEFAULT_SOURCES, _ID_NAMESPACE,
+    TENANT_PATTERN, REQUEST_ID_PATTERN, PREFIX_SEGMENT, OUTPUT_PREFIX_PATTERN, MODEL_PATTERN, S3_URI_PATTERN,
+    DATA_URI_PATTERN, MAX_INLINE_IMAGE_CHARS, DEFAULT_MAX_INLINE_IMAGE_BYTES, ContractError, COMPLETED_SCHEMA,
+    FAILED_SCHEMA, SCHEMAS, SCHEMA_FILES, ERROR_CODES, validator, validate_data)
+from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing requests
