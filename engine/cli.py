@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .options import OFFLOAD_POLICIES
 from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
 
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "else MODEL/.compile-cache)")
     perf.add_argument("--no-fast-vae", dest="fast_vae", action="store_false", help="diffusers' stock VAE decode")
     perf.add_argument("--vae-chunk", type=_positive_int, default=None, help="latent frames per VAE decoder call")
-    perf.add_argument("--offload", default="auto", choices=("auto", "none", "experts"),
+    perf.add_argument("--offload", default="auto", choices=OFFLOAD_POLICIES,
                       help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     gen.add_argument("--out", default="out/video.mp4")
@@ -84,7 +85,7 @@ def _generate(args) -> int:
         ode=args.ode, adaptive_resolution=args.adaptive_resolution, image=args.image,
         **{**model_request_defaults(read_manifest(args.model).defaults), **given}).validated()  # fail before loading
     pipeline = load_pipeline(args.model, device=args.device, quant_linear=args.quant_linear,
-                             compile=(True if args.compile == "default" else args.compile or False),
+                             compile=args.compile or False,  # "default" is an inductor mode like the others
                              compile_cache_dir=args.compile_cache, fast_vae=args.fast_vae, vae_chunk=args.vae_chunk,
                              offload=args.offload, compile_warmup=[])
     width, height = request.size()

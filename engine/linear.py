@@ -165,11 +165,9 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, *, under: str 
     names = [n for n, m in root.named_modules() if isinstance(m, kinds) and not any(s in n for s in skip)]
     make = _FACTORY[mode]
     for name in names:  # names, not modules: no list keeps the replaced layers' tensors alive
-        parent_name, _, leaf = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        old = getattr(parent, leaf)
+        old = root.get_submodule(name)
         with torch.no_grad():
-            setattr(parent, leaf, make(old))
+            root.set_submodule(name, make(old))
         # drop the old tensors now (the caller may still hold the old module)
         if isinstance(old, torch.nn.Linear):
             old.weight = None

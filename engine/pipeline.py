@@ -153,22 +153,19 @@ class TurboVideoPipeline:
         rest decodes (per chunk with the fast decode, all at once with diffusers')."""
         z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
         if self.fast_vae:
-            from .vae_decode import fast_decode
+            from .vae_decode import decode_chunks
 
             pieces: list[np.ndarray] = []
-
-            def on_chunk(piece: torch.Tensor) -> None:
-                pieces.append(self._to_frames(piece))
-                if frame_sink is not None:
-                    frame_sink(pieces[-1])
-
             # the chunks have fixed shapes: cuDNN's algorithm search pays off here (only here: I2V encodes
             # arbitrary sizes, and the search's workspaces inflate peak memory elsewhere)
             benchmark = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = self.device.type == "cuda"
             try:
-                fast_decode(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
-                            channels_last=self.device.type == "cuda", on_chunk=on_chunk)
+                for piece in decode_chunks(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
+                                           channels_last=self.device.type == "cuda"):
+                    pieces.append(self._to_frames(piece))  # to the host per chunk: nothing assembled on the GPU
+                    if frame_sink is not None:
+                        frame_sink(pieces[-1])
             finally:
                 torch.backends.cudnn.benchmark = benchmark
             return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]

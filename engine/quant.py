@@ -165,12 +165,13 @@ def use_stored_int8(model: torch.nn.Module, keys) -> int:
     `keys` for a BlockInt8Linear placeholder, so the stored int8 tensors and scales load as they are."""
     layers = [k[: -len(INT8_SUFFIX)] for k in keys if k.endswith(INT8_SUFFIX)]
     for name in layers:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, leaf, None)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
         if not isinstance(lin, torch.nn.Linear):
             raise CheckpointError(f"{name}{INT8_SUFFIX}: {name} is not a Linear layer of this model")
-        setattr(parent, leaf, BlockInt8Linear.placeholder(lin.out_features, lin.in_features, lin.bias is not None))
+        model.set_submodule(name, BlockInt8Linear.placeholder(lin.out_features, lin.in_features, lin.bias is not None))
     return len(layers)
 
 
@@ -178,7 +179,5 @@ def quantize_linears(module: torch.nn.Module, *, skip: str = SKIP_LAYER) -> int:
     """Swap every nn.Linear under `module` (except names containing `skip`) for BlockInt8Linear; returns the count."""
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and skip not in n]
     for name, lin in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, BlockInt8Linear.from_linear(lin))
+        module.set_submodule(name, BlockInt8Linear.from_linear(lin))
     return len(targets)

@@ -82,26 +82,26 @@ def default_chunk(height: int, width: int) -> int:
     return max(1, min(20, (2 * 480 * 832) // max(pixels, 1)))
 
 
-@torch.no_grad()
-def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last: bool = False,
-                on_chunk=None) -> torch.Tensor:
-    """z [B, z_dim, T, h, w] (already un-normalised, in the VAE's dtype) -> video [B, 3, F, H, W] clamped to [-1, 1].
+def _fast_path(vae) -> bool:
+    return supports_fast_decode(vae) and not getattr(vae, "use_tiling", False)
 
-    on_chunk(piece): called with each decoded piece [B, 3, n, H, W] (clamped) in order, as soon as it exists -- a
-    consumer (the mp4 encoder) can work on it while the next chunk decodes."""
-    if not supports_fast_decode(vae) or getattr(vae, "use_tiling", False):
-        video = vae.decode(z, return_dict=False)[0].clamp_(-1.0, 1.0)
-        if on_chunk is not None:
-            on_chunk(video)
-        return video
-    b, _, frames, h, w = z.shape
+
+@torch.no_grad()
+def decode_chunks(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last: bool = False):
+    """Yield the decoded video [B, 3, n, H, W] piece by piece, in order, not clamped: a consumer (the mp4 encoder)
+    can work on one piece while the next decodes. z [B, z_dim, T, h, w] is un-normalised, in the VAE's dtype.
+    Without the fast path (Wan2.2 residual VAE, tiling) the one piece is diffusers' whole decode."""
+    if not _fast_path(vae):
+        yield vae.decode(z, return_dict=False)[0]
+        return
+    frames, h, w = z.shape[2:]
     scale = vae.spatial_compression_ratio if hasattr(vae, "spatial_compression_ratio") else 8
     chunk = chunk or default_chunk(h * scale, w * scale)
     decoder = vae.decoder
     if channels_last:
         z = z.contiguous(memory_format=torch.channels_last_3d)
     vae.clear_cache()
-    out = None
+    produced = 0
     try:
         with _patched(decoder):
             x = _causal_conv_forward(vae.post_quant_conv, z)
@@ -111,19 +111,31 @@ def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last
                 vae._conv_idx = [0]
                 piece = decoder(x[:, :, start:start + n], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
                                 first_chunk=start == 0)
-                if out is None:  # first frame decodes to 1 frame, each later latent frame to 4
-                    total = 1 + (frames - 1) * 4 if frames > 1 else piece.shape[2]
-                    out = piece.new_empty(b, piece.shape[1], total, piece.shape[3], piece.shape[4])
-                    pos = 0
-                out[:, :, pos:pos + piece.shape[2]] = piece
-                if on_chunk is not None:
-                    on_chunk(out[:, :, pos:pos + piece.shape[2]].clamp(-1.0, 1.0))
-                pos += piece.shape[2]
+                produced += piece.shape[2]
+                yield piece
                 start += n
     finally:
         vae.clear_cache()
-    if pos != out.shape[2]:
-        raise RuntimeError(f"VAE decode produced {pos} frames, expected {out.shape[2]}")
+    if produced != decoded_frames(frames):
+        raise RuntimeError(f"VAE decode produced {produced} frames, expected {decoded_frames(frames)}")
+
+
+def decoded_frames(latent_frames: int) -> int:
+    """The first latent frame decodes to 1 frame, each later one to 4."""
+    return 1 + (latent_frames - 1) * 4
+
+
+@torch.no_grad()
+def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last: bool = False) -> torch.Tensor:
+    """z [B, z_dim, T, h, w] (already un-normalised, in the VAE's dtype) -> video [B, 3, F, H, W] clamped to [-1, 1]."""
+    if not _fast_path(vae):
+        return vae.decode(z, return_dict=False)[0].clamp_(-1.0, 1.0)
+    out, pos = None, 0
+    for piece in decode_chunks(vae, z, chunk=chunk, channels_last=channels_last):
+        if out is None:  # one preallocated output instead of re-concatenating
+            out = piece.new_empty(*piece.shape[:2], decoded_frames(z.shape[2]), *piece.shape[3:])
+        out[:, :, pos:pos + piece.shape[2]] = piece
+        pos += piece.shape[2]
     return out.clamp_(-1.0, 1.0)
 
 
