@@ -18,6 +18,9 @@ ATTENTION_TYPES = ("original", "sla", "sagesla")
 # Attention types this build implements. sagesla needs SpargeAttn's kernels (spas_sage_attn), built from source.
 IMPLEMENTED_ATTENTION = ("original", "sla")
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
+# Image formats an I2V request may use (Pillow format names). Nothing else is ever handed to a decoder: Pillow's
+# EPS/PS plugins would start Ghostscript where it is installed, and exotic formats widen the attack surface.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 # TurboDiffusion's VIDEO_RES_SIZE_INFO: (width, height)
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
