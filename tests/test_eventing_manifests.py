@@ -87,13 +87,27 @@ def test_triggers_route_requests_with_long_timeouts_and_a_dead_letter_sink():
         d = spec["delivery"]
         # longer than the slowest generation (cold start included); eventing-natss sets AckWait = timeout + 0.5s
         assert parse_duration(d["timeout"]) >= 600
-        assert d["retry"] == 3 and d["backoffPolicy"] == "exponential" and parse_duration(d["backoffDelay"]) > 0
+        assert d["retry"] >= 3 and d["backoffPolicy"] == "exponential" and parse_duration(d["backoffDelay"]) > 0
         assert d["deadLetterSink"]["ref"]["name"] == "turboflow-deadletter" in services
     (cm,) = [d for d in by_kind("ConfigMap") if "channelTemplateSpec" in d.get("data", {})]
     stream = yaml.safe_load(cm["data"]["channelTemplateSpec"])["spec"]["stream"]["config"]
-    longest = max(parse_duration(t["spec"]["delivery"]["timeout"]) for t in triggers.values())
-    # a redelivered request's reply must still fall inside the duplicate window: 4 attempts + backoff
-    assert go_seconds(stream["duplicateWindow"]) >= 4 * longest + 35
+    # a redelivered request's reply must still fall inside the duplicate window: every attempt + every backoff wait
+    for trigger in triggers.values():
+        assert go_seconds(stream["duplicateWindow"]) >= whole_delivery_seconds(trigger["spec"]["delivery"])
+
+
+def whole_delivery_seconds(delivery: dict) -> float:
+    """The longest a request can spend in delivery: (retry + 1) attempts at the timeout plus the backoff waits
+    (exponential: delay * 2^i for retry i; linear: delay * (i + 1))."""
+    retry, delay = delivery["retry"], parse_duration(delivery["backoffDelay"])
+    waits = [delay * (2 ** i if delivery["backoffPolicy"] == "exponential" else i + 1) for i in range(retry)]
+    return (retry + 1) * parse_duration(delivery["timeout"]) + sum(waits)
+
+
+def test_whole_delivery_arithmetic():
+    delivery = {"retry": 7, "backoffPolicy": "exponential", "backoffDelay": "PT5S", "timeout": "PT10M"}
+    assert whole_delivery_seconds(delivery) == 8 * 600 + 635
+    assert whole_delivery_seconds({**delivery, "retry": 3, "backoffPolicy": "linear"}) == 4 * 600 + 30
 
 
 def test_config_nats_and_sources():

@@ -19,7 +19,8 @@ from turboflow.manifests import build, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring"]
+KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring",
+                  "eventing-auth"]
 OVERLAYS = ["overlays/dev", "overlays/gpu"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
 # COMMON.md's shared numbers
@@ -560,11 +561,14 @@ def test_monitoring_matches_the_functions(rendered):
 def test_containerfile(rendered):
     text = (INFRA / "Containerfile").read_text()
     lines = [ln for ln in text.splitlines() if ln and not ln.lstrip().startswith("#")]
-    (arg,) = [ln for ln in lines if ln.startswith("ARG BASE_IMAGE=")]
-    assert re.fullmatch(r"ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", arg)
-    assert "FROM ${BASE_IMAGE}" in lines
-    # torch from the base, never reinstalled
-    assert "torch=={torch.__version__}" in text and "pip install -c /tmp/torch-constraint.txt" in text
+    (arg,) = [ln for ln in lines if ln.startswith("ARG PYTHON_IMAGE=")]
+    assert re.fullmatch(r"ARG PYTHON_IMAGE=python:3\.\d+-slim(-\w+)?", arg)
+    assert "FROM ${PYTHON_IMAGE}" in lines
+    # torch is installed once, exactly as pinned, checked to be a CUDA build, and held by a constraint after
+    assert 'pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"' in text
+    assert "torch.version.cuda" in text and "(12, 8)" in text
+    assert 'echo "$TORCH_SPEC" > /tmp/torch-constraint.txt' in text
+    assert "pip install -c /tmp/torch-constraint.txt" in text
     # every package directory of the distribution is copied
     pyproject = (ROOT / "pyproject.toml").read_text()
     for pkg_dir in set(re.findall(r'^"turboflow(?:\.\w+)?" = "(\w+)"$', pyproject, re.M)):
@@ -578,6 +582,25 @@ def test_containerfile(rendered):
     assert 'ENTRYPOINT ["turboflow"]' in lines
     ignore = (INFRA / "Containerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
+
+
+def torch_pins(makefile: str, containerfile: str) -> tuple[str, str]:
+    """(the Makefile's TORCH_SPEC, the Containerfile's TORCH_SPEC build argument)."""
+    (tested,) = re.findall(r"^TORCH_SPEC \?= (\S+)$", makefile, re.M)
+    (shipped,) = re.findall(r"^ARG TORCH_SPEC=(\S+)$", containerfile, re.M)
+    return tested, shipped
+
+
+def test_image_ships_the_tested_torch():
+    """One torch version: the one `make test` runs is the one the GPU image installs."""
+    makefile, containerfile = (ROOT / "Makefile").read_text(), (INFRA / "Containerfile").read_text()
+    tested, shipped = torch_pins(makefile, containerfile)
+    assert re.fullmatch(r"torch==\d+\.\d+\.\d+", tested)
+    assert shipped == tested, f"Containerfile installs {shipped}, make test runs {tested}"
+    # the check itself notices a drift (the state the review found: a base image's 2.8.0 against a 2.13.0 pin)
+    drifted = containerfile.replace(f"ARG TORCH_SPEC={shipped}", "ARG TORCH_SPEC=torch==2.8.0")
+    assert torch_pins(makefile, drifted)[1] != tested
+    assert "pytorch/pytorch:" not in containerfile  # no base image bringing a torch of its own
 
 
 FUNC_YAML_SCHEMA = obj({
@@ -630,9 +653,12 @@ def test_readme_walkthrough_applies_existing_kustomizations_in_order():
     steps = [walkthrough.index(f"kubectl apply -k infra/{k}") for k in
              ("knative", "overlays/gpu", "model-cache\n", "model-cache/warm", "monitoring")]
     assert steps == sorted(steps)
-    # the secret the manifests read is created before the deploy, with the keys they read
+    # the secrets the manifests read are created before the deploy, with the keys they read
     assert walkthrough.index("create secret generic turboflow-s3") < steps[1]
     assert "accessKeyId=" in walkthrough and "secretAccessKey=" in walkthrough
+    assert walkthrough.index("create secret generic turboflow-events") < steps[1]
+    assert "--from-literal=signing-key=" in walkthrough
+    assert "turboflowsig" in text and "verify_event" in text  # what a consumer checks before trusting an event
 
 
 @pytest.mark.parametrize("kdir", ["overlays/dev", "overlays/gpu"])
@@ -676,3 +702,60 @@ def test_settings_scan_finds_the_switches():
     names = _settings_the_code_reads()
     assert {"TURBOFLOW_QUANT_LINEAR", "TURBOFLOW_BUCKET", "TURBOFLOW_DEVICE", "TURBOFLOW_LOAD_RETRY_SECONDS"} <= names
     assert "TURBOFLOW_QUANT_LINEARS" not in names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# event authentication
+# ---------------------------------------------------------------------------------------------------------------
+SIGNING_KEY = {"secretKeyRef": {"name": "turboflow-events", "key": "signing-key"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_event_emitter_gets_the_signing_key_from_the_secret(rendered, overlay):
+    docs = rendered[overlay]
+    emitters = {}
+    for d in docs:
+        if d["kind"] in ("Service", "ContainerSource") and d["apiVersion"].split("/")[0].endswith("knative.dev"):
+            emitters[d["metadata"]["name"]] = container(d)
+    # the functions and the dead-letter sink sign what they emit; the S3 source derives its request ids with it
+    assert set(emitters) == {*FUNCTIONS, "turboflow-deadletter", "turboflow-s3-uploads"}
+    for name, c in emitters.items():
+        assert env(c).get("TURBOFLOW_EVENT_SIGNING_KEY") == SIGNING_KEY, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_knative_service_is_public(rendered, overlay):
+    """Everything is reached through the broker: no Service gets an external route."""
+    services = kind(rendered[overlay], "Service", "serving.knative.dev")
+    assert {s["metadata"]["name"] for s in services} == {*FUNCTIONS, "turboflow-deadletter"}
+    for svc in services:
+        assert svc["metadata"]["labels"].get("networking.knative.dev/visibility") == "cluster-local", \
+            svc["metadata"]["name"]
+
+
+def test_sender_identity_is_off_while_the_channel_cannot_carry_it(rendered):
+    """eventing-natss's JetStream dispatcher sends no OIDC token; with authentication-oidc on, the MT broker's
+    filter would refuse every delivery. The EventPolicies (infra/eventing-auth) name every sender, each limited to
+    the types it emits."""
+    flags = knative_config(rendered, "knative-eventing", "config-features")
+    (cm,) = [d for d in kind(rendered["overlays/gpu"], "ConfigMap") if "channelTemplateSpec" in d.get("data", {})]
+    channel = yaml.safe_load(cm["data"]["channelTemplateSpec"])["kind"]
+    if channel == "NatsJetStreamChannel":
+        assert flags["authentication-oidc"] == "disabled"
+    policies = {p["metadata"]["name"]: p for p in kind(rendered["eventing-auth"], "EventPolicy")}
+    senders = {}
+    for policy in policies.values():
+        assert policy["spec"]["to"] == [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker",
+                                                 "name": "default"}}]
+        for sender in policy["spec"]["from"]:
+            key = sender.get("sub") or (sender["ref"]["kind"], sender["ref"]["name"])
+            assert key not in senders, key  # the ingress applies the first policy naming a subject
+            senders[key] = policy["metadata"]["name"]
+    gpu = rendered["overlays/gpu"]
+    expected = {("Trigger", t["metadata"]["name"]) for t in kind(gpu, "Trigger")}
+    expected |= {("SinkBinding", "turboflow-deadletter-sink"), ("ContainerSource", "turboflow-s3-uploads"),
+                 "system:serviceaccount:turboflow:turboflow-producer"}
+    assert set(senders) == expected
+    producers = policies[senders["system:serviceaccount:turboflow:turboflow-producer"]]
+    allowed = {f["exact"]["type"] for f in producers["spec"]["filters"][0]["any"]}
+    assert allowed == {"io.turboflow.video.t2v.requested", "io.turboflow.video.i2v.requested"}

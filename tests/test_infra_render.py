@@ -13,7 +13,8 @@ import yaml
 from turboflow.manifests import ManifestError, build, json_patch, register, resource_id, strategic_merge, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring"]
+KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring",
+                  "eventing-auth"]
 
 
 def write(path: Path, data) -> Path:
