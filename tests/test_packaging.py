@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"turboflow": "turboflow", "engine": "turboflow.engine", "storage": "turboflow.storage",
-          "eventing": "turboflow.eventing", "functions": "turboflow.functions"}
+          "eventing": "turboflow.eventing", "functions": "turboflow.functions", "billing": "turboflow.billing"}
 
 
 def test_every_package_directory_is_listed_in_pyproject():
