@@ -13,21 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _ROOT  # noqa: F401  (turboflow namespace on a bare tree)
+from .timing import cuda_median_seconds
 
 
 def _time(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return cuda_median_seconds(fn, reps=reps, warmup=2)
 
 
 def main() -> None:

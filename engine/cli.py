@@ -10,6 +10,10 @@ from pathlib import Path
 from .options import OFFLOAD_POLICIES
 from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
 
+# progress labels per pipeline stage (engine.pipeline.StageProgress), with the unit each counts
+_STAGES = {"text_encode": ("text encode", "prompt"), "vae_encode": ("image encode", "image"),
+           "diffusion": ("rCM steps", "step"), "vae_decode": ("VAE decode", "frame")}
+
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -27,13 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--aspect-ratio", default=None, help="default: the model's (16:9)")
     gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps (default 81)")
     gen.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4 (default 4)")
-    gen.add_argument("--seed", type=int, default=0, help="0 picks a random seed; the seed used is printed")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="random seed (default: a random one; the seed used is printed with the timings)")
     gen.add_argument("--sigma-max", type=float, default=None, help="default 80 (t2v) / 200 (i2v)")
     gen.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
     gen.add_argument("--boundary", type=float, default=None, help="I2V: high-noise expert while t >= boundary "
                      "(default: the model's, 0.9)")
     gen.add_argument("--no-adaptive-resolution", dest="adaptive_resolution", action="store_false")
-    gen.add_argument("--attention", default=None, choices=ATTENTION_TYPES,
+    # no argparse choices: an upstream name this build lacks (sagesla) gets unsupported_option with the reason
+    gen.add_argument("--attention", default=None, metavar="{" + ",".join(ATTENTION_TYPES) + "}",
                      help="default: the model's (sla for TurboDiffusion checkpoints with proj_l, else original)")
     gen.add_argument("--sla-topk", type=float, default=None, help="fraction of K blocks kept by SLA (default 0.1)")
     perf = gen.add_argument_group("performance (see BENCHMARKS.md)")
@@ -49,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     gen.add_argument("--out", default="out/video.mp4")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress display (it is off anyway when "
+                     "stderr is not a terminal)")
     gen.set_defaults(func=_generate)
 
     model = sub.add_parser("model", help="model cache: build tiny models, verify, import real checkpoints")
@@ -68,10 +76,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_parsers(msub)
 
 
-def _generate(args) -> int:
-    from tqdm import tqdm
+class _StageBars:
+    """One progress bar per pipeline stage on stderr, the VAE decode counted in frames as its chunks finish.
+    Silent when stderr is not a terminal (logs, CI, pipes) or when asked to be."""
 
-    from .loading import load_pipeline
+    def __init__(self, enabled: bool):
+        self.enabled, self.bars = enabled, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            label, unit = _STAGES.get(stage, (stage, "it"))
+            self.bars[stage] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=True)
+        bar = self.bars[stage]
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _generate(args) -> int:
+    from .loading import load_pipeline, resolve_device
     from .request import FPS, GenerationRequest, model_request_defaults
     from .video import Mp4Stream
 
@@ -84,20 +115,24 @@ def _generate(args) -> int:
         prompt=args.prompt, kind=args.kind, num_frames=args.frames, num_steps=args.steps, seed=args.seed,
         ode=args.ode, adaptive_resolution=args.adaptive_resolution, image=args.image,
         **{**model_request_defaults(read_manifest(args.model).defaults), **given}).validated()  # fail before loading
-    pipeline = load_pipeline(args.model, device=args.device, quant_linear=args.quant_linear,
+    device = resolve_device(args.device)  # a missing GPU is a typed error here, not a traceback mid-load
+    pipeline = load_pipeline(args.model, device=device, quant_linear=args.quant_linear,
                              compile=args.compile or False,  # "default" is an inductor mode like the others
                              compile_cache_dir=args.compile_cache, fast_vae=args.fast_vae, vae_chunk=args.vae_chunk,
                              offload=args.offload, compile_warmup=[])
     width, height = request.size()
     mp4 = Mp4Stream(args.out, width, height, fps=FPS, background=True)  # encodes while the VAE decodes
+    bars = _StageBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        with tqdm(total=request.num_steps, desc="rCM steps", unit="step", file=sys.stderr) as bar:
-            result = pipeline(request, progress=lambda step, total: bar.update(1), frame_sink=mp4.put)
+        result = pipeline(request, frame_sink=mp4.put, stage_progress=bars)
     except BaseException:
         mp4.abort()
         raise
+    finally:
+        bars.close()
     start = time.perf_counter()
     video = mp4.finish()
+    # the seed used sits beside the timings: `--seed <it>` reproduces this video
     record = {**result.summary(), "video": video.to_dict()}
     record["timings"]["mp4_encode"] = time.perf_counter() - start
     print(json.dumps(record, indent=2))

@@ -69,3 +69,8 @@ class OutOfMemoryError(TurboflowError):
 class ConfigError(TurboflowError, ValueError):
     """A deployment setting (environment variable, load option) has a value the engine cannot use."""
     code = "invalid_config"
+
+
+class DeviceUnavailableError(ConfigError):
+    """The device asked for (e.g. `cuda` on a CPU-only torch build, `cuda:3` on a one-GPU host) cannot be used."""
+    code = "device_unavailable"

@@ -12,7 +12,7 @@ from turboflow.storage import modelcache
 
 from . import fastload
 from .checkpoint import load_sla_proj_l
-from .errors import CheckpointError, ConfigError, ModelCacheError
+from .errors import CheckpointError, ConfigError, DeviceUnavailableError, ModelCacheError
 from .quant import INT8_STORAGE
 from .pipeline import TurboVideoPipeline
 
@@ -22,6 +22,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load belo
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DEVICE_NAMES = "cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to load onto (None: CUDA if present, else CPU), checked to exist in this torch build and
+    on this host: DeviceUnavailableError otherwise, before anything is loaded (torch would only fail at the first
+    allocation, deep inside loading, with an assertion)."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceUnavailableError(f"{device!r} is not a device name; expected {DEVICE_NAMES}",
+                                     field="device") from e
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: {why} (cpu works everywhere)",
+                                         field="device")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: this host has {count} CUDA "
+                                         f"device(s), cuda:0..cuda:{count - 1}", field="device")
+        return resolved
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: MPS needs Apple silicon and a "
+                                         f"torch build with MPS", field="device")
+        return resolved
+    raise DeviceUnavailableError(f"device type {resolved.type!r} is not supported; expected {DEVICE_NAMES}",
+                                 field="device")
 
 
 def _check_loading_info(role: str, info: dict) -> None:
@@ -96,7 +132,8 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
                   verify_checksums: bool = False, offload: str = "auto", quant_linear: str | None = None,
                   compile: bool | str = False, compile_cache_dir: str | os.PathLike | None = None,
                   fast_vae: bool = True, vae_chunk: int | None = None,
-                  compile_warmup: list[tuple[str, str, int]] | None = None) -> TurboVideoPipeline:
+                  compile_warmup: list[tuple[str, str, int]] | None = None,
+                  sla_pooling: str = "input") -> TurboVideoPipeline:
     """Load every component named in the manifest onto `device` (default: CUDA if present).
 
     dtype defaults to bfloat16 on CUDA and float32 on CPU. offload="auto" keeps both I2V experts resident when
@@ -111,16 +148,23 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
       model's resolution, 16:9, 81 frames) -- one 1-step request each, so the first real request runs compiled.
     fast_vae: chunked VAE decode, equal to diffusers' decode up to rounding (default on); vae_chunk latent frames
       per decoder call (default by frame size).
+    sla_pooling: "input" (default) rounds SLA's block selection in the model dtype as upstream; "fp32" keeps it in
+      fp32 (selects different blocks for a few % of query blocks in bf16; for comparisons, bench/sla_pooling.py).
     engine/options.py reads all of these from TURBOFLOW_* environment variables (the functions' configuration).
     """
     from .options import COMPILE_MODES
 
+    from .sla import POOLING_MODES
+
     if isinstance(compile, str) and compile not in COMPILE_MODES:
         raise ConfigError(f"compile mode must be one of {list(COMPILE_MODES)}, got {compile!r}", field="compile")
+    if sla_pooling not in POOLING_MODES:
+        raise ConfigError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}",
+                          field="sla_pooling")
     from .linear import check_supported, quantize_transformer
     root = Path(model_dir)
     manifest = modelcache.verify(root, checksums=verify_checksums)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     start = time.perf_counter()
     required = {"tokenizer", "text_encoder", "vae", "transformer"} | ({"transformer_2"} if manifest.kind == "i2v"
@@ -178,7 +222,7 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
                                   text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device=device,
                                   dtype=dtype, vae_dtype=vae_dtype, model_name=manifest.name,
                                   defaults=manifest.defaults, offload=policy, fast_vae=fast_vae,
-                                  vae_chunk=vae_chunk,
+                                  vae_chunk=vae_chunk, sla_pooling=sla_pooling,
                                   sla_proj_l={role: load_sla_proj_l(root / manifest.components[role])
                                               for role in ("transformer", "transformer_2") if role in networks})
     warmup_s = 0.0

@@ -235,7 +235,8 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
     _check_pairing(kind, root)
     defaults = default_defaults(kind, inputs["transformer"].name)
     if all((root / role / ck.SLA_FILE).is_file() for role in ("transformer", "transformer_2") if role in inputs):
-        # fine-tuned with SLA (upstream's default is SageSLA, the same math): serve it that way unless asked not to
+        # fine-tuned with SLA: serve it that way unless asked not to (upstream's default, SageSLA, is a quantized
+        # variant with other blocks on Hopper that this build does not offer; 'sla' is what it was trained with)
         defaults.update(attention="sla", sla_topk=0.1)
     defaults.update({k: v for k, v in (("sigma_max", sigma_max), ("boundary", boundary),
                                        ("resolution", resolution)) if v is not None})

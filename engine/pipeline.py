@@ -14,12 +14,21 @@ import numpy as np
 import torch
 
 from .errors import InvalidRequestError, OutOfMemoryError
-from .request import FPS, GenerationRequest, GenerationResult, model_request_defaults
+from .prompt import clean_prompt
+from .request import FPS, SEED_MAX, GenerationRequest, GenerationResult, model_request_defaults
 from .sampler import rcm_sample
 
 TEXT_LEN = 512  # umT5 context length used by Wan
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], None]  # (rCM steps done, steps)
+# (stage, done, total) for every stage: text_encode and vae_encode count 0..1, diffusion counts rCM steps,
+# vae_decode counts decoded video frames (it reports after each decoded chunk)
+StageProgress = Callable[[str, int, int], None]
 FrameSink = Callable[[np.ndarray], None]  # gets uint8 frames [n, H, W, 3] in order as they are decoded
+
+
+def pick_seed(seed: int | None) -> int:
+    """The request's seed, or a random one in [0, 2^63-1] when it has none (0 is a seed like any other)."""
+    return random.SystemRandom().randint(0, SEED_MAX) if seed is None else seed
 
 
 class _Stopwatch:
@@ -83,13 +92,17 @@ class TurboVideoPipeline:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  vae_dtype: torch.dtype | None = None, model_name: str = "unknown", defaults: dict | None = None,
                  offload: str = "none", sla_proj_l: dict[str, dict] | None = None, fast_vae: bool = False,
-                 vae_chunk: int | None = None):
+                 vae_chunk: int | None = None, sla_pooling: str = "input"):
         if kind not in ("t2v", "i2v"):
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
         if kind == "i2v" and transformer.config.in_channels != 36:
             raise ValueError(f"I2V transformer needs 36 input channels, has {transformer.config.in_channels}")
         if offload not in ("none", "experts"):
             raise ValueError(f"offload must be 'none' or 'experts', got {offload!r}")
+        from .sla import POOLING_MODES
+
+        if sla_pooling not in POOLING_MODES:
+            raise ValueError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}")
         self.kind, self.model_name, self.defaults = kind, model_name, dict(defaults or {})
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
@@ -98,7 +111,9 @@ class TurboVideoPipeline:
         self.offload = offload
         # SLA's fine-tuned proj_l weights per network role ("transformer", "transformer_2"); empty if none shipped
         self.sla_proj_l = dict(sla_proj_l or {})
-        self._attention: tuple[str, float] = ("original", 0.0)
+        # SLA block selection rounding (engine.sla.POOLING_MODES): "input" as upstream, "fp32" to compare
+        self.sla_pooling = sla_pooling
+        self._attention: tuple = ("original", 0.0)
         # engine.vae_decode.fast_decode (chunked causal decode, fused padding/norm) instead of diffusers' per-frame loop
         self.fast_vae, self.vae_chunk = fast_vae, vae_chunk
         self.spatial_factor = 2 ** len(vae.config.temperal_downsample)  # 8 for Wan2.1 VAE
@@ -115,8 +130,9 @@ class TurboVideoPipeline:
     # ---- stages -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """umT5 embeddings [1, 512, D]; positions past the prompt's tokens are zero, as in Wan."""
-        tokens = self.tokenizer([prompt], padding="max_length", max_length=TEXT_LEN, truncation=True,
+        """umT5 embeddings [1, 512, D] of the cleaned prompt (engine.prompt.clean_prompt, as upstream); positions
+        past the prompt's tokens are zero, as in Wan."""
+        tokens = self.tokenizer([clean_prompt(prompt)], padding="max_length", max_length=TEXT_LEN, truncation=True,
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)
         mask = tokens.attention_mask.to(self.device)
@@ -179,12 +195,12 @@ class TurboVideoPipeline:
         """Swap the DiT self-attention processors when a request asks for another attention than the last."""
         from .sla import set_attention
 
-        wanted = (attention, topk if attention != "original" else 0.0)
+        wanted = (attention, topk, self.sla_pooling) if attention != "original" else ("original", 0.0)
         if wanted == self._attention:
             return
         for role, net in (("transformer", self.transformer), ("transformer_2", self.transformer_2)):
             if net is not None:
-                set_attention(net, attention, topk=topk, proj_l=self.sla_proj_l.get(role))
+                set_attention(net, attention, topk=topk, proj_l=self.sla_proj_l.get(role), pooling=self.sla_pooling)
         self._attention = wanted
 
     def _use(self, expert: str):
@@ -204,13 +220,14 @@ class TurboVideoPipeline:
                                                    **fields})
 
     def __call__(self, request: GenerationRequest, progress: Progress | None = None,
-                 frame_sink: FrameSink | None = None) -> GenerationResult:
+                 frame_sink: FrameSink | None = None, stage_progress: StageProgress | None = None) -> GenerationResult:
+        """Generate one video. `progress` gets the rCM steps; `stage_progress` gets every stage (StageProgress)."""
         req = request.validated()
         if req.kind != self.kind:
             raise InvalidRequestError(f"this is a {self.kind} model; it cannot serve a {req.kind} request",
                                       code="wrong_model_kind", field="kind")
         try:
-            return self._generate(req, progress, frame_sink)
+            return self._generate(req, progress, frame_sink, stage_progress)
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -219,19 +236,25 @@ class TurboVideoPipeline:
 
     @torch.no_grad()
     def _generate(self, req: GenerationRequest, progress: Progress | None,
-                  frame_sink: FrameSink | None = None) -> GenerationResult:
-        seed = req.seed or random.SystemRandom().randrange(1, 2**63 - 1)
+                  frame_sink: FrameSink | None = None, stage_progress: StageProgress | None = None
+                  ) -> GenerationResult:
+        seed = pick_seed(req.seed)
+        report = stage_progress or (lambda stage, done, total: None)
         width, height = req.size()
         clock = _Stopwatch(self.device)
         latent_frames = (req.num_frames - 1) // self.temporal_factor + 1
         shape = (1, self.latent_channels, latent_frames, height // self.spatial_factor, width // self.spatial_factor)
 
+        report("text_encode", 0, 1)
         with clock.stage("text_encode"):
             context = self.encode_prompt(req.prompt)
+        report("text_encode", 1, 1)
         condition = None
         if self.kind == "i2v":
+            report("vae_encode", 0, 1)
             with clock.stage("vae_encode"):
                 condition = self.encode_image(req.image, width, height, req.num_frames)
+            report("vae_encode", 1, 1)
 
         experts: list[str] = []
         ones = torch.ones(shape[0], device=self.device)
@@ -249,12 +272,28 @@ class TurboVideoPipeline:
             return net(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context,
                        return_dict=False)[0]
 
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        def step_done(step: int, total: int) -> None:
+            report("diffusion", step, total)
+            if progress is not None:
+                progress(step, total)
+
+        decoded = 0
+
+        def chunk_decoded(frames: np.ndarray) -> None:
+            nonlocal decoded
+            decoded += len(frames)
+            report("vae_decode", decoded, req.num_frames)
+            if frame_sink is not None:
+                frame_sink(frames)
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)  # upstream: manual_seed(args.seed)
+        report("diffusion", 0, req.num_steps)
         with clock.stage("diffusion"):
             latents = rcm_sample(denoise, shape, num_steps=req.num_steps, sigma_max=req.sigma_max,
-                                 generator=generator, device=self.device, ode=req.ode, progress=progress)
+                                 generator=generator, device=self.device, ode=req.ode, progress=step_done)
+        report("vae_decode", 0, req.num_frames)
         with clock.stage("vae_decode"):
-            frames = self.decode(latents, frame_sink)
+            frames = self.decode(latents, chunk_decoded)
         return GenerationResult(frames=frames, seed=seed, width=width, height=height, num_frames=req.num_frames,
                                 num_steps=req.num_steps, sigma_max=req.sigma_max, model=self.model_name, fps=FPS,
                                 timings=clock.timings, experts=experts, attention=req.attention,

@@ -10,13 +10,21 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import ImageError, InvalidRequestError, UnsupportedOptionError
+from .prompt import clean_prompt
 
 FPS = 16
 MAX_PROMPT_CHARS = 4000
 MAX_FRAMES = 241  # 15 s at 16 fps; the models were trained on 81
-ATTENTION_TYPES = ("original", "sla", "sagesla")
-# Attention types this build implements. sagesla needs SpargeAttn's kernels (spas_sage_attn), built from source.
-IMPLEMENTED_ATTENTION = ("original", "sla")
+# Attention types a request may ask for: every one is implemented (engine/sla.py for "sla").
+ATTENTION_TYPES = ("original", "sla")
+# Upstream attention types this build does not offer, with the reason a request naming one is refused
+# (`unsupported_option`, not `invalid_attention`: the name is known, the build cannot honour it).
+UNAVAILABLE_ATTENTION = {
+    "sagesla": "attention 'sagesla' is not available in turboflow: upstream's SageSLA runs SpargeAttn's quantized "
+               "kernels (int8 Q·Kᵀ, fp8 P·V, 64x128 blocks on Hopper), which this build does not ship. 'sla' is "
+               "TurboDiffusion's sparse-linear attention (bf16, the attention its checkpoints were fine-tuned with; "
+               "its output differs slightly from SageSLA's); 'original' is dense attention",
+}
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 # Image formats an I2V request may use (Pillow format names). Nothing else is ever handed to a decoder: Pillow's
 # EPS/PS plugins would start Ghostscript where it is installed, and exotic formats widen the attack surface.
@@ -66,20 +74,30 @@ def adaptive_frame_size(base: tuple[int, int], image_size: tuple[int, int], stri
 
 
 def load_image(data: Any):
-    """A PIL RGB image from bytes, a path, or a PIL image; ImageError otherwise."""
+    """A PIL RGB image from bytes, a path, or a PIL image; ImageError otherwise.
+
+    Only IMAGE_FORMATS are ever decoded: Pillow is told which plugins it may try, so bytes in any other format
+    (EPS, TIFF, ICO, ...) never reach a decoder and are refused with the list of accepted formats."""
     from PIL import Image, UnidentifiedImageError
 
+    accepted = ", ".join(IMAGE_FORMATS)
     try:
         if isinstance(data, Image.Image):
             img = data
+            # an opened but not yet loaded image decodes on load(): its format must be allowed too
+            if img.format is not None and img.format not in IMAGE_FORMATS:
+                raise ImageError(f"image format {img.format} is not accepted; accepted formats: {accepted}",
+                                 field="image")
         elif isinstance(data, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         else:
-            img = Image.open(data)
+            img = Image.open(data, formats=IMAGE_FORMATS)
         img.load()
     except FileNotFoundError as e:
         raise ImageError(f"image not found: {data}", field="image") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"image is not in an accepted format ({accepted}) or is not an image", field="image") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"image could not be decoded: {e}", field="image") from e
     if img.width < 16 or img.height < 16:
         raise ImageError(f"image is {img.width}x{img.height}; at least 16x16 is needed", field="image")
@@ -96,7 +114,7 @@ class GenerationRequest:
     aspect_ratio: str = "16:9"
     num_frames: int = 81
     num_steps: int = 4
-    seed: int = 0  # 0: pick a random seed; the seed used is in the result
+    seed: int | None = None  # None: pick a random seed (the one used is in the result); 0 is seed 0, as upstream
     sigma_max: float | None = None  # None: 80 for T2V, 200 for I2V
     attention: str = "original"
     sla_topk: float = 0.1
@@ -119,6 +137,9 @@ class GenerationRequest:
         if len(self.prompt) > MAX_PROMPT_CHARS:
             bad(f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
                 "prompt_too_long", "prompt")
+        if not clean_prompt(self.prompt):
+            bad("prompt is empty once cleaned (HTML entities unescaped, whitespace collapsed)", "invalid_prompt",
+                "prompt")
         frame_size(self.resolution, self.aspect_ratio)
         if not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % 4:
             bad(f"num_frames must be 4k+1 (e.g. 17, 49, 81), got {self.num_frames!r}", "invalid_num_frames",
@@ -128,20 +149,19 @@ class GenerationRequest:
                 "num_frames")
         if not _is_int(self.num_steps) or not 1 <= self.num_steps <= 4:
             bad(f"num_steps must be 1, 2, 3 or 4 (rCM), got {self.num_steps!r}", "invalid_num_steps", "num_steps")
-        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
-            bad(f"seed must be an integer in [0, 2^63-1], got {self.seed!r}", "invalid_seed", "seed")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+            bad(f"seed must be an integer in [0, 2^63-1] (or omitted for a random one), got {self.seed!r}",
+                "invalid_seed", "seed")
         sigma_max = DEFAULT_SIGMA_MAX[self.kind] if self.sigma_max is None else self.sigma_max
         if not _is_number(sigma_max) or not 0 < sigma_max <= 10000 or not math.isfinite(sigma_max):
             bad(f"sigma_max must be a number in (0, 10000], got {sigma_max!r}", "invalid_sigma_max", "sigma_max")
+        if isinstance(self.attention, str) and self.attention in UNAVAILABLE_ATTENTION:
+            raise UnsupportedOptionError(UNAVAILABLE_ATTENTION[self.attention], field="attention")
         if self.attention not in ATTENTION_TYPES:
             bad(f"unknown attention {self.attention!r}; expected one of {list(ATTENTION_TYPES)}",
                 "invalid_attention", "attention")
         if not _is_number(self.sla_topk) or not 0 < self.sla_topk <= 1:
             bad(f"sla_topk must be in (0, 1], got {self.sla_topk!r}", "invalid_sla_topk", "sla_topk")
-        if self.attention not in IMPLEMENTED_ATTENTION:
-            raise UnsupportedOptionError(
-                f"attention {self.attention!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; "
-                f"use 'sla' (same math, portable kernels) or 'original'", field="attention")
         if not isinstance(self.ode, bool):
             bad("ode must be a boolean", "invalid_ode", "ode")
         if not _is_number(self.boundary) or not 0 <= self.boundary <= 1:

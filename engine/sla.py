@@ -3,13 +3,17 @@
 Per (batch, head):
   * block selection: Q mean-pooled over blocks of `blk_q` tokens, K made zero-mean over the sequence ("smooth-k") and
     mean-pooled over blocks of `blk_k` tokens (a short last block is averaged over its real tokens); each Q block
-    keeps the top `int(topk * n_k_blocks)` K blocks by pooled score;
+    keeps the top `int(topk * n_k_blocks)` K blocks by pooled score. As upstream, the smoothed K, the pooled blocks
+    and the scores are rounded to the input dtype (bf16 on GPU; each block sum accumulates in fp32): near-tied
+    scores then break the way they break upstream. `pooling="fp32"` keeps them in fp32 instead (in bf16 it picks
+    other key blocks for a part of the query blocks: bench/sla_pooling.py measures how many);
   * sparse branch: exact softmax attention (scale 1/sqrt(D)) of each query over the keys of its selected blocks only;
   * linear branch over ALL tokens with the softmax feature map phi(x) = softmax(x, dim=-1):
     o_l = phi(q) (phi(k)^T v) / (1e-5 + phi(q) . sum phi(k)), then projected by the fine-tuned `proj_l` (D x D);
   * output o_s + proj_l(o_l).
 TurboDiffusion's `--attention sla` uses blk_q 128, blk_k 64. The checkpoints were fine-tuned with this attention,
-so it is needed for faithful output, not only for speed.
+so it is needed for faithful output, not only for speed. Upstream's default, `sagesla`, is a different computation
+(SpargeAttn kernels: 64x128 blocks on Hopper, int8 Q·Kᵀ and fp8 P·V) that this module does not implement.
 
 `sla_attention` gathers each Q block's selected K/V blocks and runs SDPA on them (CPU and GPU); `sla_reference` is
 the same math with an explicit dense mask, for tests.
@@ -24,6 +28,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BLK_Q, BLK_K = 128, 64
+# how block selection rounds: "input" = the input dtype, as upstream (default); "fp32" = pooled and scored in fp32
+POOLING_MODES = ("input", "fp32")
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -32,8 +38,8 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, ceil(L/blk), D] in fp32, each block averaged over its real tokens (one read of x,
-    no padded or fp32 copy)."""
+    """[B, H, L, D] -> [B, H, ceil(L/blk), D] in fp32, each block summed in fp32 and averaged over its real tokens
+    (one read of x, no padded or fp32 copy)."""
     length = x.shape[-2]
     full, tail = divmod(length, blk)
     parts = []
@@ -44,11 +50,27 @@ def _block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K):
+def block_scores(q: torch.Tensor, k: torch.Tensor, blk_q: int = BLK_Q, blk_k: int = BLK_K,
+                 pooling: str = "input") -> torch.Tensor:
+    """Pooled Q-block x K-block scores [B, H, n_q_blocks, n_k_blocks] (dtype: see the module docstring)."""
+    if pooling == "fp32":
+        # pooling commutes with the mean subtraction in exact arithmetic: pooled(k - mean k) = pooled(k) - mean k
+        # (no smoothed copy of k)
+        pooled_k = _block_means(k, blk_k) - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+        return _block_means(q, blk_q) @ pooled_k.transpose(-1, -2)
+    if pooling != "input":
+        raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {pooling!r}")
+    # upstream's order of roundings: k - mean(k) rounded per token, each pooled block rounded, the score rounded
+    smooth_k = k - k.mean(dim=-2, keepdim=True)
+    pooled_q = _block_means(q, blk_q).to(q.dtype)
+    pooled_k = _block_means(smooth_k, blk_k).to(k.dtype)
+    return pooled_q @ pooled_k.transpose(-1, -2)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K,
+                  pooling: str = "input"):
     """Indices [B, H, n_q_blocks, n_sel] of the K blocks each Q block attends to exactly."""
-    # pooling commutes with the mean subtraction: pooled(k - mean k) = pooled(k) - mean k (no smoothed copy of k)
-    pooled_k = _block_means(k, blk_k) - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
-    score = _block_means(q, blk_q) @ pooled_k.transpose(-1, -2)
+    score = block_scores(q, k, blk_q, blk_k, pooling)
     n_k = score.shape[-1]
     n_sel = max(1, min(n_k, int(topk * n_k)))  # upstream has no floor at 1: with 0 blocks its output is undefined
     return torch.topk(score, n_sel, dim=-1, sorted=False).indices
@@ -91,10 +113,11 @@ def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int, compiled: bool = True) ->
 
 
 def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
-                  blk_k: int = BLK_K, backend: str = "auto") -> torch.Tensor:
-    """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto"."""
+                  blk_k: int = BLK_K, backend: str = "auto", pooling: str = "input") -> torch.Tensor:
+    """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto";
+    pooling: the block selection's rounding, POOLING_MODES."""
     b, h, length, d = q.shape
-    lut = select_blocks(q, k, topk, blk_q, blk_k)  # [B, H, Mq, S]
+    lut = select_blocks(q, k, topk, blk_q, blk_k, pooling)  # [B, H, Mq, S]
     global _flex_broken
     if torch.compiler.is_compiling() and backend != "gather" and q.is_cuda:
         # inside a torch.compile'd DiT block: let dynamo trace FlexAttention itself (fused with the rest)
@@ -125,10 +148,10 @@ def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk
 
 
 def sla_reference(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
-                  blk_k: int = BLK_K) -> torch.Tensor:
+                  blk_k: int = BLK_K, pooling: str = "input") -> torch.Tensor:
     """The same function with an explicit [L, L] block mask (small sizes only)."""
     length = q.shape[-2]
-    lut = select_blocks(q, k, topk, blk_q, blk_k)
+    lut = select_blocks(q, k, topk, blk_q, blk_k, pooling)
     block_mask = torch.zeros(*lut.shape[:3], -(-length // blk_k), dtype=torch.bool, device=q.device)
     block_mask.scatter_(-1, lut, True)
     mask = block_mask.repeat_interleave(blk_q, dim=2)[:, :, :length].repeat_interleave(blk_k, dim=3)[..., :length]
@@ -150,8 +173,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class SLAProcessor:
     """Attention processor for a WanTransformer3DModel block's self-attention (`attn1`) computing SLA."""
 
-    def __init__(self, topk: float, proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None):
-        self.topk, self.proj_weight, self.proj_bias = topk, proj_weight, proj_bias
+    def __init__(self, topk: float, proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+                 pooling: str = "input"):
+        self.topk, self.proj_weight, self.proj_bias, self.pooling = topk, proj_weight, proj_bias, pooling
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -164,19 +188,24 @@ class SLAProcessor:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D]
-        out = sla_attention(q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias)
+        out = sla_attention(q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias,
+                            pooling=self.pooling)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None) -> None:
+def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None,
+                  pooling: str = "input") -> None:
     """Swap every block's self-attention to SLA ('sla') or back to diffusers' dense processor ('original').
 
-    proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l)."""
+    proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l).
+    pooling: how SLA's block selection rounds (POOLING_MODES; default "input", as upstream)."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     if attention not in ("original", "sla"):
         raise ValueError(f"attention must be 'original' or 'sla', got {attention!r}")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {pooling!r}")
     proj_l = proj_l or {}
     device = next(transformer.parameters()).device
     for i, block in enumerate(transformer.blocks):
@@ -185,4 +214,4 @@ def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dic
             continue
         w, b = proj_l.get(f"blocks.{i}.proj_l.weight"), proj_l.get(f"blocks.{i}.proj_l.bias")
         block.attn1.set_processor(SLAProcessor(topk, None if w is None else w.to(device),
-                                               None if b is None else b.to(device)))
+                                               None if b is None else b.to(device), pooling))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import FAST
@@ -34,11 +35,44 @@ def test_same_seed_same_frames_different_seed_different(t2v_pipeline):
     assert a.seed == 11 and set(a.timings) == {"text_encode", "diffusion", "vae_decode"}
 
 
-def test_seed_zero_picks_a_seed_that_reproduces(t2v_pipeline):
-    first = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, **FAST))
-    assert first.seed != 0
+def test_no_seed_picks_a_seed_that_reproduces(t2v_pipeline):
+    first = t2v_pipeline(GenerationRequest(prompt="a boat", **FAST))
+    second = t2v_pipeline(GenerationRequest(prompt="a boat", seed=None, **FAST))
+    assert first.seed != second.seed  # two draws from 2^63 seeds
     again = t2v_pipeline(GenerationRequest(prompt="a boat", seed=first.seed, **FAST))
     assert np.array_equal(first.frames, again.frames)
+
+
+def test_seed_zero_is_seed_zero_like_upstream(t2v_pipeline):
+    inputs = []
+    hook = t2v_pipeline.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+    try:
+        result = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, num_steps=1, **FAST))
+    finally:
+        hook.remove()
+    assert result.seed == 0
+    # upstream: generator.manual_seed(seed), first noise randn(shape) * t0
+    noise = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert torch.allclose(inputs[0], (noise.double() * rcm_timesteps(1, 80.0)[0]).float())
+    again = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, num_steps=1, **FAST))
+    assert np.array_equal(result.frames, again.frames)
+
+
+def test_stage_progress_reports_every_stage_and_each_decoded_chunk(t2v_pipeline, i2v_pipeline):
+    seen, sunk = [], []
+    steps = []
+    result = t2v_pipeline(GenerationRequest(prompt="a boat", seed=1, num_steps=2, **{**FAST, "num_frames": 5}),
+                          progress=lambda i, n: steps.append((i, n)), frame_sink=lambda f: sunk.append(len(f)),
+                          stage_progress=lambda *event: seen.append(event))
+    assert t2v_pipeline.fast_vae and result.frames.shape[0] == 5
+    assert seen == [("text_encode", 0, 1), ("text_encode", 1, 1), ("diffusion", 0, 2), ("diffusion", 1, 2),
+                    ("diffusion", 2, 2), ("vae_decode", 0, 5), ("vae_decode", 1, 5), ("vae_decode", 5, 5)]
+    assert steps == [(1, 2), (2, 2)] and sunk == [1, 4]  # the chunked decode: first latent frame alone, then 4
+    seen.clear()
+    i2v_pipeline(GenerationRequest(prompt="a boat", kind="i2v", image=_image(), seed=1, num_steps=1, **FAST),
+                 stage_progress=lambda *event: seen.append(event))
+    assert [e for e in seen if e[0] == "vae_encode"] == [("vae_encode", 0, 1), ("vae_encode", 1, 1)]
 
 
 def test_prompt_changes_the_video(t2v_pipeline):
@@ -122,6 +156,8 @@ def test_i2v_image_changes_the_video(i2v_pipeline):
     (dict(sigma_max=float("nan")), InvalidRequestError, "invalid_sigma_max"),
     (dict(attention="flash9"), InvalidRequestError, "invalid_attention"),
     (dict(attention="sagesla"), UnsupportedOptionError, "unsupported_option"),
+    (dict(seed=True), InvalidRequestError, "invalid_seed"),
+    (dict(seed=2**63), InvalidRequestError, "invalid_seed"),
     (dict(kind="i2v"), ImageError, "invalid_image"),
     (dict(kind="i2v", image=b"not an image at all"), ImageError, "invalid_image"),
     (dict(kind="i2v", image="/nonexistent/picture.png"), ImageError, "invalid_image"),

@@ -149,7 +149,7 @@ def test_function_applies_settings_and_model_defaults(quantized_fn, tmp_path):
     # no attention in the request: the model's default (SLA at its top-k) is used and reported
     body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, **SMALL}, tmp_path)
     assert body["attention"] == "sla" and body["sla_topk"] == 0.25
-    assert pipe._attention == ("sla", 0.25)  # the SLA processors really ran
+    assert pipe._attention == ("sla", 0.25, "input")  # the SLA processors really ran, pooling as upstream
     # the request's own choice wins
     body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, "attention": "original", **SMALL},
                       tmp_path)

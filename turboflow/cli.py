@@ -1,5 +1,7 @@
 """`turboflow` command line. Each package registers its own verbs; this module only dispatches.
 
+(Developer note: the user-facing text of `turboflow --help` is DESCRIPTION and the epilog below, not this docstring.)
+
 Verbs: generate, model (engine); serve (functions); dev, submit, events, demo (eventing); manifests (infra).
 A typed TurboflowError becomes `error[code]: message` and exit status 2, never a traceback.
 """
@@ -17,12 +19,56 @@ _REGISTRARS = (
     "turboflow.eventing.cli",
     "turboflow.storage.cli",
     "turboflow.manifests",
+    "turboflow.billing.cli",
 )
 
 
+DESCRIPTION = ("Generate videos with TurboDiffusion-class models (Wan2.1 text-to-video, Wan2.2\n"
+               "image-to-video, 1-4 rCM steps) on this machine, or run them as event-driven\n"
+               "functions, locally and on Knative.")
+# verbs grouped for the epilog of `turboflow --help`; a registered verb missing here is listed under "more"
+_VERB_GROUPS = (
+    ("make videos here", ("model", "generate")),
+    ("the event flow on this machine", ("dev", "submit", "events", "demo")),
+    ("cluster roles", ("serve", "deadletter", "s3source", "model-cache", "manifests")),
+)
+# libraries that log request URLs (presigned, with credentials in the query) and credential lookups at INFO
+_CHATTY_LIBRARIES = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer")
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("turboflow")
+    except PackageNotFoundError:
+        from turboflow import __version__
+
+        return __version__
+
+
+def _epilog(verbs: list[str]) -> str:
+    lines, listed = [], set()
+    for title, group in _VERB_GROUPS:
+        present = [v for v in group if v in verbs]
+        listed.update(present)
+        if present:
+            lines.append(f"  {title + ':':32} {', '.join(present)}")
+    more = [v for v in verbs if v not in listed]
+    if more:
+        lines.append(f"  {'more:':32} {', '.join(more)}")
+    return "\n".join(["commands by task:", *lines, "",
+                      "`turboflow COMMAND --help` describes a command. Errors print",
+                      "`error[code]: message` and exit with status 2."])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turboflow", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="turboflow", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, including the HTTP/S3 libraries' own logs")
+    parser.add_argument("--version", action="version", version=f"turboflow {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _REGISTRARS:
@@ -33,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    parser.epilog = _epilog(list(sub.choices))
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO for turboflow (DEBUG with -v); the HTTP/S3 libraries only from WARNING unless -v: at INFO they log
+    every request URL, presigned query strings included, and where credentials were found."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except TurboflowError as e:
