@@ -25,8 +25,20 @@ async def read_body(receive, limit: int | None = None) -> bytes | None:
             return body
 
 
+class HeaderEncodingError(ValueError):
+    """A request header value that is not UTF-8 (answered 400: it cannot become an event attribute)."""
+
+
 def request_headers(scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    """Lower-case header names -> values; raises HeaderEncodingError for a value that is not UTF-8."""
+    out = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1").lower()
+        try:
+            out[key] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HeaderEncodingError(f"header {key!r} is not UTF-8") from None
+    return out
 
 
 async def respond(send, status: int, body: bytes, headers: list | None = None) -> None:

@@ -1,19 +1,25 @@
 """The local broker: Knative Broker semantics on a real nats-server with JetStream, driven by the Trigger YAML.
 
 Names (any NATS client can use them)
-    stream   ``TURBOFLOW_EVENTS`` (file storage, duplicate window 1 h, limits retention, 7 days)
+    stream   ``TURBOFLOW_EVENTS`` (file storage, duplicate window 2 h, limits retention, 7 days)
     subjects ``turboflow.events.<type>``, e.g. ``turboflow.events.io.turboflow.video.completed``,
              ``turboflow.events.io.turboflow.video.failed``, ``turboflow.events.io.turboflow.video.t2v.requested``
              (characters outside ``[A-Za-z0-9_-]`` in a type become ``_``; dots stay token separators).
     messages the CloudEvents NATS binding (`eventing/nats_binding.py`): the broker stores binary mode, i.e.
-             ``ce-*`` headers and the data (JSON) as payload; ``Nats-Msg-Id`` = event id. Producers may
-             publish either mode directly to a subject under ``turboflow.events.``.
+             ``ce-*`` headers and the data (JSON) as payload; ``Nats-Msg-Id`` = ``msg_id(source, id)`` (hex
+             SHA-256 of ``[source, id]``: CloudEvents identity is source + id, so another producer reusing an id
+             is not mistaken for a duplicate). Producers may publish either mode directly to a subject under
+             ``turboflow.events.`` (set Nats-Msg-Id with ``nats_binding.msg_id``).
     durables ``trigger-<namespace>-<trigger>`` (one JetStream pull consumer per Trigger).
 
 Ingress (shaped like Knative's broker ingress)
     ``POST /{namespace}/{broker}`` a CloudEvent (binary or structured) -> 202 once JetStream has stored it
-    (PubAck), 400 for a body that is not a CloudEvent, 404 for another broker, 503 if NATS cannot store it.
-    ``GET /healthz`` -> 200.
+    (PubAck; an identical re-send is 202 too), 400 for a body that is not a CloudEvent (missing `id` or
+    `specversion`, a header that is not UTF-8, JSON data that does not parse or nests deeper than 64 levels, a
+    `tenant` extension that is not a string), 403 for a turboflow reply type (`io.turboflow.*` other than
+    `*.requested`) without a valid `turboflowsig` when a signing key is configured, 404 for another broker,
+    409 for an id that this source already used for different content, 503 if NATS cannot store it.
+    Nothing is added: an event without `time` is stored without one. ``GET /healthz`` -> 200.
 
 Dispatcher (what eventing-natss's dispatcher does for a Trigger)
     For each Trigger in the YAML: a durable pull consumer over the whole stream, explicit acks, AckWait longer
@@ -25,11 +31,17 @@ Dispatcher (what eventing-natss's dispatcher does for a Trigger)
     `knativeerrordata` (base64 of the first KiB of the last response body), and its reply is published too.
     A message is acked only once all that is finished, so a broker or function killed mid-delivery loses
     nothing: JetStream redelivers it after AckWait (or the dispatcher's retry hits the restarted function).
+    A stored message that is not a readable CloudEvent (published straight to NATS: no id, data that is not
+    JSON, JSON nested too deep) is never dropped: the Trigger its type (header or subject) matches - else the
+    first Trigger - sends what can be recovered of it (id, type, source, tenant) to its dead-letter sink with
+    the extension `turboflowerror` (`undecodable_event` or `invalid_data`), and the sink answers a `failed`
+    event linked to the request id.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import time
@@ -37,22 +49,73 @@ from dataclasses import dataclass
 from typing import Awaitable, Mapping
 
 import httpx
-from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
+from cloudevents.core.bindings.http import to_binary_event
 
-from .asgi import lifespan, read_body, request_headers, respond
-from .nats_binding import from_nats, is_cloudevent_http, to_nats
-from .triggers import Trigger
+from . import signing
+from .asgi import HeaderEncodingError, lifespan, read_body, request_headers, respond
+from .nats_binding import (CE_PREFIX, ExactCloudEvent, from_nats, is_cloudevent_http, parse_http,
+                           recover_attributes, to_nats)
+from .triggers import Trigger, attribute_text
+from .types import TENANT_EXTENSION
 
 log = logging.getLogger(__name__)
 
 STREAM = "TURBOFLOW_EVENTS"
 SUBJECT_PREFIX = "turboflow.events"
-DUPLICATE_WINDOW_S = 3600.0
+# Longer than a request can spend in delivery (triggers.yaml: 8 attempts x 10 min + 635 s of backoff ~ 91 min), so
+# a reply or a re-sent request is still recognised at the end of it; the cluster channel uses the same 2h.
+DUPLICATE_WINDOW_S = 7200.0
 MAX_AGE_S = 7 * 24 * 3600.0
 MAX_MSG_SIZE = 1 << 20  # JetStream's hard limit
 DEFAULT_TIMEOUT_S = 30.0  # Knative's default when a Trigger sets none
 RETRYABLE_STATUS = {408, 429}
 ERROR_DATA_LIMIT = 1024
+ERROR_EXTENSION = "turboflowerror"  # why the broker itself dead-lettered a stored message
+UNDECODABLE = "undecodable_event"
+INVALID_DATA = "invalid_data"
+REPLY_TYPE_PREFIX = "io.turboflow."
+
+
+class IngressRejection(Exception):
+    """An ingress request answered with a 4xx (status + a body saying why)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def is_reply_type(event_type: str) -> bool:
+    """turboflow's own output types (completed, failed, anything io.turboflow.* that is not a request)."""
+    return str(event_type).startswith(REPLY_TYPE_PREFIX) and not str(event_type).endswith(".requested")
+
+
+def _is_json_type(content_type) -> bool:
+    media = str(content_type or "").split(";")[0].strip().lower()
+    return media in ("application/json", "text/json") or media.endswith("+json")
+
+
+def undecodable_json_data(headers: Mapping[str, str], body: bytes) -> str | None:
+    """Why a binary-mode JSON body does not parse (None when it does, or when it is not JSON/binary)."""
+    low = {k.lower(): v for k, v in headers.items()}
+    if not any(k.startswith(CE_PREFIX) for k in low) or not body or not _is_json_type(low.get("content-type")):
+        return None
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return f"data is not valid JSON ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def content_fingerprint(event) -> tuple:
+    """What two events must share to be 'the same event': every attribute and the data (canonical JSON)."""
+    attrs = {k: attribute_text(v) for k, v in event.get_attributes().items() if v is not None}
+    data = event.get_data()
+    if isinstance(data, (bytes, bytearray, str)):
+        try:
+            data = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            data = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
+    return tuple(sorted(attrs.items())), signing.canonical_json(data)
 
 
 def subject_for(event_type: str, prefix: str = SUBJECT_PREFIX) -> str:
@@ -83,8 +146,8 @@ async def ensure_stream(js, stream: str = STREAM, prefix: str = SUBJECT_PREFIX,
 
 
 async def publish_event(js, event, *, mode: str = "binary", prefix: str = SUBJECT_PREFIX, timeout: float = 5.0):
-    """Store one CloudEvent in the stream (NATS binding, Nats-Msg-Id = id). Returns the PubAck (`.duplicate`
-    is True when JetStream already had that id)."""
+    """Store one CloudEvent in the stream (NATS binding, Nats-Msg-Id = msg_id(source, id)). Returns the PubAck
+    (`.duplicate` is True when JetStream already had that source + id; `.seq` is then the stored message's)."""
     headers, payload = to_nats(event, mode)
     return await js.publish(subject_for(event.get_type(), prefix), payload, headers=headers, timeout=timeout)
 
@@ -114,12 +177,16 @@ class Broker:
     gates: optional URL -> readiness URL; before each attempt the dispatcher waits (up to the delivery timeout)
         until the readiness URL answers 200, like Knative's activator holding a request for a pod that is not
         ready yet. Without a gate, a subscriber that is down is simply retried.
+    signing_key: the deployment's TURBOFLOW_EVENT_SIGNING_KEY; with it the ingress refuses turboflow reply types
+        that do not carry a valid `turboflowsig` (nobody else may post a completion).
     """
 
     def __init__(self, nats_url: str, triggers: list[Trigger], addresses: Mapping[str, str], *,
                  namespace: str = "turboflow", name: str = "default", gates: Mapping[str, str] | None = None,
                  stream: str = STREAM, prefix: str = SUBJECT_PREFIX, max_inflight: int = 2,
-                 duplicate_window: float = DUPLICATE_WINDOW_S, ack_margin: float = 30.0):
+                 duplicate_window: float = DUPLICATE_WINDOW_S, ack_margin: float = 30.0,
+                 signing_key: bytes | None = None):
+        self.signing_key = signing_key
         self.nats_url, self.namespace, self.name = nats_url, namespace, name
         self.triggers = [t for t in triggers if t.broker == name and t.namespace == namespace]
         if not self.triggers:
@@ -168,9 +235,49 @@ class Broker:
 
     # -- ingress -----------------------------------------------------------------------------------------------
     async def accept(self, event) -> bool:
-        """Store an event; True if new, False if JetStream already had its id."""
+        """Store an event; True if new, False if JetStream already had it (same source + id, same content).
+        Raises IngressRejection(409) when that source + id is stored with different content."""
         ack = await publish_event(self.js, event, prefix=self.prefix)
-        return not ack.duplicate
+        if not ack.duplicate:
+            return True
+        stored = await self._stored_event(ack.seq)
+        if stored is not None and content_fingerprint(stored) != content_fingerprint(event):
+            raise IngressRejection(409, f"duplicate event id {event.get_id()!r} from source {event.get_source()!r} "
+                                        "with different content: an event id names one event; use a new id")
+        return False
+
+    async def _stored_event(self, seq: int | None):
+        """The event JetStream stores at `seq` (None when it is gone or unreadable: nothing to compare)."""
+        if not seq:
+            return None
+        try:
+            raw = await self.js.get_msg(self.stream, seq)
+            return from_nats(raw.headers, raw.data)
+        except Exception as e:  # aged out, or a message only a direct publisher could have stored
+            log.debug("ingress: cannot read stored message %s: %s", seq, e)
+            return None
+
+    def _parse_ingress(self, headers: dict[str, str], body: bytes):
+        """The CloudEvent of an ingress request, or IngressRejection (400/403) saying what is wrong."""
+        if not is_cloudevent_http(headers):
+            raise IngressRejection(400, "not a CloudEvent: need ce-* headers (binary) or "
+                                        "Content-Type: application/cloudevents+json (structured)")
+        try:
+            event = parse_http(headers, body)
+        except ValueError as e:
+            raise IngressRejection(400, f"not a valid CloudEvent: {e}") from None
+        bad_data = undecodable_json_data(headers, body)
+        if bad_data:
+            raise IngressRejection(400, f"event {event.get_id()!r}: {bad_data}")
+        tenant = event.get_attributes().get(TENANT_EXTENSION)
+        if tenant is not None and not isinstance(tenant, str):
+            raise IngressRejection(400, f"event {event.get_id()!r}: the {TENANT_EXTENSION!r} extension must be a "
+                                        f"string, got {type(tenant).__name__}")
+        if self.signing_key is not None and is_reply_type(event.get_type()) \
+                and not signing.verify_event(event, self.signing_key):
+            raise IngressRejection(403, f"{event.get_type()} is emitted by turboflow only: this event has no valid "
+                                        f"{signing.SIGNATURE_EXTENSION} signature")
+        return event
 
     async def asgi(self, scope, receive, send) -> None:
         """The HTTP ingress (ASGI)."""
@@ -188,22 +295,18 @@ class Broker:
         body = await read_body(receive, MAX_MSG_SIZE)
         if body is None:
             return await respond(send, 413, b"event larger than 1 MiB (JetStream's limit)")
-        headers = request_headers(scope)
-        if not is_cloudevent_http(headers):
-            return await respond(send, 400, b"not a CloudEvent: need ce-* headers (binary) or "
-                                             b"Content-Type: application/cloudevents+json (structured)")
         try:
-            event = from_http_event(HTTPMessage(headers=headers, body=body))
-            attrs = _attributes(event)
-            missing = [a for a in ("id", "source", "type", "specversion") if not attrs.get(a)]
-            if missing:
-                raise ValueError(f"missing required attributes {missing}")
-        except Exception as e:
+            event = self._parse_ingress(request_headers(scope), body)
+        except HeaderEncodingError as e:
             return await respond(send, 400, f"not a valid CloudEvent: {e}".encode())
+        except IngressRejection as e:
+            return await respond(send, e.status, e.message.encode())
         try:
             await self.accept(event)
+        except IngressRejection as e:
+            return await respond(send, e.status, e.message.encode())
         except Exception as e:
-            log.warning("ingress: cannot store event %s: %s", attrs.get("id"), e)
+            log.warning("ingress: cannot store event %s: %s", event.get_id(), e)
             return await respond(send, 503, f"cannot store the event now: {type(e).__name__}".encode(),
                                   [(b"retry-after", b"1")])
         await respond(send, 202, b"")
@@ -255,13 +358,66 @@ class Broker:
             except Exception:  # NATS briefly away: AckWait is generous
                 pass
 
-    async def _handle(self, trigger: Trigger, msg) -> None:
+    def _owns_poison(self, trigger: Trigger, attrs: Mapping[str, str]) -> bool:
+        """Exactly one Trigger dead-letters an unreadable message: the one its type matches, else the first."""
+        if trigger.matches(attrs):
+            return True
+        return trigger is self.triggers[0] and not any(t.matches(attrs) for t in self.triggers)
+
+    def _poison_event(self, msg, code: str, reason: str):
+        """A stand-in CloudEvent for an unreadable stored message: what could be recovered of it, plus why."""
+        attrs = recover_attributes(msg.headers, msg.data)
+        attrs.setdefault("type", msg.subject[len(self.prefix) + 1:] if msg.subject.startswith(self.prefix + ".")
+                         else msg.subject)
+        seq = getattr(getattr(msg, "metadata", None), "sequence", None)
+        attrs.setdefault("id", f"{self.stream}-{getattr(seq, 'stream', 0)}")
+        attrs.setdefault("source", f"/turboflow/broker/{self.namespace}/{self.name}")
+        attrs.update({ERROR_EXTENSION: code, "knativeerrordest": f"nats:{msg.subject}",
+                      "knativeerrordata": base64.b64encode(reason.encode()[:ERROR_DATA_LIMIT]).decode()})
+        return ExactCloudEvent(attrs)
+
+    def _unreadable(self, msg) -> tuple[str, str] | None:
+        """(code, reason) when a stored message cannot be delivered as a CloudEvent; None when it can."""
         try:
-            event = from_nats(msg.headers, msg.data)
+            from_nats(msg.headers, msg.data)
         except ValueError as e:
-            log.warning("trigger %s: dropping a message that is not a CloudEvent (%s)", trigger.name, e)
-            await _quiet(msg.term())
+            return UNDECODABLE, str(e)
+        reason = undecodable_json_data(msg.headers or {}, msg.data)
+        return (INVALID_DATA, reason) if reason else None
+
+    async def _handle_poison(self, trigger: Trigger, msg, code: str, reason: str) -> None:
+        stand_in = self._poison_event(msg, code, reason)
+        if not self._owns_poison(trigger, _attributes(stand_in)):
+            await _quiet(msg.ack())
             return
+        log.warning("trigger %s: stored message %s is not deliverable (%s): dead-lettering it", trigger.name,
+                    stand_in.get_id(), reason)
+        _, dead_letter = self._targets[trigger.name]
+        keepalive = asyncio.create_task(self._keepalive(msg, max(self._ack_wait(trigger) / 4, 0.2)))
+        try:
+            if dead_letter is None:
+                log.error("trigger %s: no dead-letter sink: message %s is acknowledged without a failed event",
+                          trigger.name, stand_in.get_id())
+            else:
+                reply = await self._send_with_retries(trigger, dead_letter, stand_in)
+                self.stats.dead_lettered += 1
+                if reply is not None:
+                    await self._publish_reply(reply)
+            await self._ack(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the dead-letter sink is down: keep the message, try again later
+            log.warning("trigger %s: dead-lettering %s failed (%s): redelivering later", trigger.name,
+                        stand_in.get_id(), e)
+            await _quiet(msg.nak(delay=max(trigger.delivery.backoff_delay, 1.0)))
+        finally:
+            keepalive.cancel()
+
+    async def _handle(self, trigger: Trigger, msg) -> None:
+        unreadable = self._unreadable(msg)
+        if unreadable is not None:
+            return await self._handle_poison(trigger, msg, *unreadable)
+        event = from_nats(msg.headers, msg.data)
         if not trigger.matches(_attributes(event)):
             await _quiet(msg.ack())
             return
@@ -375,8 +531,8 @@ def _reply_event(resp: httpx.Response):
     if not is_cloudevent_http(headers):
         return None  # a plain 2xx body is not an event: nothing to publish
     try:
-        return from_http_event(HTTPMessage(headers=headers, body=resp.content))
-    except Exception as e:
+        return parse_http(headers, resp.content)
+    except ValueError as e:
         log.warning("subscriber replied with an invalid CloudEvent (%s): ignored", e)
         return None
 
@@ -388,13 +544,15 @@ async def _quiet(aw: Awaitable) -> None:
         pass
 
 
-async def serve_asgi(app, host: str, port: int, stop: asyncio.Event) -> None:
-    """Run an ASGI app under hypercorn until `stop` is set."""
+async def serve_asgi(app, host: str, port: int, stop: asyncio.Event, sock=None) -> None:
+    """Run an ASGI app under hypercorn until `stop` is set; on `sock` (a listening socket the caller bound, so
+    "ready" means this process owns the port) when given, else on host:port."""
     import hypercorn.asyncio
     import hypercorn.config
 
     cfg = hypercorn.config.Config()
-    cfg.bind = [f"{host}:{port}"]
+    # hypercorn owns (and closes) an fd:// socket: hand the descriptor over instead of sharing it
+    cfg.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{port}"]
     cfg.graceful_timeout = 2
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")

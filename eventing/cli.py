@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nats-port", type=int, default=4222, help="NATS port (0: any free port)")
     p.add_argument("--s3-endpoint", default=None, help="use this S3 (e.g. MinIO) instead of an embedded moto")
     p.add_argument("--bucket", default="turboflow")
-    p.add_argument("--upload-prefix", default="uploads/", help="images uploaded here trigger I2V")
+    p.add_argument("--upload-prefix", default="uploads/",
+                   help="images uploaded under <prefix><tenant>/ trigger I2V for that tenant")
     p.add_argument("--t2v-model", default=None, help="model cache dir (default: a tiny model)")
     p.add_argument("--i2v-model", default=None, help="model cache dir (default: a tiny model)")
     p.add_argument("--device", default="cpu")
@@ -43,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the completion and download the mp4")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default="out", help="download directory (with --wait)")
-    p.add_argument("--json", action="store_true", help="print the reply event as JSON")
+    p.add_argument("--json", action="store_true", help="print the reply event as JSON (with the presigned URL)")
+    p.add_argument("--show-url", action="store_true", help="also print the video's presigned URL (a credential)")
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("events", help="watch the event stream")
@@ -125,6 +127,7 @@ turboflow dev is running (Ctrl-C stops everything)
                    completions: turboflow.events.io.turboflow.video.completed (failed: ...video.failed)
   S3               {e['s3_endpoint']}   bucket {e['bucket']}  (credentials turboflow-dev/turboflow-dev)
   upload -> I2V    put an image under {e['upload_prefix']} with metadata `prompt` or a <key>.json sidecar
+                   (the tenant is the key segment after {e['upload_prefix'].rsplit('<tenant>', 1)[0]})
   functions        t2v {e['functions'].get('t2v')}   i2v {e['functions'].get('i2v')}
   logs             {e['logs']}
 try: turboflow submit t2v "a red fox running in the snow" --num-frames 5 --wait
@@ -155,7 +158,22 @@ def _endpoints(args) -> dict:
             state = {}
     return {"broker": getattr(args, "broker", None) or os.environ.get("TURBOFLOW_BROKER_URL") or state.get("broker"),
             "nats": getattr(args, "nats", None) or os.environ.get("TURBOFLOW_NATS_URL") or state.get("nats"),
-            "s3_endpoint": state.get("s3_endpoint"), "bucket": state.get("bucket")}
+            "s3_endpoint": state.get("s3_endpoint"), "bucket": state.get("bucket"),
+            "signing_key": _signing_key(state)}
+
+
+def _signing_key(state: dict) -> bytes | None:
+    """The key replies are verified with: $TURBOFLOW_EVENT_SIGNING_KEY, else the running `turboflow dev`'s."""
+    from . import signing
+
+    key = signing.signing_key()
+    if key is None and isinstance(state.get("signing_key"), str) and state["signing_key"]:
+        key = state["signing_key"].encode("utf-8")
+    return key
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _s3_client(endpoint: str | None, dev: bool = True):
@@ -178,6 +196,7 @@ def _submit(args) -> int:
     from .client import build_request, describe, download, event_data, image_reference, send, submit_and_wait
     from .types import COMPLETED
 
+    _quiet_libraries()  # httpx/botocore INFO lines carry presigned URLs and credential sources
     ep = _endpoints(args)
     if args.via == "http" and not ep["broker"]:
         raise TurboflowError("no broker: start `turboflow dev`, or pass --broker URL / set TURBOFLOW_BROKER_URL",
@@ -195,7 +214,8 @@ def _submit(args) -> int:
     if args.image:
         s3 = _s3_client(ep["s3_endpoint"]) if ep["s3_endpoint"] and not args.image.startswith(("s3:", "data:")) \
             else None
-        ref = image_reference(args.image, s3_client=s3, bucket=ep["bucket"], request_id=event.get_id())
+        ref = image_reference(args.image, s3_client=s3, bucket=ep["bucket"], request_id=event.get_id(),
+                              tenant=args.tenant, image_prefix=os.environ.get("TURBOFLOW_IMAGE_PREFIX") or "uploads")
         event = build_request(args.kind, args.prompt, options=options, tenant=args.tenant,
                               request_id=event.get_id(), image=ref)
     tty = sys.stderr.isatty()
@@ -209,8 +229,10 @@ def _submit(args) -> int:
         print(f"accepted: {event.get_type()} id={event.get_id()}")
         return 0
     print(f"submitting {event.get_type()} id={event.get_id()} via {args.via}", file=sys.stderr)
+    if ep["signing_key"] is None:
+        _warn("no signing key (TURBOFLOW_EVENT_SIGNING_KEY or `turboflow dev`): replies cannot be verified")
     reply = asyncio.run(submit_and_wait(event, nats_url=ep["nats"], broker_url=ep["broker"], via=args.via,
-                                        timeout=args.timeout, tick=tick))
+                                        timeout=args.timeout, tick=tick, signing_key=ep["signing_key"], warn=_warn))
     if tty:
         print(file=sys.stderr)
     data = event_data(reply)
@@ -221,7 +243,9 @@ def _submit(args) -> int:
     if reply.get_type() != COMPLETED:
         return 1
     path = download(data, args.out, s3_client=_s3_client(ep["s3_endpoint"]) if ep["s3_endpoint"] else None)
-    print(f"video: {path} ({data['video']['bytes']} bytes, sha256 ok)")
+    print(f"video: {data['video']['uri']} -> {path} ({data['video']['bytes']} bytes, sha256 ok)")
+    if args.show_url:
+        print(f"url: {data['video']['url']} (expires {data['video']['url_expires_at']})")
     return 0
 
 
@@ -230,10 +254,17 @@ def _tail(args) -> int:
     from .client import describe, reply_subscription
     from .nats_binding import from_nats, to_nats
 
+    from . import signing
+    from .broker import is_reply_type
+
     ep = _endpoints(args)
     if not ep["nats"]:
         from turboflow.engine.errors import TurboflowError
         raise TurboflowError("no NATS URL: start `turboflow dev` or pass --nats URL", code="no_nats")
+    key = ep["signing_key"]
+
+    def unverified(event) -> bool:
+        return key is not None and is_reply_type(event.get_type()) and not signing.verify_event(event, key)
     subject = subject_for(args.type) if args.type else f"{SUBJECT_PREFIX}.>"
 
     async def main(stop):
@@ -252,8 +283,8 @@ def _tail(args) -> int:
                     continue
                 if args.json:
                     print(to_nats(event, "structured")[1].decode(), flush=True)
-                else:
-                    print(describe(event), flush=True)
+                else:  # a reply type without turboflow's signature is shown, but marked
+                    print(("UNVERIFIED " if unverified(event) else "") + describe(event), flush=True)
                 seen += 1
                 if args.count and seen >= args.count:
                     break
@@ -267,9 +298,10 @@ def _tail(args) -> int:
 def _demo(args) -> int:
     from turboflow.engine.video import probe_video
 
-    from .client import build_request, describe, download, event_data, submit_and_wait
+    from .client import (IMAGE_PREFIX, REQUEST_METADATA, build_request, describe, download, event_data,
+                         submit_and_wait)
     from .devstack import DevConfig, DevStack
-    from .types import COMPLETED
+    from .types import COMPLETED, DEFAULT_TENANT
 
     async def main(stop):
         import io
@@ -288,19 +320,24 @@ def _demo(args) -> int:
             img.paste((30, 90, 200), (160, 0, 320, 240))
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            stack.s3_client().put_object(Bucket=e["bucket"], Key="inputs/demo.png", Body=buf.getvalue(),
-                                         ContentType="image/png")
+            image_key = f"{IMAGE_PREFIX}/{DEFAULT_TENANT}/demo.png"  # the default tenant's image area
+            stack.s3_client().put_object(Bucket=e["bucket"], Key=image_key, Body=buf.getvalue(),
+                                         ContentType="image/png", Metadata={REQUEST_METADATA: "demo"})
             requests = [build_request("t2v", "a red fox running through snow, cinematic", options=small),
                         build_request("i2v", "the sun rises over the sea", options=small,
-                                      image=f"s3://{e['bucket']}/inputs/demo.png")]
+                                      image=f"s3://{e['bucket']}/{image_key}")]
+            key = stack.signing_key.encode()
             replies = await asyncio.gather(*(submit_and_wait(r, nats_url=e["nats"], broker_url=e["broker"],
-                                                             timeout=args.timeout) for r in requests))
+                                                             timeout=args.timeout, signing_key=key, warn=_warn)
+                                             for r in requests))
             ok = True
             for req, reply in zip(requests, replies):
                 data = event_data(reply)
                 print(f"\n{req.get_type()} {req.get_id()}\n  -> {describe(reply)}")
+                video = {k: v for k, v in (data.get("video") or {}).items() if k != "url"}
+                shown = {**data, "video": video} if video else data  # a presigned URL is a credential: not shown
                 print(json.dumps({"type": reply.get_type(), "id": reply.get_id(), "subject": reply.get_subject(),
-                                  "data": data}, indent=2))
+                                  "data": shown}, indent=2))
                 if reply.get_type() != COMPLETED:
                     ok = False
                     continue

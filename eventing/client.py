@@ -13,39 +13,48 @@ from typing import Callable
 
 import httpx
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
-from cloudevents.core.v1.event import CloudEvent
 
+from . import signing
 from .broker import DUPLICATE_WINDOW_S, STREAM, SUBJECT_PREFIX, publish_event
-from .nats_binding import from_nats
-from .types import COMPLETED, FAILED, REQUEST_TYPES, TENANT_EXTENSION
+from .nats_binding import ExactCloudEvent, from_nats
+from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
+
+IMAGE_PREFIX = "uploads"  # the I2V functions read s3:// images only under uploads/<tenant>/ (TURBOFLOW_IMAGE_PREFIX)
+REQUEST_METADATA = "turboflow-request"  # marks an image uploaded for an existing request: the S3 source skips it
 
 REPLY_SUBJECTS = f"{SUBJECT_PREFIX}.io.turboflow.video.>"
 
 
 def build_request(kind: str, prompt: str, *, options: dict | None = None, image: str | None = None,
                   tenant: str | None = None, request_id: str | None = None,
-                  source: str = "/turboflow/cli") -> CloudEvent:
+                  source: str = "/turboflow/cli") -> ExactCloudEvent:
+    """A request event. No `time`: the request itself (not the moment it was sent) keys its output, so sending
+    the same request id again is the same event (the broker answers 202, not 409)."""
     data = {"prompt": prompt, **{k: v for k, v in (options or {}).items() if v is not None}}
     if image is not None:
         data["image"] = image
     attrs = {"type": REQUEST_TYPES[kind], "source": source, "id": request_id or str(uuid.uuid4()),
-             "datacontenttype": "application/json", "time": datetime.now(timezone.utc)}
+             "datacontenttype": "application/json"}
     if tenant:
         attrs[TENANT_EXTENSION] = tenant
-    return CloudEvent(attributes=attrs, data=data)
+    return ExactCloudEvent(attrs, data)
 
 
-def image_reference(path_or_uri: str, *, s3_client=None, bucket: str | None = None, request_id: str = "") -> str:
-    """An `s3://` URI or data URI as given; a local file is uploaded to `s3://bucket/inputs/<id><ext>` when a
-    bucket is known, else sent inline (base64 data URI)."""
+def image_reference(path_or_uri: str, *, s3_client=None, bucket: str | None = None, request_id: str = "",
+                    tenant: str | None = None, image_prefix: str = IMAGE_PREFIX) -> str:
+    """An `s3://` URI or data URI as given; a local file is uploaded to
+    `s3://bucket/<image_prefix>/<tenant>/inputs/<id><ext>` (where the I2V function may read it for that tenant)
+    when a bucket is known, else sent inline (base64 data URI)."""
     if path_or_uri.startswith(("s3://", "data:")):
         return path_or_uri
     path = Path(path_or_uri)
     raw = path.read_bytes()
     ctype = mimetypes.guess_type(path.name)[0] or "image/png"
     if s3_client is not None and bucket:
-        key = f"inputs/{request_id or uuid.uuid4()}{path.suffix.lower()}"
-        s3_client.put_object(Bucket=bucket, Key=key, Body=raw, ContentType=ctype)
+        key = f"{image_prefix.strip('/')}/{tenant or DEFAULT_TENANT}/inputs/{request_id or uuid.uuid4()}" \
+              f"{path.suffix.lower()}"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=raw, ContentType=ctype,
+                             Metadata={REQUEST_METADATA: request_id or "cli"})
         return f"s3://{bucket}/{key}"
     return f"data:{ctype};base64,{base64.b64encode(raw).decode()}"
 
@@ -89,8 +98,31 @@ async def reply_subscription(nats_url: str, *, since: float = DUPLICATE_WINDOW_S
     return nc, sub
 
 
-async def wait_for_reply(sub, request_id: str, timeout: float, tick: Callable[[float], None] | None = None):
-    """The first completed/failed event whose subject is `request_id`."""
+def reply_problem(event, request_id: str, tenant: str | None, signing_key: bytes | None) -> str | None:
+    """Why `event` is not the reply to (request_id, tenant) that a caller may act on; None when it is. Checks the
+    subject AND the tenant, the signature when a key is known, and a completion's data against its schema."""
+    from .contracts import validate_data
+
+    if event.get_type() not in (COMPLETED, FAILED) or event.get_subject() != request_id:
+        return "not a reply to this request"
+    reply_tenant = event.get_attributes().get(TENANT_EXTENSION) or DEFAULT_TENANT
+    if reply_tenant != (tenant or DEFAULT_TENANT):
+        return f"reply for tenant {str(reply_tenant)[:64]!r}, not {tenant or DEFAULT_TENANT!r}"
+    if signing_key is not None and not signing.verify_event(event, signing_key):
+        return f"no valid {signing.SIGNATURE_EXTENSION} signature (forged, or signed with another key)"
+    try:
+        data = event_data(event)
+        validate_data(event.get_type(), data)
+    except Exception as e:  # not JSON, not an object, schema violation: never act on it
+        return f"malformed {event.get_type()} data ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+async def wait_for_reply(sub, request_id: str, timeout: float, tick: Callable[[float], None] | None = None, *,
+                         tenant: str | None = None, signing_key: bytes | None = None,
+                         warn: Callable[[str], None] | None = None):
+    """The first completed/failed event for `request_id` (subject) and `tenant` that verifies (see reply_problem);
+    replies that name this request but fail a check are reported through `warn` and skipped."""
     started = time.monotonic()
     while True:
         left = timeout - (time.monotonic() - started)
@@ -106,16 +138,24 @@ async def wait_for_reply(sub, request_id: str, timeout: float, tick: Callable[[f
             event = from_nats(msg.headers, msg.data)
         except ValueError:
             continue
-        if event.get_type() in (COMPLETED, FAILED) and event.get_subject() == request_id:
+        if event.get_type() not in (COMPLETED, FAILED) or event.get_subject() != request_id:
+            continue
+        problem = reply_problem(event, request_id, tenant, signing_key)
+        if problem is None:
             return event
+        if warn:
+            warn(f"ignoring {event.get_type()} {str(event.get_id())[:64]} for {request_id}: {problem}")
 
 
 async def submit_and_wait(event, *, nats_url: str, broker_url: str | None = None, via: str = "http",
-                          timeout: float = 900, tick: Callable[[float], None] | None = None):
+                          timeout: float = 900, tick: Callable[[float], None] | None = None,
+                          signing_key: bytes | None = None, warn: Callable[[str], None] | None = None):
     nc, sub = await reply_subscription(nats_url)
     try:
         await send(event, broker_url=broker_url, nats_url=nats_url, via=via)
-        return await wait_for_reply(sub, event.get_id(), timeout, tick)
+        return await wait_for_reply(sub, event.get_id(), timeout, tick,
+                                    tenant=event.get_attributes().get(TENANT_EXTENSION), signing_key=signing_key,
+                                    warn=warn)
     finally:
         await nc.close()
 
@@ -161,11 +201,14 @@ def describe(event) -> str:
     if event.get_subject():
         head += f" subject={event.get_subject()}"
     if t == COMPLETED and isinstance(data, dict) and "video" in data:
-        usage = data.get("usage", {})
-        return (f"{head} {data['width']}x{data['height']}x{data['num_frames']} seed={data['seed']} "
-                f"{data['video']['uri']} gpu_s={usage.get('gpu_seconds', 0):.2f}")
+        try:
+            usage = data.get("usage") or {}
+            return (f"{head} {data['width']}x{data['height']}x{data['num_frames']} seed={data['seed']} "
+                    f"{data['video']['uri']} gpu_s={float(usage.get('gpu_seconds', 0)):.2f}")
+        except (KeyError, TypeError, ValueError):
+            return f"{head} (malformed completion data)"
     if t == FAILED and isinstance(data, dict):
         return f"{head} code={data.get('code')} retryable={data.get('retryable')}: {data.get('message')}"
     if isinstance(data, dict) and "prompt" in data:
-        return f"{head} prompt={data['prompt'][:60]!r}"
+        return f"{head} prompt={str(data['prompt'])[:60]!r}"
     return head

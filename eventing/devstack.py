@@ -6,6 +6,13 @@
     broker ingress  POST /turboflow/default  + dispatcher reading eventing/manifests/triggers.yaml
     dead-letter sink (eventing/deadletter.py)
     S3 source: dev notifier (MinIO stand-in) -> minio.turboflow.uploads -> s3source -> broker
+               (images under uploads/<tenant>/ in the dev bucket)
+
+Each run makes a fresh event signing key (TURBOFLOW_EVENT_SIGNING_KEY): the functions sign their replies with it,
+the dead-letter sink signs its failures, the broker ingress refuses unsigned turboflow replies, and the state file
+(mode 0600) hands it to `turboflow submit --wait` / `events tail`, which verify what they read.
+Every endpoint is bound by this process before it is announced: a busy port is `error[port_in_use]`, and the
+broker checks that the NATS it talks to is the nats-server this stack started.
 
 The dispatcher waits for a function's readiness before each attempt (Knative's activator holds requests for a pod
 that is still loading), so a function restarted after a crash gets the retried request once its model is loaded.
@@ -22,9 +29,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import signing
 from .broker import Broker, serve_asgi
 from .deadletter import DeadLetterApp
-from .natsserver import NatsServer, free_port
+from .natsserver import NatsServer, bind_listener, free_port
 from .triggers import load_triggers
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,8 @@ class DevConfig:
     log_dir: Path | None = None
     notify_interval: float = 0.5
     max_inflight: int = 2  # per Trigger: one generating + one queued in the function
+    signing_key: str | None = None  # None: a fresh key per run
+    tenant: str = "default"  # the S3 source's default tenant (images directly under uploads/<tenant>/)
 
 
 class FunctionProcess:
@@ -140,8 +150,10 @@ class DevStack:
         self.s3_endpoint: str | None = None
         self.functions: dict[str, FunctionProcess] = {}
         self.broker: Broker | None = None
-        self.deadletter = DeadLetterApp(sink="")
+        self.signing_key = self.cfg.signing_key or signing.new_signing_key()
+        self.deadletter = DeadLetterApp(sink="", signing_key=self.signing_key.encode())
         self.ingress_url = ""
+        self._listeners: list = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -154,7 +166,10 @@ class DevStack:
             self._tmp = tempfile.TemporaryDirectory(prefix="turboflow-dev-")
             c.log_dir = Path(self._tmp.name)
         c.log_dir.mkdir(parents=True, exist_ok=True)
-        self.nats = NatsServer(port=c.nats_port, store_dir=c.log_dir / "jetstream", host=c.host).start()
+        ingress = bind_listener("broker ingress", c.host, c.ingress_port or 0)  # fail fast: before anything starts
+        self._listeners.append(ingress)
+        self.nats = NatsServer(port=c.nats_port, store_dir=c.log_dir / "jetstream", host=c.host)
+        self.nats.start()
 
         for k, v in DEV_CREDENTIALS.items():  # boto3 in this process (source, notifier, CLI) and the children
             self._saved_env[k] = os.environ.get(k)
@@ -182,15 +197,19 @@ class DevStack:
                   for k in c.kinds}
         env = {**os.environ, "TURBOFLOW_BUCKET": c.bucket, "S3_ENDPOINT_URL": self.s3_endpoint,
                "TURBOFLOW_INPUT_BUCKETS": c.bucket, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in DEV_CREDENTIALS}, **c.function_env}
+               "PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in DEV_CREDENTIALS},
+               signing.SIGNING_KEY_VARIABLE: self.signing_key, **c.function_env}
         for kind in c.kinds:
             fp = FunctionProcess(kind, free_port(c.host), models[kind], env, c.log_dir / f"{kind}.log", c.host,
                                  c.device)
             await fp.start()
             self.functions[kind] = fp
 
-        dl_port = free_port(c.host)
-        self._tasks.append(asyncio.create_task(serve_asgi(self.deadletter, c.host, dl_port, self._stop)))
+        dead_letter = bind_listener("dead-letter sink", c.host, 0)
+        self._listeners.append(dead_letter)
+        dl_port = dead_letter.getsockname()[1]
+        self._tasks.append(asyncio.create_task(serve_asgi(self.deadletter, c.host, dl_port, self._stop,
+                                                          sock=dead_letter)))
         addresses = {f"turboflow-{k}": fp.url for k, fp in self.functions.items()}
         addresses["turboflow-deadletter"] = f"http://{c.host}:{dl_port}/"
         triggers = [t for t in load_triggers(broker=c.broker, namespace=c.namespace)
@@ -199,24 +218,32 @@ class DevStack:
             triggers = [t.with_delivery(**c.delivery) for t in triggers]
         self.broker = Broker(self.nats.url, triggers, addresses, namespace=c.namespace, name=c.broker,
                              gates={fp.url: fp.ready_url for fp in self.functions.values()},
-                             max_inflight=c.max_inflight)
+                             max_inflight=c.max_inflight, signing_key=self.signing_key.encode())
         await self.broker.start()
-        port = c.ingress_port or free_port(c.host)
-        self._tasks.append(asyncio.create_task(serve_asgi(self.broker.asgi, c.host, port, self._stop)))
+        self._check_own_nats()
+        port = ingress.getsockname()[1]
+        self._tasks.append(asyncio.create_task(serve_asgi(self.broker.asgi, c.host, port, self._stop,
+                                                          sock=ingress)))
         self.ingress_url = f"http://{c.host}:{port}/{c.namespace}/{c.broker}"
         await _wait_port(c.host, port)
         await _wait_port(c.host, dl_port)
 
         from turboflow.storage.s3source import BucketNotifier, S3Source, S3SourceConfig, run_source
 
-        source = S3Source(s3, S3SourceConfig(prefix=c.upload_prefix, buckets=(c.bucket,)))
+        source = S3Source(s3, S3SourceConfig(prefix=c.upload_prefix, buckets=(c.bucket,), tenant=c.tenant))
         self.notifier = BucketNotifier(s3, c.bucket, c.upload_prefix, self.nats.url, interval=c.notify_interval)
         self._tasks.append(asyncio.create_task(self.notifier.run(self._stop)))
         self._tasks.append(asyncio.create_task(run_source(self.nats.url, source, self.ingress_url, self._stop)))
         if c.state_file:
-            c.state_file.parent.mkdir(parents=True, exist_ok=True)
-            c.state_file.write_text(json.dumps(self.endpoints(), indent=2))
+            write_private(c.state_file, json.dumps({**self.endpoints(), "signing_key": self.signing_key}, indent=2))
         return self
+
+    def _check_own_nats(self) -> None:
+        """The broker must talk to the nats-server this stack started, not one that happened to answer."""
+        info = getattr(self.broker.nc, "_server_info", None) or {}
+        if info.get("server_name") != self.nats.server_name:
+            raise RuntimeError(f"the broker reached NATS server {info.get('server_name')!r} on {self.nats.url}, "
+                               f"not the one this stack started ({self.nats.server_name})")
 
     def s3_client(self):
         import boto3
@@ -228,7 +255,7 @@ class DevStack:
     def endpoints(self) -> dict:
         return {"broker": self.ingress_url, "nats": self.nats.url, "stream": self.broker.stream,
                 "subjects": f"{self.broker.prefix}.>", "s3_endpoint": self.s3_endpoint, "bucket": self.cfg.bucket,
-                "upload_prefix": f"s3://{self.cfg.bucket}/{self.cfg.upload_prefix}",
+                "upload_prefix": f"s3://{self.cfg.bucket}/{self.cfg.upload_prefix}<tenant>/",
                 "functions": {k: fp.url for k, fp in self.functions.items()},
                 "logs": str(self.cfg.log_dir), "pid": os.getpid()}
 
@@ -274,6 +301,8 @@ class DevStack:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for listener in self._listeners:
+            listener.close()
         if self._tmp:
             self._tmp.cleanup()
 
@@ -286,6 +315,15 @@ class DevStack:
 
     async def __aexit__(self, *exc):
         await self.stop()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (0600): it holds the signing key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode on O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 async def _wait_port(host: str, port: int, timeout: float = 15) -> None:

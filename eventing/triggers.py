@@ -32,7 +32,7 @@ def parse_duration(value: str | int | float | None) -> float | None:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    m = _ISO_DURATION.match(str(value).strip())
+    m = _ISO_DURATION.fullmatch(str(value).strip())
     if not m or str(value).strip() in ("P", "PT"):
         raise TriggerError(f"not an ISO 8601 duration: {value!r} (e.g. PT10M, PT0.5S)")
     parts = {k: float(v) for k, v in m.groupdict().items() if v}
@@ -100,7 +100,8 @@ class Delivery:
                    dead_letter=Destination.from_spec(spec.get("deadLetterSink"), namespace))
 
 
-def _attr_text(value: Any) -> str:
+def attribute_text(value: Any) -> str:
+    """An attribute as the text filters compare (RFC 3339 with Z for times)."""
     if hasattr(value, "isoformat"):
         text = value.isoformat()
         return text.replace("+00:00", "Z")
@@ -132,7 +133,7 @@ def matches(expr: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
         for name, want in arg.items():
             if name not in attrs or attrs[name] is None:
                 return False
-            have = _attr_text(attrs[name])
+            have = attribute_text(attrs[name])
             ok = {"exact": have == str(want), "prefix": have.startswith(str(want)),
                   "suffix": have.endswith(str(want))}[dialect]
             if not ok:
@@ -160,7 +161,7 @@ class Trigger:
     def matches(self, attrs: Mapping[str, Any]) -> bool:
         if self.filters:
             return all(matches(f, attrs) for f in self.filters)
-        return all(v == "" or (k in attrs and _attr_text(attrs[k]) == str(v))
+        return all(v == "" or (k in attrs and attribute_text(attrs[k]) == str(v))
                    for k, v in self.legacy_attributes.items())
 
     def with_delivery(self, **changes) -> "Trigger":

@@ -6,17 +6,25 @@ durable JetStream consumer and POSTs one request per new image under the configu
 Broker). A notification is acked only after the Broker accepted the request.
 
 Request contents
+    tenant       the first key segment under the image prefix (TURBOFLOW_IMAGE_PREFIX, default `uploads`):
+                 `uploads/<tenant>/cat.png` - the same place the I2V function confines a tenant's s3:// images to.
+                 Metadata or a sidecar may repeat the tenant but not pick another one (the upload is skipped with a
+                 warning: whoever can write under uploads/acme/ speaks for acme only). An image directly under the
+                 watched prefix is accepted only when that prefix is `uploads/<default tenant>/` (--tenant);
+                 otherwise, and for keys outside `uploads/<tenant>/`, it is skipped with a warning.
     image        `s3://<bucket>/<key>` of the uploaded object (the I2V function reads it; its bucket must be in
                  the function's TURBOFLOW_INPUT_BUCKETS).
     prompt and options  object user metadata (`x-amz-meta-prompt`, `x-amz-meta-num-frames`, ...; `-` or `_`) and/or
                  a sidecar JSON object at `<key>.json` (wins over metadata). Only request fields are taken
                  (prompt, resolution, aspect_ratio, num_frames, num_steps, seed, sigma_max, attention, sla_topk,
-                 ode, boundary, adaptive_resolution, output_prefix, model); `tenant` picks the tenant. Without a
-                 prompt (and no --default-prompt) the upload is skipped with a warning.
+                 ode, boundary, adaptive_resolution, output_prefix, model). Without a prompt (and no
+                 --default-prompt) the upload is skipped with a warning. Images carrying the metadata
+                 `turboflow-request` were uploaded for a request that already exists (`turboflow submit --image`)
+                 and are skipped quietly.
     id           `s3-` + uuid5(bucket/key@ETag): a repeated notification is the same request (JetStream drops
-                 it; the function's idempotency makes one video). `time` is the object's LastModified, so the
-                 request maps to one output key. To run again, upload the image again (new ETag) - or under
-                 another key.
+                 it; the function's idempotency makes one video). No `time` attribute is set: the request is keyed
+                 by itself, never by when it was notified. To run again, upload the image again (new ETag) - or
+                 under another key.
     order        upload the sidecar first, or after: the image's notification emits when a prompt is available;
                  otherwise the sidecar's notification emits once the image exists.
 
@@ -29,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote_plus, unquote_plus
@@ -47,13 +57,22 @@ OPTION_FIELDS = ("prompt", "resolution", "aspect_ratio", "num_frames", "num_step
                  "sla_topk", "ode", "boundary", "adaptive_resolution", "output_prefix", "model")
 
 
+REQUEST_METADATA = "turboflow-request"  # set on images uploaded for an existing request: not a new request
+_TENANT = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # contracts.TENANT_PATTERN
+
+
+def _default_image_prefix() -> str:
+    return (os.environ.get("TURBOFLOW_IMAGE_PREFIX") or "uploads").strip("/")
+
+
 @dataclass
 class S3SourceConfig:
-    prefix: str = "uploads/"
+    prefix: str = "uploads/"  # watched key prefix (under image_prefix)
     buckets: tuple[str, ...] = ()  # empty: any bucket in the notifications
-    tenant: str | None = None  # default tenant (metadata/sidecar `tenant` wins)
+    tenant: str | None = None  # the tenant of images directly under a watched prefix `uploads/<tenant>/`
     default_prompt: str | None = None
     source: str = "/turboflow/s3source"
+    image_prefix: str = field(default_factory=_default_image_prefix)  # tenants' image areas: <image_prefix>/<t>/
 
 
 def records_of(payload: bytes | str | dict) -> list[dict]:
@@ -108,6 +127,20 @@ class S3Source:
     def _wanted(self, bucket: str, key: str) -> bool:
         return (not self.cfg.buckets or bucket in self.cfg.buckets) and key.startswith(self.cfg.prefix)
 
+    def tenant_for(self, key: str) -> tuple[str | None, str]:
+        """(tenant, "") from the key's place under <image_prefix>/<tenant>/, or (None, why not)."""
+        root = self.cfg.image_prefix.strip("/") + "/"
+        tenant, sep, rest = key[len(root):].partition("/") if key.startswith(root) else ("", "", "")
+        if not sep or not rest:
+            return None, f"it is not under {root}<tenant>/ (the only place the I2V function reads a tenant's images)"
+        if not _TENANT.fullmatch(tenant):
+            return None, f"{tenant[:64]!r} in {root}<tenant>/ is not a tenant name (a DNS label)"
+        directly_under_prefix = "/" not in key[len(self.cfg.prefix):]
+        if directly_under_prefix and self.cfg.prefix != f"{root}{self.cfg.tenant}/":
+            return None, (f"it is directly under the watched prefix {self.cfg.prefix}, which is not "
+                          f"{root}<default tenant>/: upload it under {self.cfg.prefix}<tenant>/")
+        return tenant, ""
+
     def _head(self, bucket: str, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
@@ -155,8 +188,7 @@ class S3Source:
         return out
 
     def request_for(self, bucket: str, key: str, sidecar_notified: bool = False):
-        from cloudevents.core.v1.event import CloudEvent
-
+        from turboflow.eventing.nats_binding import ExactCloudEvent
         from turboflow.eventing.types import I2V_REQUESTED, TENANT_EXTENSION
 
         head = self._head(bucket, key)
@@ -164,9 +196,18 @@ class S3Source:
             if not sidecar_notified:
                 log.warning("s3source: %s/%s is gone; skipped", bucket, key)
             return None  # a sidecar for an image not uploaded yet: the image's notification will emit
+        metadata = {mkey.lower().removeprefix("x-amz-meta-"): value for mkey, value in
+                    (head.get("Metadata") or {}).items()}
+        if REQUEST_METADATA in metadata:
+            log.debug("s3source: %s/%s belongs to request %s; skipped", bucket, key, metadata[REQUEST_METADATA])
+            return None
+        tenant, why_not = self.tenant_for(key)
+        if tenant is None:
+            log.warning("s3source: %s/%s skipped: %s", bucket, key, why_not)
+            return None
         options: dict[str, Any] = {}
-        for mkey, value in (head.get("Metadata") or {}).items():
-            name = mkey.lower().removeprefix("x-amz-meta-").replace("-", "_")
+        for mkey, value in metadata.items():
+            name = mkey.replace("-", "_")
             if name in OPTION_FIELDS or name == "tenant":
                 options[name] = _coerce(name, value)
         sidecar = self._sidecar(bucket, key)
@@ -174,7 +215,12 @@ class S3Source:
         if ignored:
             log.warning("s3source: %s/%s%s: ignoring fields %s", bucket, key, SIDECAR_SUFFIX, ignored)
         options.update({k: v for k, v in sidecar.items() if k in OPTION_FIELDS or k == "tenant"})
-        tenant = options.pop("tenant", None) or self.cfg.tenant
+        claimed = options.pop("tenant", None)
+        if claimed not in (None, "", tenant):
+            log.warning("s3source: %s/%s skipped: metadata/sidecar asks for tenant %r, but the key is under "
+                        "tenant %r's prefix (a tenant is chosen by where the image is uploaded)", bucket, key,
+                        str(claimed)[:64], tenant)
+            return None
         if not options.get("prompt"):
             if self.cfg.default_prompt:
                 options["prompt"] = self.cfg.default_prompt
@@ -184,17 +230,19 @@ class S3Source:
                                 bucket, key, key, SIDECAR_SUFFIX)
                 return None
         etag = str(head.get("ETag", "")).strip('"')
-        when = head.get("LastModified") or datetime.now(timezone.utc)
-        attrs = {"type": I2V_REQUESTED, "source": f"{self.cfg.source}/{bucket}", "id": request_id_for(bucket, key, etag),
-                 "subject": key, "time": when, "datacontenttype": "application/json"}
-        if tenant:
-            attrs[TENANT_EXTENSION] = str(tenant)
-        return CloudEvent(attributes=attrs, data={**options, "image": f"s3://{bucket}/{key}"})
+        attrs = {"type": I2V_REQUESTED, "source": f"{self.cfg.source}/{bucket}",
+                 "id": request_id_for(bucket, key, etag), "subject": key, "datacontenttype": "application/json",
+                 TENANT_EXTENSION: tenant}
+        return ExactCloudEvent(attrs, {**options, "image": f"s3://{bucket}/{key}"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the source: NATS subject in, HTTP sink (K_SINK) out
 # ---------------------------------------------------------------------------------------------------------------
+class SinkRefused(RuntimeError):
+    """The sink answered a terminal 4xx (e.g. 409: this upload's id was already sent with other content)."""
+
+
 async def post_to_sink(client, sink: str, event, attempts: int = 8) -> None:
     """POST `event` (binary mode) to the sink, retrying 5xx/connection errors with backoff."""
     import httpx
@@ -208,7 +256,7 @@ async def post_to_sink(client, sink: str, event, attempts: int = 8) -> None:
             if r.status_code < 300:
                 return
             if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                raise RuntimeError(f"sink refused {event.get_id()}: HTTP {r.status_code} {r.text[:200]}")
+                raise SinkRefused(f"sink refused {event.get_id()}: HTTP {r.status_code} {r.text[:200]}")
         except httpx.HTTPError as e:
             if attempt == attempts - 1:
                 raise
@@ -248,7 +296,11 @@ async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.E
             log.warning("s3source: not an S3 notification (%s): ignored", e)
             return
         for event in await asyncio.to_thread(source.events_for, records):
-            await post_to_sink(client, sink, event)
+            try:
+                await post_to_sink(client, sink, event)
+            except SinkRefused as e:  # terminal: retrying the notification cannot change the answer
+                log.warning("s3source: %s: %s", event.get_subject(), e)
+                continue
             log.info("s3source: %s -> request %s", event.get_subject(), event.get_id())
             if emitted is not None:
                 result = emitted(event)

@@ -23,6 +23,7 @@ class Sink:
     def __init__(self, behaviour=None):
         self.behaviour = behaviour or (lambda event, n: (200, None))
         self.received: list = []
+        self.raw_headers: list[dict] = []  # what came over the wire (the SDK's parse would invent a `time`)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self._stop = asyncio.Event()
@@ -35,12 +36,18 @@ class Sink:
             return
         body = await read_body(receive)
         headers = request_headers(scope)
+        self.raw_headers.append(headers)
         event = from_http_event(HTTPMessage(headers=headers, body=body))
         self.received.append(event)
         result = self.behaviour(event, len(self.received))
         if asyncio.iscoroutine(result):
             result = await result
         status, reply = result
+        if isinstance(reply, bytes):  # a plain JSON answer, e.g. a function's {error, message, retryable}
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": reply})
+            return
         if reply is None:
             await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b"sink says no" if status >= 400 else b""})
@@ -91,6 +98,10 @@ class Collector:
 
     async def __aexit__(self, *exc):
         await self.nc.close()
+
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict | None = None):
+        """Store a message as any NATS client could (no binding, no validation)."""
+        return await self.nc.jetstream().publish(subject, payload, headers=headers)
 
     def of_type(self, event_type: str) -> list:
         return [e for e in self.events if e.get_type() == event_type]

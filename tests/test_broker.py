@@ -11,7 +11,7 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 
 from turboflow.eventing.broker import publish_event, subject_for
 from turboflow.eventing.deadletter import DeadLetterApp
-from turboflow.eventing.nats_binding import from_nats, to_nats
+from turboflow.eventing.nats_binding import from_nats, msg_id, to_nats
 from turboflow.eventing.natsserver import NatsServer, find_nats_server
 from turboflow.eventing.triggers import load_triggers
 
@@ -36,7 +36,7 @@ def test_nats_binding_round_trip(mode):
     ev = event(tenant="acme", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                data={"prompt": "über café"})
     headers, payload = to_nats(ev, mode)
-    assert headers["Nats-Msg-Id"] == ev.get_id()
+    assert headers["Nats-Msg-Id"] == msg_id(ev.get_source(), ev.get_id()) != msg_id("/other", ev.get_id())
     if mode == "binary":
         assert headers["ce-type"] == T2V and headers["Content-Type"] == "application/json"
         assert json.loads(payload) == {"prompt": "über café"}
@@ -104,7 +104,7 @@ async def test_direct_nats_publishing_both_modes(nats_server):
             await publish_event(js, a, mode="binary")
             await publish_event(js, b, mode="structured")
             dup = await publish_event(js, a, mode="binary")
-            assert dup.duplicate  # Nats-Msg-Id = event id: JetStream drops the repeat
+            assert dup.duplicate  # Nats-Msg-Id = f(source, id): JetStream drops the repeat
             await nc.close()
             for _ in range(200):
                 if t2v.received and i2v.received:
@@ -131,7 +131,7 @@ async def test_retries_then_dead_letter_emits_failed(nats_server):
                 failed = await seen.wait_for(lambda e: e.get_type() == "io.turboflow.video.failed")
                 assert len(t2v.received) == 4  # 1 + retry 3
                 data = data_of(failed[0])
-                assert data["code"] == "delivery_failed" and data["retryable"] is False
+                assert data["code"] == "delivery_failed" and data["retryable"] is True  # a 503 is transient
                 assert data["request_id"] == req.get_id() and failed[0].get_subject() == req.get_id()
                 assert "HTTP 503" in data["message"] and "sink says no" in data["message"]
                 assert failed[0].get_attributes()["tenant"] == "acme"
@@ -235,6 +235,8 @@ def test_trigger_yaml_is_what_the_broker_routes():
     assert set(triggers) == {"turboflow-t2v", "turboflow-i2v"}
     t2v = triggers["turboflow-t2v"]
     assert t2v.matches({"type": T2V}) and not t2v.matches({"type": I2V})
-    assert t2v.delivery.timeout == 600 and t2v.delivery.retry == 3
+    assert t2v.delivery.timeout == 600 and t2v.delivery.retry == 7
     assert t2v.delivery.backoff_policy == "exponential" and t2v.delivery.backoff(3) == 20.0
+    budget = sum(t2v.delivery.backoff(n) for n in range(1, t2v.delivery.retry + 1))
+    assert budget >= 600, f"the retry budget ({budget:g} s) must ride out a 10 minute outage"
     assert t2v.delivery.dead_letter.ref["name"] == "turboflow-deadletter"

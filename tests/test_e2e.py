@@ -103,9 +103,10 @@ async def check_video(stack, reply, tmp_path, kind):
 
 async def test_t2v_and_i2v_via_http_ingress(stack, completions, tmp_path):
     s3 = stack.s3_client()
-    s3.put_object(Bucket=stack.cfg.bucket, Key="inputs/red.png", Body=png())
+    s3.put_object(Bucket=stack.cfg.bucket, Key="uploads/default/red.png", Body=png(),
+                  Metadata={"turboflow-request": "e2e"})  # an input, not an upload-triggered request
     t2v = build_request("t2v", "a red fox running in the snow", options=SMALL, tenant="acme")
-    i2v = build_request("i2v", "the sun rises", options=SMALL, image=f"s3://{stack.cfg.bucket}/inputs/red.png")
+    i2v = build_request("i2v", "the sun rises", options=SMALL, image=f"s3://{stack.cfg.bucket}/uploads/default/red.png")
     await http_post(stack, t2v, "binary")
     await http_post(stack, i2v, "structured")
     (a,) = await completions.wait_for(is_reply_to(t2v.get_id()), timeout=90)
@@ -144,24 +145,27 @@ async def test_s3_upload_triggers_i2v(stack, completions, tmp_path):
     s3 = stack.s3_client()
     bucket = stack.cfg.bucket
     # 1) prompt and options in object metadata
-    put = s3.put_object(Bucket=bucket, Key="uploads/cat+1.png", Body=png((250, 200, 10)), ContentType="image/png",
+    put = s3.put_object(Bucket=bucket, Key="uploads/studio/cat+1.png", Body=png((250, 200, 10)), ContentType="image/png",
                         Metadata={"prompt": "a cat in the sun", "num-frames": "1", "num_steps": "2",
                                   "aspect-ratio": "4:3", "tenant": "studio"})
-    rid = request_id_for(bucket, "uploads/cat+1.png", put["ETag"])  # MinIO sends the key URL-encoded (%2B)
+    rid = request_id_for(bucket, "uploads/studio/cat+1.png", put["ETag"])  # MinIO sends the key URL-encoded (%2B)
     # 2) a sidecar JSON written before the image
-    s3.put_object(Bucket=bucket, Key="uploads/dog.jpg.json", Body=json.dumps(
+    s3.put_object(Bucket=bucket, Key="uploads/default/dog.jpg.json", Body=json.dumps(
         {"prompt": "a dog on a beach", **SMALL, "comment": "ignored"}).encode())
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 200)).save(buf, format="JPEG")
-    put2 = s3.put_object(Bucket=bucket, Key="uploads/dog.jpg", Body=buf.getvalue(), ContentType="image/jpeg")
-    rid2 = request_id_for(bucket, "uploads/dog.jpg", put2["ETag"])
+    put2 = s3.put_object(Bucket=bucket, Key="uploads/default/dog.jpg", Body=buf.getvalue(),
+                         ContentType="image/jpeg")
+    rid2 = request_id_for(bucket, "uploads/default/dog.jpg", put2["ETag"])
     # 3) not under the prefix / not an image: nothing happens
     s3.put_object(Bucket=bucket, Key="elsewhere/x.png", Body=png(), Metadata={"prompt": "no"})
-    s3.put_object(Bucket=bucket, Key="uploads/notes.txt", Body=b"hello", Metadata={"prompt": "no"})
+    s3.put_object(Bucket=bucket, Key="uploads/default/notes.txt", Body=b"hello", Metadata={"prompt": "no"})
+    s3.put_object(Bucket=bucket, Key="uploads/studio/steal.png", Body=png(), Metadata={"prompt": "no",
+                                                                                      "tenant": "victim"})
     # 4) a key the contract cannot reference (whitespace): the uploader gets a failed event, not silence
-    put3 = s3.put_object(Bucket=bucket, Key="uploads/with space.png", Body=png(), Metadata={"prompt": "x"})
-    rid3 = request_id_for(bucket, "uploads/with space.png", put3["ETag"])
+    put3 = s3.put_object(Bucket=bucket, Key="uploads/default/with space.png", Body=png(), Metadata={"prompt": "x"})
+    rid3 = request_id_for(bucket, "uploads/default/with space.png", put3["ETag"])
 
     (a,) = await completions.wait_for(is_reply_to(rid), timeout=90)
     (b,) = await completions.wait_for(is_reply_to(rid2), timeout=90)

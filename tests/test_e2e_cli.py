@@ -42,6 +42,15 @@ def test_dev_submit_tail_and_ctrl_c(tiny_t2v_dir, tiny_i2v_dir, tmp_path):
         out = (tmp_path / "dev.out").read_text()
         state = json.loads((tmp_path / "dev.json").read_text())
         assert state["broker"] in out and state["nats"] in out and "TURBOFLOW_EVENTS" in out
+        assert (tmp_path / "dev.json").stat().st_mode & 0o777 == 0o600 and len(state["signing_key"]) >= 32
+        assert state["signing_key"] not in out
+        # nobody but turboflow may post a completion: the ingress wants the run's signature
+        forged = {"specversion": "1.0", "type": "io.turboflow.video.completed", "source": "/evil", "id": "f-1",
+                  "subject": "anything", "data": {"request_id": "anything"}}
+        import httpx
+        r = httpx.post(state["broker"], content=json.dumps(forged),
+                       headers={"content-type": "application/cloudevents+json"})
+        assert r.status_code == 403 and "turboflowsig" in r.text
 
         tail = subprocess.Popen([*turboflow, "events", "tail", "--all", "-n", "2"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -50,6 +59,10 @@ def test_dev_submit_tail_and_ctrl_c(tiny_t2v_dir, tiny_i2v_dir, tmp_path):
                               "--timeout", "120"], env=env, capture_output=True, text=True, timeout=180)
         assert sub.returncode == 0, sub.stdout + sub.stderr
         assert "io.turboflow.video.completed" in sub.stdout and "sha256 ok" in sub.stdout
+        printed = sub.stdout + sub.stderr
+        assert "s3://" in printed and str(tmp_path / "out") in printed
+        assert "X-Amz-" not in printed and "Signature=" not in printed and "credentials" not in printed.lower()
+        assert "warning" not in printed  # the reply verified with the run's key
         assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
         tail_out, _ = tail.communicate(timeout=30)
         lines = [ln for ln in tail_out.splitlines() if "io.turboflow.video." in ln]
