@@ -43,15 +43,17 @@ def _headers(event_type: str, reply: bool) -> dict:
         "ce-source": {"type": "string", "description": "URI-reference of the producer"
                       + ("; the function's source (TURBOFLOW_EVENT_SOURCE, default /turboflow/functions/<kind>)"
                          if reply else "")},
-        "ce-id": ({"type": "string", "description": "uuid5 of (request id, type[, source, code]): a redelivered "
-                   "request gets the same reply id, so JetStream de-duplicates it"} if reply else
+        "ce-id": ({"type": "string", "description": "derived from the request's (source, id, type[, source, "
+                   "code]) with the deployment's signing key (HMAC; uuid5 without a key): a redelivered request "
+                   "gets the same reply id, so JetStream de-duplicates it, and nobody without the key can predict "
+                   "it"} if reply else
                   {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-                   "description": "The request id. Names the output object: never reuse one for a different "
-                                  "request."}),
+                   "description": "The request id (required). Names the output object: a reused id with a "
+                                  "different input fails with `id_conflict`; the same input replays."}),
         "ce-time": {"type": "string", "format": "date-time",
                     "description": ("completion time" if reply else
-                                    "Request time; its UTC date names the output folder (without it, the day the "
-                                    "request arrived)")},
+                                    "Request time; its UTC date names the output folder. Without it the key has "
+                                    "no date folders (`.../<tenant>[/<output_prefix>]/<request-id>.mp4`).")},
         f"ce-{TENANT_EXTENSION}": {"type": "string", "pattern": TENANT_PATTERN,
                                    "description": f"Tenant (extension); default {DEFAULT_TENANT!r}"},
         f"ce-{TRACEPARENT_EXTENSION}": {"type": "string",
@@ -61,6 +63,8 @@ def _headers(event_type: str, reply: bool) -> dict:
     }
     if reply:
         props["ce-subject"] = {"type": "string", "description": "The request id"}
+        props["ce-turboflowsig"] = {"type": "string", "description": "HMAC-SHA256 signature (eventing/signing.py) "
+                                    "with the deployment's TURBOFLOW_EVENT_SIGNING_KEY; present when one is set"}
         props["ce-dataschema"] = {"type": "string", "format": "uri"}
     required = ["ce-specversion", "ce-type", "ce-source", "ce-id"] + (["ce-subject"] if reply else [])
     return {"type": "object", "required": required, "properties": props}
@@ -80,18 +84,28 @@ CloudEvents exchanged by turboflow's video functions through a Knative Broker.
 A Trigger delivers `{T2V_REQUESTED}` / `{I2V_REQUESTED}` to the function over HTTP (binary or structured
 mode). The HTTP response is the reply event, which the broker publishes:
 
-- **200 + `{COMPLETED}`**: the video is in S3. A redelivered request (same CloudEvent id) is answered from
-  the stored result with an equal event, without generating again.
+- **200 + `{COMPLETED}`**: the video is in S3. A redelivered request (same CloudEvent source, id and input) is
+  answered from the stored result with an equal event, without generating again; the same id with a different
+  input (another source, prompt, image...) gets `{FAILED}` with `id_conflict`.
 - **200 + `{FAILED}`** (`retryable: false`): invalid input of any kind, unknown model, out of memory.
   Never retried by the broker.
 - **503** (JSON body `{{error, message, retryable: true}}`, no event, `Retry-After`): model still loading
   (`not_ready`), device busy (`device_busy`), S3 unreachable (`storage_unavailable`) or misconfigured
   (`storage_misconfigured`). The broker retries with backoff; a dead-letter sink may emit `{FAILED}` once retries run out.
-- **400**: the body is not a CloudEvent.
+- **400** (JSON `{{error: invalid_cloudevent, message}}`): the body is not a valid CloudEvent (no `id` or
+  `specversion`, header values that are not UTF-8, JSON nested too deeply).
+
+Authenticity: with `TURBOFLOW_EVENT_SIGNING_KEY` set, replies carry the `turboflowsig` extension (HMAC-SHA256, see
+eventing/signing.py) and their ids are derived with the key.
 
 Output objects: `s3://$TURBOFLOW_BUCKET/$TURBOFLOW_OUTPUT_PREFIX/<tenant>[/<output_prefix>]/<yyyy>/<mm>/<dd>/<request-id>.mp4`
+when the request has a `time` (its UTC date), `.../<tenant>[/<output_prefix>]/<request-id>.mp4` without one
 (content-type video/mp4, metadata request-id, tenant, model, seed, steps, kind, sha256) plus `<request-id>.json`,
-the completion data.
+the completion data with the request's `input_sha256`.
+
+I2V images: `s3://<bucket in TURBOFLOW_INPUT_BUCKETS>/<TURBOFLOW_IMAGE_PREFIX>/<tenant>/...` (the requesting tenant's
+uploads) or a prefix listed in TURBOFLOW_SHARED_IMAGE_PREFIXES; anything else is `image_not_allowed`, whether or not
+the object exists.
 
 Usage: `usage.gpu_seconds` is the wall time the request held the device; the first request a pod completes also
 carries the model load (`cold_start: true`).

@@ -6,20 +6,23 @@ from it (`python -m turboflow.eventing.asyncapi --write`; tests/test_contracts.p
 
 Requests
     `io.turboflow.video.t2v.requested` / `io.turboflow.video.i2v.requested`. The CloudEvent `id` is the request id
-    (it names the output object, so producers must not reuse ids). Extension `tenant` selects the tenant
-    (default "default"); `traceparent` is carried onto the reply.
+    (it names the output object). CloudEvents identity is `source` + `id`: a request id reused (by any source, in
+    the same tenant and prefix) for a different input fails with `id_conflict`; the same input replays. Extension
+    `tenant` selects the tenant (default "default"); `traceparent` is carried onto the reply.
 Replies (the HTTP response to the request, re-published by the broker)
     `io.turboflow.video.completed`, `io.turboflow.video.failed`: `subject` = request id, extensions `tenant` and
-    `traceparent` kept. Their ids are derived from the request id (uuid5), so the reply to a redelivered request is
-    the *same* event and JetStream's Nats-Msg-Id de-duplication drops it.
+    `traceparent` kept. Their ids are derived from the request's (source, id) with the deployment's signing key
+    (eventing/signing.py; uuid5 over a public namespace without one), so the reply to a redelivered request is the
+    *same* event and JetStream's Nats-Msg-Id de-duplication drops it. With a key, replies are signed
+    (`turboflowsig`).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +36,9 @@ from .event_schemas import (  # noqa: F401
     SCHEMA_BASE, SCHEMA_DIALECT, TRACEPARENT_EXTENSION, TRACESTATE_EXTENSION, DEFAULT_SOURCES, _ID_NAMESPACE,
     TENANT_PATTERN, REQUEST_ID_PATTERN, PREFIX_SEGMENT, OUTPUT_PREFIX_PATTERN, MODEL_PATTERN, S3_URI_PATTERN,
     DATA_URI_PATTERN, MAX_INLINE_IMAGE_CHARS, DEFAULT_MAX_INLINE_IMAGE_BYTES, ContractError, COMPLETED_SCHEMA,
-    FAILED_SCHEMA, SCHEMAS, SCHEMA_FILES, ERROR_CODES, validator, validate_data)
+    FAILED_SCHEMA, SCHEMAS, SCHEMA_FILES, ERROR_CODES, IMPLEMENTED_ATTENTION, UNAVAILABLE_ATTENTION, full_match,
+    validator, validate_data)
+from .signing import canonical_json, derive_id, sign_attributes
 from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,11 +68,12 @@ class ParsedRequest:
     model: str | None  # the model the producer asked for, if any
     generation: GenerationRequest  # validated; for an s3:// image, `image` is None until fetched
     image: ImageRef | None
-    time: datetime  # the request event's time (names the date folder; redelivery maps to the same key)
+    time: datetime | None  # the request event's time (names the date folder), None when the event has none
     source: str
     traceparent: str | None = None
     tracestate: str | None = None
     data: dict = field(default_factory=dict)
+    input_sha256: str = ""  # canonical hash of the input: a reused id with another input is an id_conflict
 
 
 def _attr(event, name: str):
@@ -90,9 +96,46 @@ def request_context(event) -> dict:
     etype = _attr(event, "type")
     kind = next((k for k, t in REQUEST_TYPES.items() if t == etype), None)
     tenant = _attr(event, TENANT_EXTENSION)
+    source = _attr(event, "source")
     return {"request_id": str(_attr(event, "id") or ""), "tenant": tenant if isinstance(tenant, str) else None,
             "traceparent": _attr(event, TRACEPARENT_EXTENSION), "kind": kind,
-            "source": DEFAULT_SOURCES.get(kind or "", "/turboflow/functions")}
+            "source": DEFAULT_SOURCES.get(kind or "", "/turboflow/functions"),
+            "request_source": source if isinstance(source, str) else ""}
+
+
+def derived_seed(request_id: str) -> int:
+    """The seed of a request that leaves `seed` out: in [1, 2^63-1], derived from the request id, so a redelivery
+    that must generate again reproduces the same video."""
+    digest = hashlib.sha256(f"turboflow-seed/{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63 - 2) + 1
+
+
+def input_digest(*, source: str, tenant: str, kind: str, data: dict, image: "ImageRef | None") -> str:
+    """sha256 over the canonical JSON of what the request asks for: its source, tenant, kind and data, an inline
+    image by its decoded bytes' digest (an s3:// image by its reference). Equal for a redelivery, different for
+    another request reusing the id."""
+    fields = dict(data)
+    if image is not None and image.scheme == "inline":
+        fields["image"] = "sha256:" + hashlib.sha256(image.data or b"").hexdigest()
+    text = canonical_json({"source": source, "tenant": tenant, "kind": kind, "data": fields})
+    return hashlib.sha256(text).hexdigest()
+
+
+def parse_time(value) -> datetime | None:
+    """The request's `time` attribute as an aware UTC datetime; None when absent; ContractError when garbled."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ContractError(f"time {value[:60]!r} is not an RFC 3339 timestamp", code="invalid_time",
+                                field="time") from None
+    if not isinstance(value, datetime):
+        raise ContractError("time is not an RFC 3339 timestamp", code="invalid_time", field="time")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 def decode_inline_image(uri: str, max_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES) -> ImageRef:
@@ -104,7 +147,7 @@ def decode_inline_image(uri: str, max_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTE
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ContractError(f"inline image is not valid base64: {e}", code="invalid_image_base64",
+        raise ContractError("inline image is not valid base64", code="invalid_image_base64",
                             field="image") from e
     if not raw:
         raise ContractError("inline image is empty", code="invalid_image_base64", field="image")
@@ -130,7 +173,7 @@ def check_image_header(raw: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
             with Image.open(io.BytesIO(raw)) as img:
                 width, height = img.size
     except Image.DecompressionBombError as e:
-        raise ContractError(f"image is too large to decode safely: {e}", code="image_too_large",
+        raise ContractError("image has too many pixels to decode safely", code="image_too_large",
                             field="image") from e
     except Exception:
         return
@@ -162,10 +205,12 @@ def _placeholder_image():
 
 def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
                   max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES,
-                  model_defaults: dict | None = None) -> ParsedRequest:
+                  model_defaults: dict | None = None, has_time: bool = True) -> ParsedRequest:
     """Validate a request CloudEvent completely (attributes, schema, engine rules, inline image) without I/O.
 
     `model_defaults`: the serving model's manifest defaults; they fill the request fields the event leaves out.
+    `has_time`: False when the request carried no `time` (the CloudEvents SDK fills one in when decoding; the
+    function's HTTP guard knows better): the output key then has no date folders.
 
     Raises ContractError / InvalidRequestError (both carry a stable `code`); the caller answers with
     `failed_event(...)`. An s3:// image is only syntax-checked here; fetching it (and the bucket allow-list) is
@@ -178,14 +223,14 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
         raise ContractError(f"event type {etype!r} is not served here (expected {served})",
                             code="unsupported_event_type")
     request_id = _attr(event, "id")
-    if not isinstance(request_id, str) or not re.match(REQUEST_ID_PATTERN, request_id):
+    if not full_match(REQUEST_ID_PATTERN, request_id):
         raise ContractError(f"event id {str(request_id)[:140]!r} cannot name a request: use 1-128 characters "
                             "[A-Za-z0-9._-] starting with a letter or digit (a UUID is ideal)",
                             code="invalid_request_id")
     tenant = _attr(event, TENANT_EXTENSION)
     if tenant is None or tenant == "":
         tenant = DEFAULT_TENANT
-    if not isinstance(tenant, str) or not re.match(TENANT_PATTERN, tenant):
+    if not full_match(TENANT_PATTERN, tenant):
         raise ContractError(f"tenant {str(tenant)[:80]!r} must be a DNS label (lowercase letters, digits, '-')",
                             code="invalid_tenant", field=TENANT_EXTENSION)
     content_type = _attr(event, "datacontenttype")
@@ -195,11 +240,15 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
     if isinstance(data, (bytes, bytearray, str)):
         try:
             data = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ContractError(f"data is not valid JSON: {e}", code="invalid_data") from e
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ContractError(f"data is not valid JSON: {str(e)[:200]}", code="invalid_data") from e
     if not isinstance(data, dict):
         raise ContractError(f"data must be a JSON object, got {type(data).__name__}", code="invalid_data")
+    attention = data.get("attention")
+    if isinstance(attention, str) and attention in UNAVAILABLE_ATTENTION:
+        raise ContractError(UNAVAILABLE_ATTENTION[attention], code="unsupported_option", field="attention")
     validate_data(etype, data)
+    when = parse_time(_attr(event, "time")) if has_time else None
 
     image_ref = None
     gen_image = None
@@ -217,28 +266,22 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
                                    "sigma_max", "attention", "sla_topk", "ode", "boundary",
                                    "adaptive_resolution") if k in data}
     fields = {**model_request_defaults(model_defaults), **fields}  # what the request leaves out, the model decides
+    if "seed" not in data:  # "pick one": derived from the request id, so a redelivery reproduces the video
+        fields["seed"] = derived_seed(request_id)
     generation = GenerationRequest(kind=kind, image=gen_image, **fields).validated()
     if image_ref is not None and image_ref.scheme == "s3":
         generation = generation.replace(image=None)
     elif image_ref is not None:
         # keep the decoded bytes; the engine re-opens them (validated() already proved they decode)
         generation = generation.replace(image=image_ref.data)
-
-    when = _attr(event, "time")
-    if isinstance(when, str):
-        try:
-            when = datetime.fromisoformat(when.replace("Z", "+00:00"))
-        except ValueError:
-            when = None
-    if not isinstance(when, datetime):
-        when = datetime.now(timezone.utc)  # documented: without `time`, the date folder is the day it arrived
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+    source = str(_attr(event, "source") or "")
     return ParsedRequest(request_id=request_id, kind=kind, event_type=etype, tenant=tenant,
                          output_prefix=data.get("output_prefix"), model=data.get("model"), generation=generation,
-                         image=image_ref, time=when.astimezone(timezone.utc), source=str(_attr(event, "source")),
+                         image=image_ref, time=when, source=source,
                          traceparent=_attr(event, TRACEPARENT_EXTENSION),
-                         tracestate=_attr(event, TRACESTATE_EXTENSION), data=data)
+                         tracestate=_attr(event, TRACESTATE_EXTENSION), data=data,
+                         input_sha256=input_digest(source=source, tenant=tenant, kind=kind, data=data,
+                                                   image=image_ref))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,20 +293,28 @@ def _cloudevent(attributes: dict, data: dict):
     return CloudEvent(attributes={k: v for k, v in attributes.items() if v is not None}, data=data)
 
 
-def reply_id(request_id: str, event_type: str, *extra: str) -> str:
-    """Deterministic id of a reply: new (never the request's id), equal for a redelivered request."""
-    return str(uuid.uuid5(_ID_NAMESPACE, "/".join((request_id, event_type, *extra))))
+def reply_id(request_id: str, event_type: str, *extra: str, request_source: str = "",
+             signing_key: bytes | None = None) -> str:
+    """Deterministic id of a reply: new (never the request's id), equal for a redelivered request. Derived from the
+    request's (source, id) with the signing key, so nobody without it can predict (and pre-empt) it."""
+    return derive_id(signing_key, request_source, request_id, event_type, *extra)
 
 
-def completed_event(request_event, data: dict, *, source: str | None = None, time: datetime | None = None):
+def _signed_cloudevent(attributes: dict, data: dict, signing_key: bytes | None):
+    present = {k: v for k, v in attributes.items() if v is not None}
+    return _cloudevent(sign_attributes(signing_key, present, data), data)
+
+
+def completed_event(request_event, data: dict, *, source: str | None = None, time: datetime | None = None,
+                    signing_key: bytes | None = None):
     """`io.turboflow.video.completed` answering `request_event` (a CloudEvent or a ParsedRequest).
 
-    The id is derived from the request id, `time` defaults to data["completed_at"]: a replayed completion is
-    equal to the original."""
+    The id is derived from the request's (source, id), `time` defaults to data["completed_at"]: a replayed
+    completion is equal to the original. With `signing_key` the event carries the `turboflowsig` signature."""
     if isinstance(request_event, ParsedRequest):
         ctx = {"request_id": request_event.request_id, "tenant": request_event.tenant,
                "traceparent": request_event.traceparent, "kind": request_event.kind,
-               "source": DEFAULT_SOURCES[request_event.kind]}
+               "source": DEFAULT_SOURCES[request_event.kind], "request_source": request_event.source}
         tracestate = request_event.tracestate
     else:
         ctx = request_context(request_event)
@@ -271,39 +322,52 @@ def completed_event(request_event, data: dict, *, source: str | None = None, tim
     request_id = data.get("request_id") or ctx["request_id"]
     if time is None and data.get("completed_at"):
         time = datetime.fromisoformat(str(data["completed_at"]).replace("Z", "+00:00"))
-    attrs = {"type": COMPLETED, "source": source or ctx["source"], "id": reply_id(request_id, COMPLETED),
+    event_id = reply_id(request_id, COMPLETED, request_source=ctx["request_source"], signing_key=signing_key)
+    attrs = {"type": COMPLETED, "source": source or ctx["source"], "id": event_id,
              "subject": request_id, "datacontenttype": "application/json",
              "dataschema": SCHEMAS[COMPLETED]["$id"], "time": time or datetime.now(timezone.utc),
              TENANT_EXTENSION: data.get("tenant") or ctx["tenant"],
              TRACEPARENT_EXTENSION: ctx["traceparent"], TRACESTATE_EXTENSION: tracestate}
-    return _cloudevent(attrs, data)
+    return _signed_cloudevent(attrs, data, signing_key)
 
 
 def failed_event(request_id: str, code: str, message: str, retryable: bool, *, source: str,
                  subject: str | None = None, tenant: str | None = None, traceparent: str | None = None,
-                 field: str | None = None):
-    """`io.turboflow.video.failed` for `request_id`. Same (source, request, code) -> same event id."""
+                 field: str | None = None, request_source: str | None = None, signing_key: bytes | None = None):
+    """`io.turboflow.video.failed` for `request_id` (sent by `request_source`). Same (request source, request id,
+    reply source, code) -> same event id; with `signing_key` the id is unguessable and the event signed."""
     data = {"request_id": request_id or "", "code": code, "message": message, "retryable": bool(retryable)}
     if field:
         data["field"] = field
     if tenant:
         data["tenant"] = tenant
-    attrs = {"type": FAILED, "source": source, "id": reply_id(request_id or str(uuid.uuid4()), FAILED, source, code),
+    if request_id:
+        event_id = reply_id(request_id, FAILED, source, code, request_source=request_source or "",
+                            signing_key=signing_key)
+    else:  # nothing identifies the request: a fresh id (there is no redelivery to de-duplicate against)
+        event_id = str(uuid.uuid4())
+    attrs = {"type": FAILED, "source": source, "id": event_id,
              "subject": subject or request_id or None, "datacontenttype": "application/json",
              "dataschema": SCHEMAS[FAILED]["$id"], "time": datetime.now(timezone.utc),
              TENANT_EXTENSION: tenant, TRACEPARENT_EXTENSION: traceparent}
-    return _cloudevent(attrs, data)
+    return _signed_cloudevent(attrs, data, signing_key)
 
 
-def failed_from_error(error: BaseException, ctx: dict, *, source: str | None = None):
-    """A failed reply for a typed error (TurboflowError) or anything else (internal_error)."""
+def failed_from_error(error: BaseException, ctx: dict, *, source: str | None = None,
+                      signing_key: bytes | None = None):
+    """A failed reply for a typed error (TurboflowError) or anything else (internal_error, details only in logs)."""
     if isinstance(error, TurboflowError):
         code, message, retryable, fld = error.code, error.message, error.retryable, error.field
     else:
-        code, message, retryable, fld = "internal_error", f"{type(error).__name__}: {error}", False, None
+        code, message, retryable, fld = "internal_error", "internal error; the function's logs have details", \
+            False, None
     tenant = ctx.get("tenant")
-    if tenant is not None and not re.match(TENANT_PATTERN, str(tenant)):
+    if tenant is not None and not full_match(TENANT_PATTERN, tenant):
         tenant = None  # never echo an invalid tenant into routing attributes
-    return failed_event(ctx.get("request_id") or "", code, message, retryable,
+    request_id = ctx.get("request_id") or ""
+    if not full_match(REQUEST_ID_PATTERN, request_id):  # echo it, but never a control character into headers
+        request_id = "".join(c for c in request_id if c.isprintable())[:128]
+    return failed_event(request_id, code, message, retryable,
                         source=source or ctx.get("source") or "/turboflow/functions", tenant=tenant,
-                        traceparent=ctx.get("traceparent"), field=fld)
+                        traceparent=ctx.get("traceparent"), field=fld, request_source=ctx.get("request_source"),
+                        signing_key=signing_key)

@@ -6,10 +6,12 @@ eventing/contracts.py (parsing and reply builders) re-exports all of it; `eventi
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from typing import Any
 
 from turboflow.engine.errors import InvalidRequestError
+from turboflow.engine import request as _engine_request
 from turboflow.engine.request import ATTENTION_TYPES, MAX_FRAMES, MAX_PROMPT_CHARS, RESOLUTIONS, SEED_MAX
 
 from .types import COMPLETED, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED
@@ -20,6 +22,15 @@ TRACEPARENT_EXTENSION = "traceparent"
 TRACESTATE_EXTENSION = "tracestate"
 DEFAULT_SOURCES = {"t2v": "/turboflow/functions/t2v", "i2v": "/turboflow/functions/i2v"}
 _ID_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # uuid5 namespace for reply ids
+
+# Attention kinds the schema offers: what the engine implements. Names upstream knows but this build lacks are
+# refused with `unsupported_option` and the engine's reason (UNAVAILABLE_ATTENTION), not a generic enum error.
+IMPLEMENTED_ATTENTION: tuple[str, ...] = tuple(
+    getattr(_engine_request, "IMPLEMENTED_ATTENTION", None) or ATTENTION_TYPES)
+UNAVAILABLE_ATTENTION: dict[str, str] = dict(getattr(_engine_request, "UNAVAILABLE_ATTENTION", None) or {
+    name: f"attention {name!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; use 'sla' "
+          "(same math, portable kernels) or 'original'"
+    for name in (*ATTENTION_TYPES, "sagesla") if name not in IMPLEMENTED_ATTENTION})
 
 # Identifiers that end up in object keys. Conservative on purpose: keys never need escaping and can never
 # climb out of the tenant prefix ("..", "/", absolute paths, control characters are all impossible).
@@ -59,27 +70,36 @@ _COMMON_REQUEST_PROPERTIES: dict[str, dict] = {
                    "description": "4k+1 frames (17, 49, 81, ...) at 16 fps; other values fail with "
                                   "`invalid_num_frames`."},
     "num_steps": {"type": "integer", "minimum": 1, "maximum": 4, "default": 4, "description": "rCM steps."},
-    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_MAX, "default": 0,
-             "description": "0 picks a seed (derived from the request id, so a redelivered request that must be "
-                            "generated again reproduces the same video); the seed used is in the completion."},
+    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_MAX,
+             "description": "The noise seed; 0 is a seed like any other (as upstream TurboDiffusion's `--seed 0`). "
+                            "Leave it out to let the function pick one, derived from the request id, "
+                            "so a redelivered request that must be generated again reproduces the same video; the "
+                            "seed used is in the completion."},
     "sigma_max": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10000,
                   "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v)."},
-    "attention": {"type": "string", "enum": list(ATTENTION_TYPES), "default": "original",
-                  "description": "Self-attention kernel; kinds this build lacks fail with `unsupported_option`."},
+    "attention": {"type": "string", "enum": list(IMPLEMENTED_ATTENTION),
+                  "description": "Self-attention kernel; default the model's (`sla` for checkpoints fine-tuned "
+                                 "with it, else `original`). Upstream names this build lacks (e.g. `sagesla`) fail "
+                                 "with `unsupported_option` and the reason."},
     "sla_topk": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1,
                  "description": "SLA: fraction of key blocks each query block attends to exactly."},
     "ode": {"type": "boolean", "default": False, "description": "Deterministic ODE steps instead of SDE."},
     "output_prefix": {"type": "string", "pattern": OUTPUT_PREFIX_PATTERN, "maxLength": 200,
                       "description": "Optional sub-folder under the tenant's prefix: the object key is "
                                      "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{yyyy}/{mm}/{dd}/"
-                                     "{request-id}.mp4`. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`."},
+                                     "{request-id}.mp4` when the request event has a `time` (its UTC date), "
+                                     "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{request-id}.mp4` "
+                                     "without one. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`."},
 }
 
 _I2V_PROPERTIES: dict[str, dict] = {
     "image": {"type": "string", "maxLength": MAX_INLINE_IMAGE_CHARS,
               "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
-              "description": "Conditioning image: `s3://bucket/key` in a bucket the function is allowed to read "
-                             "(TURBOFLOW_INPUT_BUCKETS, default the output bucket) or an inline "
+              "description": "Conditioning image: `s3://bucket/{TURBOFLOW_IMAGE_PREFIX}/{tenant}/key`, the "
+                             "requesting tenant's upload prefix in a bucket the function may read "
+                             "(TURBOFLOW_INPUT_BUCKETS, default the output bucket; TURBOFLOW_IMAGE_PREFIX default "
+                             "`uploads`) or a prefix the deployment shares (TURBOFLOW_SHARED_IMAGE_PREFIXES); "
+                             "anything else fails with `image_not_allowed`. Or an inline "
                              "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
                              "512 KiB)."},
     "boundary": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
@@ -109,9 +129,13 @@ COMPLETED_SCHEMA: dict = {
                    "left.",
     "type": "object", "additionalProperties": False,
     "required": ["request_id", "tenant", "kind", "model", "video", "width", "height", "num_frames", "fps",
-                 "duration", "seed", "num_steps", "sigma_max", "timings", "usage", "completed_at"],
+                 "duration", "seed", "num_steps", "sigma_max", "timings", "usage", "completed_at", "input_sha256"],
     "properties": {
         "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+        "input_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                         "description": "Canonical hash of the request input (source, tenant, data; an inline "
+                                        "image by its bytes' digest). A request id reused for a different input "
+                                        "fails with `id_conflict` instead of returning this video."},
         "tenant": {"type": "string", "pattern": TENANT_PATTERN},
         "kind": {"type": "string", "enum": ["t2v", "i2v"]},
         "model": {"type": "string"},
@@ -131,7 +155,7 @@ COMPLETED_SCHEMA: dict = {
         "num_frames": {"type": "integer", "minimum": 1}, "fps": _NUM, "duration": _NUM,
         "seed": {"type": "integer", "minimum": 0}, "num_steps": {"type": "integer", "minimum": 1, "maximum": 4},
         "sigma_max": _NUM,
-        "attention": {"enum": list(ATTENTION_TYPES), "description": "The attention the video was made with (the "
+        "attention": {"enum": list(IMPLEMENTED_ATTENTION), "description": "The attention the video was made with (the "
                       "request's, else the model's default: `sla` for checkpoints fine-tuned with SLA)."},
         "sla_topk": {**_NUM, "description": "Fraction of key blocks SLA kept; present when attention is sparse."},
         "timings": {"type": "object", "additionalProperties": _NUM,
@@ -164,6 +188,14 @@ FAILED_SCHEMA: dict = {
         "retryable": {"type": "boolean"},
         "field": {"type": "string", "description": "The request field at fault, when there is one."},
         "tenant": {"type": "string"},
+        "cause": {
+            "type": "object", "additionalProperties": False, "required": ["retryable"],
+            "description": "Dead-letter failures (`delivery_failed`): the last answer the broker got from the "
+                           "function - its error `code`, HTTP `status` (absent for a timeout or a connection "
+                           "failure) and whether that cause was transient (`retryable`, copied to the top level).",
+            "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                           "status": {"type": "integer", "minimum": 100, "maximum": 599},
+                           "retryable": {"type": "boolean"}}},
     },
 }
 
@@ -176,27 +208,68 @@ SCHEMAS: dict[str, dict] = {
 SCHEMA_FILES: dict[str, str] = {T2V_REQUESTED: "t2v.requested.json", I2V_REQUESTED: "i2v.requested.json",
                                 COMPLETED: "completed.json", FAILED: "failed.json"}
 
-# Stable failure codes (documented in the AsyncAPI document).
+# Stable failure codes (documented in the AsyncAPI document). Every code the packages emit is listed here
+# (tests/test_contracts.py greps them): in `failed` events, in 503/400 bodies, at readiness, or from the CLI.
 ERROR_CODES: dict[str, str] = {
+    # the request event
     "invalid_data": "data is missing, not JSON, or not a JSON object",
     "unsupported_event_type": "the event type is not one this function serves",
     "invalid_request_id": "the CloudEvent id is not usable as a request id ([A-Za-z0-9._-], <= 128)",
     "invalid_tenant": "the tenant extension is not a DNS label",
+    "invalid_time": "the CloudEvent time is not an RFC 3339 timestamp",
+    "invalid_request": "the request is invalid (generic; a more specific code is used where one exists)",
+    "id_conflict": "the request id (for this source and tenant) was already used for a different input; "
+                   "use a new id",
+    # the request data
     "missing_field": "a required field is absent",
     "unknown_field": "a field the schema does not define",
     "invalid_prompt": "prompt is empty or not a string", "prompt_too_long": "prompt exceeds the limit",
     "invalid_model": "model is not a valid name", "unknown_model": "this function does not serve that model",
-    "invalid_resolution": "", "invalid_aspect_ratio": "", "invalid_num_frames": "not 4k+1 or out of range",
-    "invalid_num_steps": "not 1-4", "invalid_seed": "", "invalid_sigma_max": "", "invalid_attention": "",
-    "invalid_sla_topk": "", "invalid_ode": "", "invalid_boundary": "", "invalid_adaptive_resolution": "",
+    "invalid_kind": "the generation kind is neither t2v nor i2v",
+    "invalid_resolution": "not a named resolution (480p, 720p)", "invalid_aspect_ratio": "not a listed ratio",
+    "invalid_num_frames": "not 4k+1 or out of range",
+    "invalid_num_steps": "not 1-4", "invalid_seed": "not an integer in [0, 2^63-1]",
+    "invalid_sigma_max": "not a number in (0, 10000]", "invalid_attention": "not an attention kind",
+    "invalid_sla_topk": "not in (0, 1]", "invalid_ode": "not a boolean", "invalid_boundary": "not in [0, 1]",
+    "invalid_adaptive_resolution": "not a boolean",
     "invalid_output_prefix": "not 1-4 lowercase segments (no dots, no leading slash)",
-    "unsupported_option": "a recognised option this build cannot honour",
+    "invalid_key": "an object key component is not usable",
+    "unsupported_option": "a recognised option this build cannot honour (the message says why)",
+    "unexpected_image": "a t2v generation was given an image",
+    # the I2V image
     "invalid_image_reference": "image is neither an s3:// URI nor a data:image/...;base64 URI",
     "invalid_image_base64": "the inline image is not valid base64", "image_too_large": "image over the size cap",
     "image_bucket_not_allowed": "the s3:// image is in a bucket the function may not read",
-    "image_not_found": "the s3:// image does not exist", "invalid_image": "the bytes are not a decodable image",
+    "image_not_allowed": "the s3:// image is outside the tenant's upload prefix and the shared prefixes",
+    "image_not_found": "the s3:// image (under the tenant's own prefix) does not exist",
+    "invalid_image": "the bytes are not a decodable image",
+    # serving
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
     "internal_error": "unexpected failure",
+    "undecodable_event": "the broker stored a message that is not a readable CloudEvent (published straight to "
+                         "NATS: no id/specversion, JSON nested too deep); emitted by the dead-letter sink",
+    "delivery_failed": "the broker could not deliver the request (retries exhausted; emitted by the dead-letter "
+                       "sink)",
+    "not_ready": "retryable (HTTP 503): the model is still loading or the function is stopping",
+    "device_busy": "retryable (HTTP 503): the device queue is full",
+    "storage_unavailable": "retryable (HTTP 503): S3 is unreachable, throttling or refused the transfer",
+    "storage_misconfigured": "retryable (HTTP 503): the storage settings are wrong (bucket, credentials)",
+    "invalid_cloudevent": "HTTP 400: the body is not a valid CloudEvent (missing id or specversion, bad headers, "
+                          "JSON nested too deeply)",
+    # deployment (readiness, CLI)
+    "invalid_config": "a setting has a value the function cannot use (readiness says which)",
+    "wrong_model_kind": "the model cache holds the other kind of model (readiness)",
+    "device_unavailable": "the configured device cannot be used (readiness)",
+    "model_cache_error": "the model cache is not usable", "model_cache_missing": "no model cache there",
+    "model_cache_incomplete": "the model cache is missing files (pull still running?)",
+    "model_cache_invalid": "the model cache's manifest or files are wrong",
+    "manifest_error": "a manifest cannot be read", "checksum_mismatch": "a model file fails its checksum",
+    "checkpoint_mismatch": "a checkpoint does not fit the architecture",
+    "model_import_error": "a published checkpoint cannot be imported",
+    "no_broker": "CLI: no broker ingress reachable", "no_nats": "CLI: no NATS server reachable",
+    "no_sink": "CLI: no event sink configured",
+    "port_in_use": "CLI: a port `turboflow dev` needs is already taken",
+    "invalid_trace": "CLI: a `turboflow simulate` trace (CSV) has a bad row or header",
 }
 
 
@@ -206,14 +279,63 @@ ERROR_CODES: dict[str, str] = {
 _VALIDATORS: dict[str, Any] = {}
 
 
-def validator(event_type: str):
-    """A cached jsonschema validator for the data of `event_type`."""
-    if event_type not in _VALIDATORS:
-        from jsonschema import Draft202012Validator
+def ecma_regex(pattern: str) -> str:
+    """`pattern` with ECMA-262 anchors for Python's `re`: an unescaped `$` outside a character class means end of
+    input (`\\Z`); Python's `$` also matches before a final newline, so "id\\n" would pass `^id$`."""
+    out, in_class, escaped = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        elif char == "$" and not in_class:
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return "".join(out)
 
+
+_ECMA_CACHE: dict[str, re.Pattern] = {}
+
+
+def ecma_search(pattern: str, text: str) -> bool:
+    """JSON Schema `pattern` semantics (ECMA-262, unanchored search, `$` = end of input)."""
+    compiled = _ECMA_CACHE.get(pattern)
+    if compiled is None:
+        compiled = _ECMA_CACHE[pattern] = re.compile(ecma_regex(pattern))
+    return compiled.search(text) is not None
+
+
+def full_match(pattern: str, value: object) -> bool:
+    """True when the whole of `value` (a str) matches `pattern`; a trailing newline never passes."""
+    return isinstance(value, str) and re.fullmatch(pattern, value) is not None
+
+
+def _ecma_pattern(validator, pattern, instance, schema):
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and not ecma_search(pattern, instance):
+        yield ValidationError(f"{instance[:200]!r} does not match {pattern!r}")
+
+
+def _ecma_validator_class():
+    from jsonschema import Draft202012Validator, validators
+
+    return validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+def validator(event_type: str):
+    """A cached jsonschema validator for the data of `event_type`, with ECMA-262 `pattern` semantics (the
+    published patterns stay portable; Python's `re.search` alone would accept "x\\n" for `^x$`)."""
+    if event_type not in _VALIDATORS:
+        cls = _ecma_validator_class()
         schema = SCHEMAS[event_type]
-        Draft202012Validator.check_schema(schema)
-        _VALIDATORS[event_type] = Draft202012Validator(schema)
+        cls.check_schema(schema)
+        _VALIDATORS[event_type] = cls(schema)
     return _VALIDATORS[event_type]
 
 

@@ -19,16 +19,20 @@ later instead of piling work onto the pod.
 
 Replies (see eventing/contracts.py):
     200 + completed                  success, or a redelivered request whose video already exists (no GPU used)
-    200 + failed (retryable false)   invalid input of any kind, out_of_memory, unknown model
-    503 (JSON body, Retry-After)     model not loaded yet, device busy, S3 unreachable/misconfigured
-    500                              an unexpected bug (the broker retries a bounded number of times)
-    400                              a body that is not a CloudEvent (func-python's middleware)
+    200 + failed (retryable false)   invalid input of any kind, out_of_memory, unknown model, id_conflict (the
+                                     request id was already used for a different input)
+    503 (JSON body, Retry-After)     model not loaded yet, device busy, S3 unreachable/throttling/misconfigured
+    500                              an unexpected bug (the broker retries a bounded number of times); the body
+                                     says nothing internal, the log has the traceback
+    400                              a body that is not a valid CloudEvent (functions/app.py, func-python)
+
+With TURBOFLOW_EVENT_SIGNING_KEY set, replies are signed and their ids derived with the key (eventing/signing.py);
+an unusable key keeps the pod not ready.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +45,10 @@ from typing import Any, Mapping
 from turboflow.engine.errors import (ConfigError, InvalidRequestError, ModelCacheError, OutOfMemoryError,
                                      TurboflowError)
 from turboflow.engine.options import load_options
+from turboflow.eventing import signing
 from turboflow.eventing.contracts import (DEFAULT_MAX_INLINE_IMAGE_BYTES, DEFAULT_SOURCES, ParsedRequest,
-                                          check_image_header, completed_event, failed_from_error, parse_request, request_context)
+                                          check_image_header, completed_event, derived_seed, failed_from_error,
+                                          parse_request, request_context)
 
 from . import metrics
 
@@ -59,10 +65,21 @@ class NotReadyError(TurboflowError):
     retryable = True
 
 
-def derived_seed(request_id: str) -> int:
-    """A seed in [1, 2^63-1] derived from the request id (used when the request asks for seed 0)."""
-    digest = hashlib.sha256(f"turboflow-seed/{request_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**63 - 2) + 1
+class IdConflictError(InvalidRequestError):
+    """The request id was already used (in this tenant and prefix) for a different input."""
+    code = "id_conflict"
+
+
+def id_conflict(req: ParsedRequest) -> IdConflictError:
+    return IdConflictError(f"request id {req.request_id!r} was already used for a different request (another "
+                           "source or different input); send this request with a new id")
+
+
+def _same_input(req: ParsedRequest, stored: dict) -> bool:
+    """Whether a stored completion answers this request's input. Sidecars written before inputs were hashed have
+    no hash and are trusted (the old behaviour)."""
+    digest = stored.get("input_sha256")
+    return digest is None or digest == req.input_sha256
 
 
 def _now_rfc3339() -> str:
@@ -94,7 +111,9 @@ class VideoFunction:
         self._gpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight = 0
         self._lock = threading.Lock()
-        self._running: dict[str, asyncio.Future] = {}  # video key -> completion data of the job generating it
+        # video key -> (input hash, completion data future) of the job generating it
+        self._running: dict[str, tuple[str, asyncio.Future]] = {}
+        self.signing_key: bytes | None = None
         self._started_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
@@ -106,13 +125,18 @@ class VideoFunction:
                                           or DEFAULT_MAX_INLINE_IMAGE_BYTES)
         self.model_aliases = {a.strip().lower() for a in (cfg.get("TURBOFLOW_MODEL_ALIASES") or "").split(",")
                               if a.strip()}
+        try:
+            self.signing_key = signing.signing_key(cfg)
+        except signing.SigningKeyError as e:
+            self._config_error = f"invalid_config: {e}"
+            log.error("invalid configuration: %s; the function will never become ready", e)
         self._gpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-gpu")
         if self.store is None:
             try:
                 from turboflow.storage.s3 import S3Store
                 self.store = S3Store.from_env(cfg)
             except TurboflowError as e:
-                self._config_error = e.message
+                self._config_error = self._config_error or f"storage misconfigured: {e.message}"
                 log.error("storage misconfigured: %s", e.message)
         if self.pipeline is not None:
             self._on_loaded(self.pipeline, 0.0)
@@ -193,7 +217,7 @@ class VideoFunction:
 
     def ready(self):
         if self._config_error:
-            return False, f"not ready: storage misconfigured: {self._config_error}"
+            return False, f"not ready: {self._config_error}"
         if self._state == "ready" and self.pipeline is not None:
             return True, f"ready: {self.pipeline.model_name} on {self.pipeline.device}"
         if self._state == "loading":
@@ -206,12 +230,14 @@ class VideoFunction:
     # ---- request handling ------------------------------------------------------------------------------------
     async def handle(self, scope, receive, send) -> None:
         event = scope["event"]
+        # the CloudEvents SDK invents a `time` for events without one; functions/app.py saw the raw request
+        has_time = bool(scope.get("turboflow.time_present", True))
         binary = any(k.lower().startswith(b"ce-") for k, _ in scope.get("headers", []))
         arrived = time.perf_counter()
         ctx = request_context(event)
         ctx["source"] = self.source
         try:
-            reply = await self._process(event, ctx, arrived)
+            reply = await self._process(event, ctx, arrived, has_time)
         except (DeviceBusyError, NotReadyError) as e:
             return await self._retry_later(send, e, ctx, 503)
         except TurboflowError as e:
@@ -219,22 +245,24 @@ class VideoFunction:
                 return await self._retry_later(send, e, ctx, 503)
             metrics.REQUESTS.labels(self.kind, "failed", e.code).inc()
             log.info("request %s failed: %s: %s", ctx["request_id"], e.code, e.message)
-            reply = failed_from_error(e, ctx, source=self.source)
-        except Exception as e:  # a bug: let the broker retry a bounded number of times, keep serving
+            reply = failed_from_error(e, ctx, source=self.source, signing_key=self.signing_key)
+        except Exception:  # a bug: let the broker retry a bounded number of times, keep serving
             log.exception("request %s: unexpected error", ctx["request_id"])
             metrics.REQUESTS.labels(self.kind, "retry", "internal_error").inc()
-            return await self._plain(send, 500, {"error": "internal_error", "message": f"{type(e).__name__}: {e}",
+            # nothing internal (paths, URLs, exception text) in the body: it can end up in a `failed` event
+            return await self._plain(send, 500, {"error": "internal_error",
+                                                 "message": "internal error; the function's logs have details",
                                                  "request_id": ctx["request_id"]})
         finally:
             metrics.STAGE_SECONDS.labels(self.kind, "total").observe(time.perf_counter() - arrived)
         await (send.binary(reply) if binary else send.structured(reply))
 
-    async def _process(self, event, ctx: dict, arrived: float):
+    async def _process(self, event, ctx: dict, arrived: float, has_time: bool = True):
         # in a thread: an inline image is decoded here, and the loop must keep answering health checks
         pipeline = self.pipeline  # the model whose defaults fill the request must be the one that serves it
         req = await asyncio.to_thread(parse_request, event, kinds=(self.kind,),
                                       max_inline_image_bytes=self.max_inline_image_bytes,
-                                      model_defaults=getattr(pipeline, "defaults", None))
+                                      model_defaults=getattr(pipeline, "defaults", None), has_time=has_time)
         ctx["tenant"] = req.tenant
         ready, message = self.ready()
         if not ready:
@@ -248,15 +276,21 @@ class VideoFunction:
         key = store.video_key(req.tenant, req.request_id, req.time, req.output_prefix)
         existing = await asyncio.to_thread(store.find_completion, key)
         if existing is not None:
+            if not _same_input(req, existing):
+                raise id_conflict(req)
             data = await asyncio.to_thread(store.refresh_url, existing)
+            data.setdefault("input_sha256", req.input_sha256)
             metrics.REQUESTS.labels(self.kind, "replayed", "").inc()
             log.info("request %s already completed (%s); replaying the completion", req.request_id, key)
-            return completed_event(req, data, source=self.source)
+            return self._completed(req, data)
 
         # The same request may arrive again while it is still being generated here (the broker's ack deadline
         # is shorter than a long generation): join the running job instead of generating twice.
-        running = self._running.get(key)
-        if running is not None:
+        running_entry = self._running.get(key)
+        if running_entry is not None:
+            running_digest, running = running_entry
+            if running_digest != req.input_sha256:
+                raise id_conflict(req)
             log.info("request %s is already being generated here; waiting for that result", req.request_id)
             try:
                 data = await asyncio.shield(running)
@@ -265,10 +299,10 @@ class VideoFunction:
                     raise NotReadyError("an earlier delivery of this request was abandoned; retry") from None
                 raise
             metrics.REQUESTS.labels(self.kind, "replayed", "").inc()
-            return completed_event(req, data, source=self.source)
+            return self._completed(req, data)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
-        self._running[key] = future
+        self._running[key] = (req.input_sha256, future)
         try:
             data = await self._generate_and_publish(req, key, arrived)
         except Exception as e:
@@ -281,7 +315,10 @@ class VideoFunction:
             future.set_result(data)
         finally:
             self._running.pop(key, None)
-        return completed_event(req, data, source=self.source)
+        return self._completed(req, data)
+
+    def _completed(self, req: ParsedRequest, data: dict):
+        return completed_event(req, data, source=self.source, signing_key=self.signing_key)
 
     async def _generate_and_publish(self, req: ParsedRequest, key: str, arrived: float) -> dict:
         store = self.store
@@ -289,14 +326,15 @@ class VideoFunction:
         generation = req.generation
         if req.image is not None and req.image.scheme == "s3":
             t = time.perf_counter()
-            raw = await asyncio.to_thread(store.read_image, req.image.bucket, req.image.key)
+            raw = await asyncio.to_thread(store.read_image, req.image.bucket, req.image.key, req.tenant)
             timings["image_fetch"] = time.perf_counter() - t
             await asyncio.to_thread(check_image_header, raw)
             generation = await asyncio.to_thread(generation.replace(image=raw).validated)
 
-        if generation.seed == 0:
-            # "random" seed, but derived from the request id: a redelivery that has to generate again (e.g. the
-            # first attempt died before publishing) reproduces the same video
+        if generation.seed is None:
+            # "pick one", but derived from the request id: a redelivery that has to generate again (e.g. the
+            # first attempt died before publishing) reproduces the same video. (parse_request resolves an omitted
+            # seed already; this covers a request built elsewhere.) 0 is a real seed, as upstream.
             generation = generation.replace(seed=derived_seed(req.request_id))
         with tempfile.TemporaryDirectory(prefix="turboflow-") as tmp:
             from turboflow.engine.request import FPS
@@ -323,6 +361,8 @@ class VideoFunction:
                     "steps": result.num_steps, "kind": self.kind, "sha256": video.sha256}
             other = await asyncio.to_thread(store.find_completion, key)
             if other is not None:  # another replica finished the same request meanwhile: keep its result
+                if not _same_input(req, other):
+                    raise id_conflict(req)
                 log.info("request %s was completed elsewhere meanwhile; replaying that completion", req.request_id)
                 return await asyncio.to_thread(store.refresh_url, other)
             uploaded = await asyncio.to_thread(store.put_video, path, key, meta)
@@ -332,7 +372,8 @@ class VideoFunction:
         cold = self._take_cold_start()
         gpu_seconds = held + (self.load_seconds if cold else 0.0)
         data = {
-            "request_id": req.request_id, "tenant": req.tenant, "kind": self.kind, "model": result.model,
+            "request_id": req.request_id, "input_sha256": req.input_sha256, "tenant": req.tenant, "kind": self.kind,
+            "model": result.model,
             "video": {"uri": store.uri(key), "url": url, "url_expires_at": expires_at, "bucket": uploaded["bucket"],
                       "key": key, "content_type": "video/mp4", "bytes": uploaded["bytes"], "sha256": video.sha256},
             "width": video.width, "height": video.height, "num_frames": video.num_frames, "fps": video.fps,

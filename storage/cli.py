@@ -75,12 +75,12 @@ def warm(model_dir: str | os.PathLike, *, block_bytes: int = 16 << 20) -> WarmRe
     return WarmReport(str(root), manifest.name, len(manifest.files), total, time.perf_counter() - start)
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")  # fullmatch: no trailing newline
 
 
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `30m`, `6h`, `250ms` -> seconds."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90, 30m, 6h)")
     return float(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]

@@ -5,14 +5,22 @@ Layout (one request -> one video, one sidecar):
     {TURBOFLOW_OUTPUT_PREFIX}/{tenant}[/{output_prefix}]/{yyyy}/{mm}/{dd}/{request-id}.mp4   the video
     ... /{request-id}.json                                                                     completion data
 
-The date is the request event's `time`, so a redelivered request maps to the same key. The sidecar is written
-last; its presence means "done": a redelivery reads it back and replays the completion without generating again.
-Every key component is checked against a strict character set, so keys never leave the tenant's prefix.
+The date is the request event's `time`; a request without `time` has no date folders
+(`{prefix}/{tenant}[/{output_prefix}]/{request-id}.mp4`): the key comes from the request alone, so a redelivery maps
+to the same key whenever it arrives. The sidecar is written last; its presence means "done": a redelivery reads it
+back and replays the completion without generating again. Every key component is fully matched against a strict
+character set, so keys never leave the tenant's prefix.
+
+I2V images are confined to the requesting tenant: `s3://<bucket in TURBOFLOW_INPUT_BUCKETS>/
+{TURBOFLOW_IMAGE_PREFIX}/{tenant}/...` (prefix default "uploads"), or a prefix listed in
+TURBOFLOW_SHARED_IMAGE_PREFIXES (comma list of `bucket/prefix/`). Anything else is refused before S3 is asked, with
+one code (`image_not_allowed`) whether or not the object exists.
 
 Environment: S3_ENDPOINT_URL (unset: AWS), S3_PUBLIC_ENDPOINT_URL (host used in presigned URLs, default the
 endpoint), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_REGION (standard boto3 chain),
 TURBOFLOW_BUCKET (required), TURBOFLOW_OUTPUT_PREFIX (default "videos"), TURBOFLOW_INPUT_BUCKETS (comma list of
-buckets I2V images may come from; default the output bucket), TURBOFLOW_URL_EXPIRY_SECONDS (default 86400, at most
+buckets I2V images may come from; default the output bucket), TURBOFLOW_IMAGE_PREFIX (default "uploads"),
+TURBOFLOW_SHARED_IMAGE_PREFIXES (default none), TURBOFLOW_URL_EXPIRY_SECONDS (default 86400, at most
 7 days), TURBOFLOW_MULTIPART_THRESHOLD_BYTES (default 64 MiB), TURBOFLOW_MAX_IMAGE_BYTES (default 20 MiB).
 """
 from __future__ import annotations
@@ -29,10 +37,12 @@ from turboflow.engine.errors import InvalidRequestError, TurboflowError
 
 log = logging.getLogger(__name__)
 
-TENANT_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SEGMENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# used with fullmatch only: `$` with re.match would accept a trailing newline
+TENANT_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SEGMENT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+SHARED_PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,254}")
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 limit
 VIDEO_CONTENT_TYPE = "video/mp4"
 
@@ -54,6 +64,35 @@ class InvalidKeyError(InvalidRequestError):
     code = "invalid_key"
 
 
+def _full(pattern: re.Pattern, value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _key_prefix(name: str, value: str) -> str:
+    """A validated key prefix of 1-4 segments [a-z0-9][a-z0-9_-]* (no slashes at either end)."""
+    prefix = value.strip().strip("/")
+    for seg in prefix.split("/"):
+        if not _full(SEGMENT_RE, seg):
+            raise StorageConfigError(f"{name} {prefix!r}: segment {seg!r} is not [a-z0-9][a-z0-9_-]*")
+    return prefix
+
+
+def _shared_prefixes(value: str) -> tuple[tuple[str, str], ...]:
+    """TURBOFLOW_SHARED_IMAGE_PREFIXES: comma list of `bucket/prefix/` -> ((bucket, "prefix/"), ...)."""
+    out = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        bucket, _, prefix = item.partition("/")
+        segs = prefix.strip("/").split("/")
+        if not _full(BUCKET_RE, bucket) or not prefix.strip("/") or \
+                not all(_full(SHARED_PREFIX_SEGMENT_RE, seg) for seg in segs):
+            raise StorageConfigError(f"TURBOFLOW_SHARED_IMAGE_PREFIXES entry {item!r} is not bucket/prefix/ "
+                                     "(a whole prefix; no '.', '..' or empty segments)")
+        out.append((bucket, "/".join(segs) + "/"))
+    return tuple(out)
+
+
 @dataclass
 class S3Config:
     bucket: str
@@ -62,6 +101,8 @@ class S3Config:
     region: str | None = None
     output_prefix: str = "videos"
     input_buckets: tuple[str, ...] = ()
+    image_prefix: str = "uploads"  # tenant T may read images under s3://<input bucket>/<image_prefix>/T/
+    shared_image_prefixes: tuple[tuple[str, str], ...] = ()  # (bucket, "prefix/") every tenant may read
     url_expiry_seconds: int = 86400
     multipart_threshold: int = 64 << 20
     multipart_chunksize: int = 16 << 20
@@ -74,21 +115,23 @@ class S3Config:
         bucket = (env.get("TURBOFLOW_BUCKET") or "").strip()
         if not bucket:
             raise StorageConfigError("TURBOFLOW_BUCKET is not set: the function has nowhere to publish videos")
-        if not BUCKET_RE.match(bucket):
+        if not _full(BUCKET_RE, bucket):
             raise StorageConfigError(f"TURBOFLOW_BUCKET {bucket!r} is not a valid bucket name")
-        prefix = (env.get("TURBOFLOW_OUTPUT_PREFIX") or "videos").strip().strip("/")
-        for seg in prefix.split("/"):
-            if not SEGMENT_RE.match(seg):
-                raise StorageConfigError(f"TURBOFLOW_OUTPUT_PREFIX {prefix!r}: segment {seg!r} is not "
-                                         "[a-z0-9][a-z0-9_-]*")
+        prefix = _key_prefix("TURBOFLOW_OUTPUT_PREFIX", env.get("TURBOFLOW_OUTPUT_PREFIX") or "videos")
+        image_prefix = _key_prefix("TURBOFLOW_IMAGE_PREFIX", env.get("TURBOFLOW_IMAGE_PREFIX") or "uploads")
+        shared = _shared_prefixes(env.get("TURBOFLOW_SHARED_IMAGE_PREFIXES") or "")
         inputs = tuple(b.strip() for b in (env.get("TURBOFLOW_INPUT_BUCKETS") or "").split(",") if b.strip())
+        for name in inputs:
+            if not _full(BUCKET_RE, name):
+                raise StorageConfigError(f"TURBOFLOW_INPUT_BUCKETS: {name!r} is not a valid bucket name")
         expiry = int(env.get("TURBOFLOW_URL_EXPIRY_SECONDS") or 86400)
         if not 1 <= expiry <= MAX_PRESIGN_SECONDS:
             raise StorageConfigError(f"TURBOFLOW_URL_EXPIRY_SECONDS must be 1..{MAX_PRESIGN_SECONDS}, got {expiry}")
         return cls(bucket=bucket, endpoint_url=env.get("S3_ENDPOINT_URL") or None,
                    public_endpoint_url=env.get("S3_PUBLIC_ENDPOINT_URL") or None,
                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-                   output_prefix=prefix, input_buckets=inputs or (bucket,), url_expiry_seconds=expiry,
+                   output_prefix=prefix, input_buckets=inputs or (bucket,), image_prefix=image_prefix,
+                   shared_image_prefixes=shared, url_expiry_seconds=expiry,
                    multipart_threshold=int(env.get("TURBOFLOW_MULTIPART_THRESHOLD_BYTES") or 64 << 20),
                    multipart_chunksize=int(env.get("TURBOFLOW_MULTIPART_CHUNK_BYTES") or 16 << 20),
                    max_image_bytes=int(env.get("TURBOFLOW_MAX_IMAGE_BYTES") or 20 << 20))
@@ -105,20 +148,36 @@ def _client(cfg: S3Config, endpoint_url: str | None):
                                           config=config)
 
 
-def _transient(e: BaseException, what: str) -> TurboflowError:
-    """Map a boto/botocore exception to a typed error (unavailable vs misconfigured)."""
+def _client_error_of(e: BaseException):
+    """The botocore ClientError behind `e` (itself, or what a boto3 transfer error wraps), else None."""
     from botocore.exceptions import ClientError
 
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ClientError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _transient(e: BaseException, what: str) -> TurboflowError:
+    """Map a boto/botocore/boto3-transfer exception to a typed error (unavailable vs misconfigured).
+
+    Messages are in user terms (what failed and S3's error code): endpoints, URLs and temp paths go to the debug
+    log only, since these messages reach 503 bodies and, through the dead-letter sink, `failed` events."""
+    log.debug("%s: %s: %s", what, type(e).__name__, e)
+    client_error = _client_error_of(e)
+    if client_error is not None:
+        err = client_error.response.get("Error", {})
+        status = int(client_error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = str(err.get("Code", ""))
         if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "404"):
-            return StorageConfigError(f"{what}: S3 says {code} ({err.get('Message', '')})")
-        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
-            return StorageUnavailableError(f"{what}: S3 answered {status} {code}")
-        return StorageConfigError(f"{what}: S3 error {status} {code}: {err.get('Message', '')}")
-    return StorageUnavailableError(f"{what}: S3 unreachable ({type(e).__name__}: {e})")
+            return StorageConfigError(f"{what}: the object store refused it ({code}); check the storage settings")
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                                     "Throttling", "ThrottlingException", "503"):
+            return StorageUnavailableError(f"{what}: the object store is unavailable or throttling ({code or status})")
+        return StorageConfigError(f"{what}: the object store answered {status} {code}")
+    return StorageUnavailableError(f"{what}: the object store is unreachable or the transfer failed")
 
 
 def _is_not_found(e: BaseException) -> bool:
@@ -130,15 +189,23 @@ def _is_not_found(e: BaseException) -> bool:
     return code in ("NoSuchKey", "404", "NotFound")
 
 
+def _boto_errors() -> tuple[type[BaseException], ...]:
+    """Every exception family boto3 raises for a failed S3 call or transfer (S3UploadFailedError from upload_file,
+    s3transfer's errors, botocore's)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import RetriesExceededError, S3UploadFailedError, TransferNotDoneError
+
+    return (BotoCoreError, ClientError, Boto3Error, RetriesExceededError, S3UploadFailedError, TransferNotDoneError)
+
+
 def _storage_errors(what: str):
     """Decorator turning botocore exceptions into typed storage errors."""
     def wrap(fn):
         def inner(*a, **kw):
-            from botocore.exceptions import BotoCoreError, ClientError
-
             try:
                 return fn(*a, **kw)
-            except (BotoCoreError, ClientError) as e:
+            except _boto_errors() as e:
                 raise _transient(e, what) from e
         inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
         return inner
@@ -161,25 +228,29 @@ class S3Store:
 
     # ---- keys -------------------------------------------------------------------------------------------
     def tenant_prefix(self, tenant: str) -> str:
-        if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
-            raise InvalidKeyError(f"tenant {str(tenant)[:80]!r} is not a DNS label", code="invalid_tenant", field="tenant")
+        if not _full(TENANT_RE, tenant):
+            raise InvalidKeyError(f"tenant {str(tenant)[:80]!r} is not a DNS label", code="invalid_tenant",
+                                  field="tenant")
         return f"{self.cfg.output_prefix}/{tenant}/"
 
-    def video_key(self, tenant: str, request_id: str, when: datetime, output_prefix: str | None = None) -> str:
-        """`{prefix}/{tenant}[/{output_prefix}]/{yyyy}/{mm}/{dd}/{request-id}.mp4`, every part validated."""
+    def video_key(self, tenant: str, request_id: str, when: datetime | None, output_prefix: str | None = None) -> str:
+        """`{prefix}/{tenant}[/{output_prefix}]/{yyyy}/{mm}/{dd}/{request-id}.mp4` for a request with a `time`,
+        `{prefix}/{tenant}[/{output_prefix}]/{request-id}.mp4` without one; every part fully validated."""
         base = self.tenant_prefix(tenant)
-        if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id) or ".." in request_id:
+        if not _full(REQUEST_ID_RE, request_id) or ".." in request_id:
             raise InvalidKeyError(f"request id {str(request_id)[:140]!r} is not [A-Za-z0-9._-]{{1,128}}",
                             code="invalid_request_id")
         parts = []
         if output_prefix:
             segs = output_prefix.split("/")
-            if len(segs) > 4 or not all(SEGMENT_RE.match(s) for s in segs):
+            if len(segs) > 4 or not all(_full(SEGMENT_RE, s) for s in segs):
                 raise InvalidKeyError(f"output_prefix {output_prefix[:200]!r} must be 1-4 segments [a-z0-9][a-z0-9_-]*",
                                 code="invalid_output_prefix", field="output_prefix")
             parts.extend(segs)
-        when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
-        parts += [f"{when.year:04d}", f"{when.month:02d}", f"{when.day:02d}", f"{request_id}.mp4"]
+        if when is not None:
+            when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            parts += [f"{when.year:04d}", f"{when.month:02d}", f"{when.day:02d}"]
+        parts.append(f"{request_id}.mp4")
         key = base + "/".join(parts)
         assert key.startswith(base) and "/../" not in key and "//" not in key  # by construction
         return key
@@ -263,16 +334,33 @@ class S3Store:
         return {**data, "video": {**video, "url": url, "url_expires_at": expires_at}}
 
     # ---- I2V images ---------------------------------------------------------------------------------------
-    def read_image(self, bucket: str, key: str) -> bytes:
-        """Bytes of s3://bucket/key if the bucket is allow-listed and the object is under the size cap."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def image_allowed(self, bucket: str, key: str, tenant: str) -> str | None:
+        """None when `tenant` may read s3://bucket/key, else the code of the refusal (decided without S3)."""
+        if not _full(TENANT_RE, tenant):
+            return "image_not_allowed"
+        if any(bucket == b and key.startswith(p) for b, p in self.cfg.shared_image_prefixes):
+            return None
         if bucket not in self.cfg.input_buckets:
-            raise InvalidRequestError(f"images may only be read from {', '.join(self.cfg.input_buckets)}; "
-                                      f"{bucket!r} is not allowed", code="image_bucket_not_allowed", field="image")
+            return "image_bucket_not_allowed"
+        if not key.startswith(f"{self.cfg.image_prefix}/{tenant}/"):
+            return "image_not_allowed"
+        return None
+
+    def read_image(self, bucket: str, key: str, tenant: str) -> bytes:
+        """Bytes of s3://bucket/key if `tenant` may read it (its own upload prefix in an input bucket, or a shared
+        prefix) and the object is under the size cap. Refusals never touch S3, so they reveal nothing about other
+        tenants' objects; `image_not_found` / `invalid_image` only ever concern the tenant's own keys."""
         if any(seg in ("", ".", "..") for seg in key.split("/")) or len(key) > 1024:
-            raise InvalidRequestError(f"image key {key[:200]!r} is not a plain object key",
+            raise InvalidRequestError("image key is not a plain object key (empty, '.' or '..' segments)",
                                       code="invalid_image_reference", field="image")
+        refusal = self.image_allowed(bucket, key, tenant)
+        if refusal == "image_bucket_not_allowed":
+            raise InvalidRequestError(f"images may only be read from {', '.join(self.cfg.input_buckets)}; "
+                                      f"{bucket!r} is not allowed", code=refusal, field="image")
+        if refusal is not None:
+            raise InvalidRequestError(
+                f"image must be under s3://<input bucket>/{self.cfg.image_prefix}/{tenant}/ (this tenant's uploads)"
+                " or a shared prefix", code=refusal, field="image")
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
             size = int(head["ContentLength"])
@@ -280,11 +368,11 @@ class S3Store:
                 raise InvalidRequestError(f"image s3://{bucket}/{key} has {size} bytes; the cap is "
                                           f"{self.cfg.max_image_bytes}", code="image_too_large", field="image")
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read(self.cfg.max_image_bytes + 1)
-        except (BotoCoreError, ClientError) as e:
+        except _boto_errors() as e:
             if _is_not_found(e):
                 raise InvalidRequestError(f"image s3://{bucket}/{key} does not exist", code="image_not_found",
                                           field="image") from e
-            raise _transient(e, f"reading image s3://{bucket}/{key}") from e
+            raise _transient(e, "reading the image") from e
 
     # ---- listing (tests, ops) -------------------------------------------------------------------------------
     @_storage_errors("listing objects")

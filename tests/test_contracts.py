@@ -113,3 +113,107 @@ def test_failed_event_shape():
     assert other.get_extension("tenant") is None and other.get_extension("traceparent") is None
     msg = to_structured_event(ev)  # serialisable by the SDK
     assert json.loads(msg.body)["data"]["code"] == "invalid_num_steps"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 10: full matches, ECMA patterns, seeds, attention, time, input hash, signing, registered codes
+@pytest.mark.parametrize("data,attrs,code", [
+    ({"prompt": "x"}, {"id": "req-1\n"}, "invalid_request_id"),
+    ({"prompt": "x"}, {"tenant": "acme\n"}, "invalid_tenant"),
+    ({"prompt": "x", "output_prefix": "promo\n"}, {}, "invalid_output_prefix"),
+    ({"prompt": "x", "model": "tiny\n"}, {}, "invalid_model"),
+])
+def test_a_trailing_newline_never_passes_an_identifier(data, attrs, code):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request(_event(data, **attrs))
+    assert e.value.code == code
+
+
+def test_schema_patterns_follow_ecma_semantics():
+    from turboflow.eventing.event_schemas import ecma_regex, ecma_search
+
+    assert ecma_regex(r"^a[$]\$$") == r"^a[$]\$\Z"
+    assert ecma_search(r"^ab$", "ab") and not ecma_search(r"^ab$", "ab\n")
+    errors = list(validator(T2V_REQUESTED).iter_errors({"prompt": "x", "output_prefix": "a\n"}))
+    assert errors and errors[0].validator == "pattern"
+
+
+def test_seed_zero_is_a_seed_and_an_omitted_seed_is_derived():
+    from turboflow.eventing.contracts import derived_seed
+
+    assert parse_request(_event({"prompt": "x", "seed": 0})).generation.seed == 0
+    assert parse_request(_event({"prompt": "x"})).generation.seed == derived_seed("req-123")
+    assert "default" not in SCHEMAS[T2V_REQUESTED]["properties"]["seed"]
+
+
+def test_unavailable_attention_is_unsupported_with_the_reason():
+    from turboflow.eventing.contracts import UNAVAILABLE_ATTENTION
+
+    assert "sagesla" in UNAVAILABLE_ATTENTION
+    assert "sagesla" not in SCHEMAS[T2V_REQUESTED]["properties"]["attention"]["enum"]
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request(_event({"prompt": "x", "attention": "sagesla"}))
+    assert e.value.code == "unsupported_option" and e.value.message == UNAVAILABLE_ATTENTION["sagesla"]
+
+
+def test_time_is_optional_and_must_parse():
+    assert parse_request(_event({"prompt": "x"}), has_time=False).time is None
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request({"type": T2V_REQUESTED, "source": "/p", "id": "r1", "time": "yesterday",
+                       "data": {"prompt": "x"}})
+    assert e.value.code == "invalid_time"
+
+
+def test_input_hash_covers_source_and_data_not_delivery():
+    base = parse_request(_event({"prompt": "a cat"})).input_sha256
+    assert len(base) == 64 and base == parse_request(_event({"prompt": "a cat"}, time=None)).input_sha256
+    assert parse_request(_event({"prompt": "a dog"})).input_sha256 != base
+    assert parse_request(_event({"prompt": "a cat"}, source="/other-producer")).input_sha256 != base
+    assert parse_request(_event({"prompt": "a cat"}, tenant="globex")).input_sha256 != base
+
+
+def test_signed_replies_verify_and_ids_depend_on_source_and_key():
+    from turboflow.eventing.signing import SIGNATURE_EXTENSION, derive_id, verify_event
+
+    key, other_key = b"k" * 32, b"o" * 32
+    request = _event({"prompt": "x"})
+    data = {"request_id": "req-123", "tenant": "acme", "completed_at": "2026-01-02T03:05:00Z"}
+    signed = completed_event(request, data, signing_key=key)
+    assert verify_event(signed, key) and not verify_event(signed, other_key)
+    assert signed.get_id() == derive_id(key, "/producer", "req-123", COMPLETED)
+    assert signed.get_id() == completed_event(request, dict(data), signing_key=key).get_id()
+    assert completed_event(_event({"prompt": "x"}, source="/b"), data, signing_key=key).get_id() != signed.get_id()
+    assert completed_event(request, data).get_extension(SIGNATURE_EXTENSION) is None
+    failed = failed_event("req-123", "invalid_seed", "bad", False, source="/fn", request_source="/producer",
+                          signing_key=key)
+    assert verify_event(failed, key)
+    assert failed.get_id() == failed_event("req-123", "invalid_seed", "bad", False, source="/fn",
+                                           request_source="/producer", signing_key=key).get_id()
+    assert failed.get_id() != failed_event("req-123", "invalid_seed", "bad", False, source="/fn",
+                                           request_source="/producer", signing_key=other_key).get_id()
+
+
+def test_every_emitted_error_code_is_registered():
+    """Every `code=` / `code = "..."` in the packages (and the literal codes passed positionally to engine's
+    `bad(...)`) is in ERROR_CODES with a description."""
+    import re
+    from pathlib import Path
+
+    from turboflow.eventing.contracts import ERROR_CODES
+
+    root = asyncapi.REPO_ROOT
+    found: dict[str, str] = {}
+    patterns = [re.compile(r"""\bcode\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
+                re.compile(r"""\bCODE\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
+                re.compile(r"""\bbad\([^()]*?,\s*["']([a-z][a-z0-9_]*)["']\s*,""", re.S),
+                re.compile(r"""["']error["']\s*:\s*["']([a-z][a-z0-9_]*)["']""")]
+    for package in ("engine", "eventing", "functions", "storage", "billing", "turboflow"):
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            for pattern in patterns:
+                for code in pattern.findall(text):
+                    found.setdefault(code, str(path.relative_to(root)))
+    assert len(found) > 30
+    missing = {code: where for code, where in found.items() if code not in ERROR_CODES}
+    assert not missing, f"register these in eventing/event_schemas.py ERROR_CODES: {missing}"
+    assert all(ERROR_CODES.values()), [c for c, text in ERROR_CODES.items() if not text]

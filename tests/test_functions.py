@@ -50,16 +50,19 @@ def buckets(s3_client):
             s3_client.create_bucket(Bucket=b)
         except s3_client.exceptions.BucketAlreadyOwnedByYou:
             pass
-    s3_client.put_object(Bucket=INPUTS, Key="images/cat.png", Body=_png())
-    s3_client.put_object(Bucket=INPUTS, Key="images/not-an-image.png", Body=b"this is text, not a png")
-    s3_client.put_object(Bucket=INPUTS, Key="images/tiny.png", Body=_png(8, 8))
-    s3_client.put_object(Bucket=PRIVATE, Key="images/cat.png", Body=_png())
+    s3_client.put_object(Bucket=INPUTS, Key="uploads/acme/cat.png", Body=_png())
+    s3_client.put_object(Bucket=INPUTS, Key="uploads/acme/not-an-image.png", Body=b"this is text, not a png")
+    s3_client.put_object(Bucket=INPUTS, Key="uploads/acme/tiny.png", Body=_png(8, 8))
+    s3_client.put_object(Bucket=INPUTS, Key="uploads/globex/secret.png", Body=_png(seed=5))  # another tenant's
+    s3_client.put_object(Bucket=INPUTS, Key="shared/styles/wave.png", Body=_png(seed=6))
+    s3_client.put_object(Bucket=PRIVATE, Key="uploads/acme/cat.png", Body=_png())
     return s3_client
 
 
 def _config(model_dir, endpoint, **extra):
     return {"MODEL_DIR": str(model_dir), "TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": endpoint,
-            "TURBOFLOW_DEVICE": "cpu", "TURBOFLOW_INPUT_BUCKETS": f"{BUCKET},{INPUTS}", **extra}
+            "TURBOFLOW_DEVICE": "cpu", "TURBOFLOW_INPUT_BUCKETS": f"{BUCKET},{INPUTS}",
+            "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{INPUTS}/shared/styles/", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +228,7 @@ def test_queued_requests_wait_for_the_worker(t2v):
 
 def test_redelivery_during_generation_joins_the_running_job(t2v, buckets):
     """The broker redelivers a long request before it finishes: the pod generates once and both deliveries get
-    the same completion. Seed 0 becomes a seed derived from the request id."""
+    the same completion. An omitted seed becomes a seed derived from the request id."""
     from turboflow.functions.common import derived_seed
 
     fn = t2v.fn
@@ -239,7 +242,7 @@ def test_redelivery_during_generation_joins_the_running_job(t2v, buckets):
         return real_job(*args)
 
     fn._gpu_job = gated
-    event = request_event("t2v", {"prompt": "a slow river", "seed": 0, **SMALL}, tenant="umbrella")
+    event = request_event("t2v", {"prompt": "a slow river", **SMALL}, tenant="umbrella")
     results = {}
     threads = [threading.Thread(target=lambda i=i: results.setdefault(i, t2v.send(event, ("binary", "structured")[i])))
                for i in range(2)]
@@ -280,8 +283,8 @@ def test_out_of_memory_is_a_failed_reply(t2v):
 
 
 def test_i2v_with_s3_image_end_to_end(i2v, tmp_path, buckets):
-    event = request_event("i2v", {"prompt": "a cat walking", "image": f"s3://{INPUTS}/images/cat.png", "seed": 4,
-                                  "boundary": 0.9, "adaptive_resolution": True, **SMALL})
+    event = request_event("i2v", {"prompt": "a cat walking", "image": f"s3://{INPUTS}/uploads/acme/cat.png",
+                                  "seed": 4, "boundary": 0.9, "adaptive_resolution": True, **SMALL})
     reply, data = _completed(i2v.send(event))
     assert data["kind"] == "i2v" and data["model"] == "tiny-wan2.2-i2v-a14b"
     assert "image_fetch" in data["timings"] and "vae_encode" in data["timings"]
@@ -332,9 +335,9 @@ MALFORMED = [
     ("tenant-traversal", "t2v", {"prompt": "x"}, {"tenant": "acme/../globex"}, "invalid_tenant"),
     ("tenant-uppercase", "t2v", {"prompt": "x"}, {"tenant": "ACME"}, "invalid_tenant"),
     ("request-id-traversal", "t2v", {"prompt": "x"}, {"event_id": "../../escape"}, "invalid_request_id"),
-    ("wrong-event-type", "t2v", {"prompt": "x", "image": "s3://tf-inputs/images/cat.png"},
+    ("wrong-event-type", "t2v", {"prompt": "x", "image": "s3://tf-inputs/uploads/acme/cat.png"},
      {"type": "io.turboflow.video.i2v.requested"}, "unsupported_event_type"),
-    ("t2v-with-image", "t2v", {"prompt": "x", "image": "s3://tf-inputs/images/cat.png"}, {}, "unknown_field"),
+    ("t2v-with-image", "t2v", {"prompt": "x", "image": "s3://tf-inputs/uploads/acme/cat.png"}, {}, "unknown_field"),
     ("i2v-missing-image", "i2v", {"prompt": "x"}, {}, "missing_field"),
     ("i2v-http-image", "i2v", {"prompt": "x", "image": "http://example.com/cat.png"}, {},
      "invalid_image_reference"),
@@ -344,17 +347,25 @@ MALFORMED = [
     ("i2v-inline-too-large", "i2v", {"prompt": "x", "image": _data_uri(b"\0" * (600 << 10))}, {},
      "image_too_large"),
     ("i2v-inline-pixel-bomb", "i2v", {"prompt": "x", "image": _data_uri(_bomb_png())}, {}, "image_too_large"),
-    ("i2v-bucket-not-allowed", "i2v", {"prompt": "x", "image": f"s3://{PRIVATE}/images/cat.png"}, {},
+    ("i2v-bucket-not-allowed", "i2v", {"prompt": "x", "image": f"s3://{PRIVATE}/uploads/acme/cat.png"}, {},
      "image_bucket_not_allowed"),
-    ("i2v-image-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/nope.png"}, {},
+    ("i2v-image-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/nope.png"}, {},
      "image_not_found"),
-    ("i2v-s3-not-image", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/not-an-image.png"}, {},
+    ("i2v-s3-not-image", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/not-an-image.png"}, {},
      "invalid_image"),
-    ("i2v-s3-image-too-small", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/tiny.png"}, {},
+    ("i2v-s3-image-too-small", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/tiny.png"}, {},
      "invalid_image"),
-    ("i2v-s3-key-traversal", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/../secrets.png"}, {},
+    ("i2v-s3-key-traversal", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/../secrets.png"}, {},
      "invalid_image_reference"),
-    ("i2v-boundary-1.5", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/images/cat.png", "boundary": 1.5}, {},
+    ("i2v-other-tenants-image", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/secret.png"}, {},
+     "image_not_allowed"),
+    ("i2v-other-tenants-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/nope.png"}, {},
+     "image_not_allowed"),
+    ("i2v-outside-uploads", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/elsewhere/cat.png"}, {},
+     "image_not_allowed"),
+    ("i2v-tenant-name-prefix", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme-evil/cat.png"}, {},
+     "image_not_allowed"),
+    ("i2v-boundary-1.5", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/cat.png", "boundary": 1.5}, {},
      "invalid_boundary"),
 ]
 
@@ -375,6 +386,11 @@ def test_malformed_request_gets_failed_reply(request, case_id, kind, data, attrs
     assert body["retryable"] is False and body["message"]
     assert body["request_id"] == event.get_id() and reply.get_subject() == event.get_id()
     assert reply.get_extension("traceparent") == TRACEPARENT
+    if code == "unsupported_option":
+        from turboflow.eventing.contracts import UNAVAILABLE_ATTENTION
+        assert body["message"] == UNAVAILABLE_ATTENTION[data["attention"]]
+    if code == "image_not_allowed":
+        assert "globex" not in body["message"]
 
 
 def test_invalid_json_body_in_binary_mode(t2v):
@@ -409,6 +425,7 @@ def test_s3_unreachable_is_retryable_503(t2v_pipeline, moto_s3, tiny_t2v_dir):
         live.wait_ready()
         r = live.send(request_event("t2v", {"prompt": "a fox", **SMALL}))
         assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+        assert dead not in r.text and "127.0.0.1" not in r.text  # internals stay in the (debug) log
         assert live.client.get("/health/liveness").status_code == 200
     finally:
         live.close()
@@ -485,3 +502,177 @@ def test_cli_serve(tiny_t2v_dir, moto_s3, buckets):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 10: the fuzzed edges, at the HTTP level against the live function
+def _post_structured(live, envelope: dict):
+    return live.client.post("/", content=json.dumps(envelope).encode(),
+                            headers={"content-type": "application/cloudevents+json"})
+
+
+def _envelope(data, **attrs):
+    return {"specversion": "1.0", "type": "io.turboflow.video.t2v.requested", "source": "/tests/producer",
+            "id": str(uuid.uuid4()), "tenant": "acme", "datacontenttype": "application/json", "data": data,
+            **attrs}
+
+
+@pytest.mark.parametrize("attrs,data,code", [
+    ({"id": "req-newline\n"}, {"prompt": "x"}, "invalid_request_id"),
+    ({"tenant": "acme\n"}, {"prompt": "x"}, "invalid_tenant"),
+    ({}, {"prompt": "x", "output_prefix": "promo\n"}, "invalid_output_prefix"),
+    ({}, {"prompt": "x", "model": "tiny-wan2.1-t2v\n"}, "invalid_model"),
+])
+def test_trailing_newline_identifiers_fail_before_storage(t2v, attrs, data, code):
+    r = _post_structured(t2v, _envelope({**data, **SMALL}, **attrs))
+    assert r.status_code == 200, r.text
+    reply, body = reply_event(r)
+    assert reply.get_type() == FAILED and body["code"] == code and body["retryable"] is False
+    assert "\n" not in (reply.get_subject() or "")
+
+
+def test_deeply_nested_body_is_400_in_both_modes(t2v):
+    deep = b'{"prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
+               "ce-id": str(uuid.uuid4()), "content-type": "application/json"}
+    r = t2v.client.post("/", headers=headers, content=deep)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_cloudevent", r.text
+    envelope = json.dumps(_envelope({"prompt": "x"}))[:-1].encode() + b', "x": ' + b"[" * 100_000 + \
+        b"]" * 100_000 + b"}"
+    r = t2v.client.post("/", content=envelope, headers={"content-type": "application/cloudevents+json"})
+    assert r.status_code == 400 and "nests" in r.json()["message"]
+    assert t2v.client.get("/health/liveness").status_code == 200
+
+
+def test_non_utf8_header_is_400(t2v):
+    headers = [(b"ce-specversion", b"1.0"), (b"ce-type", b"io.turboflow.video.t2v.requested"),
+               (b"ce-source", b"/tests"), (b"ce-id", str(uuid.uuid4()).encode()),
+               (b"content-type", b"application/json"), (b"x-note", b"caf\xe9")]
+    r = t2v.client.post("/", headers=headers, content=json.dumps({"prompt": "x"}).encode())
+    assert r.status_code == 400 and r.json()["error"] == "invalid_cloudevent", r.text
+
+
+@pytest.mark.parametrize("missing", ["id", "specversion"])
+def test_cloudevent_without_id_or_specversion_is_400(t2v, buckets, missing):
+    envelope = _envelope({"prompt": "x", "seed": 1, **SMALL})
+    del envelope[missing]
+    before = len(buckets.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+    r = _post_structured(t2v, envelope)
+    assert r.status_code == 400 and missing in r.json()["message"], r.text
+    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
+               "ce-id": str(uuid.uuid4()), "content-type": "application/json"}
+    del headers[f"ce-{missing}"]
+    r = t2v.client.post("/", headers=headers, content=json.dumps({"prompt": "x", "seed": 1, **SMALL}).encode())
+    assert r.status_code == 400 and f"ce-{missing}" in r.json()["message"], r.text
+    assert len(buckets.list_objects_v2(Bucket=BUCKET).get("Contents", [])) == before  # nothing generated
+
+
+def test_request_without_time_has_no_date_folders_and_redelivers_to_one_key(t2v):
+    request_id = str(uuid.uuid4())
+    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
+               "ce-id": request_id, "ce-tenant": "acme", "content-type": "application/json"}
+    body = json.dumps({"prompt": "a lighthouse", "seed": 2, **SMALL}).encode()
+    _, first = _completed(t2v.client.post("/", headers=headers, content=body))
+    assert first["video"]["key"] == f"videos/acme/{request_id}.mp4"
+    _, again = _completed(t2v.client.post("/", headers=headers, content=body))
+    assert again == first
+
+
+def test_seed_zero_is_seed_zero_and_omitted_seed_is_derived(t2v):
+    from turboflow.functions.common import derived_seed
+
+    _, data = _completed(t2v.send(request_event("t2v", {"prompt": "a kite", "seed": 0, **SMALL})))
+    assert data["seed"] == 0
+    event = request_event("t2v", {"prompt": "a kite", **SMALL})
+    _, data = _completed(t2v.send(event))
+    assert data["seed"] == derived_seed(event.get_id())
+
+
+def test_reused_request_id_with_other_input_is_an_id_conflict(t2v, buckets):
+    event_id = str(uuid.uuid4())
+    first = request_event("t2v", {"prompt": "a red balloon", "seed": 8, **SMALL}, event_id=event_id)
+    _, data = _completed(t2v.send(first))
+    assert len(data["input_sha256"]) == 64
+    _, replay = _completed(t2v.send(first, "structured"))
+    assert replay == data
+    other_prompt = request_event("t2v", {"prompt": "a blue balloon", "seed": 8, **SMALL}, event_id=event_id)
+    other_source = request_event("t2v", {"prompt": "a red balloon", "seed": 8, **SMALL}, event_id=event_id,
+                                 source="/tests/another-producer")
+    for event in (other_prompt, other_source):
+        r = t2v.send(event)
+        assert r.status_code == 200, r.text
+        reply, body = reply_event(r)
+        assert reply.get_type() == FAILED and body["code"] == "id_conflict" and body["retryable"] is False
+    keys = [o["Key"] for o in buckets.list_objects_v2(Bucket=BUCKET, Prefix="videos/acme/")["Contents"]]
+    assert len([k for k in keys if k.endswith(f"/{event_id}.mp4")]) == 1
+
+
+def test_i2v_reads_a_shared_prefix(i2v):
+    event = request_event("i2v", {"prompt": "waves", "image": f"s3://{INPUTS}/shared/styles/wave.png", "seed": 3,
+                                  **SMALL}, tenant="globex")
+    _, data = _completed(i2v.send(event))
+    assert data["tenant"] == "globex" and data["video"]["key"].startswith("videos/globex/")
+
+
+def test_signed_replies(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir):
+    from turboflow.eventing.signing import SIGNATURE_EXTENSION, derive_id, verify_event
+
+    key = "s" * 32
+    live = LiveFunction("t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY=key),
+                        pipeline=t2v_pipeline)
+    try:
+        live.wait_ready()
+        event = request_event("t2v", {"prompt": "a signed fox", "seed": 1, **SMALL})
+        reply, data = _completed(live.send(event))
+        assert reply.get_extension(SIGNATURE_EXTENSION) and verify_event(reply, key.encode())
+        assert reply.get_id() == derive_id(key.encode(), "/tests/producer", event.get_id(),
+                                           COMPLETED)
+        again, _ = _completed(live.send(event, "structured"))
+        assert again.get_id() == reply.get_id() and verify_event(again, key.encode())
+        failed, body = reply_event(live.send(request_event("t2v", {"prompt": "x", "num_steps": 9})))
+        assert failed.get_type() == FAILED and verify_event(failed, key.encode())
+    finally:
+        live.close()
+
+
+def test_unusable_signing_key_keeps_the_pod_unready(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir):
+    live = LiveFunction("t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY="short"),
+                        pipeline=t2v_pipeline)
+    try:
+        r = live.client.get("/health/readiness")
+        assert r.status_code == 500 and "TURBOFLOW_EVENT_SIGNING_KEY" in r.text, r.text
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize("status,s3_code,error", [(503, "SlowDown", "storage_unavailable"),
+                                                  (403, "AccessDenied", "storage_misconfigured")])
+def test_refused_upload_is_retryable_503(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir, status, s3_code, error):
+    from s3_fault_proxy import S3FaultProxy, refuse_video_writes
+
+    proxy = S3FaultProxy(moto_s3, refuse_video_writes(status, s3_code))
+    live = LiveFunction("t2v", _config(tiny_t2v_dir, proxy.url), pipeline=t2v_pipeline)
+    try:
+        live.wait_ready()
+        r = live.send(request_event("t2v", {"prompt": "a throttled fox", "seed": 1, **SMALL}))
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == error and r.json()["retryable"] is True and proxy.refused
+        assert proxy.url not in r.text and "127.0.0.1" not in r.text and "/tmp" not in r.text
+    finally:
+        live.close()
+        proxy.close()
+
+
+def test_unexpected_error_body_reveals_nothing_internal(t2v):
+    pipeline = t2v.fn.pipeline
+
+    def bug(*a, **k):
+        raise RuntimeError("boom at /tmp/turboflow-secret/x.mp4 via http://10.0.0.5:9000/bucket")
+
+    pipeline._generate = bug
+    try:
+        r = t2v.send(request_event("t2v", {"prompt": "a bug", "seed": 1, **SMALL}))
+    finally:
+        del pipeline._generate
+    assert r.status_code == 500 and r.json()["error"] == "internal_error"
+    assert "/tmp" not in r.text and "10.0.0.5" not in r.text and "boom" not in r.text

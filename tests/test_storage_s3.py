@@ -110,24 +110,110 @@ def test_refresh_url_only_near_expiry(store):
 
 
 def test_read_image_allow_list_and_caps(store, s3_client):
-    s3_client.put_object(Bucket=OTHER, Key="in/a.png", Body=b"x" * 10)
-    s3_client.put_object(Bucket=OTHER, Key="in/big.png", Body=b"x" * 2000)
-    s3_client.put_object(Bucket=BUCKET, Key="in/a.png", Body=b"x" * 10)
-    assert store.read_image(OTHER, "in/a.png") == b"x" * 10
-    cases = [((BUCKET, "in/a.png"), "image_bucket_not_allowed"),  # inputs configured: output bucket not implied
-             (("some-other", "in/a.png"), "image_bucket_not_allowed"),
-             ((OTHER, "in/missing.png"), "image_not_found"),
-             ((OTHER, "in/big.png"), "image_too_large"),
-             ((OTHER, "in/../a.png"), "invalid_image_reference")]
+    s3_client.put_object(Bucket=OTHER, Key="uploads/acme/a.png", Body=b"x" * 10)
+    s3_client.put_object(Bucket=OTHER, Key="uploads/acme/big.png", Body=b"x" * 2000)
+    s3_client.put_object(Bucket=BUCKET, Key="uploads/acme/a.png", Body=b"x" * 10)
+    assert store.read_image(OTHER, "uploads/acme/a.png", "acme") == b"x" * 10
+    cases = [((BUCKET, "uploads/acme/a.png"), "image_bucket_not_allowed"),  # inputs set: output bucket not implied
+             (("some-other", "uploads/acme/a.png"), "image_bucket_not_allowed"),
+             ((OTHER, "uploads/acme/missing.png"), "image_not_found"),
+             ((OTHER, "uploads/acme/big.png"), "image_too_large"),
+             ((OTHER, "uploads/acme/../a.png"), "invalid_image_reference")]
     for (bucket, key), code in cases:
         with pytest.raises(InvalidRequestError) as e:
-            store.read_image(bucket, key)
+            store.read_image(bucket, key, "acme")
         assert e.value.code == code, (bucket, key)
 
 
 def test_input_buckets_default_to_the_output_bucket():
     cfg = S3Config.from_env({"TURBOFLOW_BUCKET": "out-bucket"})
     assert cfg.input_buckets == ("out-bucket",) and cfg.output_prefix == "videos"
+    assert cfg.image_prefix == "uploads" and cfg.shared_image_prefixes == ()
+
+
+def test_images_are_confined_to_the_tenant_and_shared_prefixes(moto_s3, s3_client):
+    """Another tenant's upload, existing or not, gets the same code and S3 is never asked (the proxy would see it)."""
+    from s3_fault_proxy import S3FaultProxy
+
+    for b in (BUCKET, OTHER):
+        try:
+            s3_client.create_bucket(Bucket=b)
+        except s3_client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    s3_client.put_object(Bucket=OTHER, Key="uploads/globex/private.png", Body=b"g" * 10)
+    s3_client.put_object(Bucket=OTHER, Key="library/styles/wave.png", Body=b"w" * 10)
+    s3_client.put_object(Bucket=OTHER, Key="uploads/acme/mine.png", Body=b"m" * 10)
+    proxy = S3FaultProxy(moto_s3)
+    seen: list[tuple[str, str]] = []
+    proxy.fault = lambda method, path: seen.append((method, path))
+    try:
+        store = S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": proxy.url,
+                                  "TURBOFLOW_INPUT_BUCKETS": OTHER,
+                                  "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{OTHER}/library/styles/"})
+        for key in ("uploads/globex/private.png", "uploads/globex/missing.png", "uploads/acmex/x.png",
+                    "uploads/acme", "elsewhere/acme/x.png", "library/stylesx/wave.png"):
+            with pytest.raises(InvalidRequestError) as e:
+                store.read_image(OTHER, key, "acme")
+            assert e.value.code == "image_not_allowed", key
+            assert "globex" not in e.value.message
+        assert seen == []  # refused without a single request to S3
+        assert store.read_image(OTHER, "uploads/acme/mine.png", "acme") == b"m" * 10
+        assert store.read_image(OTHER, "library/styles/wave.png", "acme") == b"w" * 10
+        assert store.read_image(OTHER, "library/styles/wave.png", "globex") == b"w" * 10
+        with pytest.raises(InvalidRequestError) as e:
+            store.read_image(OTHER, "uploads/acme/missing.png", "acme")
+        assert e.value.code == "image_not_found"
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("env", [{"TURBOFLOW_IMAGE_PREFIX": "../up"}, {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "bkt"},
+                                 {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "Bad_Bucket/x/"},
+                                 {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "ok-bucket/a/../b/"},
+                                 {"TURBOFLOW_INPUT_BUCKETS": "ok-bucket,Bad_Bucket"}])
+def test_bad_image_settings_are_configuration_errors(env):
+    with pytest.raises(StorageConfigError):
+        S3Config.from_env({"TURBOFLOW_BUCKET": "ok-bucket", **env})
+
+
+def test_key_without_time_has_no_date_folders(store):
+    assert store.video_key("acme", "req-1", None) == "videos/acme/req-1.mp4"
+    assert store.video_key("acme", "req-1", None, "promo/q1") == "videos/acme/promo/q1/req-1.mp4"
+
+
+@pytest.mark.parametrize("tenant,request_id,prefix,code", [
+    ("acme\n", "r", None, "invalid_tenant"),
+    ("acme", "r\n", None, "invalid_request_id"),
+    ("acme", "r", "promo\n", "invalid_output_prefix"),
+])
+def test_a_trailing_newline_never_passes_a_key_component(store, tenant, request_id, prefix, code):
+    with pytest.raises(InvalidRequestError) as e:
+        store.video_key(tenant, request_id, WHEN, prefix)
+    assert e.value.code == code
+
+
+@pytest.mark.parametrize("status,s3_code,error", [(503, "SlowDown", StorageUnavailableError),
+                                                  (403, "AccessDenied", StorageConfigError)])
+def test_refused_upload_is_a_typed_retryable_error(moto_s3, s3_client, tmp_path, status, s3_code, error):
+    """boto3's upload_file wraps the S3 answer in S3UploadFailedError: still a typed, retryable storage error
+    whose message names no endpoint."""
+    from s3_fault_proxy import S3FaultProxy, refuse_video_writes
+
+    try:
+        s3_client.create_bucket(Bucket=BUCKET)
+    except s3_client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    proxy = S3FaultProxy(moto_s3, refuse_video_writes(status, s3_code))
+    try:
+        store = S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": proxy.url})
+        path = tmp_path / "v.mp4"
+        path.write_bytes(b"\0" * 1000)
+        with pytest.raises(error) as e:
+            store.put_video(path, store.video_key("acme", f"refused-{status}", WHEN), {})
+        assert e.value.retryable and proxy.refused
+        assert proxy.url not in e.value.message and "127.0.0.1" not in e.value.message
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("env", [{}, {"TURBOFLOW_BUCKET": "Bad_Bucket"},
@@ -142,7 +228,7 @@ def test_unreachable_endpoint_is_transient(moto_s3):
     store = S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(StorageUnavailableError) as e:
         store.find_completion(store.video_key("acme", "r", WHEN))
-    assert e.value.retryable
+    assert e.value.retryable and "127.0.0.1" not in e.value.message
 
 
 def test_missing_bucket_is_a_configuration_error(moto_s3):
