@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# style and lint (pyproject.toml [tool.ruff]); the package stack is checked by tests/test_architecture.py
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: venv
 	$(VENV)/bin/turboflow demo

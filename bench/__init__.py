@@ -2,6 +2,7 @@
 
 On a machine where turboflow is not pip-installed (the GPU box gets a bare copy of the tree), map the repo's
 package directories onto the `turboflow` namespace the way pyproject.toml's package-dir does."""
+
 import os
 import sys
 

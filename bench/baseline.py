@@ -1,4 +1,5 @@
 """Plain diffusers on the same modules and shapes as turboflow: WanPipeline's calls with guidance off."""
+
 from __future__ import annotations
 
 import statistics
@@ -26,8 +27,15 @@ def run_baseline(pipe, spec: Spec, clock, prompt: str) -> dict:
     processor = VideoProcessor(vae_scale_factor=sf)
 
     def text():  # WanPipeline._get_t5_prompt_embeds (without ftfy cleaning), max_sequence_length 512
-        t = pipe.tokenizer([prompt], padding="max_length", max_length=512, truncation=True, add_special_tokens=True,
-                           return_attention_mask=True, return_tensors="pt")
+        t = pipe.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=512,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         ids, mask = t.input_ids, t.attention_mask
         seq_lens = mask.gt(0).sum(dim=1).long()
         e = pipe.text_encoder(ids.to(dev), mask.to(dev)).last_hidden_state.to(dtype=dtype, device=dev)
@@ -62,7 +70,8 @@ def _baseline(pipe, spec: Spec, clock, text, encode_image, decode, lat_shape) ->
         out = {}
         if clock.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        text(); embeds, out["text_encode_s"] = clock.time(text)  # noqa: E702  (warm, then timed)
+        text()
+        embeds, out["text_encode_s"] = clock.time(text)  # noqa: E702  (warm, then timed)
         cond = None
         if spec.kind == "i2v":
             _, out["vae_encode_s"] = clock.time(encode_image)
@@ -71,23 +80,34 @@ def _baseline(pipe, spec: Spec, clock, text, encode_image, decode, lat_shape) ->
             mask[:, :, 0] = 1
             cond = torch.cat([mask, lat], 1).to(dtype)
         # the expert that is resident now (ours may have swapped the other to the CPU)
-        nets = [n for n in (pipe.transformer, pipe.transformer_2)
-                if n is not None and next(n.parameters()).device.type == dev.type]
+        nets = [
+            n
+            for n in (pipe.transformer, pipe.transformer_2)
+            if n is not None and next(n.parameters()).device.type == dev.type
+        ]
         net = nets[0]
-        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        num_train_timesteps=1000)
+        sched = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        )
         sched.set_timesteps(spec.warmup_steps + spec.steps, device=dev)
         g = torch.Generator(device=dev).manual_seed(1)
         latents = torch.randn(lat_shape, generator=g, device=dev, dtype=torch.float32)
         steps = []
         for i, t in enumerate(sched.timesteps):
+
             def step(latents=latents, t=t):
                 x = latents.to(dtype)
                 if cond is not None:
                     x = torch.cat([x, cond], 1)
-                noise_pred = net(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=embeds,
-                                 attention_kwargs=None, return_dict=False)[0]
+                noise_pred = net(
+                    hidden_states=x,
+                    timestep=t.expand(1),
+                    encoder_hidden_states=embeds,
+                    attention_kwargs=None,
+                    return_dict=False,
+                )[0]
                 return sched.step(noise_pred, t, latents, return_dict=False)[0]
+
             latents, s = clock.time(step)
             if i >= spec.warmup_steps:
                 steps.append(s)
@@ -96,8 +116,9 @@ def _baseline(pipe, spec: Spec, clock, text, encode_image, decode, lat_shape) ->
         out["steps_s"] = steps
         out["step_median_s"] = _median(steps)
         out["projected_dit_4_steps_s"] = 4 * out["step_median_s"]
-        out["projected_total_4_steps_s"] = (out["text_encode_s"] + out.get("vae_encode_s", 0.0) + out["vae_decode_s"]
-                                            + 4 * out["step_median_s"])
-        out["total_s"] = (out["text_encode_s"] + out.get("vae_encode_s", 0.0) + sum(steps) + out["vae_decode_s"])
+        out["projected_total_4_steps_s"] = (
+            out["text_encode_s"] + out.get("vae_encode_s", 0.0) + out["vae_decode_s"] + 4 * out["step_median_s"]
+        )
+        out["total_s"] = out["text_encode_s"] + out.get("vae_encode_s", 0.0) + sum(steps) + out["vae_decode_s"]
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
     return out

@@ -8,6 +8,7 @@ call start() and poll ready(): process start -> imports -> module build / read+H
 The manifest records sizes only (sha256 fields hold a placeholder: hashing 14 GB is not part of a cold start,
 load_pipeline verifies sizes, and it would cost device time).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def warm_page_cache(files) -> None:
 def build_cache(cache: Path, tiny: bool, log) -> dict:
     import torch
 
-    from turboflow.storage.modelcache import FileEntry, Manifest
+    from turboflow.engine.modelcache import FileEntry, Manifest
 
     from .models import SPECS, build_text_encoder, build_tokenizer, build_transformer, build_vae
 
@@ -59,19 +60,31 @@ def build_cache(cache: Path, tiny: bool, log) -> dict:
     spec = SPECS["1.3b-480p"]
     cache.mkdir(parents=True, exist_ok=True)
     build_tokenizer(cache / "tokenizer")
-    for role, build, cfg in (("transformer", build_transformer, spec.transformer),
-                             ("text_encoder", build_text_encoder, spec.text), ("vae", build_vae, spec.vae)):
+    for role, build, cfg in (
+        ("transformer", build_transformer, spec.transformer),
+        ("text_encoder", build_text_encoder, spec.text),
+        ("vae", build_vae, spec.vae),
+    ):
         model = build(cfg, dev, dtype)
         model.save_pretrained(cache / role)
         log(f"  wrote {role}: {sum(f.stat().st_size for f in (cache / role).glob('*.safetensors')) / 1e9:.2f} GB")
         del model
         torch.cuda.empty_cache()
-    entries = [FileEntry(str(p.relative_to(cache)), p.stat().st_size, "0" * 64)
-               for sub in ("tokenizer", "text_encoder", "transformer", "vae") for p in sorted((cache / sub).rglob("*"))
-               if p.is_file()]
+    entries = [
+        FileEntry(str(p.relative_to(cache)), p.stat().st_size, "0" * 64)
+        for sub in ("tokenizer", "text_encoder", "transformer", "vae")
+        for p in sorted((cache / sub).rglob("*"))
+        if p.is_file()
+    ]
     comps = {r: r for r in ("tokenizer", "text_encoder", "vae", "transformer")}
-    m = Manifest(name="bench-wan2.1-t2v-1.3b-random", kind="t2v", components=comps, files=entries,
-                 defaults={"sigma_max": 80.0, "resolution": "480p"}, source={"bench": "random weights, sha256 not computed"})
+    m = Manifest(
+        name="bench-wan2.1-t2v-1.3b-random",
+        kind="t2v",
+        components=comps,
+        files=entries,
+        defaults={"sigma_max": 80.0, "resolution": "480p"},
+        source={"bench": "random weights, sha256 not computed"},
+    )
     (cache / "manifest.json").write_text(m.to_json())
     os.sync()
     return {"seconds": time.perf_counter() - t, "tiny": False}
@@ -111,34 +124,51 @@ def loader_throughput(cache: Path, tiny: bool, log) -> list[dict]:
     settings = [(None, fastload.DEFAULT_CHUNK), (8, 64 << 20), (16, 8 << 20)] if not tiny else [(None, 1 << 16)]
     timed("safetensors.torch.load_file(device)", "page cache", st_load)
     for threads, chunk in settings:
-        timed(f"fastload threads={threads or fastload.default_threads()} chunk={chunk >> 20}MiB", "page cache",
-              lambda: fastload.load_safetensors(files, dev, threads=threads, chunk_bytes=chunk))
+        timed(
+            f"fastload threads={threads or fastload.default_threads()} chunk={chunk >> 20}MiB",
+            "page cache",
+            lambda: fastload.load_safetensors(files, dev, threads=threads, chunk_bytes=chunk),
+        )
     if dev.type == "cuda":
         # the two halves of the pipeline, to say what bounds it
-        timed("fastload to host RAM only (parallel pread)", "page cache",
-              lambda: fastload.load_safetensors(files, "cpu"))
+        timed(
+            "fastload to host RAM only (parallel pread)", "page cache", lambda: fastload.load_safetensors(files, "cpu")
+        )
         pinned = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
         gpu = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
         gpu.copy_(pinned)
-        timed("pinned host -> GPU copy, 1 GiB x 4", "memory", lambda: [gpu.copy_(pinned, non_blocking=True)
-                                                                      for _ in range(4)], 4 << 30)
+        timed(
+            "pinned host -> GPU copy, 1 GiB x 4",
+            "memory",
+            lambda: [gpu.copy_(pinned, non_blocking=True) for _ in range(4)],
+            4 << 30,
+        )
         del pinned, gpu
     drop_page_cache(files)
     timed("safetensors.torch.load_file(device)", "cold disk", st_load)
     drop_page_cache(files)
-    timed(f"fastload threads={fastload.default_threads()} chunk={fastload.DEFAULT_CHUNK >> 20}MiB", "cold disk",
-          lambda: fastload.load_safetensors(files, dev))
+    timed(
+        f"fastload threads={fastload.default_threads()} chunk={fastload.DEFAULT_CHUNK >> 20}MiB",
+        "cold disk",
+        lambda: fastload.load_safetensors(files, dev),
+    )
     drop_page_cache(files)
-    timed("fastload threads=32 chunk=16MiB", "cold disk",
-          lambda: fastload.load_safetensors(files, dev, threads=32, chunk_bytes=16 << 20))
+    timed(
+        "fastload threads=32 chunk=16MiB",
+        "cold disk",
+        lambda: fastload.load_safetensors(files, dev, threads=32, chunk_bytes=16 << 20),
+    )
     return rows
 
 
 def cold_starts(cache: Path, tiny: bool, log) -> list[dict]:
     runs = []
-    plan = [("fastload, warm page cache #1", "fast", False), ("fastload, warm page cache #2", "fast", False),
-            ("fastload, cold disk", "fast", True), ("from_pretrained (previous loader), warm page cache", "library",
-                                                    False)]
+    plan = [
+        ("fastload, warm page cache #1", "fast", False),
+        ("fastload, warm page cache #2", "fast", False),
+        ("fastload, cold disk", "fast", True),
+        ("from_pretrained (previous loader), warm page cache", "library", False),
+    ]
     for label, mode, cold in plan:
         if cold:
             drop_page_cache(_files(cache))
@@ -148,21 +178,32 @@ def cold_starts(cache: Path, tiny: bool, log) -> list[dict]:
         if tiny:
             env["CUDA_VISIBLE_DEVICES"] = ""
         launched = time.time()
-        proc = subprocess.run([sys.executable, "-m", "bench.coldstart", "--child", str(cache), mode],
-                              capture_output=True, text=True, timeout=600, env=env,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.coldstart", "--child", str(cache), mode],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not line:
             runs.append({"label": label, "error": (proc.stderr or proc.stdout)[-2000:]})
             log(f"  {label}: FAILED\n{proc.stderr[-2000:]}")
             continue
         r = json.loads(line[-1])
-        r.update(label=label, ready_s=r["t_ready"] - launched, imports_s=r["t_imports"] - launched,
-                 interpreter_s=r["t_child_start"] - launched)
+        r.update(
+            label=label,
+            ready_s=r["t_ready"] - launched,
+            imports_s=r["t_imports"] - launched,
+            interpreter_s=r["t_child_start"] - launched,
+        )
         runs.append(r)
         log(f"  {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items() if k.startswith("import_")))
-        log(f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
-            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s)")
+        log(
+            f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
+            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s)"
+        )
     return runs
 
 
@@ -173,8 +214,15 @@ def measure(cache: Path, tiny: bool = False, log=print) -> dict:
     log(f"  cache {size / 1e9:.2f} GB of safetensors ({info})")
     loader = loader_throughput(cache, tiny, log)
     runs = cold_starts(cache, tiny, log)
-    return {"loader": loader, "coldstart": {"cache_gb": size / 1e9, "build": info, "runs": runs,
-                                            "manifest": "sizes only; sha256 placeholders (not hashed)"}}
+    return {
+        "loader": loader,
+        "coldstart": {
+            "cache_gb": size / 1e9,
+            "build": info,
+            "runs": runs,
+            "manifest": "sizes only; sha256 placeholders (not hashed)",
+        },
+    }
 
 
 # ---- the child process: one cold start -------------------------------------------------------------------------------
@@ -188,14 +236,18 @@ def child(cache: str, mode: str) -> None:
 
     marks = {}
     import torch  # noqa: F401
+
     marks["torch"] = time.time()
-    from turboflow.functions.common import VideoFunction
     from turboflow.engine import loading  # noqa: F401
+    from turboflow.functions.common import VideoFunction
+
     marks["turboflow"] = time.time()
     import accelerate  # noqa: F401
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+
     marks["diffusers"] = time.time()
     from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+
     marks["transformers"] = time.time()
     t_imports = time.time()
     prev, split = t0, {}
@@ -216,14 +268,17 @@ def child(cache: str, mode: str) -> None:
         out["t_ready"] = time.time()
         out.update(fn.pipeline.load_report)
     else:  # the pre-fastload path: from_pretrained per component on the CPU, then .to(device)
-        import torch
         from pathlib import Path as P
+
+        import torch
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         t = time.time()
-        parts = {r: loading._load_component(r, P(cache) / r, dtype) for r in ("tokenizer", "text_encoder", "vae",
-                                                                             "transformer")}
+        parts = {
+            r: loading._load_component(r, P(cache) / r, dtype)
+            for r in ("tokenizer", "text_encoder", "vae", "transformer")
+        }
         t_read = time.time()
         for r in ("text_encoder", "vae", "transformer"):
             parts[r].to(dev)

@@ -1,4 +1,5 @@
 """Full-size (and tiny) architectures with random weights, built directly on the target device."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,21 +7,44 @@ from dataclasses import dataclass, field
 
 import torch
 
-WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, out_channels=16, text_dim=4096, freq_dim=256,
-                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_COMMON = dict(
+    patch_size=(1, 2, 2),
+    attention_head_dim=128,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
 WAN_1_3B = dict(WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16)
 WAN_14B = dict(WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16)
 WAN_A14B_I2V = dict(WAN_14B, in_channels=36)  # Wan2.2 I2V experts: 16 noise + 4 mask + 16 image latent, no CLIP
 # google/umt5-xxl (encoder only is used)
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 
 
 @dataclass
 class Spec:
     """One benchmark configuration: a model at one resolution."""
+
     name: str
     kind: str  # t2v | i2v
     transformer: dict
@@ -42,20 +66,44 @@ SPECS = {
     "14b-480p": Spec("Wan2.1-T2V-14B 480p", "t2v", WAN_14B, "480p", steps=2, published_s=9.9),
     "14b-720p": Spec("Wan2.1-T2V-14B 720p", "t2v", WAN_14B, "720p", steps=1, published_s=24.0),
     # boundary 0.95 makes a 2-step run use both experts (t = 0.995 high, 0.934 low)
-    "i2v-a14b-720p": Spec("Wan2.2-I2V-A14B 720p", "i2v", WAN_A14B_I2V, "720p", steps=2, warmup_steps=2, sigma_max=200.0,
-                          boundary=0.95, published_s=38.0),
+    "i2v-a14b-720p": Spec(
+        "Wan2.2-I2V-A14B 720p",
+        "i2v",
+        WAN_A14B_I2V,
+        "720p",
+        steps=2,
+        warmup_steps=2,
+        sigma_max=200.0,
+        boundary=0.95,
+        published_s=38.0,
+    ),
 }
 
 
 def tiny_specs() -> dict[str, Spec]:
     from turboflow.engine.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE
 
-    common = dict(resolution="480p", aspect_ratio="4:3", frames=1, steps=2, warmup_steps=1, tiny=True,
-                  text=dict(TINY_T5), vae=dict(TINY_VAE))
+    common = dict(
+        resolution="480p",
+        aspect_ratio="4:3",
+        frames=1,
+        steps=2,
+        warmup_steps=1,
+        tiny=True,
+        text=dict(TINY_T5),
+        vae=dict(TINY_VAE),
+    )
     return {
         "tiny-t2v": Spec("tiny T2V (CPU)", "t2v", dict(TINY_TRANSFORMER, in_channels=16), published_s=1.9, **common),
-        "tiny-i2v": Spec("tiny I2V two experts (CPU)", "i2v", dict(TINY_TRANSFORMER, in_channels=36),
-                         sigma_max=200.0, boundary=0.95, published_s=38.0, **common),
+        "tiny-i2v": Spec(
+            "tiny I2V two experts (CPU)",
+            "i2v",
+            dict(TINY_TRANSFORMER, in_channels=36),
+            sigma_max=200.0,
+            boundary=0.95,
+            published_s=38.0,
+            **common,
+        ),
     }
 
 

@@ -5,6 +5,7 @@ with PSNR against fp32 and peak memory per configuration.
     python -m bench.perf_opts --out $OUT          (GPU)
     python -m bench.perf_opts --tiny --out out/p  (CPU smoke test, tiny shapes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,11 @@ def attention_op(dev, tiny):
     _record("attn_dense_sdpa", lambda: F.scaled_dot_product_attention(q, k, v), reps=10)
     backend = "flex" if dev.type == "cuda" else "gather"
     for topk in (0.05, 0.1, 0.2):
-        _record(f"attn_sla_topk{topk}", lambda: sla.sla_attention(q, k, v, topk=topk, proj_weight=w, backend=backend),
-                reps=10)
+        _record(
+            f"attn_sla_topk{topk}",
+            lambda: sla.sla_attention(q, k, v, topk=topk, proj_weight=w, backend=backend),
+            reps=10,
+        )
     # breakdown at 0.1
     _record("attn_part_select_blocks", lambda: sla.select_blocks(q, k, 0.1), reps=10)
     _record("attn_part_linear_branch", lambda: sla._project(sla._linear_branch(q, k, v), w, None), reps=10)
@@ -110,8 +114,11 @@ def dit(dev, tiny):
     from turboflow.engine.sla import set_attention
 
     bf16 = torch.bfloat16
-    cfg = (dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2) if tiny else
-           dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30))
+    cfg = (
+        dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2)
+        if tiny
+        else dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(bf16)
     with torch.device(dev):
@@ -170,8 +177,11 @@ def dit2(dev, tiny):
     from turboflow.engine.sla import set_attention
 
     bf16 = torch.bfloat16
-    cfg = (dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2) if tiny else
-           dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30))
+    cfg = (
+        dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=512, num_layers=2)
+        if tiny
+        else dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(bf16)
     with torch.device(dev):
@@ -204,7 +214,7 @@ def dit2(dev, tiny):
         if dev.type == "cuda":
             for name, n in nets.items():
                 compile_transformer(n)
-                for attn in (("original", "sla") if name == "bf16" else ("sla",)):
+                for attn in ("original", "sla") if name == "bf16" else ("sla",):
                     set_attention(n, attn, topk=0.1, proj_l=proj)
                     t0 = time.perf_counter()
                     out = n(x, t, ctx, return_dict=False)[0].float()
@@ -245,8 +255,12 @@ def vae(dev, tiny):
             _record(name, lambda: fast_decode(vae16, z16, chunk=chunk), reps=reps, warm=1)
             RES[name + "_psnr"] = psnr(fast_decode(vae16, z16, chunk=chunk), ref)
         to_channels_last(vae16)
-        _record("vae_fast_bf16_c4_channels_last", lambda: fast_decode(vae16, z16, chunk=4, channels_last=True),
-                reps=reps, warm=1)
+        _record(
+            "vae_fast_bf16_c4_channels_last",
+            lambda: fast_decode(vae16, z16, chunk=4, channels_last=True),
+            reps=reps,
+            warm=1,
+        )
         RES["vae_fast_bf16_c4_channels_last_psnr"] = psnr(fast_decode(vae16, z16, chunk=4, channels_last=True), ref)
         torch.backends.cudnn.benchmark = False
     _save()

@@ -12,6 +12,7 @@ per step; stock Wan with CFG does 2 forwards x 50 steps), `vae.decode` + `VideoP
 Heavy models run fewer timed steps (Spec.steps) after a warm-up run; `projected_total_4_steps_s` extrapolates
 with the median step. Results: OUT/bench.json and OUT/bench.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,10 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import _ROOT  # noqa: F401  (sets up the turboflow namespace on a bare tree)
-
 import numpy as np
 import torch
 
+from . import _ROOT  # noqa: F401  (sets up the turboflow namespace on a bare tree)
 from .baseline import run_baseline
 from .models import SPECS, Spec, build_text_encoder, build_tokenizer, build_transformer, build_vae, tiny_specs
 from .report import markdown, speedups, write
@@ -61,9 +61,13 @@ class Clock:
 
 
 def environment(args) -> dict:
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-           "torch": torch.__version__, "host_cpus": os.cpu_count(), "command": " ".join(["python -m bench.run",
-                                                                                          *sys.argv[1:]])}
+    env = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host_cpus": os.cpu_count(),
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+    }
     for mod in ("diffusers", "transformers", "safetensors", "av"):
         try:
             env[mod] = __import__(mod).__version__
@@ -73,8 +77,12 @@ def environment(args) -> dict:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 1e9, 1), cuda=torch.version.cuda)
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except Exception:  # noqa: BLE001
             env["driver"] = None
     else:
@@ -97,8 +105,13 @@ class S3:
             self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             self.server.start()
             host, port = self.server.get_host_and_port()
-            env = {"S3_ENDPOINT_URL": f"http://{host}:{port}", "TURBOFLOW_BUCKET": "bench",
-                   "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+            env = {
+                "S3_ENDPOINT_URL": f"http://{host}:{port}",
+                "TURBOFLOW_BUCKET": "bench",
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_REGION": "us-east-1",
+            }
             store = S3Store.from_env(env)
             store.client.create_bucket(Bucket="bench")
             self.store = store
@@ -140,9 +153,18 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     from turboflow.engine.video import Mp4Stream
 
     w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).size()
-    base = dict(prompt=PROMPT, kind=spec.kind, resolution=spec.resolution, aspect_ratio=spec.aspect_ratio,
-                num_frames=spec.frames, seed=1, sigma_max=spec.sigma_max, boundary=spec.boundary,
-                adaptive_resolution=False, **variant.get("request", {}))
+    base = dict(
+        prompt=PROMPT,
+        kind=spec.kind,
+        resolution=spec.resolution,
+        aspect_ratio=spec.aspect_ratio,
+        num_frames=spec.frames,
+        seed=1,
+        sigma_max=spec.sigma_max,
+        boundary=spec.boundary,
+        adaptive_resolution=False,
+        **variant.get("request", {}),
+    )
     if spec.kind == "i2v":
         base["image"] = _image(w, h)
     log(f"  ours: warm-up ({spec.warmup_steps} step(s))")
@@ -180,17 +202,29 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     total = t_gen + mp4_left + (upload or 0.0)
     med = _median(steps)
     rest = tm["text_encode"] + tm.get("vae_encode", 0.0) + tm["vae_decode"] + mp4_left + (upload or 0.0)
-    return {"text_encode_s": tm["text_encode"], "vae_encode_s": tm.get("vae_encode"), "steps_s": steps,
-            "step_median_s": med, "diffusion_s": tm["diffusion"], "vae_decode_s": tm["vae_decode"],
-            "mp4_encode_s": mp4_left, "mp4_encode_total_s": info.encode_seconds, "mp4_bytes": info.bytes,
-            "s3_upload_s": upload,
-            "total_s": total, "projected_total_4_steps_s": rest + 4 * med,
-            "projected_dit_4_steps_s": 4 * med, "experts": result.experts, "peak_gpu_gb": peak,
-            "frames": list(result.frames.shape)}
+    return {
+        "text_encode_s": tm["text_encode"],
+        "vae_encode_s": tm.get("vae_encode"),
+        "steps_s": steps,
+        "step_median_s": med,
+        "diffusion_s": tm["diffusion"],
+        "vae_decode_s": tm["vae_decode"],
+        "mp4_encode_s": mp4_left,
+        "mp4_encode_total_s": info.encode_seconds,
+        "mp4_bytes": info.bytes,
+        "s3_upload_s": upload,
+        "total_s": total,
+        "projected_total_4_steps_s": rest + 4 * med,
+        "projected_dit_4_steps_s": 4 * med,
+        "experts": result.experts,
+        "peak_gpu_gb": peak,
+        "frames": list(result.frames.shape),
+    }
 
 
-def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3, workdir: Path,
-                baseline: bool) -> list[dict]:
+def bench_model(
+    key: str, spec: Spec, variants: list[str], device, dtype, s3: S3, workdir: Path, baseline: bool
+) -> list[dict]:
     from turboflow.engine.pipeline import TurboVideoPipeline
 
     clock = Clock(device)
@@ -228,13 +262,25 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
     build_s = time.perf_counter() - t
     built_weights_gb = dit_weights_gb(SimpleNamespace(transformer=tr, transformer_2=tr2))
     tok = build_tokenizer(workdir / "tokenizer")
-    pipe = TurboVideoPipeline(kind=spec.kind, transformer=tr, transformer_2=tr2, vae=vae, text_encoder=te,
-                              tokenizer=tok, device=device, dtype=dtype, model_name=key, offload=offload)
+    pipe = TurboVideoPipeline(
+        kind=spec.kind,
+        transformer=tr,
+        transformer_2=tr2,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        device=device,
+        dtype=dtype,
+        model_name=key,
+        offload=offload,
+    )
     rows = []
     base = None
     if baseline and quant_at_build:
-        base = {"error": f"skipped: the weights were quantised to {quant_at_build} at build (plain diffusers runs "
-                         "the bf16 weights)"}
+        base = {
+            "error": f"skipped: the weights were quantised to {quant_at_build} at build (plain diffusers runs "
+            "the bf16 weights)"
+        }
     elif baseline:  # first, while the modules are as built (later variants compile and quantise in place)
         try:
             log(f"  diffusers baseline ({spec.steps} timed step(s))")
@@ -244,11 +290,23 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
             log(traceback.format_exc())
     for vname in variants:
         variant = VARIANTS[vname]
-        row = {"key": key, "model": spec.name, "variant": vname, "kind": spec.kind, "resolution": spec.resolution,
-               "aspect_ratio": spec.aspect_ratio, "frames": spec.frames, "timed_steps": spec.steps,
-               "warmup_steps": spec.warmup_steps, "offload": offload, "build_s": build_s,
-               "quantized_at_build": quant_at_build, "built_dit_weights_gb": built_weights_gb,
-               "published_5090_s": spec.published_s, "note": variant.get("note", "")}
+        row = {
+            "key": key,
+            "model": spec.name,
+            "variant": vname,
+            "kind": spec.kind,
+            "resolution": spec.resolution,
+            "aspect_ratio": spec.aspect_ratio,
+            "frames": spec.frames,
+            "timed_steps": spec.steps,
+            "warmup_steps": spec.warmup_steps,
+            "offload": offload,
+            "build_s": build_s,
+            "quantized_at_build": quant_at_build,
+            "built_dit_weights_gb": built_weights_gb,
+            "published_5090_s": spec.published_s,
+            "note": variant.get("note", ""),
+        }
         try:
             if variant.get("prepare"):
                 variant["prepare"](pipe)
@@ -261,8 +319,10 @@ def bench_model(key: str, spec: Spec, variants: list[str], device, dtype, s3: S3
             if variant.get("restore"):
                 variant["restore"](pipe)
         rows.append(row)
-        log(f"  {vname}: " + ", ".join(f"{k}={v:.3f}" for k, v in (row.get("ours") or {}).items()
-                                       if isinstance(v, float)))
+        log(
+            f"  {vname}: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in (row.get("ours") or {}).items() if isinstance(v, float))
+        )
     for row in rows:
         row["baseline"] = base
         row["speedup"] = speedups(row.get("ours"), base)
@@ -296,14 +356,19 @@ def attention_op(device, tiny: bool, out: Path) -> dict:
 
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "out/bench", help="directory for bench.json/bench.md")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (CI; same output structure)")
     ap.add_argument("--models", default=None, help=f"comma list of {','.join(SPECS)} (default: all; none: '')")
     ap.add_argument("--variants", default="eager", help=f"comma list of {','.join(VARIANTS)}")
-    ap.add_argument("--plan", default=None, help="per-model variants, e.g. '1.3b-480p=eager,sla;14b-480p=turbo' "
-                    "(overrides --models/--variants; models run in the order given)")
+    ap.add_argument(
+        "--plan",
+        default=None,
+        help="per-model variants, e.g. '1.3b-480p=eager,sla;14b-480p=turbo' "
+        "(overrides --models/--variants; models run in the order given)",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip plain diffusers")
     ap.add_argument("--frames", type=int, default=None, help="override frames (e.g. 81)")
     ap.add_argument("--steps", type=int, default=None, help="override timed steps for every model")
@@ -319,8 +384,10 @@ def main(argv=None) -> int:
     keys = list(specs) if args.models is None else [k for k in args.models.split(",") if k]
     plan = {k: [v for v in args.variants.split(",") if v] for k in keys}
     if args.plan:
-        plan = {k.strip(): [v for v in vs.split(",") if v] for k, _, vs in
-                (item.partition("=") for item in args.plan.split(";") if item.strip())}
+        plan = {
+            k.strip(): [v for v in vs.split(",") if v]
+            for k, _, vs in (item.partition("=") for item in args.plan.split(";") if item.strip())
+        }
         keys = list(plan)
         empty = [k for k, vs in plan.items() if not vs]
         if empty:
@@ -328,8 +395,13 @@ def main(argv=None) -> int:
     unknown = [k for k in keys if k not in specs] + [v for vs in plan.values() for v in vs if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown models/variants: {unknown}")
-    result = {"environment": environment(args), "device": str(device), "dtype": str(dtype), "models": [],
-              "notes": NOTES}
+    result = {
+        "environment": environment(args),
+        "device": str(device),
+        "dtype": str(dtype),
+        "models": [],
+        "notes": NOTES,
+    }
     if not args.tiny and device.type == "cpu":
         result["notes"] = result["notes"] + ["no CUDA device: full-size models on the CPU are not meaningful"]
     import logging
@@ -344,8 +416,9 @@ def main(argv=None) -> int:
             from .coldstart import measure
 
             try:
-                result.update(measure(Path(args.cache_dir) if args.cache_dir else work / "cache", tiny=args.tiny,
-                                      log=log))
+                result.update(
+                    measure(Path(args.cache_dir) if args.cache_dir else work / "cache", tiny=args.tiny, log=log)
+                )
             except Exception as e:  # noqa: BLE001
                 result["coldstart_error"] = f"{type(e).__name__}: {e}"
                 log(traceback.format_exc())
@@ -360,14 +433,25 @@ def main(argv=None) -> int:
             if args.steps:
                 spec.steps = args.steps
             try:
-                result["models"] += bench_model(key, spec, plan[key], device, dtype, s3, work,
-                                                baseline=not args.no_baseline)
+                result["models"] += bench_model(
+                    key, spec, plan[key], device, dtype, s3, work, baseline=not args.no_baseline
+                )
             except Exception as e:  # noqa: BLE001
-                result["models"].append({"key": key, "model": spec.name, "variant": ",".join(plan[key]),
-                                         "kind": spec.kind, "resolution": spec.resolution, "aspect_ratio":
-                                         spec.aspect_ratio, "frames": spec.frames, "timed_steps": spec.steps,
-                                         "warmup_steps": spec.warmup_steps, "offload": "?",
-                                         "ours_error": f"{type(e).__name__}: {e}"})
+                result["models"].append(
+                    {
+                        "key": key,
+                        "model": spec.name,
+                        "variant": ",".join(plan[key]),
+                        "kind": spec.kind,
+                        "resolution": spec.resolution,
+                        "aspect_ratio": spec.aspect_ratio,
+                        "frames": spec.frames,
+                        "timed_steps": spec.steps,
+                        "warmup_steps": spec.warmup_steps,
+                        "offload": "?",
+                        "ours_error": f"{type(e).__name__}: {e}",
+                    }
+                )
                 log(traceback.format_exc())
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -3,6 +3,7 @@ against dense SDPA, and a whole DiT forward with SLA vs the original attention.
 
     python -m bench.sla_op --out $OUT      (GPU; random weights)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,8 @@ def main() -> None:
             try:
                 torch.cuda.reset_peak_memory_stats()
                 res[f"sla_{backend}_topk{topk}_s"] = _time(
-                    lambda: sla_attention(q, k, v, topk=topk, proj_weight=w, backend=backend))
+                    lambda: sla_attention(q, k, v, topk=topk, proj_weight=w, backend=backend)
+                )
                 res[f"sla_{backend}_topk{topk}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             except Exception as e:  # report, keep measuring the rest
                 res[f"sla_{backend}_topk{topk}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -62,8 +64,16 @@ def main() -> None:
     # 3. a DiT forward (1.3B, random bf16 weights) with each attention
     torch.set_default_dtype(bf16)
     with torch.device(dev):
-        net = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                                    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30).eval()
+        net = WanTransformer3DModel(
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+        ).eval()
     torch.set_default_dtype(torch.float32)
     x = torch.randn(1, 16, 21, 60, 104, device=dev, dtype=bf16)
     ctx = torch.randn(1, 512, 4096, device=dev, dtype=bf16)

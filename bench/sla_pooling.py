@@ -10,6 +10,7 @@ TurboDiffusion's blocks (Q 128, K 64), it reports
     alone, in ms, per pooling: eager, and the op compiled as one graph (skipped with --no-compile or when the
     eager part already took too long). CUDA events, warm-up, median of --reps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,7 @@ def _median_ms(fn, reps: int, warmup: int = 3) -> float:
 
 def _inputs(seed: int, device: torch.device):
     g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(1, HEADS, TOKENS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16)
-            for _ in range(3)]
+    return [torch.randn(1, HEADS, TOKENS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16) for _ in range(3)]
 
 
 def _selection_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -58,14 +58,23 @@ def main() -> None:
 
     started = time.perf_counter()
     dev = torch.device("cuda")
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "shape": [1, HEADS, TOKENS, HEAD_DIM], "dtype": "bfloat16", "topk": TOPK, "blocks": [128, 64],
-                 "reps": args.reps, "seeds": list(SEEDS), "modes": list(POOLING_MODES)}
+    res: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": [1, HEADS, TOKENS, HEAD_DIM],
+        "dtype": "bfloat16",
+        "topk": TOPK,
+        "blocks": [128, 64],
+        "reps": args.reps,
+        "seeds": list(SEEDS),
+        "modes": list(POOLING_MODES),
+    }
     per_block, per_key = [], []
     for seed in SEEDS:
         q, k, _ = _inputs(seed, dev)
-        blocks, keys = _selection_difference(select_blocks(q, k, TOPK, pooling="input"),
-                                              select_blocks(q, k, TOPK, pooling="fp32"))
+        blocks, keys = _selection_difference(
+            select_blocks(q, k, TOPK, pooling="input"), select_blocks(q, k, TOPK, pooling="fp32")
+        )
         per_block.append(blocks)
         per_key.append(keys)
     res["differ_fraction_query_blocks"] = per_block
@@ -77,7 +86,8 @@ def main() -> None:
     for mode in POOLING_MODES:
         res[f"select_{mode}_ms"] = _median_ms(lambda: select_blocks(q, k, TOPK, pooling=mode), args.reps)
         res[f"sla_op_{mode}_eager_ms"] = _median_ms(
-            lambda: sla_attention(q, k, v, topk=TOPK, proj_weight=w, pooling=mode), args.reps)
+            lambda: sla_attention(q, k, v, topk=TOPK, proj_weight=w, pooling=mode), args.reps
+        )
     res["eager_part_s"] = time.perf_counter() - started
     if args.no_compile:
         res["compiled"] = "skipped (--no-compile)"
@@ -86,8 +96,10 @@ def main() -> None:
     else:
         for mode in POOLING_MODES:
             try:
-                op = torch.compile(lambda q, k, v, mode=mode: sla_attention(q, k, v, topk=TOPK, proj_weight=w,
-                                                                             pooling=mode), dynamic=False)
+                op = torch.compile(
+                    lambda q, k, v, mode=mode: sla_attention(q, k, v, topk=TOPK, proj_weight=w, pooling=mode),
+                    dynamic=False,
+                )
                 first = time.perf_counter()
                 op(q, k, v)
                 torch.cuda.synchronize()

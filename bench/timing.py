@@ -1,4 +1,5 @@
 """One GPU stopwatch for the small benchmarks: the median of `reps` CUDA-event-timed calls after `warmup` calls."""
+
 from __future__ import annotations
 
 import torch

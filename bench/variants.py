@@ -8,6 +8,7 @@ both I2V experts fit on the GPU at once, and skips the bf16 baseline for that mo
 The issue-7 presets are cumulative: run them in the order listed (eager, sla, sla-vae, sla-vae-compile, turbo) and
 each row adds one optimisation to the row before it; compiling and quantising cannot be undone inside one process.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -15,15 +16,23 @@ import tempfile
 import torch
 
 VARIANTS: dict[str, dict] = {
-    "eager": {"request": {}, "note": "TurboVideoPipeline as shipped by diffusers modules: SDPA, bf16, eager, stock "
-                                     "VAE decode."},
+    "eager": {
+        "request": {},
+        "note": "TurboVideoPipeline as shipped by diffusers modules: SDPA, bf16, eager, stock VAE decode.",
+    },
 }
 
 
-def register(name: str, *, request: dict | None = None, prepare=None, restore=None, note: str = "",
-             quant: str | None = None) -> None:
-    VARIANTS[name] = {"request": dict(request or {}), "prepare": prepare, "restore": restore, "note": note,
-                      "quant": quant}
+def register(
+    name: str, *, request: dict | None = None, prepare=None, restore=None, note: str = "", quant: str | None = None
+) -> None:
+    VARIANTS[name] = {
+        "request": dict(request or {}),
+        "prepare": prepare,
+        "restore": restore,
+        "note": note,
+        "quant": quant,
+    }
 
 
 def _nets(pipe):
@@ -63,7 +72,16 @@ def fp8_compiled(pipe) -> None:
 SLA = {"attention": "sla", "sla_topk": 0.1}
 register("sla", request=SLA, note="+ SLA sparse-linear attention, top-k 0.1 (FlexAttention on CUDA).")
 register("sla-vae", request=SLA, prepare=fast_vae, note="+ fast chunked VAE decode (channels_last, bf16).")
-register("sla-vae-compile", request=SLA, prepare=compiled,
-         note="+ DiT blocks torch.compile'd (regional, static shapes; the warm-up run pays the compile).")
-register("turbo", request=SLA, prepare=fp8_compiled, quant="fp8",
-         note="+ FP8 W8A8 linears in the DiT blocks: everything on (SLA 0.1, fast VAE, compiled, FP8).")
+register(
+    "sla-vae-compile",
+    request=SLA,
+    prepare=compiled,
+    note="+ DiT blocks torch.compile'd (regional, static shapes; the warm-up run pays the compile).",
+)
+register(
+    "turbo",
+    request=SLA,
+    prepare=fp8_compiled,
+    quant="fp8",
+    note="+ FP8 W8A8 linears in the DiT blocks: everything on (SLA 0.1, fast VAE, compiled, FP8).",
+)

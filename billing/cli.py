@@ -1,4 +1,5 @@
 """`turboflow simulate`: replay a request trace through the KPA model and report latency, GPU-hours and cost."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,54 +24,101 @@ examples:
   turboflow simulate --model 1.3b-480p=0.7,14b-720p=0.3 --sweep retention=0,60,600 --sweep min-scale=0,1 --out out/sim
   turboflow simulate --trace csv:arrivals.csv --set max-scale=8
 
-settings for --set / --sweep (override what infra/ sets, for every service): {', '.join(SETTINGS)}
+settings for --set / --sweep (override what infra/ sets, for every service): {", ".join(SETTINGS)}
 CSV trace: header arrival_s,task,model,resolution; e.g. 12.5,t2v,1.3b,480p or 30,i2v,a14b,720p
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="capacity planning: replay a request trace through the Knative autoscaler "
-                       "model (latency, GPU-hours, cost)", description=__doc__.splitlines()[0], epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "simulate",
+        help="capacity planning: replay a request trace through the Knative autoscaler "
+        "model (latency, GPU-hours, cost)",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t = p.add_argument_group("trace")
-    t.add_argument("--trace", default="diurnal", metavar="KIND",
-                   help="poisson | bursty | diurnal | csv:PATH (default diurnal)")
+    t.add_argument(
+        "--trace", default="diurnal", metavar="KIND", help="poisson | bursty | diurnal | csv:PATH (default diurnal)"
+    )
     t.add_argument("--rate", default="1000/day", help="mean arrival rate: N/s, N/min, N/h, N/day (default 1000/day)")
-    t.add_argument("--duration", default=None, help="trace length: seconds or 90m, 24h, 1d (default 1d; csv: "
-                   "at least the last arrival)")
-    t.add_argument("--model", default="1.3b-480p", metavar="MIX",
-                   help="model key or weighted mix, e.g. 1.3b-480p=0.7,14b-720p=0.3 (default 1.3b-480p)")
+    t.add_argument(
+        "--duration",
+        default=None,
+        help="trace length: seconds or 90m, 24h, 1d (default 1d; csv: at least the last arrival)",
+    )
+    t.add_argument(
+        "--model",
+        default="1.3b-480p",
+        metavar="MIX",
+        help="model key or weighted mix, e.g. 1.3b-480p=0.7,14b-720p=0.3 (default 1.3b-480p)",
+    )
     t.add_argument("--seed", default="0", help="random seed; the same seed gives the same result (default 0)")
     t.add_argument("--burst-size", default="8", help="bursty: mean requests per burst (default 8)")
     t.add_argument("--burst-spread", default="60", help="bursty: seconds a burst spreads over (default 60)")
-    t.add_argument("--amplitude", default="0.8", help="diurnal: relative swing around the mean rate, 0..1 "
-                   "(default 0.8: peak 9x the trough)")
+    t.add_argument(
+        "--amplitude",
+        default="0.8",
+        help="diurnal: relative swing around the mean rate, 0..1 (default 0.8: peak 9x the trough)",
+    )
     t.add_argument("--peak-hour", default="15", help="diurnal: hour of the peak, 0..24 (default 15)")
     s = p.add_argument_group("scaling (default: what infra/overlays/OVERLAY deploys)")
     s.add_argument("--infra", default=str(REPO_ROOT / "infra"), help="infra/ directory (default: the repository's)")
     s.add_argument("--overlay", default="gpu", help="kustomize overlay under infra/overlays (default gpu)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    s.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="run every combination of these values (repeatable); writes plots with --out")
+    s.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run every combination of these values (repeatable); writes plots with --out",
+    )
     m = p.add_argument_group("service times and cold starts (default: bench/results/*.json)")
     m.add_argument("--bench", default=str(REPO_ROOT / "bench" / "results"), help="benchmark JSON directory")
-    m.add_argument("--variant", default=",".join(DEFAULT_VARIANTS),
-                   help=f"bench variants in order of preference (default {','.join(DEFAULT_VARIANTS)})")
-    m.add_argument("--service-time", action="append", default=[], metavar="MODEL=SECONDS",
-                   help="override or add a model's service time (median)")
-    m.add_argument("--service-dist", default="lognormal", choices=SERVICE_DISTRIBUTIONS,
-                   help="service-time distribution around the measured value (default lognormal)")
+    m.add_argument(
+        "--variant",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"bench variants in order of preference (default {','.join(DEFAULT_VARIANTS)})",
+    )
+    m.add_argument(
+        "--service-time",
+        action="append",
+        default=[],
+        metavar="MODEL=SECONDS",
+        help="override or add a model's service time (median)",
+    )
+    m.add_argument(
+        "--service-dist",
+        default="lognormal",
+        choices=SERVICE_DISTRIBUTIONS,
+        help="service-time distribution around the measured value (default lognormal)",
+    )
     m.add_argument("--service-cv", default="0.1", help="lognormal coefficient of variation (default 0.1)")
-    m.add_argument("--cold-start", action="append", default=[], metavar="MODEL=SECONDS",
-                   help="fixed cold start instead of the measured ones")
-    m.add_argument("--pod-start", default=str(DEFAULT_POD_START_S),
-                   help=f"seconds added to measured cold starts for scheduling + container start (default "
-                   f"{DEFAULT_POD_START_S:g}; add GPU node provisioning here if nodes scale too)")
+    m.add_argument(
+        "--cold-start",
+        action="append",
+        default=[],
+        metavar="MODEL=SECONDS",
+        help="fixed cold start instead of the measured ones",
+    )
+    m.add_argument(
+        "--pod-start",
+        default=str(DEFAULT_POD_START_S),
+        help=f"seconds added to measured cold starts for scheduling + container start (default "
+        f"{DEFAULT_POD_START_S:g}; add GPU node provisioning here if nodes scale too)",
+    )
     c = p.add_argument_group("cost and SLO")
     c.add_argument("--gpu", default="H200", help="GPU type priced (default H200)")
-    c.add_argument("--gpu-price", action="append", default=[], metavar="TYPE=USD",
-                   help="price per GPU-hour; examples built in: " +
-                   ", ".join(f"{k} ${v:.2f}" for k, v in EXAMPLE_GPU_PRICES.items()) + " (placeholders, not quotes)")
+    c.add_argument(
+        "--gpu-price",
+        action="append",
+        default=[],
+        metavar="TYPE=USD",
+        help="price per GPU-hour; examples built in: "
+        + ", ".join(f"{k} ${v:.2f}" for k, v in EXAMPLE_GPU_PRICES.items())
+        + " (placeholders, not quotes)",
+    )
     c.add_argument("--slo-p95", default="120", help="P95 end-to-end latency objective in seconds (default 120)")
     p.add_argument("--out", metavar="DIR", help="write summary.md, results.json, trace.csv and sweep plots here")
     p.set_defaults(func=_simulate)
@@ -106,14 +154,20 @@ def _duration(text: str) -> float:
 
 def _simulate(args) -> int:
     seed = int(_number(args.seed, "seed", integer=True))
-    service_overrides = {k: _number(v, f"--service-time {k}", low=1e-6)
-                         for k, v in _pairs(args.service_time, "--service-time").items()}
+    service_overrides = {
+        k: _number(v, f"--service-time {k}", low=1e-6) for k, v in _pairs(args.service_time, "--service-time").items()
+    }
     cold_overrides = {k: _number(v, f"--cold-start {k}") for k, v in _pairs(args.cold_start, "--cold-start").items()}
     variants = tuple(v.strip() for v in args.variant.split(",") if v.strip())
-    profiles = load_profiles(Path(args.bench), variants=variants, service_overrides=service_overrides,
-                             cold_start_overrides=cold_overrides, distribution=args.service_dist,
-                             cv=_number(args.service_cv, "--service-cv"),
-                             pod_start_s=_number(args.pod_start, "--pod-start"))
+    profiles = load_profiles(
+        Path(args.bench),
+        variants=variants,
+        service_overrides=service_overrides,
+        cold_start_overrides=cold_overrides,
+        distribution=args.service_dist,
+        cv=_number(args.service_cv, "--service-cv"),
+        pod_start_s=_number(args.pod_start, "--pod-start"),
+    )
     prices = dict(EXAMPLE_GPU_PRICES)
     prices.update({k: _number(v, f"--gpu-price {k}") for k, v in _pairs(args.gpu_price, "--gpu-price").items()})
     if args.gpu not in prices:
@@ -141,15 +195,18 @@ def _simulate(args) -> int:
     configs, per_service, total = first
     description = [
         f"trace: {trace_text}, {len(requests)} requests over {duration / 3600:g} h, seed {seed}",
-        "service times (s): " + ", ".join(f"{k} {profiles[k].service_s:.2f} ({profiles[k].source}, "
-                                          f"{profiles[k].distribution})" for k in models),
+        "service times (s): "
+        + ", ".join(
+            f"{k} {profiles[k].service_s:.2f} ({profiles[k].source}, {profiles[k].distribution})" for k in models
+        ),
         "mean cold start (s): " + ", ".join(f"{k} {profiles[k].mean_cold_start():.1f}" for k in models),
         f"GPU {args.gpu} at ${prices[args.gpu]:.2f}/GPU-hour (example price); SLO: P95 < {slo_s:g} s",
         f"infra: {args.infra} overlay {args.overlay}" + (f"; --set {settings}" if settings else ""),
     ]
     if len(points) > 1:
-        description.append("the Result table is the first sweep point: " +
-                           ", ".join(f"{k}={v}" for k, v in points[0][0].items()))
+        description.append(
+            "the Result table is the first sweep point: " + ", ".join(f"{k}={v}" for k, v in points[0][0].items())
+        )
     plots = []
     if args.out:
         out = Path(args.out)
@@ -160,13 +217,31 @@ def _simulate(args) -> int:
         if len(points) > 1:
             plots = plot_sweep(out, points)
         write_csv(out / "trace.csv", requests)
-        write_json(out / "results.json", {
-            "trace": trace_text, "seed": seed, "duration_s": duration, "requests": len(requests),
-            "gpu": args.gpu, "price_per_gpu_hour": prices[args.gpu], "slo_p95_s": slo_s,
-            "configs": configs, "per_service": per_service, "total": total,
-            "sweep": [{"settings": s, "metrics": m} for s, m in points]})
-    summary = summary_markdown(title="turboflow capacity simulation", description=description, configs=configs,
-                               per_service=per_service, total=total, points=points, plots=plots)
+        write_json(
+            out / "results.json",
+            {
+                "trace": trace_text,
+                "seed": seed,
+                "duration_s": duration,
+                "requests": len(requests),
+                "gpu": args.gpu,
+                "price_per_gpu_hour": prices[args.gpu],
+                "slo_p95_s": slo_s,
+                "configs": configs,
+                "per_service": per_service,
+                "total": total,
+                "sweep": [{"settings": s, "metrics": m} for s, m in points],
+            },
+        )
+    summary = summary_markdown(
+        title="turboflow capacity simulation",
+        description=description,
+        configs=configs,
+        per_service=per_service,
+        total=total,
+        points=points,
+        plots=plots,
+    )
     if args.out:
         (Path(args.out) / "summary.md").write_text(summary)
     print(summary)
@@ -191,11 +266,23 @@ def _trace(args, profiles, seed: int):
     if args.trace == "poisson":
         requests = poisson(rate, duration, mix, rng)
     elif args.trace == "bursty":
-        requests = bursty(rate, duration, mix, rng, burst_size=_number(args.burst_size, "--burst-size", low=1),
-                          burst_spread_s=_number(args.burst_spread, "--burst-spread"))
+        requests = bursty(
+            rate,
+            duration,
+            mix,
+            rng,
+            burst_size=_number(args.burst_size, "--burst-size", low=1),
+            burst_spread_s=_number(args.burst_spread, "--burst-spread"),
+        )
     else:
-        requests = diurnal(rate, duration, mix, rng, amplitude=_number(args.amplitude, "--amplitude"),
-                           peak_hour=_number(args.peak_hour, "--peak-hour"))
+        requests = diurnal(
+            rate,
+            duration,
+            mix,
+            rng,
+            amplitude=_number(args.amplitude, "--amplitude"),
+            peak_hour=_number(args.peak_hour, "--peak-hour"),
+        )
     if not requests:
         raise ConfigError(f"the {args.trace} trace at {args.rate} over {duration:g} s has no requests")
     mix_text = ", ".join(f"{k} {w * 100:.0f} %" for k, w in mix.items())

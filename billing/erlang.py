@@ -1,4 +1,5 @@
 """Closed-form M/M/c queueing (Erlang C): the yardstick the simulator is validated against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ErlangC:
     servers: int
-    arrival_rate: float    # lambda, requests per second
-    service_rate: float    # mu, per server
+    arrival_rate: float  # lambda, requests per second
+    service_rate: float  # mu, per server
 
     @property
     def offered_load(self) -> float:

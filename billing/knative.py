@@ -6,6 +6,7 @@ overridden by the revision's `autoscaling.knative.dev/*` annotations (infra/base
 default `gpu`). Only the annotation, containerConcurrency and timeoutSeconds parts of the overlay patches are applied:
 nothing else changes scaling.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,11 +29,11 @@ _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 class ScalingConfig:
     """What the KPA of one revision works with. Defaults = upstream's config.go `defaultConfig` (Knative 1.x)."""
 
-    target: float = 100.0                  # per-pod concurrency target, before utilization
+    target: float = 100.0  # per-pod concurrency target, before utilization
     target_utilization_pct: float = 70.0
-    container_concurrency: int = 0         # 0 = unlimited; the simulator supports 1 only (one GPU, one video)
+    container_concurrency: int = 0  # 0 = unlimited; the simulator supports 1 only (one GPU, one video)
     min_scale: int = 0
-    max_scale: int = 0                     # 0 = unbounded (applyBounds in kpa/scaler.go)
+    max_scale: int = 0  # 0 = unbounded (applyBounds in kpa/scaler.go)
     initial_scale: int = 1
     stable_window_s: float = 60.0
     panic_window_pct: float = 10.0
@@ -40,11 +41,11 @@ class ScalingConfig:
     max_scale_up_rate: float = 1000.0
     max_scale_down_rate: float = 2.0
     scale_to_zero_grace_s: float = 30.0
-    retention_s: float = 0.0               # scale-to-zero-pod-retention-period
+    retention_s: float = 0.0  # scale-to-zero-pod-retention-period
     scale_down_delay_s: float = 0.0
-    target_burst_capacity: float = 211.0   # -1: the activator always stays in the request path
+    target_burst_capacity: float = 211.0  # -1: the activator always stays in the request path
     enable_scale_to_zero: bool = True
-    timeout_s: float = 300.0               # revision timeoutSeconds (config-defaults revision-timeout-seconds)
+    timeout_s: float = 300.0  # revision timeoutSeconds (config-defaults revision-timeout-seconds)
 
     @property
     def target_value(self) -> float:
@@ -55,10 +56,12 @@ class ScalingConfig:
     def panic_window_s(self) -> float:
         return self.stable_window_s * self.panic_window_pct / 100.0
 
-    def validate(self) -> "ScalingConfig":
+    def validate(self) -> ScalingConfig:
         if self.container_concurrency != 1:
-            raise ConfigError(f"the simulator models containerConcurrency 1 (one video per GPU pod); "
-                              f"the revision has {self.container_concurrency}")
+            raise ConfigError(
+                f"the simulator models containerConcurrency 1 (one video per GPU pod); "
+                f"the revision has {self.container_concurrency}"
+            )
         if self.min_scale < 0 or self.max_scale < 0 or self.initial_scale < 0:
             raise ConfigError("min-scale, max-scale and initial-scale must be >= 0")
         if self.max_scale and self.min_scale > self.max_scale:
@@ -214,9 +217,13 @@ def _kustomize_services(directory: Path, seen: frozenset = frozenset()) -> list[
         if path.is_dir():
             services += _kustomize_services(path, seen | {directory})
         elif path.is_file():
-            services += [doc for doc in _load_yaml_documents(path)
-                         if isinstance(doc, dict) and doc.get("kind") == "Service"
-                         and str(doc.get("apiVersion", "")).startswith("serving.knative.dev/")]
+            services += [
+                doc
+                for doc in _load_yaml_documents(path)
+                if isinstance(doc, dict)
+                and doc.get("kind") == "Service"
+                and str(doc.get("apiVersion", "")).startswith("serving.knative.dev/")
+            ]
     for patch in spec.get("patches", []):
         _apply_patch(services, directory / patch["path"], patch.get("target") or {})
     return services
@@ -261,7 +268,7 @@ def _apply_json6902(service: dict, op: dict) -> None:
     annotations_path = "/spec/template/metadata/annotations/"
     template = _template(service)
     if path.startswith(annotations_path):
-        key = path[len(annotations_path):].replace("~1", "/").replace("~0", "~")
+        key = path[len(annotations_path) :].replace("~1", "/").replace("~0", "~")
         annotations = template["metadata"].setdefault("annotations", {})
         if op.get("op") in ("add", "replace"):
             annotations[key] = op.get("value")
@@ -290,7 +297,7 @@ def load_scaling_config(infra: Path, kind: str, overlay: str = "gpu") -> Scaling
         raise ConfigError(f"overlay {overlay!r} renders no Knative Service {wanted}")
     template = _template(services[0])
     annotations = template["metadata"].get("annotations") or {}
-    scaling = {k[len(ANNOTATION_PREFIX):]: v for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX)}
+    scaling = {k[len(ANNOTATION_PREFIX) :]: v for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX)}
     _apply(changes, _ANNOTATION_KEYS, scaling, f"{wanted} annotations")
     spec = template["spec"]
     changes["container_concurrency"] = int(spec.get("containerConcurrency", 0))

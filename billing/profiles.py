@@ -11,6 +11,7 @@ plus the extra weights a bigger model reads at that run's measured rate, plus a 
 node that already exists, container start with the image cached: 15 s, an assumption). Not modelled by default: a
 GPU node the cluster autoscaler must create first (minutes; `--pod-start` can carry it) and torch.compile warm-ups.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,9 @@ SERVICE_DISTRIBUTIONS = ("lognormal", "exponential", "fixed")
 
 @dataclass(frozen=True)
 class ColdStartSample:
-    ready_s: float   # process launch -> ready, as measured
-    gb: float        # weights that run read
-    gbps: float      # its read rate
+    ready_s: float  # process launch -> ready, as measured
+    gb: float  # weights that run read
+    gbps: float  # its read rate
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ModelProfile:
     """How long one request and one cold start of `key` take on one GPU pod."""
 
     key: str
-    service_s: float                   # median (lognormal), mean (exponential) or the value (fixed)
+    service_s: float  # median (lognormal), mean (exponential) or the value (fixed)
     cold_starts: list[ColdStartSample] = field(default_factory=list)
     fixed_cold_start_s: float | None = None
     pod_start_s: float = DEFAULT_POD_START_S
@@ -62,7 +63,7 @@ class ModelProfile:
             return rng.expovariate(1.0 / self.service_s)
         if self.distribution == "fixed" or self.cv == 0:
             return self.service_s
-        sigma = math.sqrt(math.log1p(self.cv ** 2))  # lognormal with this coefficient of variation
+        sigma = math.sqrt(math.log1p(self.cv**2))  # lognormal with this coefficient of variation
         return self.service_s * math.exp(rng.gauss(0.0, sigma))
 
     def sample_cold_start(self, rng: random.Random) -> float:
@@ -79,8 +80,10 @@ class ModelProfile:
             return self.fixed_cold_start_s
         if not self.cold_starts:
             return float("nan")
-        return sum(self.pod_start_s + r.ready_s + max(0.0, CACHE_GB.get(self.key, r.gb) - r.gb) / r.gbps
-                   for r in self.cold_starts) / len(self.cold_starts)
+        return sum(
+            self.pod_start_s + r.ready_s + max(0.0, CACHE_GB.get(self.key, r.gb) - r.gb) / r.gbps
+            for r in self.cold_starts
+        ) / len(self.cold_starts)
 
 
 def _read_results(bench_dir: Path) -> list[tuple[str, dict]]:
@@ -130,11 +133,16 @@ def measured_cold_starts(bench_dir: Path) -> list[ColdStartSample]:
     return samples
 
 
-def load_profiles(bench_dir: Path, *, variants: tuple[str, ...] = DEFAULT_VARIANTS,
-                  service_overrides: dict[str, float] | None = None,
-                  cold_start_overrides: dict[str, float] | None = None,
-                  distribution: str = "lognormal", cv: float = 0.1,
-                  pod_start_s: float = DEFAULT_POD_START_S) -> dict[str, ModelProfile]:
+def load_profiles(
+    bench_dir: Path,
+    *,
+    variants: tuple[str, ...] = DEFAULT_VARIANTS,
+    service_overrides: dict[str, float] | None = None,
+    cold_start_overrides: dict[str, float] | None = None,
+    distribution: str = "lognormal",
+    cv: float = 0.1,
+    pod_start_s: float = DEFAULT_POD_START_S,
+) -> dict[str, ModelProfile]:
     if distribution not in SERVICE_DISTRIBUTIONS:
         raise ConfigError(f"service distribution {distribution!r} is not one of {', '.join(SERVICE_DISTRIBUTIONS)}")
     if not 0 <= cv <= 5:
@@ -147,11 +155,20 @@ def load_profiles(bench_dir: Path, *, variants: tuple[str, ...] = DEFAULT_VARIAN
     cold = measured_cold_starts(bench_dir)
     profiles = {}
     for key, (seconds, source) in service.items():
-        profiles[key] = ModelProfile(key=key, service_s=seconds, cold_starts=cold,
-                                     fixed_cold_start_s=(cold_start_overrides or {}).get(key),
-                                     pod_start_s=pod_start_s, distribution=distribution, cv=cv, source=source)
+        profiles[key] = ModelProfile(
+            key=key,
+            service_s=seconds,
+            cold_starts=cold,
+            fixed_cold_start_s=(cold_start_overrides or {}).get(key),
+            pod_start_s=pod_start_s,
+            distribution=distribution,
+            cv=cv,
+            source=source,
+        )
     for key in cold_start_overrides or {}:
         if key not in profiles:
-            raise ConfigError(f"--cold-start names {key!r}, which has no service time (known: "
-                              f"{', '.join(sorted(profiles))}); add --service-time {key}=SECONDS")
+            raise ConfigError(
+                f"--cold-start names {key!r}, which has no service time (known: "
+                f"{', '.join(sorted(profiles))}); add --service-time {key}=SECONDS"
+            )
     return profiles

@@ -1,4 +1,5 @@
 """Metrics of a simulation run, sweeps over scaling settings, the markdown summary and the PNG plots."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,12 +31,12 @@ class Metrics:
     mean_s: float
     max_s: float
     mean_wait_s: float
-    waited_fraction: float          # requests that found no free warm pod
-    cold_fraction: float            # requests that waited for a pod's cold start
-    over_timeout: int               # requests slower than the revision's timeoutSeconds
+    waited_fraction: float  # requests that found no free warm pod
+    cold_fraction: float  # requests that waited for a pod's cold start
+    over_timeout: int  # requests slower than the revision's timeoutSeconds
     slo_s: float
-    slo_attainment: float           # fraction of requests with latency <= slo_s
-    slo_met: bool                   # p95 < slo_s
+    slo_attainment: float  # fraction of requests with latency <= slo_s
+    slo_met: bool  # p95 < slo_s
     cold_starts: int
     peak_pods: int
     gpu_hours: float
@@ -63,18 +64,27 @@ def metrics(results: list[ServiceResult], *, slo_s: float, price_per_gpu_hour: f
     p95 = percentile(latencies, 95)
     timeouts = {result.model: result.config.timeout_s for result in results}
     return Metrics(
-        requests=n, p50_s=percentile(latencies, 50), p95_s=p95, p99_s=percentile(latencies, 99),
-        mean_s=sum(latencies) / n if n else math.nan, max_s=latencies[-1] if n else math.nan,
+        requests=n,
+        p50_s=percentile(latencies, 50),
+        p95_s=p95,
+        p99_s=percentile(latencies, 99),
+        mean_s=sum(latencies) / n if n else math.nan,
+        max_s=latencies[-1] if n else math.nan,
         mean_wait_s=sum(waits) / n if n else math.nan,
         waited_fraction=sum(1 for w in waits if w > 0) / n if n else math.nan,
         cold_fraction=sum(1 for r in records if r.cold) / n if n else math.nan,
         over_timeout=sum(1 for r in records if r.latency > timeouts[r.model]),
-        slo_s=slo_s, slo_attainment=sum(1 for x in latencies if x <= slo_s) / n if n else math.nan,
-        slo_met=bool(n) and p95 < slo_s, cold_starts=cold_starts,
+        slo_s=slo_s,
+        slo_attainment=sum(1 for x in latencies if x <= slo_s) / n if n else math.nan,
+        slo_met=bool(n) and p95 < slo_s,
+        cold_starts=cold_starts,
         peak_pods=sum(_peak_pods(result) for result in results),
-        gpu_hours=gpu_hours, busy_gpu_hours=busy_s / 3600.0,
+        gpu_hours=gpu_hours,
+        busy_gpu_hours=busy_s / 3600.0,
         idle_fraction=1.0 - busy_s / gpu_s if gpu_s else math.nan,
-        cost=cost, cost_per_video=cost / n if n else math.nan)
+        cost=cost,
+        cost_per_video=cost / n if n else math.nan,
+    )
 
 
 def _peak_pods(result: ServiceResult) -> int:
@@ -94,13 +104,21 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def metrics_row(m: Metrics) -> list[str]:
-    return [_fmt(m.p50_s), _fmt(m.p95_s), _fmt(m.p99_s), f"{m.slo_attainment * 100:.1f} %",
-            "yes" if m.slo_met else "no", str(m.cold_starts), _fmt(m.gpu_hours, 2),
-            f"{m.idle_fraction * 100:.1f} %", f"${m.cost:.2f}", f"${m.cost_per_video:.4f}"]
+    return [
+        _fmt(m.p50_s),
+        _fmt(m.p95_s),
+        _fmt(m.p99_s),
+        f"{m.slo_attainment * 100:.1f} %",
+        "yes" if m.slo_met else "no",
+        str(m.cold_starts),
+        _fmt(m.gpu_hours, 2),
+        f"{m.idle_fraction * 100:.1f} %",
+        f"${m.cost:.2f}",
+        f"${m.cost_per_video:.4f}",
+    ]
 
 
-METRIC_HEADER = ["p50 s", "p95 s", "p99 s", "≤ SLO", "P95 < SLO", "cold starts", "GPU-h", "idle",
-                 "cost", "cost/video"]
+METRIC_HEADER = ["p50 s", "p95 s", "p99 s", "≤ SLO", "P95 < SLO", "cold starts", "GPU-h", "idle", "cost", "cost/video"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -115,16 +133,53 @@ def recommend(points: list[tuple[dict[str, str], Metrics]]) -> tuple[dict[str, s
     return min(meeting, key=lambda sm: (sm[1].cost, sm[1].p95_s)) if meeting else None
 
 
-def summary_markdown(*, title: str, description: list[str], configs: dict, per_service: dict[str, Metrics],
-                     total: Metrics, points: list[tuple[dict[str, str], Metrics]], plots: list[str]) -> str:
+def summary_markdown(
+    *,
+    title: str,
+    description: list[str],
+    configs: dict,
+    per_service: dict[str, Metrics],
+    total: Metrics,
+    points: list[tuple[dict[str, str], Metrics]],
+    plots: list[str],
+) -> str:
     parts = [f"# {title}", "", *[f"- {line}" for line in description], ""]
     parts += ["## Scaling settings per service (from infra/, with --set applied)", ""]
-    config_rows = [[key, str(c.min_scale), str(c.max_scale or "∞"), str(c.initial_scale), f"{c.target_value:g}",
-                    f"{c.stable_window_s:g}", f"{c.panic_window_s:g}", f"{c.panic_threshold_pct:g}",
-                    f"{c.retention_s:g}", f"{c.scale_to_zero_grace_s:g}", f"{c.target_burst_capacity:g}"]
-                   for key, c in configs.items()]
-    parts += [markdown_table(["model", "min", "max", "initial", "target", "stable s", "panic s", "panic %",
-                              "retention s", "grace s", "burst cap."], config_rows), ""]
+    config_rows = [
+        [
+            key,
+            str(c.min_scale),
+            str(c.max_scale or "∞"),
+            str(c.initial_scale),
+            f"{c.target_value:g}",
+            f"{c.stable_window_s:g}",
+            f"{c.panic_window_s:g}",
+            f"{c.panic_threshold_pct:g}",
+            f"{c.retention_s:g}",
+            f"{c.scale_to_zero_grace_s:g}",
+            f"{c.target_burst_capacity:g}",
+        ]
+        for key, c in configs.items()
+    ]
+    parts += [
+        markdown_table(
+            [
+                "model",
+                "min",
+                "max",
+                "initial",
+                "target",
+                "stable s",
+                "panic s",
+                "panic %",
+                "retention s",
+                "grace s",
+                "burst cap.",
+            ],
+            config_rows,
+        ),
+        "",
+    ]
     parts += ["## Result", ""]
     rows = [[key, str(m.requests), *metrics_row(m)] for key, m in per_service.items()]
     if len(per_service) > 1:
@@ -132,14 +187,21 @@ def summary_markdown(*, title: str, description: list[str], configs: dict, per_s
     parts += [markdown_table(["model", "requests", *METRIC_HEADER], rows), ""]
     if len(points) > 1:
         keys = list(points[0][0])
-        parts += ["## Sweep", "", markdown_table(keys + METRIC_HEADER,
-                                                 [[s[k] for k in keys] + metrics_row(m) for s, m in points]), ""]
+        parts += [
+            "## Sweep",
+            "",
+            markdown_table(keys + METRIC_HEADER, [[s[k] for k in keys] + metrics_row(m) for s, m in points]),
+            "",
+        ]
         best = recommend(points)
         if best:
             settings = ", ".join(f"{k}={v}" for k, v in best[0].items())
-            parts += [f"**Cheapest setting meeting P95 < {best[1].slo_s:g} s:** {settings}: P95 "
-                      f"{best[1].p95_s:.1f} s, {best[1].gpu_hours:.2f} GPU-h, ${best[1].cost_per_video:.4f} per "
-                      "video.", ""]
+            parts += [
+                f"**Cheapest setting meeting P95 < {best[1].slo_s:g} s:** {settings}: P95 "
+                f"{best[1].p95_s:.1f} s, {best[1].gpu_hours:.2f} GPU-h, ${best[1].cost_per_video:.4f} per "
+                "video.",
+                "",
+            ]
         else:
             parts += [f"**No swept setting meets P95 < {points[0][1].slo_s:g} s.**", ""]
     if plots:
@@ -152,6 +214,7 @@ def write_json(path: Path, payload: dict) -> None:
         if hasattr(o, "__dataclass_fields__"):
             return asdict(o)
         raise TypeError(type(o))
+
     path.write_text(json.dumps(payload, indent=1, default=default, allow_nan=True) + "\n")
 
 
@@ -160,6 +223,7 @@ def plot_sweep(out: Path, points: list[tuple[dict[str, str], Metrics]]) -> list[
     and a cost-vs-P95 scatter of every point. Returns the file names."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -195,8 +259,11 @@ def plot_sweep(out: Path, points: list[tuple[dict[str, str], Metrics]]) -> list[
         ax.scatter(m.p95_s, m.cost_per_video, color="tab:green" if m.slo_met else "tab:red")
         ax.annotate(",".join(f"{v}" for v in settings.values()), (m.p95_s, m.cost_per_video), fontsize=6)
     ax.axvline(points[0][1].slo_s, color="red", linestyle="--", linewidth=1)
-    ax.set(xlabel="P95 latency (s)", ylabel="cost per video (USD)",
-           title="every sweep point (" + ",".join(keys) + "); green meets the SLO")
+    ax.set(
+        xlabel="P95 latency (s)",
+        ylabel="cost per video (USD)",
+        title="every sweep point (" + ",".join(keys) + "); green meets the SLO",
+    )
     fig.tight_layout()
     fig.savefig(out / "sweep-cost-vs-p95.png", dpi=100)
     plt.close(fig)
@@ -205,6 +272,7 @@ def plot_sweep(out: Path, points: list[tuple[dict[str, str], Metrics]]) -> list[
 
 def _as_number(text: str) -> float:
     from .knative import parse_duration
+
     try:
         return parse_duration(text)
     except ConfigError:

@@ -29,6 +29,7 @@ request, then stop); Kubernetes does not know which pod is busy. No request time
 timeout are counted, not failed), no activator capacity limit, no GPU node provisioning unless the cold start includes
 it, instantaneous network.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -41,8 +42,8 @@ from .knative import ScalingConfig
 from .profiles import ModelProfile
 from .traces import Request
 
-TICK_S = 2.0      # multiscaler.go tickInterval
-PRECISION = 6     # bucketing.go rounds window averages to 6 digits
+TICK_S = 2.0  # multiscaler.go tickInterval
+PRECISION = 6  # bucketing.go rounds window averages to 6 digits
 
 _ARRIVAL, _POD_READY, _DONE, _TICK = range(4)
 
@@ -53,7 +54,7 @@ class Pod:
     created: float
     ready_at: float
     warm_start: bool = False
-    state: str = "starting"       # starting | idle | busy | gone
+    state: str = "starting"  # starting | idle | busy | gone
     draining: bool = False
     busy_s: float = 0.0
     ended: float | None = None
@@ -66,7 +67,7 @@ class RequestRecord:
     service_s: float
     start: float = math.nan
     end: float = math.nan
-    cold: bool = False            # it waited for a pod that was not ready when it arrived
+    cold: bool = False  # it waited for a pod that was not ready when it arrived
 
     @property
     def latency(self) -> float:
@@ -117,8 +118,7 @@ class _Concurrency:
 class ServiceModel:
     """One Knative Service: its KPA decider, its activator queue and its pods."""
 
-    def __init__(self, sim: "Simulation", index: int, profile: ModelProfile, config: ScalingConfig,
-                 rng: random.Random):
+    def __init__(self, sim: Simulation, index: int, profile: ModelProfile, config: ScalingConfig, rng: random.Random):
         self.sim, self.index, self.profile, self.config, self.rng = sim, index, profile, config, rng
         self.pods: list[Pod] = []
         self.queue: deque[RequestRecord] = deque()
@@ -132,7 +132,7 @@ class ServiceModel:
         self.delay_window: deque = deque()
         self.active_since: float | None = None
         self.inactive_since: float | None = None
-        self.epoch = {"stable": None, "panic": None}   # bucketing.go firstWrite, per window
+        self.epoch = {"stable": None, "panic": None}  # bucketing.go firstWrite, per window
         self.last_data: float | None = None
         self.timeline: list[tuple[float, int, int]] = []
 
@@ -167,10 +167,10 @@ class ServiceModel:
                 self._start_pod(now)
         elif target < len(live):
             rank = {"starting": 0, "idle": 1, "busy": 2}
-            victims = sorted(live, key=lambda p: (rank[p.state], -p.created, -p.id))[:len(live) - target]
+            victims = sorted(live, key=lambda p: (rank[p.state], -p.created, -p.id))[: len(live) - target]
             for pod in victims:
                 if pod.state == "busy":
-                    pod.draining = True   # queue-proxy drains: the request in flight finishes first
+                    pod.draining = True  # queue-proxy drains: the request in flight finishes first
                 else:
                     self._stop(pod, now)
         self._record(now)
@@ -184,7 +184,7 @@ class ServiceModel:
         self.queue.append(record)
         self.concurrency.change(now, +1)
         if not self.fixed:
-            if self.last_desired == 0:     # MultiScaler.Poke: the activator's stat wakes the decider at once
+            if self.last_desired == 0:  # MultiScaler.Poke: the activator's stat wakes the decider at once
                 self.decide(now, poked=True)
             self._ensure_ticking(now)
         self.dispatch(now)
@@ -202,7 +202,7 @@ class ServiceModel:
 
     def pod_ready(self, pod: Pod, now: float) -> None:
         if pod.state != "starting":
-            return                        # deleted while it was starting
+            return  # deleted while it was starting
         pod.state = "idle"
         if self.active_since is None:
             self.active_since = now
@@ -231,7 +231,7 @@ class ServiceModel:
         if any(p.state != "gone" for p in self.pods) or self.concurrency.n:
             self.sim.push(now + TICK_S, _TICK, self.index, None)
         else:
-            self.ticking = False          # nothing to scale and nothing to observe until the next arrival
+            self.ticking = False  # nothing to scale and nothing to observe until the next arrival
 
     def _window_average(self, name: str, window: float, now: float) -> float:
         # bucketing.go: after a window without data the average restarts over the data seen since (firstWrite)
@@ -268,14 +268,14 @@ class ServiceModel:
         desired_panic = int(min(max(dppc, max_down), max_up))
         over_threshold = dppc / ready >= c.panic_threshold_pct / 100.0
         if over_threshold:
-            self.panic_since = now        # begin panicking, or extend the panic
+            self.panic_since = now  # begin panicking, or extend the panic
         elif self.panic_since is not None and self.panic_since + c.stable_window_s < now:
             self.panic_since, self.max_panic_pods = None, 0
         desired = desired_stable
         if self.panic_since is not None:  # in panic only increases apply
             self.max_panic_pods = max(self.max_panic_pods, desired_stable, desired_panic)
             desired = self.max_panic_pods
-        if c.scale_down_delay_s > 0:      # delayWindow: the largest desired count of the last scale-down-delay
+        if c.scale_down_delay_s > 0:  # delayWindow: the largest desired count of the last scale-down-delay
             self.delay_window.append((now, desired))
             while self.delay_window and self.delay_window[0][0] <= now - c.scale_down_delay_s:
                 self.delay_window.popleft()
@@ -295,7 +295,7 @@ class ServiceModel:
         c = self.config
         if target != 0:
             if self.inactive_since is not None:
-                self.inactive_since, self.active_since = None, now   # the PodAutoscaler turns active again
+                self.inactive_since, self.active_since = None, now  # the PodAutoscaler turns active again
             return True, target
         if not c.enable_scale_to_zero:
             return True, 1
@@ -303,9 +303,9 @@ class ServiceModel:
             return True, 0
         if self.inactive_since is None:
             if self.active_since is not None and now - self.active_since >= c.stable_window_s:
-                self.inactive_since = now                          # marked inactive; scale not applied yet
+                self.inactive_since = now  # marked inactive; scale not applied yet
                 return self._scale_to_zero(0, now)
-            return True, 1                                         # hold one pod for the rest of the window
+            return True, 1  # hold one pod for the rest of the window
         hold = c.retention_s if c.target_burst_capacity == -1 else max(c.retention_s, c.scale_to_zero_grace_s)
         if now - self.inactive_since >= hold:
             self.active_since = None
@@ -316,8 +316,15 @@ class ServiceModel:
 class Simulation:
     """Replays `requests` through one ServiceModel per model; deterministic for a given seed."""
 
-    def __init__(self, requests: list[Request], profiles: dict[str, ModelProfile],
-                 configs: dict[str, ScalingConfig], *, seed: int = 0, duration_s: float | None = None):
+    def __init__(
+        self,
+        requests: list[Request],
+        profiles: dict[str, ModelProfile],
+        configs: dict[str, ScalingConfig],
+        *,
+        seed: int = 0,
+        duration_s: float | None = None,
+    ):
         self.heap: list = []
         self.seq = 0
         models = sorted({r.model for r in requests} | set(configs))
@@ -327,8 +334,10 @@ class Simulation:
             self.services[key] = ServiceModel(self, index, profiles[key], configs[key], rng)
         self.by_index = {s.index: s for s in self.services.values()}
         service_rngs = {key: random.Random(f"{seed}:{key}:service") for key in models}
-        self.records = [RequestRecord(r.arrival_s, r.model, profiles[r.model].sample_service(service_rngs[r.model]))
-                        for r in requests]
+        self.records = [
+            RequestRecord(r.arrival_s, r.model, profiles[r.model].sample_service(service_rngs[r.model]))
+            for r in requests
+        ]
         last = max((r.arrival_s for r in requests), default=0.0)
         self.duration_s = max(duration_s or 0.0, last)
 
@@ -347,7 +356,7 @@ class Simulation:
         while self.heap:
             now, _, kind, index, payload = heapq.heappop(self.heap)
             if pending == 0 and now > self.duration_s:
-                break                     # every request finished and the trace is over
+                break  # every request finished and the trace is over
             service = self.by_index[index]
             if kind == _ARRIVAL:
                 service.arrive(payload, now)
@@ -360,5 +369,6 @@ class Simulation:
             else:
                 service.tick(now)
         end = max(self.duration_s, last_done)
-        return {key: ServiceResult(key, s.config, s.requests, s.pods, end, s.timeline)
-                for key, s in self.services.items()}
+        return {
+            key: ServiceResult(key, s.config, s.requests, s.pods, end, s.timeline) for key, s in self.services.items()
+        }

@@ -3,6 +3,7 @@
 A trace is a list of Request(arrival_s, model) sorted by arrival; `model` is a benchmark key such as "1.3b-480p",
 "14b-720p" or "i2v-a14b-720p" (task, model size and resolution in one word, which also picks the Knative Service).
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,8 +54,10 @@ def parse_mix(text: str, known: set[str]) -> dict[str, float]:
         key, _, weight = part.strip().partition("=")
         key = key.strip()
         if key not in known:
-            raise ConfigError(f"model {key!r} has no service time (known: {', '.join(sorted(known))}; "
-                              f"or pass --service-time {key}=SECONDS)")
+            raise ConfigError(
+                f"model {key!r} has no service time (known: {', '.join(sorted(known))}; "
+                f"or pass --service-time {key}=SECONDS)"
+            )
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
@@ -80,8 +83,15 @@ def poisson(rate: float, duration: float, mix: dict[str, float], rng: random.Ran
         requests.append(Request(t, _pick(mix, rng)))
 
 
-def bursty(rate: float, duration: float, mix: dict[str, float], rng: random.Random, *,
-           burst_size: float = 8.0, burst_spread_s: float = 60.0) -> list[Request]:
+def bursty(
+    rate: float,
+    duration: float,
+    mix: dict[str, float],
+    rng: random.Random,
+    *,
+    burst_size: float = 8.0,
+    burst_spread_s: float = 60.0,
+) -> list[Request]:
     """Compound Poisson: bursts arrive as a Poisson process at rate / burst_size; each holds a geometric number of
     requests (mean burst_size) spread uniformly over burst_spread_s. The long-run rate stays `rate`."""
     if burst_size < 1 or burst_spread_s < 0:
@@ -108,8 +118,15 @@ def diurnal_rate(t: float, rate: float, amplitude: float, peak_hour: float) -> f
     return rate * (1.0 + amplitude * math.cos(2 * math.pi * (t - peak_hour * 3600.0) / DAY_S))
 
 
-def diurnal(rate: float, duration: float, mix: dict[str, float], rng: random.Random, *,
-            amplitude: float = 0.8, peak_hour: float = 15.0) -> list[Request]:
+def diurnal(
+    rate: float,
+    duration: float,
+    mix: dict[str, float],
+    rng: random.Random,
+    *,
+    amplitude: float = 0.8,
+    peak_hour: float = 15.0,
+) -> list[Request]:
     """Non-homogeneous Poisson with a daily cycle (thinning, Lewis & Shedler); mean rate `rate`, peak/trough ratio
     (1+a)/(1-a) (a=0.8: 9x)."""
     if not 0 <= amplitude <= 1:
@@ -148,8 +165,9 @@ def read_csv(path: Path, known: set[str]) -> list[Request]:
 
 def _parse_row(number: int, row: list[str], known: set[str]) -> Request:
     if len(row) != len(CSV_COLUMNS):
-        raise InvalidTraceError(f"line {number}: expected {len(CSV_COLUMNS)} fields "
-                                f"({','.join(CSV_COLUMNS)}), got {len(row)}")
+        raise InvalidTraceError(
+            f"line {number}: expected {len(CSV_COLUMNS)} fields ({','.join(CSV_COLUMNS)}), got {len(row)}"
+        )
     arrival_text, task, model, resolution = row
     try:
         arrival = float(arrival_text)
@@ -165,8 +183,10 @@ def _parse_row(number: int, row: list[str], known: set[str]) -> Request:
         raise InvalidTraceError(f"line {number}: resolution {resolution!r} is not one of {', '.join(RESOLUTIONS)}")
     key = model_key(task, model, resolution)
     if key not in known:
-        raise InvalidTraceError(f"line {number}: no service time for {task} {model} {resolution} ({key}); known: "
-                                f"{', '.join(sorted(known))} (or pass --service-time {key}=SECONDS)")
+        raise InvalidTraceError(
+            f"line {number}: no service time for {task} {model} {resolution} ({key}); known: "
+            f"{', '.join(sorted(known))} (or pass --service-time {key}=SECONDS)"
+        )
     return Request(arrival, key)
 
 

@@ -1,4 +1,14 @@
 """Generation core: model loading, rCM sampler, attention, video encoding. Knows nothing of events or S3."""
-from .errors import (CheckpointError, ChecksumMismatchError, ImageError, InvalidRequestError,  # noqa: F401
-                     ModelCacheError, OutOfMemoryError, TurboflowError, UnsupportedOptionError)
+
+from turboflow.errors import (  # noqa: F401
+    CheckpointError,
+    ChecksumMismatchError,
+    ImageError,
+    InvalidRequestError,
+    ModelCacheError,
+    OutOfMemoryError,
+    TurboflowError,
+    UnsupportedOptionError,
+)
+
 from .request import FPS, RESOLUTIONS, GenerationRequest, GenerationResult  # noqa: F401

@@ -21,6 +21,7 @@ The DiT and VAE rules agree with diffusers' own `convert_wan_transformer_to_diff
 `convert_wan_vae_to_diffusers` (tests check this); ours also run backwards (diffusers -> Wan), which tests and
 export need, and handle VAE configs other than the stock one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from turboflow.errors import CheckpointError
+
 from .quant import INT8_STORAGE, INT8_SUFFIX, SCALE_SUFFIX, dequantize_state_dict, is_quantized
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def unwrap_state_dict(obj, what: str = "checkpoint") -> dict[str, torch.Tensor]:
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str = NET_PREFIX) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        new = k[len(prefix):] if k.startswith(prefix) else k
+        new = k[len(prefix) :] if k.startswith(prefix) else k
         if new in out:
             raise CheckpointError(f"key {new!r} appears both with and without the {prefix!r} prefix")
         out[new] = v
@@ -133,8 +135,10 @@ def _rename(sd: dict, fn, what: str) -> dict:
         else:
             out[new] = v
     if unmatched:
-        raise CheckpointError(f"{what}: {len(unmatched)} unexpected keys no conversion rule accounts for, e.g. "
-                              f"{sorted(unmatched)[:_SAMPLE]}")
+        raise CheckpointError(
+            f"{what}: {len(unmatched)} unexpected keys no conversion rule accounts for, e.g. "
+            f"{sorted(unmatched)[:_SAMPLE]}"
+        )
     return out
 
 
@@ -157,10 +161,18 @@ _DIT_RULES: list[tuple[str, str]] = [
     ("blocks.{i}.norm3.{p}", "blocks.{i}.norm2.{p}"),
     ("blocks.{i}.ffn.0.{p}", "blocks.{i}.ffn.net.0.proj.{p}"),
     ("blocks.{i}.ffn.2.{p}", "blocks.{i}.ffn.net.2.{p}"),
-    *[(f"blocks.{{i}}.{wan}.{a}.{{p}}", f"blocks.{{i}}.{dif}.{b}.{{p}}")
-      for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-      for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"),
-                   ("norm_k", "norm_k"))],
+    *[
+        (f"blocks.{{i}}.{wan}.{a}.{{p}}", f"blocks.{{i}}.{dif}.{b}.{{p}}")
+        for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+        for a, b in (
+            ("q", "to_q"),
+            ("k", "to_k"),
+            ("v", "to_v"),
+            ("o", "to_out.0"),
+            ("norm_q", "norm_q"),
+            ("norm_k", "norm_k"),
+        )
+    ],
     ("blocks.{i}.cross_attn.k_img.{p}", "blocks.{i}.attn2.add_k_proj.{p}"),
     ("blocks.{i}.cross_attn.v_img.{p}", "blocks.{i}.attn2.add_v_proj.{p}"),
     ("blocks.{i}.cross_attn.norm_k_img.{p}", "blocks.{i}.attn2.norm_added_k.{p}"),
@@ -174,7 +186,10 @@ _T5_RULES: list[tuple[str, str]] = [
     ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
     ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
     *[(f"blocks.{{i}}.attn.{x}.weight", f"encoder.block.{{i}}.layer.0.SelfAttention.{x}.weight") for x in "qkvo"],
-    ("blocks.{i}.pos_embedding.embedding.weight", "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (
+        "blocks.{i}.pos_embedding.embedding.weight",
+        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
     ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight"),  # gelu(tanh) branch
     ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight"),
     ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight"),
@@ -192,12 +207,16 @@ def expected_shapes(cls, config: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_state_dict(what: str, sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                     ignore_missing: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    what: str, sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], ignore_missing: tuple[str, ...] = ()
+) -> None:
     missing = sorted(k for k in expected.keys() - sd.keys() if k not in ignore_missing)
     unexpected = sorted(sd.keys() - expected.keys())
-    mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-                        for k in sd.keys() & expected.keys() if tuple(sd[k].shape) != expected[k])
+    mismatched = sorted(
+        f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
+        for k in sd.keys() & expected.keys()
+        if tuple(sd[k].shape) != expected[k]
+    )
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys, e.g. {missing[:_SAMPLE]}")
@@ -248,8 +267,7 @@ def infer_dit_config(sd: dict[str, torch.Tensor], overrides: dict | None = None)
         text_dim = sd["text_embedding.0.weight"].shape[1]
         freq_dim = sd["time_embedding.0.weight"].shape[1]
     except KeyError as e:
-        raise CheckpointError(f"not a Wan DiT checkpoint: key {e} missing "
-                              f"(has e.g. {sorted(sd)[:_SAMPLE]})") from e
+        raise CheckpointError(f"not a Wan DiT checkpoint: key {e} missing (has e.g. {sorted(sd)[:_SAMPLE]})") from e
     if layers != list(range(len(layers))):
         raise CheckpointError(f"DiT block indices are not contiguous: {layers[:10]}...")
     head_dim = None
@@ -258,11 +276,19 @@ def infer_dit_config(sd: dict[str, torch.Tensor], overrides: dict | None = None)
         head_dim = proj_l.shape[0]
     elif dim in _KNOWN_HEADS:
         head_dim = dim // _KNOWN_HEADS[dim]
-    config = dict(patch_size=PATCH, in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
-                  freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=len(layers),
-                  cross_attn_norm="blocks.0.norm3.weight" in sd,
-                  qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
-                  eps=1e-6, rope_max_seq_len=1024)
+    config = dict(
+        patch_size=PATCH,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=len(layers),
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
     if head_dim is not None:
         config.update(num_attention_heads=dim // head_dim, attention_head_dim=head_dim)
     if "img_emb.proj.0.weight" in sd:  # Wan2.1 I2V/FLF2V with CLIP image tokens (Wan2.2 A14B has none)
@@ -271,17 +297,25 @@ def infer_dit_config(sd: dict[str, torch.Tensor], overrides: dict | None = None)
             config["pos_embed_seq_len"] = sd["img_emb.emb_pos"].shape[1]
     config.update(overrides)
     if "num_attention_heads" not in config or "attention_head_dim" not in config:
-        raise CheckpointError(f"cannot infer the attention head count of a DiT with dim {dim} (no proj_l keys, not a "
-                              f"known Wan size): pass num_attention_heads and attention_head_dim in the config")
+        raise CheckpointError(
+            f"cannot infer the attention head count of a DiT with dim {dim} (no proj_l keys, not a "
+            f"known Wan size): pass num_attention_heads and attention_head_dim in the config"
+        )
     if config["num_attention_heads"] * config["attention_head_dim"] != dim:
-        raise CheckpointError(f"config heads {config['num_attention_heads']} x head_dim "
-                              f"{config['attention_head_dim']} != model dim {dim}")
+        raise CheckpointError(
+            f"config heads {config['num_attention_heads']} x head_dim {config['attention_head_dim']} != model dim {dim}"
+        )
     return config
 
 
-def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None, *,
-                         dtype: torch.dtype | None = None, what: str = "DiT checkpoint",
-                         keep_int8: bool = False) -> ConvertedDiT:
+def wan_dit_to_diffusers(
+    sd: dict[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    what: str = "DiT checkpoint",
+    keep_int8: bool = False,
+) -> ConvertedDiT:
     """Wan-native DiT state dict (any of: `net.` prefix, Linear patch embedding, proj_l, int8) -> diffusers.
 
     keep_int8: a `-quant` checkpoint's layers stay int8 + 128x128 scales (`<layer>.int8_weight`, `<layer>.scale`
@@ -292,8 +326,11 @@ def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None
     int8_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if info["quantized"]:
         if keep_int8:
-            int8_pairs = {k[: -len(INT8_SUFFIX)]: (v, sd[k[: -len(INT8_SUFFIX)] + SCALE_SUFFIX])
-                          for k, v in sd.items() if k.endswith(INT8_SUFFIX)}
+            int8_pairs = {
+                k[: -len(INT8_SUFFIX)]: (v, sd[k[: -len(INT8_SUFFIX)] + SCALE_SUFFIX])
+                for k, v in sd.items()
+                if k.endswith(INT8_SUFFIX)
+            }
         sd = dequantize_state_dict(sd, dtype or torch.bfloat16)  # also validates the pairs
     cfg = infer_dit_config(sd, config)
     proj_l, rest = {}, {}
@@ -307,8 +344,10 @@ def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None
         blocks = {int(k.split(".")[1]) for k in proj_l}
         want = {f"blocks.{i}.proj_l.{p}" for i in range(cfg["num_layers"]) for p in ("weight", "bias")}
         if set(proj_l) != want:
-            raise CheckpointError(f"{what}: SLA proj_l present for blocks {sorted(blocks)[:8]} but not all "
-                                  f"{cfg['num_layers']} blocks (missing {sorted(want - set(proj_l))[:_SAMPLE]})")
+            raise CheckpointError(
+                f"{what}: SLA proj_l present for blocks {sorted(blocks)[:8]} but not all "
+                f"{cfg['num_layers']} blocks (missing {sorted(want - set(proj_l))[:_SAMPLE]})"
+            )
     pe = rest.get("patch_embedding.weight")
     if pe is not None and pe.ndim == 2:
         dim, c = pe.shape[0], cfg["in_channels"]
@@ -329,8 +368,13 @@ def wan_dit_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None
     return ConvertedDiT(out, cfg, proj_l, info)
 
 
-def diffusers_dit_to_wan(sd: dict[str, torch.Tensor], *, proj_l: dict[str, torch.Tensor] | None = None,
-                         linear_patch_embedding: bool = True, prefix: str = "") -> dict[str, torch.Tensor]:
+def diffusers_dit_to_wan(
+    sd: dict[str, torch.Tensor],
+    *,
+    proj_l: dict[str, torch.Tensor] | None = None,
+    linear_patch_embedding: bool = True,
+    prefix: str = "",
+) -> dict[str, torch.Tensor]:
     """Inverse of `wan_dit_to_diffusers` (TurboDiffusion layout by default): tests and export."""
     out = _rename(sd, DIT_KEYS.inverse, "diffusers DiT state dict")
     if linear_patch_embedding:
@@ -342,10 +386,12 @@ def diffusers_dit_to_wan(sd: dict[str, torch.Tensor], *, proj_l: dict[str, torch
     return {prefix + k: v for k, v in out.items()}
 
 
-def load_dit_checkpoint(path: str | os.PathLike, config: dict | None = None, *,
-                        dtype: torch.dtype | None = None, keep_int8: bool = False) -> ConvertedDiT:
-    converted = wan_dit_to_diffusers(load_torch_file(path), config, dtype=dtype, what=f"DiT checkpoint {path}",
-                                     keep_int8=keep_int8)
+def load_dit_checkpoint(
+    path: str | os.PathLike, config: dict | None = None, *, dtype: torch.dtype | None = None, keep_int8: bool = False
+) -> ConvertedDiT:
+    converted = wan_dit_to_diffusers(
+        load_torch_file(path), config, dtype=dtype, what=f"DiT checkpoint {path}", keep_int8=keep_int8
+    )
     converted.info["file"] = Path(path).name
     return converted
 
@@ -361,19 +407,43 @@ def load_sla_proj_l(transformer_dir: str | os.PathLike) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------------------------
-_RES = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
-        "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
-        "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
+_RES = {
+    "residual.0.gamma": "norm1.gamma",
+    "residual.2.weight": "conv1.weight",
+    "residual.2.bias": "conv1.bias",
+    "residual.3.gamma": "norm2.gamma",
+    "residual.6.weight": "conv2.weight",
+    "residual.6.bias": "conv2.bias",
+    "shortcut.weight": "conv_shortcut.weight",
+    "shortcut.bias": "conv_shortcut.bias",
+}
 _RES_INV = {v: k for k, v in _RES.items()}
-_PASS = ("resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias", "norm.gamma",
-         "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")
-_VAE_FIXED = {"conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
-              "conv2.weight": "post_quant_conv.weight", "conv2.bias": "post_quant_conv.bias"}
+_PASS = (
+    "resample.1.weight",
+    "resample.1.bias",
+    "time_conv.weight",
+    "time_conv.bias",
+    "norm.gamma",
+    "to_qkv.weight",
+    "to_qkv.bias",
+    "proj.weight",
+    "proj.bias",
+)
+_VAE_FIXED = {
+    "conv1.weight": "quant_conv.weight",
+    "conv1.bias": "quant_conv.bias",
+    "conv2.weight": "post_quant_conv.weight",
+    "conv2.bias": "post_quant_conv.bias",
+}
 for _side in ("encoder", "decoder"):
     _VAE_FIXED.update({f"{_side}.conv1.{p}": f"{_side}.conv_in.{p}" for p in ("weight", "bias")})
-    _VAE_FIXED.update({f"{_side}.head.0.gamma": f"{_side}.norm_out.gamma",
-                       f"{_side}.head.2.weight": f"{_side}.conv_out.weight",
-                       f"{_side}.head.2.bias": f"{_side}.conv_out.bias"})
+    _VAE_FIXED.update(
+        {
+            f"{_side}.head.0.gamma": f"{_side}.norm_out.gamma",
+            f"{_side}.head.2.weight": f"{_side}.conv_out.weight",
+            f"{_side}.head.2.bias": f"{_side}.conv_out.bias",
+        }
+    )
     for _wan, _dif in (("0", "resnets.0"), ("2", "resnets.1")):
         _VAE_FIXED.update({f"{_side}.middle.{_wan}.{a}": f"{_side}.mid_block.{_dif}.{b}" for a, b in _RES.items()})
     _VAE_FIXED.update({f"{_side}.middle.1.{x}": f"{_side}.mid_block.attentions.0.{x}" for x in _PASS[4:]})
@@ -429,9 +499,13 @@ def vae_config(overrides: dict | None = None) -> dict:
     return cfg
 
 
-def wan_vae_to_diffusers(sd: dict[str, torch.Tensor], config: dict | None = None, *,
-                         dtype: torch.dtype | None = None, what: str = "VAE checkpoint"
-                         ) -> tuple[dict[str, torch.Tensor], dict]:
+def wan_vae_to_diffusers(
+    sd: dict[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    what: str = "VAE checkpoint",
+) -> tuple[dict[str, torch.Tensor], dict]:
     from diffusers import AutoencoderKLWan
 
     cfg = vae_config(config)
@@ -446,8 +520,9 @@ def diffusers_vae_to_wan(sd: dict[str, torch.Tensor], config: dict | None = None
     return _rename(sd, lambda k: _vae_key_to_wan(k, cfg["num_res_blocks"]), "diffusers VAE state dict")
 
 
-def load_vae_checkpoint(path: str | os.PathLike, config: dict | None = None, *,
-                        dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_vae_checkpoint(
+    path: str | os.PathLike, config: dict | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     return wan_vae_to_diffusers(load_torch_file(path), config, dtype=dtype, what=f"VAE checkpoint {path}")
 
 
@@ -462,20 +537,37 @@ def infer_t5_config(sd: dict[str, torch.Tensor], overrides: dict | None = None) 
         d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]
         inner = sd["blocks.0.attn.q.weight"].shape[0]
     except KeyError as e:
-        raise CheckpointError(f"not a Wan umT5 encoder checkpoint: key {e} missing "
-                              f"(has e.g. {sorted(sd)[:_SAMPLE]})") from e
+        raise CheckpointError(
+            f"not a Wan umT5 encoder checkpoint: key {e} missing (has e.g. {sorted(sd)[:_SAMPLE]})"
+        ) from e
     layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    cfg = dict(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
-               num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
-               feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg = dict(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     cfg.update(overrides or {})
     return cfg
 
 
-def wan_t5_to_transformers(sd: dict[str, torch.Tensor], config: dict | None = None, *,
-                           dtype: torch.dtype | None = None, what: str = "umT5 checkpoint"
-                           ) -> tuple[dict[str, torch.Tensor], dict]:
+def wan_t5_to_transformers(
+    sd: dict[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    what: str = "umT5 checkpoint",
+) -> tuple[dict[str, torch.Tensor], dict]:
     from transformers import UMT5EncoderModel
 
     sd = strip_prefix(sd)
@@ -494,6 +586,7 @@ def transformers_t5_to_wan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return _rename(sd, T5_KEYS.inverse, "transformers umT5 state dict")
 
 
-def load_t5_checkpoint(path: str | os.PathLike, config: dict | None = None, *,
-                       dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_t5_checkpoint(
+    path: str | os.PathLike, config: dict | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     return wan_t5_to_transformers(load_torch_file(path), config, dtype=dtype, what=f"umT5 checkpoint {path}")

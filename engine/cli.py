@@ -1,4 +1,5 @@
 """Engine verbs: `turboflow generate t2v|i2v ...` and `turboflow model tiny|verify|import|pull`."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,16 @@ import time
 from pathlib import Path
 
 from .options import OFFLOAD_POLICIES
-from .request import ATTENTION_TYPES, QUANT_LINEAR_MODES as QUANT_MODES, RESOLUTIONS
+from .request import ATTENTION_TYPES, RESOLUTIONS
+from .request import QUANT_LINEAR_MODES as QUANT_MODES
 
 # progress labels per pipeline stage (engine.pipeline.StageProgress), with the unit each counts
-_STAGES = {"text_encode": ("text encode", "prompt"), "vae_encode": ("image encode", "image"),
-           "diffusion": ("rCM steps", "step"), "vae_decode": ("VAE decode", "frame")}
+_STAGES = {
+    "text_encode": ("text encode", "prompt"),
+    "vae_encode": ("image encode", "image"),
+    "diffusion": ("rCM steps", "step"),
+    "vae_decode": ("VAE decode", "frame"),
+}
 
 
 def _positive_int(text: str) -> int:
@@ -31,32 +37,65 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--aspect-ratio", default=None, help="default: the model's (16:9)")
     gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps (default 81)")
     gen.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4 (default 4)")
-    gen.add_argument("--seed", type=int, default=None,
-                     help="random seed (default: a random one; the seed used is printed with the timings)")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (default: a random one; the seed used is printed with the timings)",
+    )
     gen.add_argument("--sigma-max", type=float, default=None, help="default 80 (t2v) / 200 (i2v)")
     gen.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
-    gen.add_argument("--boundary", type=float, default=None, help="I2V: high-noise expert while t >= boundary "
-                     "(default: the model's, 0.9)")
+    gen.add_argument(
+        "--boundary",
+        type=float,
+        default=None,
+        help="I2V: high-noise expert while t >= boundary (default: the model's, 0.9)",
+    )
     gen.add_argument("--no-adaptive-resolution", dest="adaptive_resolution", action="store_false")
     # no argparse choices: an upstream name this build lacks (sagesla) gets unsupported_option with the reason
-    gen.add_argument("--attention", default=None, metavar="{" + ",".join(ATTENTION_TYPES) + "}",
-                     help="default: the model's (sla for TurboDiffusion checkpoints with proj_l, else original)")
+    gen.add_argument(
+        "--attention",
+        default=None,
+        metavar="{" + ",".join(ATTENTION_TYPES) + "}",
+        help="default: the model's (sla for TurboDiffusion checkpoints with proj_l, else original)",
+    )
     gen.add_argument("--sla-topk", type=float, default=None, help="fraction of K blocks kept by SLA (default 0.1)")
     perf = gen.add_argument_group("performance (see BENCHMARKS.md)")
-    perf.add_argument("--quant-linear", default=None, choices=QUANT_MODES,
-                      help="quantise the DiT's linears: fp8 (H100/Ada, W8A8), int8 (W8A8), int8_weight_only")
-    perf.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                      help="torch.compile the DiT blocks (optional inductor MODE); the first run at a size compiles")
-    perf.add_argument("--compile-cache", default=None, help="compile cache dir (default $TURBOFLOW_COMPILE_CACHE, "
-                      "else MODEL/.compile-cache)")
+    perf.add_argument(
+        "--quant-linear",
+        default=None,
+        choices=QUANT_MODES,
+        help="quantise the DiT's linears: fp8 (H100/Ada, W8A8), int8 (W8A8), int8_weight_only",
+    )
+    perf.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the DiT blocks (optional inductor MODE); the first run at a size compiles",
+    )
+    perf.add_argument(
+        "--compile-cache",
+        default=None,
+        help="compile cache dir (default $TURBOFLOW_COMPILE_CACHE, else MODEL/.compile-cache)",
+    )
     perf.add_argument("--no-fast-vae", dest="fast_vae", action="store_false", help="diffusers' stock VAE decode")
     perf.add_argument("--vae-chunk", type=_positive_int, default=None, help="latent frames per VAE decoder call")
-    perf.add_argument("--offload", default="auto", choices=OFFLOAD_POLICIES,
-                      help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory")
+    perf.add_argument(
+        "--offload",
+        default="auto",
+        choices=OFFLOAD_POLICIES,
+        help="I2V: keep both experts on the GPU (none) or park the idle one in pinned memory",
+    )
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     gen.add_argument("--out", default="out/video.mp4")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress display (it is off anyway when "
-                     "stderr is not a terminal)")
+    gen.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress display (it is off anyway when stderr is not a terminal)",
+    )
     gen.set_defaults(func=_generate)
 
     model = sub.add_parser("model", help="model cache: build tiny models, verify, import real checkpoints")
@@ -102,24 +141,47 @@ class _StageBars:
 
 
 def _generate(args) -> int:
+    from turboflow.engine.modelcache import read_manifest
+
     from .loading import load_pipeline, resolve_device
     from .request import FPS, GenerationRequest, model_request_defaults
     from .video import Mp4Stream
 
-    from turboflow.storage.modelcache import read_manifest
-
-    given = {k: v for k, v in dict(resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-                                   sigma_max=args.sigma_max, attention=args.attention, sla_topk=args.sla_topk,
-                                   boundary=args.boundary).items() if v is not None}
+    given = {
+        k: v
+        for k, v in dict(
+            resolution=args.resolution,
+            aspect_ratio=args.aspect_ratio,
+            sigma_max=args.sigma_max,
+            attention=args.attention,
+            sla_topk=args.sla_topk,
+            boundary=args.boundary,
+        ).items()
+        if v is not None
+    }
     request = GenerationRequest(
-        prompt=args.prompt, kind=args.kind, num_frames=args.frames, num_steps=args.steps, seed=args.seed,
-        ode=args.ode, adaptive_resolution=args.adaptive_resolution, image=args.image,
-        **{**model_request_defaults(read_manifest(args.model).defaults), **given}).validated()  # fail before loading
+        prompt=args.prompt,
+        kind=args.kind,
+        num_frames=args.frames,
+        num_steps=args.steps,
+        seed=args.seed,
+        ode=args.ode,
+        adaptive_resolution=args.adaptive_resolution,
+        image=args.image,
+        **{**model_request_defaults(read_manifest(args.model).defaults), **given},
+    ).validated()  # fail before loading
     device = resolve_device(args.device)  # a missing GPU is a typed error here, not a traceback mid-load
-    pipeline = load_pipeline(args.model, device=device, quant_linear=args.quant_linear,
-                             compile=args.compile or False,  # "default" is an inductor mode like the others
-                             compile_cache_dir=args.compile_cache, fast_vae=args.fast_vae, vae_chunk=args.vae_chunk,
-                             offload=args.offload, compile_warmup=[])
+    pipeline = load_pipeline(
+        args.model,
+        device=device,
+        quant_linear=args.quant_linear,
+        compile=args.compile or False,  # "default" is an inductor mode like the others
+        compile_cache_dir=args.compile_cache,
+        fast_vae=args.fast_vae,
+        vae_chunk=args.vae_chunk,
+        offload=args.offload,
+        compile_warmup=[],
+    )
     width, height = request.size()
     mp4 = Mp4Stream(args.out, width, height, fps=FPS, background=True)  # encodes while the VAE decodes
     bars = _StageBars(enabled=not args.quiet and sys.stderr.isatty())
@@ -143,16 +205,20 @@ def _tiny(args) -> int:
     from .tiny import build_tiny
 
     manifest = build_tiny(args.dir, kind=args.kind, seed=args.seed)
-    print(f"wrote {manifest.name} ({manifest.kind}, {len(manifest.files)} files, "
-          f"{manifest.total_bytes / 1e6:.1f} MB) to {Path(args.dir).resolve()}")
+    print(
+        f"wrote {manifest.name} ({manifest.kind}, {len(manifest.files)} files, "
+        f"{manifest.total_bytes / 1e6:.1f} MB) to {Path(args.dir).resolve()}"
+    )
     return 0
 
 
 def _verify(args) -> int:
-    from turboflow.storage.modelcache import verify
+    from turboflow.engine.modelcache import verify
 
     manifest = verify(args.dir, checksums=args.checksums)
     what = "sizes and sha256" if args.checksums else "sizes"
-    print(f"ok: {manifest.name} ({manifest.kind}), {len(manifest.files)} files, "
-          f"{manifest.total_bytes / 1e9:.2f} GB, {what} match")
+    print(
+        f"ok: {manifest.name} ({manifest.kind}), {len(manifest.files)} files, "
+        f"{manifest.total_bytes / 1e9:.2f} GB, {what} match"
+    )
     return 0

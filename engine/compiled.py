@@ -9,6 +9,7 @@ volume) reuses the compiled kernels instead of paying the compile again. The mod
 in deployment, so the default is a writable sibling: TURBOFLOW_COMPILE_CACHE, else `<model_dir>/.compile-cache`
 when writable, else ~/.cache/turboflow/compile/<model name>.
 """
+
 from __future__ import annotations
 
 import logging

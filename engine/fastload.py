@@ -21,6 +21,7 @@ memory (~5 GB/s from page cache on an H100 host). Here:
 
 No torch.compile happens here, so none is paid at cold start.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -35,12 +36,22 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ModelCacheError
+from turboflow.errors import CheckpointError, ModelCacheError
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-          "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
 DEFAULT_CHUNK = 32 << 20
 DIFFUSERS_ROLES = ("transformer", "transformer_2", "vae")
 
@@ -87,14 +98,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
     for name, info in header.items():
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ModelCacheError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}",
-                                  code="model_cache_invalid")
+            raise ModelCacheError(
+                f"{path}: tensor {name} has unsupported dtype {info['dtype']}", code="model_cache_invalid"
+            )
         begin, end = info["data_offsets"]
         specs.append(TensorSpec(name, dtype, tuple(info["shape"]), begin, end))
         data_size = max(data_size, end)
     if 8 + n + data_size > size:
-        raise ModelCacheError(f"{path} is truncated: header promises {8 + n + data_size} bytes, file has {size}",
-                              code="model_cache_incomplete")
+        raise ModelCacheError(
+            f"{path} is truncated: header promises {8 + n + data_size} bytes, file has {size}",
+            code="model_cache_incomplete",
+        )
     return SafetensorsFile(path, 8 + n, data_size, specs, meta)
 
 
@@ -113,6 +127,7 @@ def _chunks(size: int, chunk: int) -> list[tuple[int, int]]:
 
 class _Staging(threading.local):
     """Per-thread pinned double buffers and a CUDA stream (reused across files)."""
+
     slots: list | None = None
 
 
@@ -125,10 +140,12 @@ def _read_blob_cuda(files: list[SafetensorsFile], device: torch.device, threads:
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
     work = [(i, off, n) for i, f in enumerate(files) for off, n in _chunks(f.data_size, chunk)]
     try:
+
         def run(mine):
             if _staging.slots is None or _staging.slots[0][0].numel() < chunk:
-                _staging.slots = [(torch.empty(chunk, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-                                  for _ in range(2)]
+                _staging.slots = [
+                    (torch.empty(chunk, dtype=torch.uint8, pin_memory=True), torch.cuda.Event()) for _ in range(2)
+                ]
                 _staging.stream = torch.cuda.Stream(device)
             stream, used = _staging.stream, [False, False]
             for k, (i, off, n) in enumerate(mine):
@@ -137,7 +154,7 @@ def _read_blob_cuda(files: list[SafetensorsFile], device: torch.device, threads:
                     event.synchronize()  # the copy out of this slot is done; refill it
                 _pread_into(fds[i], memoryview(buf.numpy())[:n], files[i].data_offset + off)
                 with torch.cuda.stream(stream):
-                    blobs[i][off:off + n].copy_(buf[:n], non_blocking=True)
+                    blobs[i][off : off + n].copy_(buf[:n], non_blocking=True)
                     event.record(stream)
                 used[k % 2] = True
             stream.synchronize()
@@ -159,11 +176,12 @@ def _read_blob_cpu(files: list[SafetensorsFile], threads: int, chunk: int) -> li
     blobs = []
     for f in files:
         shift = f.data_offset % 64
-        blobs.append(torch.empty(f.data_size + 64, dtype=torch.uint8)[shift:shift + f.data_size])
+        blobs.append(torch.empty(f.data_size + 64, dtype=torch.uint8)[shift : shift + f.data_size])
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
     try:
+
         def run(i, off, n):
-            _pread_into(fds[i], memoryview(blobs[i].numpy())[off:off + n], files[i].data_offset + off)
+            _pread_into(fds[i], memoryview(blobs[i].numpy())[off : off + n], files[i].data_offset + off)
 
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastload") as pool:
             futs = [pool.submit(run, i, off, n) for i, f in enumerate(files) for off, n in _chunks(f.data_size, chunk)]
@@ -178,7 +196,7 @@ def _read_blob_cpu(files: list[SafetensorsFile], threads: int, chunk: int) -> li
 def _views(f: SafetensorsFile, blob: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     for s in f.tensors:
-        raw = blob[s.begin:s.end]
+        raw = blob[s.begin : s.end]
         item = torch.empty((), dtype=s.dtype).element_size()
         if raw.data_ptr() % item or (raw.is_cuda and raw.data_ptr() % 16):
             # misaligned for its dtype, or for vectorised GPU kernels: give it its own allocation
@@ -187,8 +205,9 @@ def _views(f: SafetensorsFile, blob: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_safetensors(paths, device: str | torch.device = "cpu", *, threads: int | None = None,
-                     chunk_bytes: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+def load_safetensors(
+    paths, device: str | torch.device = "cpu", *, threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK
+) -> dict[str, torch.Tensor]:
     """Like safetensors.torch.load_file for one or several files, but parallel and straight to `device`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -210,8 +229,10 @@ def load_safetensors(paths, device: str | torch.device = "cpu", *, threads: int 
 def weight_files(directory: str | os.PathLike) -> list[Path]:
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
-        raise ModelCacheError(f"no *.safetensors weights in {directory} (the model cache holds safetensors only)",
-                              code="model_cache_invalid")
+        raise ModelCacheError(
+            f"no *.safetensors weights in {directory} (the model cache holds safetensors only)",
+            code="model_cache_invalid",
+        )
     return files
 
 
@@ -275,8 +296,11 @@ def _target_dtype(model, role: str, name: str, dtype: torch.dtype) -> torch.dtyp
     if role in DIFFUSERS_ROLES:
         keep = type(model)._keep_in_fp32_modules or []
         return torch.float32 if any(m in parts for m in keep) else dtype
-    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype in (torch.float16,
-                                                                                          torch.bfloat16) else set()
+    keep = (
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype in (torch.float16, torch.bfloat16)
+        else set()
+    )
     if dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
     return torch.float32 if any(m in parts for m in keep) else dtype
@@ -292,8 +316,9 @@ def _get(model, name: str):
 def _set_param(model, name: str, tensor: torch.Tensor):
     owner, _, leaf = name.rpartition(".")
     module = _get(model, owner) if owner else model
-    module._parameters[leaf] = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(
-        tensor, requires_grad=False)
+    module._parameters[leaf] = (
+        tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
+    )
 
 
 def _is_int8_scale(model, name: str) -> bool:
@@ -317,13 +342,18 @@ def fill_model(model, role: str, state: dict[str, torch.Tensor], dtype: torch.dt
     missing = set(expected) - set(cast) - {k for k, v in tied.items() if v in cast}
     unexpected = set(cast) - set(expected)
     if missing or unexpected:
-        detail = "; ".join(f"{k}: {sorted(v)[:5]}{' ...' if len(v) > 5 else ''}"
-                           for k, v in (("missing_keys", missing), ("unexpected_keys", unexpected)) if v)
+        detail = "; ".join(
+            f"{k}: {sorted(v)[:5]}{' ...' if len(v) > 5 else ''}"
+            for k, v in (("missing_keys", missing), ("unexpected_keys", unexpected))
+            if v
+        )
         raise CheckpointError(f"{role} weights do not match its config ({detail})")
     for name, t in cast.items():
         if tuple(expected[name].shape) != tuple(t.shape):
-            raise CheckpointError(f"{role} weights do not match its config (mismatched_keys: {name} is "
-                                  f"{tuple(t.shape)}, model wants {tuple(expected[name].shape)})")
+            raise CheckpointError(
+                f"{role} weights do not match its config (mismatched_keys: {name} is "
+                f"{tuple(t.shape)}, model wants {tuple(expected[name].shape)})"
+            )
     model.load_state_dict(cast, strict=False, assign=True)
     for target, source in tied.items():
         if target not in cast and source in cast:
@@ -351,9 +381,15 @@ class LoadReport:
         return self.bytes / self.read_seconds / 1e9 if self.read_seconds else 0.0
 
 
-def load_models(components: dict[str, Path], dtype: torch.dtype, devices: dict[str, torch.device], *,
-                threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK,
-                report: LoadReport | None = None) -> dict:
+def load_models(
+    components: dict[str, Path],
+    dtype: torch.dtype,
+    devices: dict[str, torch.device],
+    *,
+    threads: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK,
+    report: LoadReport | None = None,
+) -> dict:
     """Load several networks (role -> directory) concurrently; returns role -> module on devices[role]."""
     start = time.perf_counter()
     report = report if report is not None else LoadReport()
@@ -375,8 +411,11 @@ def load_models(components: dict[str, Path], dtype: torch.dtype, devices: dict[s
 
     def read(device, group):
         hs = [h for role in group for h in headers[role]]
-        blobs = (_read_blob_cuda(hs, device, threads, chunk_bytes) if device.type == "cuda"
-                 else _read_blob_cpu(hs, threads, chunk_bytes))
+        blobs = (
+            _read_blob_cuda(hs, device, threads, chunk_bytes)
+            if device.type == "cuda"
+            else _read_blob_cpu(hs, threads, chunk_bytes)
+        )
         now = time.perf_counter()
         out, k = {}, 0
         for role in group:
@@ -407,7 +446,8 @@ def load_models(components: dict[str, Path], dtype: torch.dtype, devices: dict[s
     for dev in {d for d in devices.values() if d.type == "cuda"}:
         torch.cuda.synchronize(dev)
     report.assign_seconds = time.perf_counter() - t
-    report.per_component = {role: {"bytes": sum(h.data_size for h in headers[role]),
-                                   "device": str(devices[role])} for role in roles}
+    report.per_component = {
+        role: {"bytes": sum(h.data_size for h in headers[role]), "device": str(devices[role])} for role in roles
+    }
     report.total_seconds = time.perf_counter() - start
     return models

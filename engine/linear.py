@@ -17,12 +17,14 @@ then bf16); ``"int8_weight_only"`` re-derives the int8 tiles from it (the same c
 a value across a rounding boundary), the W8A8 modes re-quantize per row. Imported with `--keep-int8`, the file's
 int8 tiles load straight into `BlockInt8Linear` (no re-derivation); the W8A8 modes re-quantize those too.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from turboflow.errors import ConfigError
+
 from .quant import BlockInt8Linear
 from .request import QUANT_LINEAR_MODES
 
@@ -78,7 +80,7 @@ class FP8Linear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: torch.nn.Linear) -> FP8Linear:
         w = linear.weight.detach().float()
         amax = w.abs().amax(dim=1).clamp_min(1e-12)
         scale = amax / FP8_MAX
@@ -99,8 +101,14 @@ class FP8Linear(torch.nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         if self._gemm_ok(x2):
-            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                 bias=bias if out_dtype != torch.float32 else None, out_dtype=out_dtype)
+            y = torch._scaled_mm(
+                xq,
+                self.weight_fp8.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale,
+                bias=bias if out_dtype != torch.float32 else None,
+                out_dtype=out_dtype,
+            )
             if bias is not None and out_dtype == torch.float32:
                 y = y + bias
         else:  # shapes cuBLASLt's fp8 GEMM does not take: same quantized operands, dequantized matmul
@@ -122,7 +130,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
         q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -148,12 +156,16 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8 row-wise"
 
 
-_FACTORY = {"fp8": FP8Linear.from_linear, "int8": Int8Linear.from_linear,
-            "int8_weight_only": BlockInt8Linear.from_linear}
+_FACTORY = {
+    "fp8": FP8Linear.from_linear,
+    "int8": Int8Linear.from_linear,
+    "int8_weight_only": BlockInt8Linear.from_linear,
+}
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: str, *, under: str = "blocks",
-                         skip: tuple[str, ...] = ("proj_l",)) -> int:
+def quantize_transformer(
+    transformer: torch.nn.Module, mode: str, *, under: str = "blocks", skip: tuple[str, ...] = ("proj_l",)
+) -> int:
     """Swap every nn.Linear under `transformer.<under>` for the `mode` layer, in place; returns how many.
 
     The bf16 weight of each layer is freed as soon as its replacement exists, so the peak is one layer's copy."""
@@ -185,5 +197,7 @@ def check_supported(mode: str | None, device: torch.device) -> None:
     if mode == "fp8" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ConfigError(f"quant_linear='fp8' needs an fp8 GPU (compute capability 8.9+, e.g. Ada or H100); "
-                             f"this one is {major}.{minor}: use 'int8' or 'int8_weight_only'")
+            raise ConfigError(
+                f"quant_linear='fp8' needs an fp8 GPU (compute capability 8.9+, e.g. Ada or H100); "
+                f"this one is {major}.{minor}: use 'int8' or 'int8_weight_only'"
+            )

@@ -1,4 +1,5 @@
 """Build a pipeline from a model cache directory (storage.modelcache layout). Never touches a hub."""
+
 from __future__ import annotations
 
 import logging
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from turboflow.storage import modelcache
+from turboflow.engine import modelcache
+from turboflow.errors import CheckpointError, ConfigError, DeviceUnavailableError, ModelCacheError
 
 from . import fastload
 from .checkpoint import load_sla_proj_l
-from .errors import CheckpointError, ConfigError, DeviceUnavailableError, ModelCacheError
-from .quant import INT8_STORAGE
 from .pipeline import TurboVideoPipeline
+from .quant import INT8_STORAGE
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load below is local
@@ -36,35 +37,43 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise DeviceUnavailableError(f"{device!r} is not a device name; expected {DEVICE_NAMES}",
-                                     field="device") from e
+        raise DeviceUnavailableError(f"{device!r} is not a device name; expected {DEVICE_NAMES}", field="device") from e
     if resolved.type == "cpu":
         return resolved
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
-            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: {why} (cpu works everywhere)",
-                                         field="device")
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
+            raise DeviceUnavailableError(
+                f"device {str(device)!r} is unavailable: {why} (cpu works everywhere)", field="device"
+            )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:
-            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: this host has {count} CUDA "
-                                         f"device(s), cuda:0..cuda:{count - 1}", field="device")
+            raise DeviceUnavailableError(
+                f"device {str(device)!r} is unavailable: this host has {count} CUDA "
+                f"device(s), cuda:0..cuda:{count - 1}",
+                field="device",
+            )
         return resolved
     if resolved.type == "mps":
         if not torch.backends.mps.is_available():
-            raise DeviceUnavailableError(f"device {str(device)!r} is unavailable: MPS needs Apple silicon and a "
-                                         f"torch build with MPS", field="device")
+            raise DeviceUnavailableError(
+                f"device {str(device)!r} is unavailable: MPS needs Apple silicon and a torch build with MPS",
+                field="device",
+            )
         return resolved
-    raise DeviceUnavailableError(f"device type {resolved.type!r} is not supported; expected {DEVICE_NAMES}",
-                                 field="device")
+    raise DeviceUnavailableError(
+        f"device type {resolved.type!r} is not supported; expected {DEVICE_NAMES}", field="device"
+    )
 
 
 def _check_loading_info(role: str, info: dict) -> None:
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}"
-                           for k, v in problems.items())
+        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise CheckpointError(f"{role} weights do not match its config ({detail})")
 
 
@@ -87,7 +96,7 @@ def _load_tokenizer(path: Path):
         raise ModelCacheError(f"component 'tokenizer' missing: {path}", code="model_cache_incomplete")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelCacheError(f"cannot load tokenizer from {path}: {e}", code="model_cache_invalid") from e
 
 
@@ -102,13 +111,14 @@ def _load_component(role: str, path: Path, dtype: torch.dtype):
         raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
     try:
         if role == "text_encoder":
-            model, info = UMT5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                           output_loading_info=True)
+            model, info = UMT5EncoderModel.from_pretrained(
+                path, dtype=dtype, local_files_only=True, output_loading_info=True
+            )
         else:
             cls = AutoencoderKLWan if role == "vae" else WanTransformer3DModel
             model = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
             info = _key_differences(model, path)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelCacheError(f"cannot load {role} from {path}: {e}", code="model_cache_invalid") from e
     _check_loading_info(role, info)
     return model
@@ -127,13 +137,22 @@ def _weight_bytes(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
-def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-                  verify_checksums: bool = False, offload: str = "auto", quant_linear: str | None = None,
-                  compile: bool | str = False, compile_cache_dir: str | os.PathLike | None = None,
-                  fast_vae: bool = True, vae_chunk: int | None = None,
-                  compile_warmup: list[tuple[str, str, int]] | None = None,
-                  sla_pooling: str = "input") -> TurboVideoPipeline:
+def load_pipeline(
+    model_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype | None = None,
+    verify_checksums: bool = False,
+    offload: str = "auto",
+    quant_linear: str | None = None,
+    compile: bool | str = False,
+    compile_cache_dir: str | os.PathLike | None = None,
+    fast_vae: bool = True,
+    vae_chunk: int | None = None,
+    compile_warmup: list[tuple[str, str, int]] | None = None,
+    sla_pooling: str = "input",
+) -> TurboVideoPipeline:
     """Load every component named in the manifest onto `device` (default: CUDA if present).
 
     dtype defaults to bfloat16 on CUDA and float32 on CPU. offload="auto" keeps both I2V experts resident when
@@ -153,22 +172,22 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
     engine/options.py reads all of these from TURBOFLOW_* environment variables (the functions' configuration).
     """
     from .options import COMPILE_MODES
-
     from .sla import POOLING_MODES
 
     if isinstance(compile, str) and compile not in COMPILE_MODES:
         raise ConfigError(f"compile mode must be one of {list(COMPILE_MODES)}, got {compile!r}", field="compile")
     if sla_pooling not in POOLING_MODES:
-        raise ConfigError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}",
-                          field="sla_pooling")
+        raise ConfigError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}", field="sla_pooling")
     from .linear import check_supported, quantize_transformer
+
     root = Path(model_dir)
     manifest = modelcache.verify(root, checksums=verify_checksums)
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     start = time.perf_counter()
-    required = {"tokenizer", "text_encoder", "vae", "transformer"} | ({"transformer_2"} if manifest.kind == "i2v"
-                                                                       else set())
+    required = {"tokenizer", "text_encoder", "vae", "transformer"} | (
+        {"transformer_2"} if manifest.kind == "i2v" else set()
+    )
     missing = required - manifest.components.keys()
     if missing:
         raise ModelCacheError(f"manifest of {root} lacks components {sorted(missing)}", code="model_cache_invalid")
@@ -178,8 +197,7 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
             raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
     check_supported(quant_linear, device)
     if vae_chunk is not None and (not isinstance(vae_chunk, int) or vae_chunk < 1):
-        raise ConfigError(f"vae_chunk must be a positive number of latent frames, got {vae_chunk!r}",
-                          field="vae_chunk")
+        raise ConfigError(f"vae_chunk must be a positive number of latent frames, got {vae_chunk!r}", field="vae_chunk")
     _check_request_defaults(root, manifest)
     sizes = {r: _weight_bytes(p, dtype) for r, p in networks.items()}
     if quant_linear in ("fp8", "int8", "int8_weight_only"):
@@ -209,42 +227,73 @@ def load_pipeline(model_dir: str | os.PathLike, *, device: str | torch.device | 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if compile:
-        from .compiled import compile_cache_dir as _cache_dir, compile_transformer, use_cache_dir
+        from .compiled import compile_cache_dir as _cache_dir
+        from .compiled import compile_transformer, use_cache_dir
 
         use_cache_dir(_cache_dir(root, compile_cache_dir))
         for role in ("transformer", "transformer_2"):
             if role in parts:
                 compile_transformer(parts[role], None if compile is True else str(compile))
-    log.info("loaded %s (%s) on %s in %.2fs, offload=%s", manifest.name, manifest.kind, device,
-             time.perf_counter() - start, policy)
-    pipeline = TurboVideoPipeline(kind=manifest.kind, transformer=parts["transformer"],
-                                  transformer_2=parts.get("transformer_2"), vae=parts["vae"],
-                                  text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device=device,
-                                  dtype=dtype, vae_dtype=vae_dtype, model_name=manifest.name,
-                                  defaults=manifest.defaults, offload=policy, fast_vae=fast_vae,
-                                  vae_chunk=vae_chunk, sla_pooling=sla_pooling,
-                                  sla_proj_l={role: load_sla_proj_l(root / manifest.components[role])
-                                              for role in ("transformer", "transformer_2") if role in networks})
+    log.info(
+        "loaded %s (%s) on %s in %.2fs, offload=%s",
+        manifest.name,
+        manifest.kind,
+        device,
+        time.perf_counter() - start,
+        policy,
+    )
+    pipeline = TurboVideoPipeline(
+        kind=manifest.kind,
+        transformer=parts["transformer"],
+        transformer_2=parts.get("transformer_2"),
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        model_name=manifest.name,
+        defaults=manifest.defaults,
+        offload=policy,
+        fast_vae=fast_vae,
+        vae_chunk=vae_chunk,
+        sla_pooling=sla_pooling,
+        sla_proj_l={
+            role: load_sla_proj_l(root / manifest.components[role])
+            for role in ("transformer", "transformer_2")
+            if role in networks
+        },
+    )
     warmup_s = 0.0
     if device.type == "cuda" and os.environ.get("TURBOFLOW_WARMUP", "1") != "0":
         warm = time.perf_counter()
         warmup(pipeline)
         if compile:
-            sizes = ([(manifest.defaults.get("resolution", "480p"), "16:9", 81)] if compile_warmup is None
-                     else compile_warmup)  # [] = none (the CLI's own request compiles its size)
+            sizes = (
+                [(manifest.defaults.get("resolution", "480p"), "16:9", 81)]
+                if compile_warmup is None
+                else compile_warmup
+            )  # [] = none (the CLI's own request compiles its size)
             warm_compiled(pipeline, sizes)
         warmup_s = time.perf_counter() - warm
         log.info("warm-up in %.2fs", warmup_s)
     # where the load time went (bench/coldstart.py and the function's metrics read this)
-    pipeline.load_report = {"bytes": report.bytes, "build_s": report.build_seconds, "read_s": report.read_seconds,
-                            "gbps": report.gbps, "assign_s": report.assign_seconds, "warmup_s": warmup_s,
-                            "total_s": time.perf_counter() - start}
+    pipeline.load_report = {
+        "bytes": report.bytes,
+        "build_s": report.build_seconds,
+        "read_s": report.read_seconds,
+        "gbps": report.gbps,
+        "assign_s": report.assign_seconds,
+        "warmup_s": warmup_s,
+        "total_s": time.perf_counter() - start,
+    }
     return pipeline
 
 
 def _check_request_defaults(root: Path, manifest) -> None:
     """The manifest's request defaults must make a valid request, or every event would fail blaming its sender."""
-    from .errors import TurboflowError
+    from turboflow.errors import TurboflowError
+
     from .request import GenerationRequest, model_request_defaults
 
     image = {}
@@ -253,11 +302,13 @@ def _check_request_defaults(root: Path, manifest) -> None:
 
         image = {"image": Image.new("RGB", (16, 16))}
     try:
-        GenerationRequest(prompt="x", kind=manifest.kind, **image,
-                          **model_request_defaults(manifest.defaults)).validated()
+        GenerationRequest(
+            prompt="x", kind=manifest.kind, **image, **model_request_defaults(manifest.defaults)
+        ).validated()
     except TurboflowError as e:
-        raise ModelCacheError(f"manifest of {root} has an unusable request default: {e.message}",
-                              code="model_cache_invalid") from e
+        raise ModelCacheError(
+            f"manifest of {root} has an unusable request default: {e.message}", code="model_cache_invalid"
+        ) from e
 
 
 def warm_compiled(pipeline: TurboVideoPipeline, sizes: list[tuple[str, str, int]]) -> list[float]:
@@ -269,10 +320,16 @@ def warm_compiled(pipeline: TurboVideoPipeline, sizes: list[tuple[str, str, int]
     for resolution, aspect_ratio, frames in sizes:
         start = time.perf_counter()
         # I2V: 2 steps with boundary 0.95 (t = 0.995, 0.934) run one step on each expert
-        fields = {"image": Image.new("RGB", (64, 64)), "num_steps": 2, "boundary": 0.95,
-                  "adaptive_resolution": False} if pipeline.kind == "i2v" else {"num_steps": 1}
-        pipeline(pipeline.request("warm up", resolution=resolution, aspect_ratio=aspect_ratio, num_frames=frames,
-                                  seed=1, **fields))
+        fields = (
+            {"image": Image.new("RGB", (64, 64)), "num_steps": 2, "boundary": 0.95, "adaptive_resolution": False}
+            if pipeline.kind == "i2v"
+            else {"num_steps": 1}
+        )
+        pipeline(
+            pipeline.request(
+                "warm up", resolution=resolution, aspect_ratio=aspect_ratio, num_frames=frames, seed=1, **fields
+            )
+        )
         seconds.append(time.perf_counter() - start)
         log.info("compiled for %s %s x %d frames in %.1fs", resolution, aspect_ratio, frames, seconds[-1])
     return seconds
@@ -290,8 +347,12 @@ def warmup(pipeline: TurboVideoPipeline) -> None:
         if net is None or next(net.parameters()).device != dev:
             continue
         x = torch.randn(1, net.config.in_channels, 1, 4, 4, device=dev, dtype=pipeline.dtype)
-        net(hidden_states=x, timestep=torch.ones(1, device=dev, dtype=pipeline.dtype) * 500,
-            encoder_hidden_states=ctx, return_dict=False)
+        net(
+            hidden_states=x,
+            timestep=torch.ones(1, device=dev, dtype=pipeline.dtype) * 500,
+            encoder_hidden_states=ctx,
+            return_dict=False,
+        )
     pipeline.decode(torch.randn(1, c, 1, 4, 4, device=dev))
     if pipeline.kind == "i2v":
         from PIL import Image

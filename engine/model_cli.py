@@ -1,13 +1,15 @@
 """`turboflow model import ...` and `turboflow model pull ...` (engine/cli.py calls add_model_parsers)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-from turboflow.storage import modelcache
+from turboflow.engine import modelcache
 
 from .model_import import DTYPES, import_model, pull_model
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="output model cache directory")
@@ -17,9 +19,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary", type=float, help="I2V expert switch (default 0.9)")
     p.add_argument("--resolution", choices=("480p", "720p"), help="default resolution")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store weights as (default: as in file)")
-    p.add_argument("--keep-int8", action="store_true", help="-quant.pth DiTs: store their int8 layers and block "
-                   "scales as they are (half the cache and GPU memory; weight-only int8 at run time) instead of "
-                   "dequantizing them")
+    p.add_argument(
+        "--keep-int8",
+        action="store_true",
+        help="-quant.pth DiTs: store their int8 layers and block "
+        "scales as they are (half the cache and GPU memory; weight-only int8 at run time) instead of "
+        "dequantizing them",
+    )
     p.add_argument("--dit-config", type=json.loads, help="JSON overrides for WanTransformer3DModel's config")
     p.add_argument("--vae-config", type=json.loads, help="JSON AutoencoderKLWan config (default: Wan2.1 VAE)")
     p.add_argument("--t5-config", type=json.loads, help="JSON UMT5Config overrides (default: inferred)")
@@ -29,21 +35,30 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_model_parsers(msub: argparse._SubParsersAction) -> None:
     imp = msub.add_parser("import", help="convert downloaded TurboDiffusion/Wan files into a model cache")
     _common(imp)
-    imp.add_argument("--dit", help="DiT: TurboDiffusion .pth (or -quant.pth) or a diffusers transformer directory; "
-                                   "I2V: the high-noise expert")
+    imp.add_argument(
+        "--dit",
+        help="DiT: TurboDiffusion .pth (or -quant.pth) or a diffusers transformer directory; "
+        "I2V: the high-noise expert",
+    )
     imp.add_argument("--dit-low", help="I2V low-noise expert (.pth or directory)")
     imp.add_argument("--vae", help="Wan2.1_VAE.pth or a diffusers vae directory")
     imp.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or a transformers directory")
     imp.add_argument("--tokenizer", dest="tokenizer_dir", help="local umT5 tokenizer directory")
-    imp.add_argument("--diffusers", dest="diffusers_dir", help="diffusers pipeline directory supplying any "
-                                                               "component not given above")
+    imp.add_argument(
+        "--diffusers", dest="diffusers_dir", help="diffusers pipeline directory supplying any component not given above"
+    )
     imp.set_defaults(func=_cmd_import)
 
     pull = msub.add_parser("pull", help="download TurboDiffusion files from the Hugging Face hub, import, verify")
     _common(pull)
     pull.add_argument("--repo", help="default repository for --file NAME")
-    pull.add_argument("--file", dest="files", action="append", required=True,
-                      help="NAME or OWNER/REPO:NAME; repeat for the DiT(s), the VAE and the umT5 encoder")
+    pull.add_argument(
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        help="NAME or OWNER/REPO:NAME; repeat for the DiT(s), the VAE and the umT5 encoder",
+    )
     pull.add_argument("--revision")
     tok = pull.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", dest="tokenizer_dir", help="local umT5 tokenizer directory")
@@ -54,28 +69,54 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
 
 
 def _import_kwargs(args) -> dict:
-    return dict(kind=args.kind, name=args.name, sigma_max=args.sigma_max, boundary=args.boundary,
-                resolution=args.resolution, dtype=args.dtype, keep_int8=args.keep_int8, dit_config=args.dit_config,
-                vae_config=args.vae_config, t5_config=args.t5_config, force=args.force,
-                progress=lambda m: print(m, flush=True))
+    return dict(
+        kind=args.kind,
+        name=args.name,
+        sigma_max=args.sigma_max,
+        boundary=args.boundary,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        keep_int8=args.keep_int8,
+        dit_config=args.dit_config,
+        vae_config=args.vae_config,
+        t5_config=args.t5_config,
+        force=args.force,
+        progress=lambda m: print(m, flush=True),
+    )
 
 
 def _report(manifest: modelcache.Manifest, root) -> int:
-    print(f"ok: {manifest.name} ({manifest.kind}), {len(manifest.files)} files, "
-          f"{manifest.total_bytes / 1e9:.2f} GB in {Path(root).resolve()}")
+    print(
+        f"ok: {manifest.name} ({manifest.kind}), {len(manifest.files)} files, "
+        f"{manifest.total_bytes / 1e9:.2f} GB in {Path(root).resolve()}"
+    )
     return 0
 
 
 def _cmd_import(args) -> int:
-    manifest = import_model(args.dir, dit=args.dit, dit_low=args.dit_low, vae=args.vae,
-                            text_encoder=args.text_encoder, tokenizer_dir=args.tokenizer_dir,
-                            diffusers_dir=args.diffusers_dir, **_import_kwargs(args))
+    manifest = import_model(
+        args.dir,
+        dit=args.dit,
+        dit_low=args.dit_low,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        tokenizer_dir=args.tokenizer_dir,
+        diffusers_dir=args.diffusers_dir,
+        **_import_kwargs(args),
+    )
     return _report(manifest, args.dir)
 
 
 def _cmd_pull(args) -> int:
-    manifest = pull_model(args.dir, files=args.files, repo=args.repo, tokenizer_dir=args.tokenizer_dir,
-                          tokenizer_repo=args.tokenizer_repo, revision=args.revision,
-                          download_dir=args.download_dir, keep_downloads=not args.delete_downloads,
-                          **_import_kwargs(args))
+    manifest = pull_model(
+        args.dir,
+        files=args.files,
+        repo=args.repo,
+        tokenizer_dir=args.tokenizer_dir,
+        tokenizer_repo=args.tokenizer_repo,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        keep_downloads=not args.delete_downloads,
+        **_import_kwargs(args),
+    )
     return _report(manifest, args.dir)

@@ -19,34 +19,42 @@ keys and shapes are checked against its architecture; nothing mismatched is writ
 runs the same import and a full sha256 verification of the result. The downloader is injectable; this repository's
 tests inject one that copies local files, so the real network download is not exercised here.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from turboflow.storage import modelcache
+from turboflow.engine import modelcache
+from turboflow.errors import CheckpointError, TurboflowError
 
 from . import checkpoint as ck
 from .quant import INT8_STORAGE, use_stored_int8
-from .errors import CheckpointError, TurboflowError
 
 log = logging.getLogger(__name__)
 
 MAX_SHARD = "5GB"
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "keep": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
 class ModelImportError(TurboflowError):  # noqa: N801 - not the builtin
     """Bad import arguments (missing inputs, existing output without --force, unclassifiable file names)."""
+
     code = "model_import_error"
 
 
@@ -90,13 +98,16 @@ def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
     from safetensors import safe_open
 
     if not (src / "config.json").is_file():
-        raise ModelImportError(f"{role}: {src} has no config.json (expected a diffusers/transformers component directory "
-                           f"or a .pth file)")
+        raise ModelImportError(
+            f"{role}: {src} has no config.json (expected a diffusers/transformers component directory or a .pth file)"
+        )
     files = sorted(src.glob("*.safetensors"))
     if not files:
         others = [p.name for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
-        raise ModelImportError(f"{role}: {src} has no *.safetensors weights"
-                           + (f" (found {others}; convert them to safetensors first)" if others else ""))
+        raise ModelImportError(
+            f"{role}: {src} has no *.safetensors weights"
+            + (f" (found {others}; convert them to safetensors first)" if others else "")
+        )
     shapes: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(f, framework="pt") as fh:
@@ -123,13 +134,23 @@ def _write_dit(src: Path, dest: Path, config: dict | None, dtype, keep_int8: boo
         _copy_component_dir(dest.name, src, dest)
         return {"file": src.name, "format": "diffusers"}
     conv = ck.load_dit_checkpoint(src, config, dtype=dtype, keep_int8=keep_int8)
-    _save_model(WanTransformer3DModel, conv.config, conv.state_dict, dest, f"DiT {src}",
-                int8=conv.info.get("stored") == INT8_STORAGE)
+    _save_model(
+        WanTransformer3DModel,
+        conv.config,
+        conv.state_dict,
+        dest,
+        f"DiT {src}",
+        int8=conv.info.get("stored") == INT8_STORAGE,
+    )
     if conv.sla_proj_l:
         (dest / ck.SLA_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in conv.sla_proj_l.items()}, dest / ck.SLA_FILE)
-    return {**conv.info, "format": "wan-native", "in_channels": conv.config["in_channels"],
-            "num_layers": conv.config["num_layers"]}
+    return {
+        **conv.info,
+        "format": "wan-native",
+        "in_channels": conv.config["in_channels"],
+        "num_layers": conv.config["num_layers"],
+    }
 
 
 def _write_vae(src: Path, dest: Path, config: dict | None, dtype) -> dict:
@@ -158,8 +179,10 @@ def _write_tokenizer(src: Path, dest: Path) -> dict:
     from transformers import AutoTokenizer
 
     if not src.is_dir():
-        raise ModelImportError(f"tokenizer: {src} is not a directory (give the local umT5 tokenizer directory with "
-                           f"tokenizer.json and/or spiece.model; it is never fetched from a hub)")
+        raise ModelImportError(
+            f"tokenizer: {src} is not a directory (give the local umT5 tokenizer directory with "
+            f"tokenizer.json and/or spiece.model; it is never fetched from a hub)"
+        )
     if not any((src / f).is_file() for f in ("tokenizer.json", "spiece.model")):
         raise ModelImportError(f"tokenizer: {src} has neither tokenizer.json nor spiece.model")
     dest.mkdir(parents=True)
@@ -189,13 +212,29 @@ def _resolve(value, diffusers_dir: Path | None, sub: str) -> Path | None:
     return None
 
 
-def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=None, vae=None, text_encoder=None,
-                 tokenizer_dir=None, diffusers_dir=None, name: str | None = None, dit_config: dict | None = None,
-                 vae_config: dict | None = None, t5_config: dict | None = None, sigma_max: float | None = None,
-                 boundary: float | None = None, resolution: str | None = None, dtype: str | None = "keep",
-                 keep_int8: bool = False,
-                 force: bool = False, source: dict | None = None,
-                 progress: Callable[[str], None] | None = None) -> modelcache.Manifest:
+def import_model(
+    out_dir: str | os.PathLike,
+    *,
+    kind: str,
+    dit=None,
+    dit_low=None,
+    vae=None,
+    text_encoder=None,
+    tokenizer_dir=None,
+    diffusers_dir=None,
+    name: str | None = None,
+    dit_config: dict | None = None,
+    vae_config: dict | None = None,
+    t5_config: dict | None = None,
+    sigma_max: float | None = None,
+    boundary: float | None = None,
+    resolution: str | None = None,
+    dtype: str | None = "keep",
+    keep_int8: bool = False,
+    force: bool = False,
+    source: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> modelcache.Manifest:
     """Convert/copy every component into `out_dir` and write its manifest. Returns the Manifest."""
     if kind not in modelcache.KINDS:
         raise ModelImportError(f"kind must be one of {modelcache.KINDS}, got {kind!r}")
@@ -206,9 +245,12 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
     ddir = Path(diffusers_dir) if diffusers_dir is not None else None
     if ddir is not None and not ddir.is_dir():
         raise ModelImportError(f"diffusers directory not found: {ddir}")
-    inputs = {"transformer": _resolve(dit, ddir, "transformer"), "vae": _resolve(vae, ddir, "vae"),
-              "text_encoder": _resolve(text_encoder, ddir, "text_encoder"),
-              "tokenizer": _resolve(tokenizer_dir, ddir, "tokenizer")}
+    inputs = {
+        "transformer": _resolve(dit, ddir, "transformer"),
+        "vae": _resolve(vae, ddir, "vae"),
+        "text_encoder": _resolve(text_encoder, ddir, "text_encoder"),
+        "tokenizer": _resolve(tokenizer_dir, ddir, "tokenizer"),
+    }
     if kind == "i2v":
         inputs["transformer_2"] = _resolve(dit_low, ddir, "transformer_2")
     elif dit_low is not None:
@@ -223,11 +265,13 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
     root = Path(out_dir)
     _prepare_output(root, list(inputs), force)
     record: dict = {"importer": "turboflow.engine.model_import", **(source or {})}
-    writers = {"transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
-               "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
-               "vae": lambda s, d: _write_vae(s, d, vae_config, torch_dtype),
-               "text_encoder": lambda s, d: _write_text_encoder(s, d, t5_config, torch_dtype),
-               "tokenizer": lambda s, d: _write_tokenizer(s, d)}
+    writers = {
+        "transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
+        "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
+        "vae": lambda s, d: _write_vae(s, d, vae_config, torch_dtype),
+        "text_encoder": lambda s, d: _write_text_encoder(s, d, t5_config, torch_dtype),
+        "tokenizer": lambda s, d: _write_tokenizer(s, d),
+    }
     for role in ("tokenizer", "vae", "text_encoder", "transformer", "transformer_2"):
         if role in inputs:
             say(f"{role}: {inputs[role]}")
@@ -238,11 +282,17 @@ def import_model(out_dir: str | os.PathLike, *, kind: str, dit=None, dit_low=Non
         # fine-tuned with SLA: serve it that way unless asked not to (upstream's default, SageSLA, is a quantized
         # variant with other blocks on Hopper that this build does not offer; 'sla' is what it was trained with)
         defaults.update(attention="sla", sla_topk=0.1)
-    defaults.update({k: v for k, v in (("sigma_max", sigma_max), ("boundary", boundary),
-                                       ("resolution", resolution)) if v is not None})
+    defaults.update(
+        {
+            k: v
+            for k, v in (("sigma_max", sigma_max), ("boundary", boundary), ("resolution", resolution))
+            if v is not None
+        }
+    )
     name = name or _default_name(kind, inputs["transformer"])
-    return modelcache.write_manifest(root, name=name, kind=kind, components={r: r for r in inputs},
-                                     defaults=defaults, source=record)
+    return modelcache.write_manifest(
+        root, name=name, kind=kind, components={r: r for r in inputs}, defaults=defaults, source=record
+    )
 
 
 def _default_name(kind: str, dit: Path) -> str:
@@ -266,12 +316,20 @@ def _check_pairing(kind: str, root: Path) -> None:
         cfg = json.loads((root / role / "config.json").read_text())
         want = 36 if kind == "i2v" else 16
         if cfg.get("in_channels") != want:
-            raise ModelImportError(f"{role} has {cfg.get('in_channels')} input channels; a {kind} model needs {want} "
-                               f"(is this the right checkpoint for --kind {kind}?)")
+            raise ModelImportError(
+                f"{role} has {cfg.get('in_channels')} input channels; a {kind} model needs {want} "
+                f"(is this the right checkpoint for --kind {kind}?)"
+            )
 
 
-def export_native(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, net_prefix: bool = True,
-                  quantize: bool = False, proj_l: dict | None = None) -> dict[str, Path]:
+def export_native(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    net_prefix: bool = True,
+    quantize: bool = False,
+    proj_l: dict | None = None,
+) -> dict[str, Path]:
     """Write a cache's components back as TurboDiffusion/Wan-native .pth files (the inverse of import).
 
     DiTs get TurboDiffusion's layout (Linear patch embedding, `net.` prefix unless disabled, proj_l from
@@ -321,8 +379,10 @@ def hf_downloader(repo: str, filename: str, revision: str | None, local_dir: Pat
     from huggingface_hub import constants, hf_hub_download
 
     if constants.HF_HUB_OFFLINE:
-        raise ModelImportError("HF_HUB_OFFLINE is set in this process; `model pull` needs the hub: run it in a fresh "
-                           "process with HF_HUB_OFFLINE unset (or download the files and use `model import`)")
+        raise ModelImportError(
+            "HF_HUB_OFFLINE is set in this process; `model pull` needs the hub: run it in a fresh "
+            "process with HF_HUB_OFFLINE unset (or download the files and use `model import`)"
+        )
     return hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_dir=local_dir)
 
 
@@ -358,8 +418,10 @@ def classify_files(kind: str, names: list[str]) -> dict[str, str]:
         elif kind == "t2v" or "high" in low:
             put("dit", n)
         else:
-            raise ModelImportError(f"cannot tell what {Path(n).name} is (expected a DiT, *VAE*, *t5* file"
-                               + ("; I2V experts must be named *high* / *low*)" if kind == "i2v" else ")"))
+            raise ModelImportError(
+                f"cannot tell what {Path(n).name} is (expected a DiT, *VAE*, *t5* file"
+                + ("; I2V experts must be named *high* / *low*)" if kind == "i2v" else ")")
+            )
     need = ["dit", "vae", "text_encoder"] + (["dit_low"] if kind == "i2v" else [])
     lacking = [r for r in need if r not in roles]
     if lacking:
@@ -367,10 +429,21 @@ def classify_files(kind: str, names: list[str]) -> dict[str, str]:
     return roles
 
 
-def pull_model(out_dir: str | os.PathLike, *, kind: str, files: list[str], repo: str | None = None,
-               tokenizer_dir=None, tokenizer_repo: str | None = None, revision: str | None = None,
-               download_dir=None, downloader: Downloader | None = None, keep_downloads: bool = True,
-               progress: Callable[[str], None] | None = None, **import_kwargs) -> modelcache.Manifest:
+def pull_model(
+    out_dir: str | os.PathLike,
+    *,
+    kind: str,
+    files: list[str],
+    repo: str | None = None,
+    tokenizer_dir=None,
+    tokenizer_repo: str | None = None,
+    revision: str | None = None,
+    download_dir=None,
+    downloader: Downloader | None = None,
+    keep_downloads: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **import_kwargs,
+) -> modelcache.Manifest:
     """Download named files, import them into `out_dir`, then verify every file's sha256 against the manifest."""
     say = progress or (lambda msg: log.info("%s", msg))
     download = downloader or hf_downloader
@@ -398,11 +471,26 @@ def pull_model(out_dir: str | os.PathLike, *, kind: str, files: list[str], repo:
             if got.parent != tok_dir:
                 shutil.copyfile(got, tok_dir / fname)
         tokenizer_dir = tok_dir
-    source = {"pull": {"repo": repo, "files": [f"{r}:{f}" for r, f in specs], "revision": revision,
-                       "tokenizer": tokenizer_repo or str(tokenizer_dir)}}
-    manifest = import_model(root, kind=kind, dit=local["dit"], dit_low=local.get("dit_low"), vae=local["vae"],
-                            text_encoder=local["text_encoder"], tokenizer_dir=tokenizer_dir, source=source,
-                            progress=say, **import_kwargs)
+    source = {
+        "pull": {
+            "repo": repo,
+            "files": [f"{r}:{f}" for r, f in specs],
+            "revision": revision,
+            "tokenizer": tokenizer_repo or str(tokenizer_dir),
+        }
+    }
+    manifest = import_model(
+        root,
+        kind=kind,
+        dit=local["dit"],
+        dit_low=local.get("dit_low"),
+        vae=local["vae"],
+        text_encoder=local["text_encoder"],
+        tokenizer_dir=tokenizer_dir,
+        source=source,
+        progress=say,
+        **import_kwargs,
+    )
     say("verifying sha256 of every file")
     manifest = modelcache.verify(root, checksums=True)
     if not keep_downloads:
@@ -410,5 +498,4 @@ def pull_model(out_dir: str | os.PathLike, *, kind: str, files: list[str], repo:
     return manifest
 
 
-__all__ = ["import_model", "pull_model", "classify_files", "parse_file_spec", "hf_downloader",
-           "ModelImportError"]
+__all__ = ["import_model", "pull_model", "classify_files", "parse_file_spec", "hf_downloader", "ModelImportError"]

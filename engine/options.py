@@ -11,11 +11,13 @@ message instead of running with a silently ignored setting.
     TURBOFLOW_VAE_CHUNK       latent frames per decoder call          (default by frame size)
     TURBOFLOW_OFFLOAD         auto | none | experts                   I2V expert placement (default auto)
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-from .errors import ConfigError
+from turboflow.errors import ConfigError
+
 from .request import MAX_FRAMES, QUANT_LINEAR_MODES, RESOLUTIONS
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -42,10 +44,19 @@ def parse_sizes(raw: str, name: str = "TURBOFLOW_COMPILE_WARMUP") -> list[tuple[
         if not item:
             continue
         parts = item.split(":")
-        if len(parts) != 4 or parts[0] not in RESOLUTIONS or f"{parts[1]}:{parts[2]}" not in RESOLUTIONS[parts[0]] \
-                or not parts[3].isdigit() or (int(parts[3]) - 1) % 4 or not 1 <= int(parts[3]) <= MAX_FRAMES:
-            raise ConfigError(f"{name}: {item!r} is not RESOLUTION:W:H:FRAMES with a known resolution and aspect "
-                              f"ratio and 4k+1 frames up to {MAX_FRAMES} (e.g. 480p:16:9:81)", field=name)
+        if (
+            len(parts) != 4
+            or parts[0] not in RESOLUTIONS
+            or f"{parts[1]}:{parts[2]}" not in RESOLUTIONS[parts[0]]
+            or not parts[3].isdigit()
+            or (int(parts[3]) - 1) % 4
+            or not 1 <= int(parts[3]) <= MAX_FRAMES
+        ):
+            raise ConfigError(
+                f"{name}: {item!r} is not RESOLUTION:W:H:FRAMES with a known resolution and aspect "
+                f"ratio and 4k+1 frames up to {MAX_FRAMES} (e.g. 480p:16:9:81)",
+                field=name,
+            )
         sizes.append((parts[0], f"{parts[1]}:{parts[2]}", int(parts[3])))
     return sizes
 
@@ -56,8 +67,10 @@ def load_options(env: Mapping[str, str]) -> dict:
     quant = (env.get("TURBOFLOW_QUANT_LINEAR") or "").strip().lower()
     if quant not in ("", "none", "off"):
         if quant not in QUANT_LINEAR_MODES:
-            raise ConfigError(f"TURBOFLOW_QUANT_LINEAR={quant!r}: expected none or one of {list(QUANT_LINEAR_MODES)}",
-                              field="TURBOFLOW_QUANT_LINEAR")
+            raise ConfigError(
+                f"TURBOFLOW_QUANT_LINEAR={quant!r}: expected none or one of {list(QUANT_LINEAR_MODES)}",
+                field="TURBOFLOW_QUANT_LINEAR",
+            )
         opts["quant_linear"] = quant
     compile_raw = (env.get("TURBOFLOW_COMPILE") or "").strip()
     if compile_raw.lower() in _TRUE:
@@ -65,25 +78,32 @@ def load_options(env: Mapping[str, str]) -> dict:
     elif compile_raw in COMPILE_MODES:
         opts["compile"] = compile_raw
     elif compile_raw.lower() not in _FALSE:
-        raise ConfigError(f"TURBOFLOW_COMPILE={compile_raw!r}: expected 0, 1 or one of {list(COMPILE_MODES)}",
-                          field="TURBOFLOW_COMPILE")
+        raise ConfigError(
+            f"TURBOFLOW_COMPILE={compile_raw!r}: expected 0, 1 or one of {list(COMPILE_MODES)}",
+            field="TURBOFLOW_COMPILE",
+        )
     if env.get("TURBOFLOW_COMPILE_CACHE"):
         opts["compile_cache_dir"] = env["TURBOFLOW_COMPILE_CACHE"]
     if env.get("TURBOFLOW_COMPILE_WARMUP"):
         opts["compile_warmup"] = parse_sizes(env["TURBOFLOW_COMPILE_WARMUP"])
         if "compile" not in opts:
-            raise ConfigError("TURBOFLOW_COMPILE_WARMUP is set but TURBOFLOW_COMPILE is off: nothing would be "
-                              "compiled (set TURBOFLOW_COMPILE=1 or drop the warm-up sizes)",
-                              field="TURBOFLOW_COMPILE_WARMUP")
+            raise ConfigError(
+                "TURBOFLOW_COMPILE_WARMUP is set but TURBOFLOW_COMPILE is off: nothing would be "
+                "compiled (set TURBOFLOW_COMPILE=1 or drop the warm-up sizes)",
+                field="TURBOFLOW_COMPILE_WARMUP",
+            )
     opts["fast_vae"] = _flag(env, "TURBOFLOW_FAST_VAE", True)
     chunk = (env.get("TURBOFLOW_VAE_CHUNK") or "").strip()
     if chunk:
         if not chunk.isdigit() or int(chunk) < 1:
-            raise ConfigError(f"TURBOFLOW_VAE_CHUNK={chunk!r}: expected a positive integer", field="TURBOFLOW_VAE_CHUNK")
+            raise ConfigError(
+                f"TURBOFLOW_VAE_CHUNK={chunk!r}: expected a positive integer", field="TURBOFLOW_VAE_CHUNK"
+            )
         opts["vae_chunk"] = int(chunk)
     offload = (env.get("TURBOFLOW_OFFLOAD") or "auto").strip().lower()
     if offload not in OFFLOAD_POLICIES:
-        raise ConfigError(f"TURBOFLOW_OFFLOAD={offload!r}: expected one of {list(OFFLOAD_POLICIES)}",
-                          field="TURBOFLOW_OFFLOAD")
+        raise ConfigError(
+            f"TURBOFLOW_OFFLOAD={offload!r}: expected one of {list(OFFLOAD_POLICIES)}", field="TURBOFLOW_OFFLOAD"
+        )
     opts["offload"] = offload
     return opts

@@ -3,17 +3,19 @@
 The pipeline owns no global state; `loading.load_pipeline` builds one from a model cache directory and a
 function keeps it for the life of its pod (text encoder, DiT and VAE stay loaded between requests).
 """
+
 from __future__ import annotations
 
 import contextlib
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .errors import InvalidRequestError, OutOfMemoryError
+from turboflow.errors import InvalidRequestError, OutOfMemoryError
+
 from .prompt import clean_prompt
 from .request import FPS, SEED_MAX, GenerationRequest, GenerationResult, model_request_defaults
 from .sampler import rcm_sample
@@ -88,11 +90,26 @@ class TurboVideoPipeline:
     the other to CPU (upstream TurboDiffusion's behaviour, for cards that cannot hold both A14B experts).
     """
 
-    def __init__(self, *, kind: str, transformer, vae, text_encoder, tokenizer, transformer_2=None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 vae_dtype: torch.dtype | None = None, model_name: str = "unknown", defaults: dict | None = None,
-                 offload: str = "none", sla_proj_l: dict[str, dict] | None = None, fast_vae: bool = False,
-                 vae_chunk: int | None = None, sla_pooling: str = "input"):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        transformer_2=None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
+        model_name: str = "unknown",
+        defaults: dict | None = None,
+        offload: str = "none",
+        sla_proj_l: dict[str, dict] | None = None,
+        fast_vae: bool = False,
+        vae_chunk: int | None = None,
+        sla_pooling: str = "input",
+    ):
         if kind not in ("t2v", "i2v"):
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
         if kind == "i2v" and transformer.config.in_channels != 36:
@@ -132,8 +149,15 @@ class TurboVideoPipeline:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """umT5 embeddings [1, 512, D] of the cleaned prompt (engine.prompt.clean_prompt, as upstream); positions
         past the prompt's tokens are zero, as in Wan."""
-        tokens = self.tokenizer([clean_prompt(prompt)], padding="max_length", max_length=TEXT_LEN, truncation=True,
-                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            [clean_prompt(prompt)],
+            padding="max_length",
+            max_length=TEXT_LEN,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         ids = tokens.input_ids.to(self.device)
         mask = tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
@@ -177,8 +201,9 @@ class TurboVideoPipeline:
             benchmark = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = self.device.type == "cuda"
             try:
-                for piece in decode_chunks(self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk,
-                                           channels_last=self.device.type == "cuda"):
+                for piece in decode_chunks(
+                    self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk, channels_last=self.device.type == "cuda"
+                ):
                     pieces.append(self._to_frames(piece))  # to the host per chunk: nothing assembled on the GPU
                     if frame_sink is not None:
                         frame_sink(pieces[-1])
@@ -205,8 +230,9 @@ class TurboVideoPipeline:
 
     def _use(self, expert: str):
         """The network for this step, moved onto the device under the 'experts' offload policy."""
-        net, other = ((self.transformer, self.transformer_2) if expert != "low"
-                      else (self.transformer_2, self.transformer))
+        net, other = (
+            (self.transformer, self.transformer_2) if expert != "low" else (self.transformer_2, self.transformer)
+        )
         if self.offload == "experts" and self.device.type != "cpu":
             if other is not None:
                 _ExpertSwap.park(other)
@@ -216,28 +242,42 @@ class TurboVideoPipeline:
     # ---- the call -----------------------------------------------------------------------------------------
     def request(self, prompt: str, **fields) -> GenerationRequest:
         """A request for this model: its manifest defaults (resolution, attention, ...) under the given fields."""
-        return GenerationRequest(prompt=prompt, **{"kind": self.kind, **model_request_defaults(self.defaults),
-                                                   **fields})
+        return GenerationRequest(
+            prompt=prompt, **{"kind": self.kind, **model_request_defaults(self.defaults), **fields}
+        )
 
-    def __call__(self, request: GenerationRequest, progress: Progress | None = None,
-                 frame_sink: FrameSink | None = None, stage_progress: StageProgress | None = None) -> GenerationResult:
+    def __call__(
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        frame_sink: FrameSink | None = None,
+        stage_progress: StageProgress | None = None,
+    ) -> GenerationResult:
         """Generate one video. `progress` gets the rCM steps; `stage_progress` gets every stage (StageProgress)."""
         req = request.validated()
         if req.kind != self.kind:
-            raise InvalidRequestError(f"this is a {self.kind} model; it cannot serve a {req.kind} request",
-                                      code="wrong_model_kind", field="kind")
+            raise InvalidRequestError(
+                f"this is a {self.kind} model; it cannot serve a {req.kind} request",
+                code="wrong_model_kind",
+                field="kind",
+            )
         try:
             return self._generate(req, progress, frame_sink, stage_progress)
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            raise OutOfMemoryError(f"out of device memory for {req.resolution} x {req.num_frames} frames: "
-                                   f"{str(e).splitlines()[0]}") from e
+            raise OutOfMemoryError(
+                f"out of device memory for {req.resolution} x {req.num_frames} frames: {str(e).splitlines()[0]}"
+            ) from e
 
     @torch.no_grad()
-    def _generate(self, req: GenerationRequest, progress: Progress | None,
-                  frame_sink: FrameSink | None = None, stage_progress: StageProgress | None = None
-                  ) -> GenerationResult:
+    def _generate(
+        self,
+        req: GenerationRequest,
+        progress: Progress | None,
+        frame_sink: FrameSink | None = None,
+        stage_progress: StageProgress | None = None,
+    ) -> GenerationResult:
         seed = pick_seed(req.seed)
         report = stage_progress or (lambda stage, done, total: None)
         width, height = req.size()
@@ -269,8 +309,7 @@ class TurboVideoPipeline:
                 model_in = torch.cat([model_in, condition], dim=1)
             # upstream passes t*1000 in the model dtype (bf16 on GPU rounds it); do the same
             timestep = (ones * (t * 1000.0)).to(self.dtype)
-            return net(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context,
-                       return_dict=False)[0]
+            return net(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
         def step_done(step: int, total: int) -> None:
             report("diffusion", step, total)
@@ -289,12 +328,31 @@ class TurboVideoPipeline:
         generator = torch.Generator(device=self.device).manual_seed(seed)  # upstream: manual_seed(args.seed)
         report("diffusion", 0, req.num_steps)
         with clock.stage("diffusion"):
-            latents = rcm_sample(denoise, shape, num_steps=req.num_steps, sigma_max=req.sigma_max,
-                                 generator=generator, device=self.device, ode=req.ode, progress=step_done)
+            latents = rcm_sample(
+                denoise,
+                shape,
+                num_steps=req.num_steps,
+                sigma_max=req.sigma_max,
+                generator=generator,
+                device=self.device,
+                ode=req.ode,
+                progress=step_done,
+            )
         report("vae_decode", 0, req.num_frames)
         with clock.stage("vae_decode"):
             frames = self.decode(latents, chunk_decoded)
-        return GenerationResult(frames=frames, seed=seed, width=width, height=height, num_frames=req.num_frames,
-                                num_steps=req.num_steps, sigma_max=req.sigma_max, model=self.model_name, fps=FPS,
-                                timings=clock.timings, experts=experts, attention=req.attention,
-                                sla_topk=req.sla_topk if req.attention != "original" else None)
+        return GenerationResult(
+            frames=frames,
+            seed=seed,
+            width=width,
+            height=height,
+            num_frames=req.num_frames,
+            num_steps=req.num_steps,
+            sigma_max=req.sigma_max,
+            model=self.model_name,
+            fps=FPS,
+            timings=clock.timings,
+            experts=experts,
+            attention=req.attention,
+            sla_topk=req.sla_topk if req.attention != "original" else None,
+        )

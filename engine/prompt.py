@@ -1,4 +1,5 @@
 """Prompt text as the umT5 encoder gets it."""
+
 from __future__ import annotations
 
 import html

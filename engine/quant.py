@@ -16,6 +16,7 @@ This module provides the exact dequantization (required: the default runtime pat
 `-quant` style files with it) and an optional weight-only int8 module (`BlockInt8Linear`) that keeps int8 storage
 and dequantizes per forward. W8A8 / FP8 kernels belong to the performance work.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError
+from turboflow.errors import CheckpointError
 
 BLOCK = 128
 INT8_SUFFIX = ".int8_weight"
@@ -52,16 +53,20 @@ def quantize_blockwise(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.
     return q, (amax / 128.0).to(torch.float32)
 
 
-def dequantize_blockwise(int8_weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-                         block: int = BLOCK) -> torch.Tensor:
+def dequantize_blockwise(
+    int8_weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block: int = BLOCK
+) -> torch.Tensor:
     """Exact inverse of the storage format: w = q * scale[tile] (computed in fp32, then cast to `dtype`)."""
     if int8_weight.dtype != torch.int8 or int8_weight.ndim != 2:
-        raise CheckpointError(f"int8_weight must be a 2-D int8 tensor, got {int8_weight.dtype} "
-                              f"{tuple(int8_weight.shape)}")
+        raise CheckpointError(
+            f"int8_weight must be a 2-D int8 tensor, got {int8_weight.dtype} {tuple(int8_weight.shape)}"
+        )
     expected = scale_shape(*int8_weight.shape, block)
     if tuple(scale.shape) != expected:
-        raise CheckpointError(f"scale has shape {tuple(scale.shape)}, expected {expected} for an int8 weight of "
-                              f"shape {tuple(int8_weight.shape)} with {block}x{block} blocks")
+        raise CheckpointError(
+            f"scale has shape {tuple(scale.shape)}, expected {expected} for an int8 weight of "
+            f"shape {tuple(int8_weight.shape)} with {block}x{block} blocks"
+        )
     out_f, in_f = int8_weight.shape
     full = scale.to(torch.float32).repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
     return (int8_weight.to(torch.float32) * full).to(dtype)
@@ -71,16 +76,23 @@ def is_quantized(state_dict: dict) -> bool:
     return any(k.endswith(INT8_SUFFIX) for k in state_dict)
 
 
-def dequantize_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
-                          ) -> dict[str, torch.Tensor]:
+def dequantize_state_dict(
+    state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Replace every `X.int8_weight` + `X.scale` pair by `X.weight` (dtype); other tensors pass through.
 
     A lone int8_weight or scale, or a layer that also carries a float `weight`, raises CheckpointError.
     """
     out: dict[str, torch.Tensor] = {}
     prefixes = {k[: -len(INT8_SUFFIX)] for k in state_dict if k.endswith(INT8_SUFFIX)}
-    orphans = sorted(k for k in state_dict if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] not in prefixes
-                     and state_dict[k].dtype == torch.float32 and state_dict[k].ndim == 2)
+    orphans = sorted(
+        k
+        for k in state_dict
+        if k.endswith(SCALE_SUFFIX)
+        and k[: -len(SCALE_SUFFIX)] not in prefixes
+        and state_dict[k].dtype == torch.float32
+        and state_dict[k].ndim == 2
+    )
     problems = []
     for p in sorted(prefixes):
         if p + SCALE_SUFFIX not in state_dict:
@@ -101,16 +113,20 @@ def dequantize_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtyp
     return out
 
 
-def quantize_state_dict(state_dict: dict[str, torch.Tensor], *, prefix: str = "blocks.",
-                        bias_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def quantize_state_dict(
+    state_dict: dict[str, torch.Tensor], *, prefix: str = "blocks.", bias_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Build a `-quant` style state dict from a Wan-native one (the inverse used by tests).
 
     Linear layers are recognised as 2-D `.weight` tensors under `prefix` (in Wan blocks, norms are 1-D and
     modulation is 3-D); `proj_l` is skipped, as upstream does.
     """
     out: dict[str, torch.Tensor] = {}
-    linears = {k[: -len(".weight")] for k, v in state_dict.items()
-               if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2 and SKIP_LAYER not in k}
+    linears = {
+        k[: -len(".weight")]
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2 and SKIP_LAYER not in k
+    }
     for k, v in state_dict.items():
         layer, _, leaf = k.rpartition(".")
         if layer in linears and leaf == "weight":
@@ -137,17 +153,19 @@ class BlockInt8Linear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "BlockInt8Linear":
+    def from_linear(cls, linear: torch.nn.Linear) -> BlockInt8Linear:
         q, s = quantize_blockwise(linear.weight)
         return cls(q, s, None if linear.bias is None else linear.bias.detach().clone())
 
     @classmethod
-    def placeholder(cls, out_features: int, in_features: int, bias: bool) -> "BlockInt8Linear":
+    def placeholder(cls, out_features: int, in_features: int, bias: bool) -> BlockInt8Linear:
         """Shapes only (meta tensors), for a loader that assigns the stored tensors afterwards."""
         meta = torch.device("meta")
-        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=meta),
-                   torch.empty(*scale_shape(out_features, in_features), device=meta),
-                   torch.empty(out_features, device=meta) if bias else None)
+        return cls(
+            torch.empty(out_features, in_features, dtype=torch.int8, device=meta),
+            torch.empty(*scale_shape(out_features, in_features), device=meta),
+            torch.empty(out_features, device=meta) if bias else None,
+        )
 
     @property
     def weight(self) -> torch.Tensor:

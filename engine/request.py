@@ -1,4 +1,5 @@
 """What a generation is asked to do, and what it returns. Validated once, here, for every front end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ImageError, InvalidRequestError, UnsupportedOptionError
+from turboflow.errors import ImageError, InvalidRequestError, UnsupportedOptionError
+
 from .prompt import clean_prompt
 
 FPS = 16
@@ -21,9 +23,9 @@ ATTENTION_TYPES = ("original", "sla")
 # (`unsupported_option`, not `invalid_attention`: the name is known, the build cannot honour it).
 UNAVAILABLE_ATTENTION = {
     "sagesla": "attention 'sagesla' is not available in turboflow: upstream's SageSLA runs SpargeAttn's quantized "
-               "kernels (int8 Q·Kᵀ, fp8 P·V, 64x128 blocks on Hopper), which this build does not ship. 'sla' is "
-               "TurboDiffusion's sparse-linear attention (bf16, the attention its checkpoints were fine-tuned with; "
-               "its output differs slightly from SageSLA's); 'original' is dense attention",
+    "kernels (int8 Q·Kᵀ, fp8 P·V, 64x128 blocks on Hopper), which this build does not ship. 'sla' is "
+    "TurboDiffusion's sparse-linear attention (bf16, the attention its checkpoints were fine-tuned with; "
+    "its output differs slightly from SageSLA's); 'original' is dense attention",
 }
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 # Image formats an I2V request may use (Pillow format names). Nothing else is ever handed to a decoder: Pillow's
@@ -52,12 +54,16 @@ def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
     if resolution not in RESOLUTIONS:
         raise InvalidRequestError(
             f"unknown resolution {resolution!r}; expected one of {sorted(RESOLUTIONS)}",
-            code="invalid_resolution", field="resolution")
+            code="invalid_resolution",
+            field="resolution",
+        )
     table = RESOLUTIONS[resolution]
     if aspect_ratio not in table:
         raise InvalidRequestError(
             f"unknown aspect_ratio {aspect_ratio!r}; expected one of {list(table)}",
-            code="invalid_aspect_ratio", field="aspect_ratio")
+            code="invalid_aspect_ratio",
+            field="aspect_ratio",
+        )
     return table[aspect_ratio]
 
 
@@ -86,8 +92,9 @@ def load_image(data: Any):
             img = data
             # an opened but not yet loaded image decodes on load(): its format must be allowed too
             if img.format is not None and img.format not in IMAGE_FORMATS:
-                raise ImageError(f"image format {img.format} is not accepted; accepted formats: {accepted}",
-                                 field="image")
+                raise ImageError(
+                    f"image format {img.format} is not accepted; accepted formats: {accepted}", field="image"
+                )
         elif isinstance(data, (bytes, bytearray)):
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         else:
@@ -123,10 +130,10 @@ class GenerationRequest:
     adaptive_resolution: bool = True  # I2V: keep target area, follow the image's aspect
     image: Any = None  # I2V: PIL image, bytes or path
 
-    def replace(self, **changes) -> "GenerationRequest":
+    def replace(self, **changes) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
-    def validated(self) -> "GenerationRequest":
+    def validated(self) -> GenerationRequest:
         def bad(msg: str, code: str, fld: str):
             raise InvalidRequestError(msg, code=code, field=fld)
 
@@ -135,31 +142,45 @@ class GenerationRequest:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             bad("prompt must be a non-empty string", "invalid_prompt", "prompt")
         if len(self.prompt) > MAX_PROMPT_CHARS:
-            bad(f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
-                "prompt_too_long", "prompt")
+            bad(
+                f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
+                "prompt_too_long",
+                "prompt",
+            )
         if not clean_prompt(self.prompt):
-            bad("prompt is empty once cleaned (HTML entities unescaped, whitespace collapsed)", "invalid_prompt",
-                "prompt")
+            bad(
+                "prompt is empty once cleaned (HTML entities unescaped, whitespace collapsed)",
+                "invalid_prompt",
+                "prompt",
+            )
         frame_size(self.resolution, self.aspect_ratio)
         if not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % 4:
-            bad(f"num_frames must be 4k+1 (e.g. 17, 49, 81), got {self.num_frames!r}", "invalid_num_frames",
-                "num_frames")
+            bad(
+                f"num_frames must be 4k+1 (e.g. 17, 49, 81), got {self.num_frames!r}",
+                "invalid_num_frames",
+                "num_frames",
+            )
         if self.num_frames > MAX_FRAMES:
-            bad(f"num_frames {self.num_frames} exceeds the limit of {MAX_FRAMES}", "invalid_num_frames",
-                "num_frames")
+            bad(f"num_frames {self.num_frames} exceeds the limit of {MAX_FRAMES}", "invalid_num_frames", "num_frames")
         if not _is_int(self.num_steps) or not 1 <= self.num_steps <= 4:
             bad(f"num_steps must be 1, 2, 3 or 4 (rCM), got {self.num_steps!r}", "invalid_num_steps", "num_steps")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
-            bad(f"seed must be an integer in [0, 2^63-1] (or omitted for a random one), got {self.seed!r}",
-                "invalid_seed", "seed")
+            bad(
+                f"seed must be an integer in [0, 2^63-1] (or omitted for a random one), got {self.seed!r}",
+                "invalid_seed",
+                "seed",
+            )
         sigma_max = DEFAULT_SIGMA_MAX[self.kind] if self.sigma_max is None else self.sigma_max
         if not _is_number(sigma_max) or not 0 < sigma_max <= 10000 or not math.isfinite(sigma_max):
             bad(f"sigma_max must be a number in (0, 10000], got {sigma_max!r}", "invalid_sigma_max", "sigma_max")
         if isinstance(self.attention, str) and self.attention in UNAVAILABLE_ATTENTION:
             raise UnsupportedOptionError(UNAVAILABLE_ATTENTION[self.attention], field="attention")
         if self.attention not in ATTENTION_TYPES:
-            bad(f"unknown attention {self.attention!r}; expected one of {list(ATTENTION_TYPES)}",
-                "invalid_attention", "attention")
+            bad(
+                f"unknown attention {self.attention!r}; expected one of {list(ATTENTION_TYPES)}",
+                "invalid_attention",
+                "attention",
+            )
         if not _is_number(self.sla_topk) or not 0 < self.sla_topk <= 1:
             bad(f"sla_topk must be in (0, 1], got {self.sla_topk!r}", "invalid_sla_topk", "sla_topk")
         if not isinstance(self.ode, bool):
@@ -210,7 +231,17 @@ class GenerationResult:
     sla_topk: float | None = None  # None unless attention is sparse
 
     def summary(self) -> dict:
-        return {"seed": self.seed, "width": self.width, "height": self.height, "num_frames": self.num_frames,
-                "num_steps": self.num_steps, "sigma_max": self.sigma_max, "model": self.model, "fps": self.fps,
-                "timings": dict(self.timings), "experts": list(self.experts), "attention": self.attention,
-                "sla_topk": self.sla_topk}
+        return {
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+            "num_steps": self.num_steps,
+            "sigma_max": self.sigma_max,
+            "model": self.model,
+            "fps": self.fps,
+            "timings": dict(self.timings),
+            "experts": list(self.experts),
+            "attention": self.attention,
+            "sla_topk": self.sla_topk,
+        }

@@ -5,10 +5,11 @@ The network gets t*1000 and predicts velocity v; x0 = x - t*v. SDE (default) re-
 same generator: x = (1-t_next)*x0 + t_next*eps. ODE: x = x - (t - t_next)*v. No CFG: one forward per step.
 The state is kept in float64 between steps, as upstream does.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,9 +27,17 @@ def rcm_timesteps(num_steps: int, sigma_max: float) -> torch.Tensor:
     return torch.sin(angles) / (torch.cos(angles) + torch.sin(angles))
 
 
-def rcm_sample(denoise: Denoiser, shape: tuple[int, ...], *, num_steps: int, sigma_max: float,
-               generator: torch.Generator, device: torch.device | str, ode: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def rcm_sample(
+    denoise: Denoiser,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int,
+    sigma_max: float,
+    generator: torch.Generator,
+    device: torch.device | str,
+    ode: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Run the rCM loop and return the final latent (float32)."""
     t_steps = rcm_timesteps(num_steps, sigma_max).to(device)
     noise = torch.randn(*shape, dtype=torch.float32, device=device, generator=generator)

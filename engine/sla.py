@@ -18,6 +18,7 @@ so it is needed for faithful output, not only for speed. Upstream's default, `sa
 `sla_attention` gathers each Q block's selected K/V blocks and runs SDPA on them (CPU and GPU); `sla_reference` is
 the same math with an explicit dense mask, for tests.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,14 +45,15 @@ def _block_means(x: torch.Tensor, blk: int) -> torch.Tensor:
     full, tail = divmod(length, blk)
     parts = []
     if full:
-        parts.append(x[..., :full * blk, :].unflatten(-2, (full, blk)).sum(dim=-2, dtype=torch.float32) / blk)
+        parts.append(x[..., : full * blk, :].unflatten(-2, (full, blk)).sum(dim=-2, dtype=torch.float32) / blk)
     if tail:
-        parts.append(x[..., full * blk:, :].sum(dim=-2, keepdim=True, dtype=torch.float32) / tail)
+        parts.append(x[..., full * blk :, :].sum(dim=-2, keepdim=True, dtype=torch.float32) / tail)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, blk_q: int = BLK_Q, blk_k: int = BLK_K,
-                 pooling: str = "input") -> torch.Tensor:
+def block_scores(
+    q: torch.Tensor, k: torch.Tensor, blk_q: int = BLK_Q, blk_k: int = BLK_K, pooling: str = "input"
+) -> torch.Tensor:
     """Pooled Q-block x K-block scores [B, H, n_q_blocks, n_k_blocks] (dtype: see the module docstring)."""
     if pooling == "fp32":
         # pooling commutes with the mean subtraction in exact arithmetic: pooled(k - mean k) = pooled(k) - mean k
@@ -67,8 +69,9 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, blk_q: int = BLK_Q, blk_k: in
     return pooled_q @ pooled_k.transpose(-1, -2)
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K,
-                  pooling: str = "input"):
+def select_blocks(
+    q: torch.Tensor, k: torch.Tensor, topk: float, blk_q: int = BLK_Q, blk_k: int = BLK_K, pooling: str = "input"
+):
     """Indices [B, H, n_q_blocks, n_sel] of the K blocks each Q block attends to exactly."""
     score = block_scores(q, k, blk_q, blk_k, pooling)
     n_k = score.shape[-1]
@@ -106,14 +109,30 @@ def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int, compiled: bool = True) ->
     n_kb = -(-length // blk_k)
     indices = torch.zeros(b, h, mq, n_kb, dtype=torch.int32, device=q.device)
     indices[..., :n_sel] = torch.sort(lut, dim=-1).values.to(torch.int32)
-    mask = BlockMask.from_kv_blocks(torch.zeros(b, h, mq, dtype=torch.int32, device=q.device), indices,
-                                    torch.full((b, h, mq), n_sel, dtype=torch.int32, device=q.device), indices,
-                                    BLOCK_SIZE=(blk_q, blk_k), seq_lengths=(length, length))
+    mask = BlockMask.from_kv_blocks(
+        torch.zeros(b, h, mq, dtype=torch.int32, device=q.device),
+        indices,
+        torch.full((b, h, mq), n_sel, dtype=torch.int32, device=q.device),
+        indices,
+        BLOCK_SIZE=(blk_q, blk_k),
+        seq_lengths=(length, length),
+    )
     return (_flex if compiled else flex_attention)(q, k, v, block_mask=mask)
 
 
-def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
-                  blk_k: int = BLK_K, backend: str = "auto", pooling: str = "input") -> torch.Tensor:
+def sla_attention(
+    q,
+    k,
+    v,
+    *,
+    topk: float,
+    proj_weight=None,
+    proj_bias=None,
+    blk_q: int = BLK_Q,
+    blk_k: int = BLK_K,
+    backend: str = "auto",
+    pooling: str = "input",
+) -> torch.Tensor:
     """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto";
     pooling: the block selection's rounding, POOLING_MODES."""
     b, h, length, d = q.shape
@@ -121,8 +140,9 @@ def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk
     global _flex_broken
     if torch.compiler.is_compiling() and backend != "gather" and q.is_cuda:
         # inside a torch.compile'd DiT block: let dynamo trace FlexAttention itself (fused with the rest)
-        return _sparse_flex(q, k, v, lut, blk_q, blk_k, compiled=False) + _project(_linear_branch(q, k, v),
-                                                                                   proj_weight, proj_bias)
+        return _sparse_flex(q, k, v, lut, blk_q, blk_k, compiled=False) + _project(
+            _linear_branch(q, k, v), proj_weight, proj_bias
+        )
     if backend == "flex" or (backend == "auto" and q.is_cuda and not _flex_broken):
         o_l = _project(_linear_branch(q, k, v), proj_weight, proj_bias)
         try:
@@ -147,8 +167,18 @@ def sla_attention(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk
     return o_s + o_l
 
 
-def sla_reference(q, k, v, *, topk: float, proj_weight=None, proj_bias=None, blk_q: int = BLK_Q,
-                  blk_k: int = BLK_K, pooling: str = "input") -> torch.Tensor:
+def sla_reference(
+    q,
+    k,
+    v,
+    *,
+    topk: float,
+    proj_weight=None,
+    proj_bias=None,
+    blk_q: int = BLK_Q,
+    blk_k: int = BLK_K,
+    pooling: str = "input",
+) -> torch.Tensor:
     """The same function with an explicit [L, L] block mask (small sizes only)."""
     length = q.shape[-2]
     lut = select_blocks(q, k, topk, blk_q, blk_k, pooling)
@@ -173,8 +203,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class SLAProcessor:
     """Attention processor for a WanTransformer3DModel block's self-attention (`attn1`) computing SLA."""
 
-    def __init__(self, topk: float, proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
-                 pooling: str = "input"):
+    def __init__(
+        self,
+        topk: float,
+        proj_weight: torch.Tensor | None = None,
+        proj_bias: torch.Tensor | None = None,
+        pooling: str = "input",
+    ):
         self.topk, self.proj_weight, self.proj_bias, self.pooling = topk, proj_weight, proj_bias, pooling
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -188,14 +223,16 @@ class SLAProcessor:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D]
-        out = sla_attention(q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias,
-                            pooling=self.pooling)
+        out = sla_attention(
+            q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias, pooling=self.pooling
+        )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None,
-                  pooling: str = "input") -> None:
+def set_attention(
+    transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None, pooling: str = "input"
+) -> None:
     """Swap every block's self-attention to SLA ('sla') or back to diffusers' dense processor ('original').
 
     proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l).
@@ -213,5 +250,6 @@ def set_attention(transformer, attention: str, *, topk: float = 0.1, proj_l: dic
             block.attn1.set_processor(WanAttnProcessor())
             continue
         w, b = proj_l.get(f"blocks.{i}.proj_l.weight"), proj_l.get(f"blocks.{i}.proj_l.bias")
-        block.attn1.set_processor(SLAProcessor(topk, None if w is None else w.to(device),
-                                               None if b is None else b.to(device), pooling))
+        block.attn1.set_processor(
+            SLAProcessor(topk, None if w is None else w.to(device), None if b is None else b.to(device), pooling)
+        )

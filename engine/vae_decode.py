@@ -17,6 +17,7 @@ In float32 it equals diffusers' decode to rounding (tests/test_vae_decode.py). `
 to channels_last_3d (cuDNN's preferred layout for bf16 conv3d). Wan2.2's residual VAE (`is_residual`) and
 patchified VAEs fall back to diffusers' own decode.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ def _causal_conv_forward(self, x, cache_x=None):
             time_pad -= cache_x.shape[2]
         if time_pad > 0:
             x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
-    return F.conv3d(x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]),
-                    self.dilation, self.groups)
+    return F.conv3d(
+        x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]), self.dilation, self.groups
+    )
 
 
 def _rms_norm_forward(self, x):
@@ -109,8 +111,9 @@ def decode_chunks(vae, z: torch.Tensor, *, chunk: int | None = None, channels_la
             while start < frames:
                 n = 1 if start == 0 else min(chunk, frames - start)
                 vae._conv_idx = [0]
-                piece = decoder(x[:, :, start:start + n], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                first_chunk=start == 0)
+                piece = decoder(
+                    x[:, :, start : start + n], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=start == 0
+                )
                 produced += piece.shape[2]
                 yield piece
                 start += n
@@ -134,7 +137,7 @@ def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last
     for piece in decode_chunks(vae, z, chunk=chunk, channels_last=channels_last):
         if out is None:  # one preallocated output instead of re-concatenating
             out = piece.new_empty(*piece.shape[:2], decoded_frames(z.shape[2]), *piece.shape[3:])
-        out[:, :, pos:pos + piece.shape[2]] = piece
+        out[:, :, pos : pos + piece.shape[2]] = piece
         pos += piece.shape[2]
     return out.clamp_(-1.0, 1.0)
 
@@ -151,4 +154,4 @@ def to_channels_last(vae) -> None:
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     """PSNR in dB between two videos in [-1, 1] (data_range 2) or uint8 frames (pass data_range=255)."""
     mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(data_range ** 2 / mse)).item()
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()

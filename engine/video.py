@@ -1,4 +1,5 @@
 """H.264 (yuv420p) mp4 encoding and probing with PyAV (FFmpeg's libraries)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from turboflow.errors import InvalidRequestError
 
 
 @dataclass
@@ -50,8 +51,9 @@ class Mp4Stream:
     chunk), `finish()` for the VideoInfo. With `background=True` a thread encodes while the caller produces the next
     piece, so encoding overlaps decoding; the file appears at `path` only when finished (written as `.part`)."""
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int = 16, crf: int = 18,
-                 background: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, width: int, height: int, fps: int = 16, crf: int = 18, background: bool = False
+    ):
         import av
 
         _check_size(width, height)
@@ -78,8 +80,9 @@ class Mp4Stream:
         if self._state != "open":
             raise RuntimeError(f"mp4 stream {self.path.name} is {self._state}; no more frames")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
-            raise InvalidRequestError(f"frames must be uint8 [N, {self.height}, {self.width}, 3], got "
-                                      f"{frames.dtype} {frames.shape}")
+            raise InvalidRequestError(
+                f"frames must be uint8 [N, {self.height}, {self.width}, 3], got {frames.dtype} {frames.shape}"
+            )
         if self._queue is None:
             self._encode(frames)
         elif self._error is None:
@@ -128,9 +131,17 @@ class Mp4Stream:
             raise
         self._state = "finished"
         n = self._count
-        return VideoInfo(path=str(self.path), bytes=self.path.stat().st_size, sha256=_sha256(self.path),
-                         width=self.width, height=self.height, num_frames=n, fps=float(self.fps),
-                         duration=n / self.fps, encode_seconds=self.encode_seconds)
+        return VideoInfo(
+            path=str(self.path),
+            bytes=self.path.stat().st_size,
+            sha256=_sha256(self.path),
+            width=self.width,
+            height=self.height,
+            num_frames=n,
+            fps=float(self.fps),
+            duration=n / self.fps,
+            encode_seconds=self.encode_seconds,
+        )
 
     def abort(self) -> None:
         """Stop and delete the partial file (generation failed). Safe to call more than once; no-op once finished."""
@@ -176,8 +187,16 @@ def probe_video(path: str | os.PathLike, *, return_frames: bool = False):
             count += 1
             if return_frames:
                 decoded.append(frame.to_ndarray(format="rgb24"))
-    info = VideoInfo(path=str(path), bytes=Path(path).stat().st_size, sha256=_sha256(path), width=width,
-                     height=height, num_frames=count, fps=fps, duration=count / fps if fps else 0.0)
+    info = VideoInfo(
+        path=str(path),
+        bytes=Path(path).stat().st_size,
+        sha256=_sha256(path),
+        width=width,
+        height=height,
+        num_frames=count,
+        fps=fps,
+        duration=count / fps if fps else 0.0,
+    )
     if return_frames:
         return info, np.stack(decoded) if decoded else np.zeros((0, height, width, 3), np.uint8)
     return info

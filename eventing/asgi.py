@@ -1,4 +1,5 @@
 """Small ASGI helpers shared by the broker ingress and the dead-letter sink (no web framework needed)."""
+
 from __future__ import annotations
 
 
@@ -51,6 +52,11 @@ async def respond_event(send, status: int, message) -> None:
     """Send an HTTPMessage (the SDK's to_binary_event/to_structured_event output) as the response."""
     body = bytes(message.body or b"")
     hdrs = [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in message.headers.items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": hdrs + [(b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -1,8 +1,9 @@
 """Generate `eventing/schemas/*.json` and `docs/events.asyncapi.yaml` from eventing/contracts.py.
 
-    python -m turboflow.eventing.asyncapi --write    # regenerate (commit the result)
-    python -m turboflow.eventing.asyncapi --check    # exit 1 when the committed files are stale (tests do this)
+python -m turboflow.eventing.asyncapi --write    # regenerate (commit the result)
+python -m turboflow.eventing.asyncapi --check    # exit 1 when the committed files are stale (tests do this)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .contracts import (ERROR_CODES, SCHEMA_FILES, SCHEMAS, TENANT_PATTERN, TRACEPARENT_EXTENSION)
+from .contracts import ERROR_CODES, SCHEMA_FILES, SCHEMAS, TENANT_PATTERN, TRACEPARENT_EXTENSION
 from .types import COMPLETED, DEFAULT_TENANT, FAILED, I2V_REQUESTED, T2V_REQUESTED, TENANT_EXTENSION
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -21,8 +22,12 @@ REPO_ROOT = PACKAGE_DIR.parent
 ASYNCAPI_PATH = Path("docs") / "events.asyncapi.yaml"
 SCHEMAS_PATH = Path("eventing") / "schemas"
 
-_NAMES = {T2V_REQUESTED: "t2vRequested", I2V_REQUESTED: "i2vRequested", COMPLETED: "videoCompleted",
-          FAILED: "videoFailed"}
+_NAMES = {
+    T2V_REQUESTED: "t2vRequested",
+    I2V_REQUESTED: "i2vRequested",
+    COMPLETED: "videoCompleted",
+    FAILED: "videoFailed",
+}
 _SUMMARIES = {
     T2V_REQUESTED: "Generate a video from a text prompt (Wan2.1 T2V, rCM few-step sampling).",
     I2V_REQUESTED: "Generate a video from an image and a prompt (Wan2.2 I2V A14B, two experts).",
@@ -40,31 +45,57 @@ def _headers(event_type: str, reply: bool) -> dict:
     props = {
         "ce-specversion": {"const": "1.0"},
         "ce-type": {"const": event_type},
-        "ce-source": {"type": "string", "description": "URI-reference of the producer"
-                      + ("; the function's source (TURBOFLOW_EVENT_SOURCE, default /turboflow/functions/<kind>)"
-                         if reply else "")},
-        "ce-id": ({"type": "string", "description": "derived from the request's (source, id, type[, source, "
-                   "code]) with the deployment's signing key (HMAC; uuid5 without a key): a redelivered request "
-                   "gets the same reply id, so JetStream de-duplicates it, and nobody without the key can predict "
-                   "it"} if reply else
-                  {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-                   "description": "The request id (required). Names the output object: a reused id with a "
-                                  "different input fails with `id_conflict`; the same input replays."}),
-        "ce-time": {"type": "string", "format": "date-time",
-                    "description": ("completion time" if reply else
-                                    "Request time; its UTC date names the output folder. Without it the key has "
-                                    "no date folders (`.../<tenant>[/<output_prefix>]/<request-id>.mp4`).")},
-        f"ce-{TENANT_EXTENSION}": {"type": "string", "pattern": TENANT_PATTERN,
-                                   "description": f"Tenant (extension); default {DEFAULT_TENANT!r}"},
-        f"ce-{TRACEPARENT_EXTENSION}": {"type": "string",
-                                        "description": "W3C trace context (distributed tracing extension); "
-                                                       "copied from request to reply"},
+        "ce-source": {
+            "type": "string",
+            "description": "URI-reference of the producer"
+            + (
+                "; the function's source (TURBOFLOW_EVENT_SOURCE, default /turboflow/functions/<kind>)" if reply else ""
+            ),
+        },
+        "ce-id": (
+            {
+                "type": "string",
+                "description": "derived from the request's (source, id, type[, source, "
+                "code]) with the deployment's signing key (HMAC; uuid5 without a key): a redelivered request "
+                "gets the same reply id, so JetStream de-duplicates it, and nobody without the key can predict "
+                "it",
+            }
+            if reply
+            else {
+                "type": "string",
+                "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                "description": "The request id (required). Names the output object: a reused id with a "
+                "different input fails with `id_conflict`; the same input replays.",
+            }
+        ),
+        "ce-time": {
+            "type": "string",
+            "format": "date-time",
+            "description": (
+                "completion time"
+                if reply
+                else "Request time; its UTC date names the output folder. Without it the key has "
+                "no date folders (`.../<tenant>[/<output_prefix>]/<request-id>.mp4`)."
+            ),
+        },
+        f"ce-{TENANT_EXTENSION}": {
+            "type": "string",
+            "pattern": TENANT_PATTERN,
+            "description": f"Tenant (extension); default {DEFAULT_TENANT!r}",
+        },
+        f"ce-{TRACEPARENT_EXTENSION}": {
+            "type": "string",
+            "description": "W3C trace context (distributed tracing extension); copied from request to reply",
+        },
         "content-type": {"const": "application/json"},
     }
     if reply:
         props["ce-subject"] = {"type": "string", "description": "The request id"}
-        props["ce-turboflowsig"] = {"type": "string", "description": "HMAC-SHA256 signature (eventing/signing.py) "
-                                    "with the deployment's TURBOFLOW_EVENT_SIGNING_KEY; present when one is set"}
+        props["ce-turboflowsig"] = {
+            "type": "string",
+            "description": "HMAC-SHA256 signature (eventing/signing.py) "
+            "with the deployment's TURBOFLOW_EVENT_SIGNING_KEY; present when one is set",
+        }
         props["ce-dataschema"] = {"type": "string", "format": "uri"}
     required = ["ce-specversion", "ce-type", "ce-source", "ce-id"] + (["ce-subject"] if reply else [])
     return {"type": "object", "required": required, "properties": props}
@@ -91,7 +122,8 @@ mode). The HTTP response is the reply event, which the broker publishes:
   Never retried by the broker.
 - **503** (JSON body `{{error, message, retryable: true}}`, no event, `Retry-After`): model still loading
   (`not_ready`), device busy (`device_busy`), S3 unreachable (`storage_unavailable`) or misconfigured
-  (`storage_misconfigured`). The broker retries with backoff; a dead-letter sink may emit `{FAILED}` once retries run out.
+  (`storage_misconfigured`). The broker retries with backoff; a dead-letter sink may emit `{FAILED}` once retries
+  run out.
 - **400** (JSON `{{error: invalid_cloudevent, message}}`): the body is not a valid CloudEvent (no `id` or
   `specversion`, header values that are not UTF-8, JSON nested too deeply).
 
@@ -119,38 +151,52 @@ Failure codes (`data.code` of `{FAILED}`):
         reply = event_type in (COMPLETED, FAILED)
         schemas[name] = _payload(event_type)
         messages[name] = {
-            "name": event_type, "title": SCHEMAS[event_type]["title"], "summary": _SUMMARIES[event_type],
+            "name": event_type,
+            "title": SCHEMAS[event_type]["title"],
+            "summary": _SUMMARIES[event_type],
             "contentType": "application/json",
             "headers": _headers(event_type, reply),
             "payload": {"$ref": f"#/components/schemas/{name}"},
             "bindings": {"http": {"bindingVersion": "0.3.0"}},
         }
-        channels[name] = {"address": event_type, "title": event_type,
-                          "messages": {name: {"$ref": f"#/components/messages/{name}"}}}
+        channels[name] = {
+            "address": event_type,
+            "title": event_type,
+            "messages": {name: {"$ref": f"#/components/messages/{name}"}},
+        }
     for kind, event_type in (("t2v", T2V_REQUESTED), ("i2v", I2V_REQUESTED)):
         name = _NAMES[event_type]
         operations[f"generate{kind.upper()}"] = {
-            "action": "receive", "title": f"{kind.upper()} function",
+            "action": "receive",
+            "title": f"{kind.upper()} function",
             "summary": f"The {kind} function consumes {event_type} and replies completed or failed.",
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}],
-            "reply": {"channel": {"$ref": "#/channels/videoCompleted"},
-                      "messages": [{"$ref": "#/channels/videoCompleted/messages/videoCompleted"}]},
+            "reply": {
+                "channel": {"$ref": "#/channels/videoCompleted"},
+                "messages": [{"$ref": "#/channels/videoCompleted/messages/videoCompleted"}],
+            },
         }
     for event_type in (COMPLETED, FAILED):
         name = _NAMES[event_type]
         operations[f"publish{name[0].upper()}{name[1:]}"] = {
-            "action": "send", "title": f"publish {event_type}",
+            "action": "send",
+            "title": f"publish {event_type}",
             "summary": "Replies of both functions, re-published by the broker for downstream consumers.",
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}],
         }
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": "turboflow video events", "version": "1.0.0", "description": description,
-                 "license": {"name": "Apache-2.0"}},
+        "info": {
+            "title": "turboflow video events",
+            "version": "1.0.0",
+            "description": description,
+            "license": {"name": "Apache-2.0"},
+        },
         "defaultContentType": "application/json",
-        "channels": channels, "operations": operations,
+        "channels": channels,
+        "operations": operations,
         "components": {"messages": messages, "schemas": schemas},
     }
 

@@ -37,6 +37,7 @@ Dispatcher (what eventing-natss's dispatcher does for a Trigger)
     the extension `turboflowerror` (`undecodable_event` or `invalid_data`), and the sink answers a `failed`
     event linked to the request id.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,16 +46,23 @@ import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Awaitable, Mapping
 
 import httpx
 from cloudevents.core.bindings.http import to_binary_event
 
 from . import signing
 from .asgi import HeaderEncodingError, lifespan, read_body, request_headers, respond
-from .nats_binding import (CE_PREFIX, ExactCloudEvent, from_nats, is_cloudevent_http, parse_http,
-                           recover_attributes, to_nats)
+from .nats_binding import (
+    CE_PREFIX,
+    ExactCloudEvent,
+    from_nats,
+    is_cloudevent_http,
+    parse_http,
+    recover_attributes,
+    to_nats,
+)
 from .triggers import Trigger, attribute_text
 from .types import TENANT_EXTENSION
 
@@ -128,15 +136,24 @@ def durable_name(trigger: Trigger) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"trigger-{trigger.namespace}-{trigger.name}")
 
 
-async def ensure_stream(js, stream: str = STREAM, prefix: str = SUBJECT_PREFIX,
-                        duplicate_window: float = DUPLICATE_WINDOW_S) -> None:
+async def ensure_stream(
+    js, stream: str = STREAM, prefix: str = SUBJECT_PREFIX, duplicate_window: float = DUPLICATE_WINDOW_S
+) -> None:
     """Create (or update) the events stream: file storage, explicit duplicate window, limits retention."""
     from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
     from nats.js.errors import NotFoundError
 
-    cfg = StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE,
-                       retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD, max_age=MAX_AGE_S,
-                       duplicate_window=duplicate_window, max_msg_size=MAX_MSG_SIZE, num_replicas=1)
+    cfg = StreamConfig(
+        name=stream,
+        subjects=[f"{prefix}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=MAX_AGE_S,
+        duplicate_window=duplicate_window,
+        max_msg_size=MAX_MSG_SIZE,
+        num_replicas=1,
+    )
     try:
         await js.stream_info(stream)
     except NotFoundError:
@@ -181,11 +198,22 @@ class Broker:
         that do not carry a valid `turboflowsig` (nobody else may post a completion).
     """
 
-    def __init__(self, nats_url: str, triggers: list[Trigger], addresses: Mapping[str, str], *,
-                 namespace: str = "turboflow", name: str = "default", gates: Mapping[str, str] | None = None,
-                 stream: str = STREAM, prefix: str = SUBJECT_PREFIX, max_inflight: int = 2,
-                 duplicate_window: float = DUPLICATE_WINDOW_S, ack_margin: float = 30.0,
-                 signing_key: bytes | None = None):
+    def __init__(
+        self,
+        nats_url: str,
+        triggers: list[Trigger],
+        addresses: Mapping[str, str],
+        *,
+        namespace: str = "turboflow",
+        name: str = "default",
+        gates: Mapping[str, str] | None = None,
+        stream: str = STREAM,
+        prefix: str = SUBJECT_PREFIX,
+        max_inflight: int = 2,
+        duplicate_window: float = DUPLICATE_WINDOW_S,
+        ack_margin: float = 30.0,
+        signing_key: bytes | None = None,
+    ):
         self.signing_key = signing_key
         self.nats_url, self.namespace, self.name = nats_url, namespace, name
         self.triggers = [t for t in triggers if t.broker == name and t.namespace == namespace]
@@ -201,23 +229,38 @@ class Broker:
         self._stopping = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         # resolve every destination now: a Trigger the broker cannot route fails at start, not per event
-        self._targets = {t.name: (t.subscriber.resolve(self.addresses),
-                                  t.delivery.dead_letter.resolve(self.addresses) if t.delivery.dead_letter else None)
-                         for t in self.triggers}
+        self._targets = {
+            t.name: (
+                t.subscriber.resolve(self.addresses),
+                t.delivery.dead_letter.resolve(self.addresses) if t.delivery.dead_letter else None,
+            )
+            for t in self.triggers
+        }
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
         import nats
 
-        self.nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                     connect_timeout=2, name=f"turboflow-broker-{self.namespace}-{self.name}")
+        self.nc = await nats.connect(
+            self.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            name=f"turboflow-broker-{self.namespace}-{self.name}",
+        )
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, self.stream, self.prefix, self.duplicate_window)
         self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         for trigger in self.triggers:
             self._tasks.append(asyncio.create_task(self._consume(trigger), name=f"trigger:{trigger.name}"))
-        log.info("broker %s/%s: stream %s, subjects %s.>, triggers %s", self.namespace, self.name, self.stream,
-                 self.prefix, ", ".join(f"{t.name}->{self._targets[t.name][0]}" for t in self.triggers) or "none")
+        log.info(
+            "broker %s/%s: stream %s, subjects %s.>, triggers %s",
+            self.namespace,
+            self.name,
+            self.stream,
+            self.prefix,
+            ", ".join(f"{t.name}->{self._targets[t.name][0]}" for t in self.triggers) or "none",
+        )
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -242,8 +285,11 @@ class Broker:
             return True
         stored = await self._stored_event(ack.seq)
         if stored is not None and content_fingerprint(stored) != content_fingerprint(event):
-            raise IngressRejection(409, f"duplicate event id {event.get_id()!r} from source {event.get_source()!r} "
-                                        "with different content: an event id names one event; use a new id")
+            raise IngressRejection(
+                409,
+                f"duplicate event id {event.get_id()!r} from source {event.get_source()!r} "
+                "with different content: an event id names one event; use a new id",
+            )
         return False
 
     async def _stored_event(self, seq: int | None):
@@ -260,8 +306,11 @@ class Broker:
     def _parse_ingress(self, headers: dict[str, str], body: bytes):
         """The CloudEvent of an ingress request, or IngressRejection (400/403) saying what is wrong."""
         if not is_cloudevent_http(headers):
-            raise IngressRejection(400, "not a CloudEvent: need ce-* headers (binary) or "
-                                        "Content-Type: application/cloudevents+json (structured)")
+            raise IngressRejection(
+                400,
+                "not a CloudEvent: need ce-* headers (binary) or "
+                "Content-Type: application/cloudevents+json (structured)",
+            )
         try:
             event = parse_http(headers, body)
         except ValueError as e:
@@ -271,12 +320,21 @@ class Broker:
             raise IngressRejection(400, f"event {event.get_id()!r}: {bad_data}")
         tenant = event.get_attributes().get(TENANT_EXTENSION)
         if tenant is not None and not isinstance(tenant, str):
-            raise IngressRejection(400, f"event {event.get_id()!r}: the {TENANT_EXTENSION!r} extension must be a "
-                                        f"string, got {type(tenant).__name__}")
-        if self.signing_key is not None and is_reply_type(event.get_type()) \
-                and not signing.verify_event(event, self.signing_key):
-            raise IngressRejection(403, f"{event.get_type()} is emitted by turboflow only: this event has no valid "
-                                        f"{signing.SIGNATURE_EXTENSION} signature")
+            raise IngressRejection(
+                400,
+                f"event {event.get_id()!r}: the {TENANT_EXTENSION!r} extension must be a "
+                f"string, got {type(tenant).__name__}",
+            )
+        if (
+            self.signing_key is not None
+            and is_reply_type(event.get_type())
+            and not signing.verify_event(event, self.signing_key)
+        ):
+            raise IngressRejection(
+                403,
+                f"{event.get_type()} is emitted by turboflow only: this event has no valid "
+                f"{signing.SIGNATURE_EXTENSION} signature",
+            )
         return event
 
     async def asgi(self, scope, receive, send) -> None:
@@ -307,8 +365,9 @@ class Broker:
             return await respond(send, e.status, e.message.encode())
         except Exception as e:
             log.warning("ingress: cannot store event %s: %s", event.get_id(), e)
-            return await respond(send, 503, f"cannot store the event now: {type(e).__name__}".encode(),
-                                  [(b"retry-after", b"1")])
+            return await respond(
+                send, 503, f"cannot store the event now: {type(e).__name__}".encode(), [(b"retry-after", b"1")]
+            )
         await respond(send, 202, b"")
 
     # -- dispatcher --------------------------------------------------------------------------------------------
@@ -319,16 +378,22 @@ class Broker:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         durable = durable_name(trigger)
-        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                ack_wait=self._ack_wait(trigger), max_deliver=-1,
-                                max_ack_pending=max(self.max_inflight * 4, 16))
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._ack_wait(trigger),
+            max_deliver=-1,
+            max_ack_pending=max(self.max_inflight * 4, 16),
+        )
         slots = asyncio.Semaphore(self.max_inflight)
         psub = None
         while not self._stopping.is_set():
             try:
                 if psub is None:
-                    psub = await self.js.pull_subscribe(f"{self.prefix}.>", durable=durable, stream=self.stream,
-                                                        config=config)
+                    psub = await self.js.pull_subscribe(
+                        f"{self.prefix}.>", durable=durable, stream=self.stream, config=config
+                    )
                 await slots.acquire()
                 try:
                     msgs = await psub.fetch(1, timeout=1.0)
@@ -367,13 +432,19 @@ class Broker:
     def _poison_event(self, msg, code: str, reason: str):
         """A stand-in CloudEvent for an unreadable stored message: what could be recovered of it, plus why."""
         attrs = recover_attributes(msg.headers, msg.data)
-        attrs.setdefault("type", msg.subject[len(self.prefix) + 1:] if msg.subject.startswith(self.prefix + ".")
-                         else msg.subject)
+        attrs.setdefault(
+            "type", msg.subject[len(self.prefix) + 1 :] if msg.subject.startswith(self.prefix + ".") else msg.subject
+        )
         seq = getattr(getattr(msg, "metadata", None), "sequence", None)
         attrs.setdefault("id", f"{self.stream}-{getattr(seq, 'stream', 0)}")
         attrs.setdefault("source", f"/turboflow/broker/{self.namespace}/{self.name}")
-        attrs.update({ERROR_EXTENSION: code, "knativeerrordest": f"nats:{msg.subject}",
-                      "knativeerrordata": base64.b64encode(reason.encode()[:ERROR_DATA_LIMIT]).decode()})
+        attrs.update(
+            {
+                ERROR_EXTENSION: code,
+                "knativeerrordest": f"nats:{msg.subject}",
+                "knativeerrordata": base64.b64encode(reason.encode()[:ERROR_DATA_LIMIT]).decode(),
+            }
+        )
         return ExactCloudEvent(attrs)
 
     def _unreadable(self, msg) -> tuple[str, str] | None:
@@ -390,14 +461,21 @@ class Broker:
         if not self._owns_poison(trigger, _attributes(stand_in)):
             await _quiet(msg.ack())
             return
-        log.warning("trigger %s: stored message %s is not deliverable (%s): dead-lettering it", trigger.name,
-                    stand_in.get_id(), reason)
+        log.warning(
+            "trigger %s: stored message %s is not deliverable (%s): dead-lettering it",
+            trigger.name,
+            stand_in.get_id(),
+            reason,
+        )
         _, dead_letter = self._targets[trigger.name]
         keepalive = asyncio.create_task(self._keepalive(msg, max(self._ack_wait(trigger) / 4, 0.2)))
         try:
             if dead_letter is None:
-                log.error("trigger %s: no dead-letter sink: message %s is acknowledged without a failed event",
-                          trigger.name, stand_in.get_id())
+                log.error(
+                    "trigger %s: no dead-letter sink: message %s is acknowledged without a failed event",
+                    trigger.name,
+                    stand_in.get_id(),
+                )
             else:
                 reply = await self._send_with_retries(trigger, dead_letter, stand_in)
                 self.stats.dead_lettered += 1
@@ -407,8 +485,9 @@ class Broker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the dead-letter sink is down: keep the message, try again later
-            log.warning("trigger %s: dead-lettering %s failed (%s): redelivering later", trigger.name,
-                        stand_in.get_id(), e)
+            log.warning(
+                "trigger %s: dead-lettering %s failed (%s): redelivering later", trigger.name, stand_in.get_id(), e
+            )
             await _quiet(msg.nak(delay=max(trigger.delivery.backoff_delay, 1.0)))
         finally:
             keepalive.cancel()
@@ -429,8 +508,7 @@ class Broker:
         except asyncio.CancelledError:
             raise  # broker stopping: no ack, JetStream redelivers after AckWait
         except Exception as e:
-            log.warning("trigger %s: event %s not finished (%s): redelivering later", trigger.name,
-                        event.get_id(), e)
+            log.warning("trigger %s: event %s not finished (%s): redelivering later", trigger.name, event.get_id(), e)
             await _quiet(msg.nak(delay=max(trigger.delivery.backoff_delay, 1.0)))
         finally:
             keepalive.cancel()
@@ -453,8 +531,9 @@ class Broker:
                 await self._publish_reply(reply)
             return "delivered"
         except Undeliverable as failure:
-            log.warning("trigger %s: event %s undeliverable to %s: %s", trigger.name, event.get_id(), url,
-                        failure.reason)
+            log.warning(
+                "trigger %s: event %s undeliverable to %s: %s", trigger.name, event.get_id(), url, failure.reason
+            )
             if dead_letter is None:
                 return "dropped"
             attrs = _attributes(event)

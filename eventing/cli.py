@@ -1,4 +1,5 @@
 """Eventing verbs: `turboflow dev`, `submit`, `events tail`, `demo`, `deadletter`, `s3source`."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nats-port", type=int, default=4222, help="NATS port (0: any free port)")
     p.add_argument("--s3-endpoint", default=None, help="use this S3 (e.g. MinIO) instead of an embedded moto")
     p.add_argument("--bucket", default="turboflow")
-    p.add_argument("--upload-prefix", default="uploads/",
-                   help="images uploaded under <prefix><tenant>/ trigger I2V for that tenant")
+    p.add_argument(
+        "--upload-prefix",
+        default="uploads/",
+        help="images uploaded under <prefix><tenant>/ trigger I2V for that tenant",
+    )
     p.add_argument("--t2v-model", default=None, help="model cache dir (default: a tiny model)")
     p.add_argument("--i2v-model", default=None, help="model cache dir (default: a tiny model)")
     p.add_argument("--device", default="cpu")
@@ -31,9 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=("t2v", "i2v"))
     p.add_argument("prompt")
     p.add_argument("--image", help="I2V: local file (uploaded to the dev bucket or sent inline), s3:// or data: URI")
-    for name, typ in (("resolution", str), ("aspect-ratio", str), ("num-frames", int), ("num-steps", int),
-                      ("seed", int), ("sigma-max", float), ("attention", str), ("sla-topk", float),
-                      ("boundary", float), ("output-prefix", str), ("model", str)):
+    for name, typ in (
+        ("resolution", str),
+        ("aspect-ratio", str),
+        ("num-frames", int),
+        ("num-steps", int),
+        ("seed", int),
+        ("sigma-max", float),
+        ("attention", str),
+        ("sla-topk", float),
+        ("boundary", float),
+        ("output-prefix", str),
+        ("model", str),
+    ):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--ode", action="store_true", default=None)
     p.add_argument("--tenant", default=None)
@@ -94,6 +108,7 @@ def _quiet_libraries() -> None:
 def _run_until_signal(main) -> int:
     """asyncio.run(main(stop)) with SIGINT/SIGTERM setting `stop` (clean shutdown on Ctrl-C)."""
     _quiet_libraries()
+
     async def runner():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -110,29 +125,39 @@ def _run_until_signal(main) -> int:
 def _dev(args) -> int:
     from .devstack import DevConfig, DevStack, default_state_file
 
-    cfg = DevConfig(ingress_port=args.port or None, nats_port=args.nats_port or None, s3_endpoint=args.s3_endpoint,
-                    bucket=args.bucket, upload_prefix=args.upload_prefix,
-                    models={"t2v": args.t2v_model, "i2v": args.i2v_model}, device=args.device,
-                    state_file=default_state_file(), log_dir=Path(args.data_dir) if args.data_dir else None)
+    cfg = DevConfig(
+        ingress_port=args.port or None,
+        nats_port=args.nats_port or None,
+        s3_endpoint=args.s3_endpoint,
+        bucket=args.bucket,
+        upload_prefix=args.upload_prefix,
+        models={"t2v": args.t2v_model, "i2v": args.i2v_model},
+        device=args.device,
+        state_file=default_state_file(),
+        log_dir=Path(args.data_dir) if args.data_dir else None,
+    )
 
     async def main(stop):
         stack = DevStack(cfg)
         print("starting nats-server, S3, functions, broker ...", flush=True)
         async with stack:
             e = stack.endpoints()
-            print(f"""
+            print(
+                f"""
 turboflow dev is running (Ctrl-C stops everything)
-  broker ingress   POST {e['broker']}    (CloudEvents, binary or structured)
-  NATS             {e['nats']}   stream {e['stream']}, subjects {e['subjects']}
+  broker ingress   POST {e["broker"]}    (CloudEvents, binary or structured)
+  NATS             {e["nats"]}   stream {e["stream"]}, subjects {e["subjects"]}
                    completions: turboflow.events.io.turboflow.video.completed (failed: ...video.failed)
-  S3               {e['s3_endpoint']}   bucket {e['bucket']}  (credentials turboflow-dev/turboflow-dev)
-  upload -> I2V    put an image under {e['upload_prefix']} with metadata `prompt` or a <key>.json sidecar
-                   (the tenant is the key segment after {e['upload_prefix'].rsplit('<tenant>', 1)[0]})
-  functions        t2v {e['functions'].get('t2v')}   i2v {e['functions'].get('i2v')}
-  logs             {e['logs']}
+  S3               {e["s3_endpoint"]}   bucket {e["bucket"]}  (credentials turboflow-dev/turboflow-dev)
+  upload -> I2V    put an image under {e["upload_prefix"]} with metadata `prompt` or a <key>.json sidecar
+                   (the tenant is the key segment after {e["upload_prefix"].rsplit("<tenant>", 1)[0]})
+  functions        t2v {e["functions"].get("t2v")}   i2v {e["functions"].get("i2v")}
+  logs             {e["logs"]}
 try: turboflow submit t2v "a red fox running in the snow" --num-frames 5 --wait
      turboflow events tail
-""", flush=True)
+""",
+                flush=True,
+            )
             try:
                 await stack.wait_ready(timeout=600)
                 print("functions ready", flush=True)
@@ -156,10 +181,13 @@ def _endpoints(args) -> dict:
             state = json.loads(path.read_text())
         except ValueError:
             state = {}
-    return {"broker": getattr(args, "broker", None) or os.environ.get("TURBOFLOW_BROKER_URL") or state.get("broker"),
-            "nats": getattr(args, "nats", None) or os.environ.get("TURBOFLOW_NATS_URL") or state.get("nats"),
-            "s3_endpoint": state.get("s3_endpoint"), "bucket": state.get("bucket"),
-            "signing_key": _signing_key(state)}
+    return {
+        "broker": getattr(args, "broker", None) or os.environ.get("TURBOFLOW_BROKER_URL") or state.get("broker"),
+        "nats": getattr(args, "nats", None) or os.environ.get("TURBOFLOW_NATS_URL") or state.get("nats"),
+        "s3_endpoint": state.get("s3_endpoint"),
+        "bucket": state.get("bucket"),
+        "signing_key": _signing_key(state),
+    }
 
 
 def _signing_key(state: dict) -> bytes | None:
@@ -186,12 +214,13 @@ def _s3_client(endpoint: str | None, dev: bool = True):
     if dev:
         for k, v in DEV_CREDENTIALS.items():
             os.environ.setdefault(k, v)
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        config=Config(s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+    )
 
 
 def _submit(args) -> int:
-    from turboflow.engine.errors import TurboflowError
+    from turboflow.errors import TurboflowError
 
     from .client import build_request, describe, download, event_data, image_reference, send, submit_and_wait
     from .types import COMPLETED
@@ -199,25 +228,45 @@ def _submit(args) -> int:
     _quiet_libraries()  # httpx/botocore INFO lines carry presigned URLs and credential sources
     ep = _endpoints(args)
     if args.via == "http" and not ep["broker"]:
-        raise TurboflowError("no broker: start `turboflow dev`, or pass --broker URL / set TURBOFLOW_BROKER_URL",
-                             code="no_broker")
+        raise TurboflowError(
+            "no broker: start `turboflow dev`, or pass --broker URL / set TURBOFLOW_BROKER_URL", code="no_broker"
+        )
     if (args.wait or args.via == "nats") and not ep["nats"]:
-        raise TurboflowError("no NATS URL: start `turboflow dev`, or pass --nats URL / set TURBOFLOW_NATS_URL",
-                             code="no_nats")
+        raise TurboflowError(
+            "no NATS URL: start `turboflow dev`, or pass --nats URL / set TURBOFLOW_NATS_URL", code="no_nats"
+        )
     if args.kind == "i2v" and not args.image:
         raise TurboflowError("i2v needs --image", code="missing_field", field="image")
-    options = {"resolution": args.resolution, "aspect_ratio": args.aspect_ratio, "num_frames": args.num_frames,
-               "num_steps": args.num_steps, "seed": args.seed, "sigma_max": args.sigma_max,
-               "attention": args.attention, "sla_topk": args.sla_topk, "boundary": args.boundary,
-               "output_prefix": args.output_prefix, "model": args.model, "ode": args.ode}
+    options = {
+        "resolution": args.resolution,
+        "aspect_ratio": args.aspect_ratio,
+        "num_frames": args.num_frames,
+        "num_steps": args.num_steps,
+        "seed": args.seed,
+        "sigma_max": args.sigma_max,
+        "attention": args.attention,
+        "sla_topk": args.sla_topk,
+        "boundary": args.boundary,
+        "output_prefix": args.output_prefix,
+        "model": args.model,
+        "ode": args.ode,
+    }
     event = build_request(args.kind, args.prompt, options=options, tenant=args.tenant, request_id=args.id)
     if args.image:
-        s3 = _s3_client(ep["s3_endpoint"]) if ep["s3_endpoint"] and not args.image.startswith(("s3:", "data:")) \
-            else None
-        ref = image_reference(args.image, s3_client=s3, bucket=ep["bucket"], request_id=event.get_id(),
-                              tenant=args.tenant, image_prefix=os.environ.get("TURBOFLOW_IMAGE_PREFIX") or "uploads")
-        event = build_request(args.kind, args.prompt, options=options, tenant=args.tenant,
-                              request_id=event.get_id(), image=ref)
+        s3 = (
+            _s3_client(ep["s3_endpoint"]) if ep["s3_endpoint"] and not args.image.startswith(("s3:", "data:")) else None
+        )
+        ref = image_reference(
+            args.image,
+            s3_client=s3,
+            bucket=ep["bucket"],
+            request_id=event.get_id(),
+            tenant=args.tenant,
+            image_prefix=os.environ.get("TURBOFLOW_IMAGE_PREFIX") or "uploads",
+        )
+        event = build_request(
+            args.kind, args.prompt, options=options, tenant=args.tenant, request_id=event.get_id(), image=ref
+        )
     tty = sys.stderr.isatty()
 
     def tick(elapsed):
@@ -231,8 +280,18 @@ def _submit(args) -> int:
     print(f"submitting {event.get_type()} id={event.get_id()} via {args.via}", file=sys.stderr)
     if ep["signing_key"] is None:
         _warn("no signing key (TURBOFLOW_EVENT_SIGNING_KEY or `turboflow dev`): replies cannot be verified")
-    reply = asyncio.run(submit_and_wait(event, nats_url=ep["nats"], broker_url=ep["broker"], via=args.via,
-                                        timeout=args.timeout, tick=tick, signing_key=ep["signing_key"], warn=_warn))
+    reply = asyncio.run(
+        submit_and_wait(
+            event,
+            nats_url=ep["nats"],
+            broker_url=ep["broker"],
+            via=args.via,
+            timeout=args.timeout,
+            tick=tick,
+            signing_key=ep["signing_key"],
+            warn=_warn,
+        )
+    )
     if tty:
         print(file=sys.stderr)
     data = event_data(reply)
@@ -250,21 +309,21 @@ def _submit(args) -> int:
 
 
 def _tail(args) -> int:
-    from .broker import SUBJECT_PREFIX, subject_for
+    from . import signing
+    from .broker import SUBJECT_PREFIX, is_reply_type, subject_for
     from .client import describe, reply_subscription
     from .nats_binding import from_nats, to_nats
 
-    from . import signing
-    from .broker import is_reply_type
-
     ep = _endpoints(args)
     if not ep["nats"]:
-        from turboflow.engine.errors import TurboflowError
+        from turboflow.errors import TurboflowError
+
         raise TurboflowError("no NATS URL: start `turboflow dev` or pass --nats URL", code="no_nats")
     key = ep["signing_key"]
 
     def unverified(event) -> bool:
         return key is not None and is_reply_type(event.get_type()) and not signing.verify_event(event, key)
+
     subject = subject_for(args.type) if args.type else f"{SUBJECT_PREFIX}.>"
 
     async def main(stop):
@@ -298,8 +357,7 @@ def _tail(args) -> int:
 def _demo(args) -> int:
     from turboflow.engine.video import probe_video
 
-    from .client import (IMAGE_PREFIX, REQUEST_METADATA, build_request, describe, download, event_data,
-                         submit_and_wait)
+    from .client import IMAGE_PREFIX, REQUEST_METADATA, build_request, describe, download, event_data, submit_and_wait
     from .devstack import DevConfig, DevStack
     from .types import COMPLETED, DEFAULT_TENANT
 
@@ -309,8 +367,7 @@ def _demo(args) -> int:
         from PIL import Image
 
         small = {"resolution": "480p", "aspect_ratio": "4:3", "num_frames": 5, "num_steps": 4}
-        print("starting the stack (nats-server, moto S3, t2v + i2v functions on tiny models, broker) ...",
-              flush=True)
+        print("starting the stack (nats-server, moto S3, t2v + i2v functions on tiny models, broker) ...", flush=True)
         async with DevStack(DevConfig(device=args.device)) as stack:
             e = stack.endpoints()
             print(f"  broker {e['broker']}  NATS {e['nats']}  S3 {e['s3_endpoint']}/{e['bucket']}", flush=True)
@@ -321,23 +378,40 @@ def _demo(args) -> int:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             image_key = f"{IMAGE_PREFIX}/{DEFAULT_TENANT}/demo.png"  # the default tenant's image area
-            stack.s3_client().put_object(Bucket=e["bucket"], Key=image_key, Body=buf.getvalue(),
-                                         ContentType="image/png", Metadata={REQUEST_METADATA: "demo"})
-            requests = [build_request("t2v", "a red fox running through snow, cinematic", options=small),
-                        build_request("i2v", "the sun rises over the sea", options=small,
-                                      image=f"s3://{e['bucket']}/{image_key}")]
+            stack.s3_client().put_object(
+                Bucket=e["bucket"],
+                Key=image_key,
+                Body=buf.getvalue(),
+                ContentType="image/png",
+                Metadata={REQUEST_METADATA: "demo"},
+            )
+            requests = [
+                build_request("t2v", "a red fox running through snow, cinematic", options=small),
+                build_request(
+                    "i2v", "the sun rises over the sea", options=small, image=f"s3://{e['bucket']}/{image_key}"
+                ),
+            ]
             key = stack.signing_key.encode()
-            replies = await asyncio.gather(*(submit_and_wait(r, nats_url=e["nats"], broker_url=e["broker"],
-                                                             timeout=args.timeout, signing_key=key, warn=_warn)
-                                             for r in requests))
+            replies = await asyncio.gather(
+                *(
+                    submit_and_wait(
+                        r, nats_url=e["nats"], broker_url=e["broker"], timeout=args.timeout, signing_key=key, warn=_warn
+                    )
+                    for r in requests
+                )
+            )
             ok = True
             for req, reply in zip(requests, replies):
                 data = event_data(reply)
                 print(f"\n{req.get_type()} {req.get_id()}\n  -> {describe(reply)}")
                 video = {k: v for k, v in (data.get("video") or {}).items() if k != "url"}
                 shown = {**data, "video": video} if video else data  # a presigned URL is a credential: not shown
-                print(json.dumps({"type": reply.get_type(), "id": reply.get_id(), "subject": reply.get_subject(),
-                                  "data": shown}, indent=2))
+                print(
+                    json.dumps(
+                        {"type": reply.get_type(), "id": reply.get_id(), "subject": reply.get_subject(), "data": shown},
+                        indent=2,
+                    )
+                )
                 if reply.get_type() != COMPLETED:
                     ok = False
                     continue
@@ -363,18 +437,29 @@ def _deadletter(args) -> int:
 
 
 def _s3source(args) -> int:
-    from turboflow.engine.errors import TurboflowError
-    from turboflow.storage.s3source import S3Source, S3SourceConfig, run_source
+    from turboflow.errors import TurboflowError
+    from turboflow.eventing.s3source import S3Source, S3SourceConfig, run_source
 
     if not args.sink:
         raise TurboflowError("no sink: set K_SINK (SinkBinding/ContainerSource do) or pass --sink", code="no_sink")
     s3 = _s3_client(os.environ.get("S3_ENDPOINT_URL"), dev=False)
-    source = S3Source(s3, S3SourceConfig(prefix=args.prefix, buckets=tuple(args.bucket), tenant=args.tenant,
-                                         default_prompt=args.default_prompt))
+    source = S3Source(
+        s3,
+        S3SourceConfig(
+            prefix=args.prefix, buckets=tuple(args.bucket), tenant=args.tenant, default_prompt=args.default_prompt
+        ),
+    )
 
     async def main(stop):
-        await run_source(args.nats_url, source, args.sink, stop, subject=args.subject, stream=args.stream or None,
-                         durable=args.durable)
+        await run_source(
+            args.nats_url,
+            source,
+            args.sink,
+            stop,
+            subject=args.subject,
+            stream=args.stream or None,
+            durable=args.durable,
+        )
         return 0
 
     return _run_until_signal(main)

@@ -1,4 +1,5 @@
 """Producer/consumer helpers behind `turboflow submit` and `turboflow events tail` (usable from Python too)."""
+
 from __future__ import annotations
 
 import base64
@@ -7,9 +8,9 @@ import json
 import mimetypes
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 import httpx
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
@@ -25,23 +26,41 @@ REQUEST_METADATA = "turboflow-request"  # marks an image uploaded for an existin
 REPLY_SUBJECTS = f"{SUBJECT_PREFIX}.io.turboflow.video.>"
 
 
-def build_request(kind: str, prompt: str, *, options: dict | None = None, image: str | None = None,
-                  tenant: str | None = None, request_id: str | None = None,
-                  source: str = "/turboflow/cli") -> ExactCloudEvent:
+def build_request(
+    kind: str,
+    prompt: str,
+    *,
+    options: dict | None = None,
+    image: str | None = None,
+    tenant: str | None = None,
+    request_id: str | None = None,
+    source: str = "/turboflow/cli",
+) -> ExactCloudEvent:
     """A request event. No `time`: the request itself (not the moment it was sent) keys its output, so sending
     the same request id again is the same event (the broker answers 202, not 409)."""
     data = {"prompt": prompt, **{k: v for k, v in (options or {}).items() if v is not None}}
     if image is not None:
         data["image"] = image
-    attrs = {"type": REQUEST_TYPES[kind], "source": source, "id": request_id or str(uuid.uuid4()),
-             "datacontenttype": "application/json"}
+    attrs = {
+        "type": REQUEST_TYPES[kind],
+        "source": source,
+        "id": request_id or str(uuid.uuid4()),
+        "datacontenttype": "application/json",
+    }
     if tenant:
         attrs[TENANT_EXTENSION] = tenant
     return ExactCloudEvent(attrs, data)
 
 
-def image_reference(path_or_uri: str, *, s3_client=None, bucket: str | None = None, request_id: str = "",
-                    tenant: str | None = None, image_prefix: str = IMAGE_PREFIX) -> str:
+def image_reference(
+    path_or_uri: str,
+    *,
+    s3_client=None,
+    bucket: str | None = None,
+    request_id: str = "",
+    tenant: str | None = None,
+    image_prefix: str = IMAGE_PREFIX,
+) -> str:
     """An `s3://` URI or data URI as given; a local file is uploaded to
     `s3://bucket/<image_prefix>/<tenant>/inputs/<id><ext>` (where the I2V function may read it for that tenant)
     when a bucket is known, else sent inline (base64 data URI)."""
@@ -51,16 +70,20 @@ def image_reference(path_or_uri: str, *, s3_client=None, bucket: str | None = No
     raw = path.read_bytes()
     ctype = mimetypes.guess_type(path.name)[0] or "image/png"
     if s3_client is not None and bucket:
-        key = f"{image_prefix.strip('/')}/{tenant or DEFAULT_TENANT}/inputs/{request_id or uuid.uuid4()}" \
-              f"{path.suffix.lower()}"
-        s3_client.put_object(Bucket=bucket, Key=key, Body=raw, ContentType=ctype,
-                             Metadata={REQUEST_METADATA: request_id or "cli"})
+        key = (
+            f"{image_prefix.strip('/')}/{tenant or DEFAULT_TENANT}/inputs/{request_id or uuid.uuid4()}"
+            f"{path.suffix.lower()}"
+        )
+        s3_client.put_object(
+            Bucket=bucket, Key=key, Body=raw, ContentType=ctype, Metadata={REQUEST_METADATA: request_id or "cli"}
+        )
         return f"s3://{bucket}/{key}"
     return f"data:{ctype};base64,{base64.b64encode(raw).decode()}"
 
 
-async def send(event, *, broker_url: str | None = None, nats_url: str | None = None, via: str = "http",
-               mode: str = "binary") -> None:
+async def send(
+    event, *, broker_url: str | None = None, nats_url: str | None = None, via: str = "http", mode: str = "binary"
+) -> None:
     """Hand a request to the broker: HTTP ingress (202 expected) or direct NATS publish (PubAck)."""
     if via == "nats":
         import nats
@@ -78,8 +101,9 @@ async def send(event, *, broker_url: str | None = None, nats_url: str | None = N
         raise RuntimeError(f"broker answered {r.status_code}: {r.text[:300]}")
 
 
-async def reply_subscription(nats_url: str, *, since: float = DUPLICATE_WINDOW_S, subject: str = REPLY_SUBJECTS,
-                             new_only: bool = False):
+async def reply_subscription(
+    nats_url: str, *, since: float = DUPLICATE_WINDOW_S, subject: str = REPLY_SUBJECTS, new_only: bool = False
+):
     """(nc, sub): an ordered JetStream consumer over the reply subjects, starting `since` seconds ago (a
     completion that JetStream de-duplicated on a resubmission is found too)."""
     import nats
@@ -92,7 +116,7 @@ async def reply_subscription(nats_url: str, *, since: float = DUPLICATE_WINDOW_S
     elif since is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     else:
-        start = (datetime.now(timezone.utc) - timedelta(seconds=since)).isoformat().replace("+00:00", "Z")
+        start = (datetime.now(UTC) - timedelta(seconds=since)).isoformat().replace("+00:00", "Z")
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
     sub = await js.subscribe(subject, stream=STREAM, ordered_consumer=True, config=config)
     return nc, sub
@@ -118,9 +142,16 @@ def reply_problem(event, request_id: str, tenant: str | None, signing_key: bytes
     return None
 
 
-async def wait_for_reply(sub, request_id: str, timeout: float, tick: Callable[[float], None] | None = None, *,
-                         tenant: str | None = None, signing_key: bytes | None = None,
-                         warn: Callable[[str], None] | None = None):
+async def wait_for_reply(
+    sub,
+    request_id: str,
+    timeout: float,
+    tick: Callable[[float], None] | None = None,
+    *,
+    tenant: str | None = None,
+    signing_key: bytes | None = None,
+    warn: Callable[[str], None] | None = None,
+):
     """The first completed/failed event for `request_id` (subject) and `tenant` that verifies (see reply_problem);
     replies that name this request but fail a check are reported through `warn` and skipped."""
     started = time.monotonic()
@@ -147,15 +178,29 @@ async def wait_for_reply(sub, request_id: str, timeout: float, tick: Callable[[f
             warn(f"ignoring {event.get_type()} {str(event.get_id())[:64]} for {request_id}: {problem}")
 
 
-async def submit_and_wait(event, *, nats_url: str, broker_url: str | None = None, via: str = "http",
-                          timeout: float = 900, tick: Callable[[float], None] | None = None,
-                          signing_key: bytes | None = None, warn: Callable[[str], None] | None = None):
+async def submit_and_wait(
+    event,
+    *,
+    nats_url: str,
+    broker_url: str | None = None,
+    via: str = "http",
+    timeout: float = 900,
+    tick: Callable[[float], None] | None = None,
+    signing_key: bytes | None = None,
+    warn: Callable[[str], None] | None = None,
+):
     nc, sub = await reply_subscription(nats_url)
     try:
         await send(event, broker_url=broker_url, nats_url=nats_url, via=via)
-        return await wait_for_reply(sub, event.get_id(), timeout, tick,
-                                    tenant=event.get_attributes().get(TENANT_EXTENSION), signing_key=signing_key,
-                                    warn=warn)
+        return await wait_for_reply(
+            sub,
+            event.get_id(),
+            timeout,
+            tick,
+            tenant=event.get_attributes().get(TENANT_EXTENSION),
+            signing_key=signing_key,
+            warn=warn,
+        )
     finally:
         await nc.close()
 
@@ -203,8 +248,10 @@ def describe(event) -> str:
     if t == COMPLETED and isinstance(data, dict) and "video" in data:
         try:
             usage = data.get("usage") or {}
-            return (f"{head} {data['width']}x{data['height']}x{data['num_frames']} seed={data['seed']} "
-                    f"{data['video']['uri']} gpu_s={float(usage.get('gpu_seconds', 0)):.2f}")
+            return (
+                f"{head} {data['width']}x{data['height']}x{data['num_frames']} seed={data['seed']} "
+                f"{data['video']['uri']} gpu_s={float(usage.get('gpu_seconds', 0)):.2f}"
+            )
         except (KeyError, TypeError, ValueError):
             return f"{head} (malformed completion data)"
     if t == FAILED and isinstance(data, dict):

@@ -16,6 +16,7 @@ Replies (the HTTP response to the request, re-published by the broker)
     *same* event and JetStream's Nats-Msg-Id de-duplication drops it. With a key, replies are signed
     (`turboflowsig`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,21 +26,44 @@ import io
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from turboflow.engine.errors import TurboflowError
 from turboflow.engine.request import GenerationRequest, model_request_defaults
+from turboflow.errors import TurboflowError
 
 # schemas, patterns, error codes and validation live in event_schemas.py; this module re-exports them
 from .event_schemas import (  # noqa: F401
-    SCHEMA_BASE, SCHEMA_DIALECT, TRACEPARENT_EXTENSION, TRACESTATE_EXTENSION, DEFAULT_SOURCES, _ID_NAMESPACE,
-    TENANT_PATTERN, REQUEST_ID_PATTERN, PREFIX_SEGMENT, OUTPUT_PREFIX_PATTERN, MODEL_PATTERN, S3_URI_PATTERN,
-    DATA_URI_PATTERN, MAX_INLINE_IMAGE_CHARS, DEFAULT_MAX_INLINE_IMAGE_BYTES, ContractError, COMPLETED_SCHEMA,
-    FAILED_SCHEMA, SCHEMAS, SCHEMA_FILES, ERROR_CODES, IMPLEMENTED_ATTENTION, UNAVAILABLE_ATTENTION, full_match,
-    validator, validate_data)
+    _ID_NAMESPACE,
+    COMPLETED_SCHEMA,
+    DATA_URI_PATTERN,
+    DEFAULT_MAX_INLINE_IMAGE_BYTES,
+    DEFAULT_SOURCES,
+    ERROR_CODES,
+    FAILED_SCHEMA,
+    IMPLEMENTED_ATTENTION,
+    MAX_INLINE_IMAGE_CHARS,
+    MODEL_PATTERN,
+    OUTPUT_PREFIX_PATTERN,
+    PREFIX_SEGMENT,
+    REQUEST_ID_PATTERN,
+    S3_URI_PATTERN,
+    SCHEMA_BASE,
+    SCHEMA_DIALECT,
+    SCHEMA_FILES,
+    SCHEMAS,
+    TENANT_PATTERN,
+    TRACEPARENT_EXTENSION,
+    TRACESTATE_EXTENSION,
+    UNAVAILABLE_ATTENTION,
+    ContractError,
+    full_match,
+    validate_data,
+    validator,
+)
 from .signing import canonical_json, derive_id, sign_attributes
 from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing requests
@@ -47,6 +71,7 @@ from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTE
 @dataclass(frozen=True)
 class ImageRef:
     """Where an I2V image comes from: an S3 object (fetched by the function) or inline bytes."""
+
     scheme: str  # "s3" | "inline"
     bucket: str | None = None
     key: str | None = None
@@ -97,10 +122,14 @@ def request_context(event) -> dict:
     kind = next((k for k, t in REQUEST_TYPES.items() if t == etype), None)
     tenant = _attr(event, TENANT_EXTENSION)
     source = _attr(event, "source")
-    return {"request_id": str(_attr(event, "id") or ""), "tenant": tenant if isinstance(tenant, str) else None,
-            "traceparent": _attr(event, TRACEPARENT_EXTENSION), "kind": kind,
-            "source": DEFAULT_SOURCES.get(kind or "", "/turboflow/functions"),
-            "request_source": source if isinstance(source, str) else ""}
+    return {
+        "request_id": str(_attr(event, "id") or ""),
+        "tenant": tenant if isinstance(tenant, str) else None,
+        "traceparent": _attr(event, TRACEPARENT_EXTENSION),
+        "kind": kind,
+        "source": DEFAULT_SOURCES.get(kind or "", "/turboflow/functions"),
+        "request_source": source if isinstance(source, str) else "",
+    }
 
 
 def derived_seed(request_id: str) -> int:
@@ -110,7 +139,7 @@ def derived_seed(request_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % (2**63 - 2) + 1
 
 
-def input_digest(*, source: str, tenant: str, kind: str, data: dict, image: "ImageRef | None") -> str:
+def input_digest(*, source: str, tenant: str, kind: str, data: dict, image: ImageRef | None) -> str:
     """sha256 over the canonical JSON of what the request asks for: its source, tenant, kind and data, an inline
     image by its decoded bytes' digest (an s3:// image by its reference). Equal for a redelivery, different for
     another request reusing the id."""
@@ -129,31 +158,37 @@ def parse_time(value) -> datetime | None:
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise ContractError(f"time {value[:60]!r} is not an RFC 3339 timestamp", code="invalid_time",
-                                field="time") from None
+            raise ContractError(
+                f"time {value[:60]!r} is not an RFC 3339 timestamp", code="invalid_time", field="time"
+            ) from None
     if not isinstance(value, datetime):
         raise ContractError("time is not an RFC 3339 timestamp", code="invalid_time", field="time")
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 def decode_inline_image(uri: str, max_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES) -> ImageRef:
     head, _, payload = uri.partition(",")
-    media_type = head[len("data:"):].split(";")[0]
+    media_type = head[len("data:") :].split(";")[0]
     if len(payload) > (max_bytes * 4) // 3 + 4:
-        raise ContractError(f"inline image is over the {max_bytes}-byte cap: upload it and pass an s3:// URI",
-                            code="image_too_large", field="image")
+        raise ContractError(
+            f"inline image is over the {max_bytes}-byte cap: upload it and pass an s3:// URI",
+            code="image_too_large",
+            field="image",
+        )
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ContractError("inline image is not valid base64", code="invalid_image_base64",
-                            field="image") from e
+        raise ContractError("inline image is not valid base64", code="invalid_image_base64", field="image") from e
     if not raw:
         raise ContractError("inline image is empty", code="invalid_image_base64", field="image")
     if len(raw) > max_bytes:
-        raise ContractError(f"inline image has {len(raw)} bytes; the cap is {max_bytes}: upload it and pass an "
-                            "s3:// URI", code="image_too_large", field="image")
+        raise ContractError(
+            f"inline image has {len(raw)} bytes; the cap is {max_bytes}: upload it and pass an s3:// URI",
+            code="image_too_large",
+            field="image",
+        )
     return ImageRef("inline", data=raw, media_type=media_type)
 
 
@@ -173,21 +208,24 @@ def check_image_header(raw: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
             with Image.open(io.BytesIO(raw)) as img:
                 width, height = img.size
     except Image.DecompressionBombError as e:
-        raise ContractError("image has too many pixels to decode safely", code="image_too_large",
-                            field="image") from e
+        raise ContractError("image has too many pixels to decode safely", code="image_too_large", field="image") from e
     except Exception:
         return
     if width * height > max_pixels:
-        raise ContractError(f"image is {width}x{height}; at most {max_pixels} pixels are accepted",
-                            code="image_too_large", field="image")
+        raise ContractError(
+            f"image is {width}x{height}; at most {max_pixels} pixels are accepted",
+            code="image_too_large",
+            field="image",
+        )
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket or not key or any(seg in ("", ".", "..") for seg in key.split("/")):
-        raise ContractError(f"not a usable s3://bucket/key URI: {uri[:200]!r}", code="invalid_image_reference",
-                            field="image")
+        raise ContractError(
+            f"not a usable s3://bucket/key URI: {uri[:200]!r}", code="invalid_image_reference", field="image"
+        )
     return bucket, key
 
 
@@ -199,13 +237,19 @@ def _placeholder_image():
     global _PLACEHOLDER_IMAGE
     if _PLACEHOLDER_IMAGE is None:
         from PIL import Image
+
         _PLACEHOLDER_IMAGE = Image.new("RGB", (64, 64))
     return _PLACEHOLDER_IMAGE
 
 
-def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
-                  max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES,
-                  model_defaults: dict | None = None, has_time: bool = True) -> ParsedRequest:
+def parse_request(
+    event,
+    *,
+    kinds: tuple[str, ...] = ("t2v", "i2v"),
+    max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES,
+    model_defaults: dict | None = None,
+    has_time: bool = True,
+) -> ParsedRequest:
     """Validate a request CloudEvent completely (attributes, schema, engine rules, inline image) without I/O.
 
     `model_defaults`: the serving model's manifest defaults; they fill the request fields the event leaves out.
@@ -220,19 +264,25 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
     kind = next((k for k, t in REQUEST_TYPES.items() if t == etype), None)
     if kind is None or kind not in kinds:
         served = ", ".join(REQUEST_TYPES[k] for k in kinds)
-        raise ContractError(f"event type {etype!r} is not served here (expected {served})",
-                            code="unsupported_event_type")
+        raise ContractError(
+            f"event type {etype!r} is not served here (expected {served})", code="unsupported_event_type"
+        )
     request_id = _attr(event, "id")
     if not full_match(REQUEST_ID_PATTERN, request_id):
-        raise ContractError(f"event id {str(request_id)[:140]!r} cannot name a request: use 1-128 characters "
-                            "[A-Za-z0-9._-] starting with a letter or digit (a UUID is ideal)",
-                            code="invalid_request_id")
+        raise ContractError(
+            f"event id {str(request_id)[:140]!r} cannot name a request: use 1-128 characters "
+            "[A-Za-z0-9._-] starting with a letter or digit (a UUID is ideal)",
+            code="invalid_request_id",
+        )
     tenant = _attr(event, TENANT_EXTENSION)
     if tenant is None or tenant == "":
         tenant = DEFAULT_TENANT
     if not full_match(TENANT_PATTERN, tenant):
-        raise ContractError(f"tenant {str(tenant)[:80]!r} must be a DNS label (lowercase letters, digits, '-')",
-                            code="invalid_tenant", field=TENANT_EXTENSION)
+        raise ContractError(
+            f"tenant {str(tenant)[:80]!r} must be a DNS label (lowercase letters, digits, '-')",
+            code="invalid_tenant",
+            field=TENANT_EXTENSION,
+        )
     content_type = _attr(event, "datacontenttype")
     data = _data(event)
     if content_type and "json" not in str(content_type).lower():
@@ -262,9 +312,24 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
             image_ref = decode_inline_image(uri, max_inline_image_bytes)
             check_image_header(image_ref.data)
             gen_image = image_ref.data
-    fields = {k: data[k] for k in ("prompt", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed",
-                                   "sigma_max", "attention", "sla_topk", "ode", "boundary",
-                                   "adaptive_resolution") if k in data}
+    fields = {
+        k: data[k]
+        for k in (
+            "prompt",
+            "resolution",
+            "aspect_ratio",
+            "num_frames",
+            "num_steps",
+            "seed",
+            "sigma_max",
+            "attention",
+            "sla_topk",
+            "ode",
+            "boundary",
+            "adaptive_resolution",
+        )
+        if k in data
+    }
     fields = {**model_request_defaults(model_defaults), **fields}  # what the request leaves out, the model decides
     if "seed" not in data:  # "pick one": derived from the request id, so a redelivery reproduces the video
         fields["seed"] = derived_seed(request_id)
@@ -275,13 +340,22 @@ def parse_request(event, *, kinds: tuple[str, ...] = ("t2v", "i2v"),
         # keep the decoded bytes; the engine re-opens them (validated() already proved they decode)
         generation = generation.replace(image=image_ref.data)
     source = str(_attr(event, "source") or "")
-    return ParsedRequest(request_id=request_id, kind=kind, event_type=etype, tenant=tenant,
-                         output_prefix=data.get("output_prefix"), model=data.get("model"), generation=generation,
-                         image=image_ref, time=when, source=source,
-                         traceparent=_attr(event, TRACEPARENT_EXTENSION),
-                         tracestate=_attr(event, TRACESTATE_EXTENSION), data=data,
-                         input_sha256=input_digest(source=source, tenant=tenant, kind=kind, data=data,
-                                                   image=image_ref))
+    return ParsedRequest(
+        request_id=request_id,
+        kind=kind,
+        event_type=etype,
+        tenant=tenant,
+        output_prefix=data.get("output_prefix"),
+        model=data.get("model"),
+        generation=generation,
+        image=image_ref,
+        time=when,
+        source=source,
+        traceparent=_attr(event, TRACEPARENT_EXTENSION),
+        tracestate=_attr(event, TRACESTATE_EXTENSION),
+        data=data,
+        input_sha256=input_digest(source=source, tenant=tenant, kind=kind, data=data, image=image_ref),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,8 +367,9 @@ def _cloudevent(attributes: dict, data: dict):
     return CloudEvent(attributes={k: v for k, v in attributes.items() if v is not None}, data=data)
 
 
-def reply_id(request_id: str, event_type: str, *extra: str, request_source: str = "",
-             signing_key: bytes | None = None) -> str:
+def reply_id(
+    request_id: str, event_type: str, *extra: str, request_source: str = "", signing_key: bytes | None = None
+) -> str:
     """Deterministic id of a reply: new (never the request's id), equal for a redelivered request. Derived from the
     request's (source, id) with the signing key, so nobody without it can predict (and pre-empt) it."""
     return derive_id(signing_key, request_source, request_id, event_type, *extra)
@@ -305,16 +380,27 @@ def _signed_cloudevent(attributes: dict, data: dict, signing_key: bytes | None):
     return _cloudevent(sign_attributes(signing_key, present, data), data)
 
 
-def completed_event(request_event, data: dict, *, source: str | None = None, time: datetime | None = None,
-                    signing_key: bytes | None = None):
+def completed_event(
+    request_event,
+    data: dict,
+    *,
+    source: str | None = None,
+    time: datetime | None = None,
+    signing_key: bytes | None = None,
+):
     """`io.turboflow.video.completed` answering `request_event` (a CloudEvent or a ParsedRequest).
 
     The id is derived from the request's (source, id), `time` defaults to data["completed_at"]: a replayed
     completion is equal to the original. With `signing_key` the event carries the `turboflowsig` signature."""
     if isinstance(request_event, ParsedRequest):
-        ctx = {"request_id": request_event.request_id, "tenant": request_event.tenant,
-               "traceparent": request_event.traceparent, "kind": request_event.kind,
-               "source": DEFAULT_SOURCES[request_event.kind], "request_source": request_event.source}
+        ctx = {
+            "request_id": request_event.request_id,
+            "tenant": request_event.tenant,
+            "traceparent": request_event.traceparent,
+            "kind": request_event.kind,
+            "source": DEFAULT_SOURCES[request_event.kind],
+            "request_source": request_event.source,
+        }
         tracestate = request_event.tracestate
     else:
         ctx = request_context(request_event)
@@ -323,17 +409,35 @@ def completed_event(request_event, data: dict, *, source: str | None = None, tim
     if time is None and data.get("completed_at"):
         time = datetime.fromisoformat(str(data["completed_at"]).replace("Z", "+00:00"))
     event_id = reply_id(request_id, COMPLETED, request_source=ctx["request_source"], signing_key=signing_key)
-    attrs = {"type": COMPLETED, "source": source or ctx["source"], "id": event_id,
-             "subject": request_id, "datacontenttype": "application/json",
-             "dataschema": SCHEMAS[COMPLETED]["$id"], "time": time or datetime.now(timezone.utc),
-             TENANT_EXTENSION: data.get("tenant") or ctx["tenant"],
-             TRACEPARENT_EXTENSION: ctx["traceparent"], TRACESTATE_EXTENSION: tracestate}
+    attrs = {
+        "type": COMPLETED,
+        "source": source or ctx["source"],
+        "id": event_id,
+        "subject": request_id,
+        "datacontenttype": "application/json",
+        "dataschema": SCHEMAS[COMPLETED]["$id"],
+        "time": time or datetime.now(UTC),
+        TENANT_EXTENSION: data.get("tenant") or ctx["tenant"],
+        TRACEPARENT_EXTENSION: ctx["traceparent"],
+        TRACESTATE_EXTENSION: tracestate,
+    }
     return _signed_cloudevent(attrs, data, signing_key)
 
 
-def failed_event(request_id: str, code: str, message: str, retryable: bool, *, source: str,
-                 subject: str | None = None, tenant: str | None = None, traceparent: str | None = None,
-                 field: str | None = None, request_source: str | None = None, signing_key: bytes | None = None):
+def failed_event(
+    request_id: str,
+    code: str,
+    message: str,
+    retryable: bool,
+    *,
+    source: str,
+    subject: str | None = None,
+    tenant: str | None = None,
+    traceparent: str | None = None,
+    field: str | None = None,
+    request_source: str | None = None,
+    signing_key: bytes | None = None,
+):
     """`io.turboflow.video.failed` for `request_id` (sent by `request_source`). Same (request source, request id,
     reply source, code) -> same event id; with `signing_key` the id is unguessable and the event signed."""
     data = {"request_id": request_id or "", "code": code, "message": message, "retryable": bool(retryable)}
@@ -342,32 +446,51 @@ def failed_event(request_id: str, code: str, message: str, retryable: bool, *, s
     if tenant:
         data["tenant"] = tenant
     if request_id:
-        event_id = reply_id(request_id, FAILED, source, code, request_source=request_source or "",
-                            signing_key=signing_key)
+        event_id = reply_id(
+            request_id, FAILED, source, code, request_source=request_source or "", signing_key=signing_key
+        )
     else:  # nothing identifies the request: a fresh id (there is no redelivery to de-duplicate against)
         event_id = str(uuid.uuid4())
-    attrs = {"type": FAILED, "source": source, "id": event_id,
-             "subject": subject or request_id or None, "datacontenttype": "application/json",
-             "dataschema": SCHEMAS[FAILED]["$id"], "time": datetime.now(timezone.utc),
-             TENANT_EXTENSION: tenant, TRACEPARENT_EXTENSION: traceparent}
+    attrs = {
+        "type": FAILED,
+        "source": source,
+        "id": event_id,
+        "subject": subject or request_id or None,
+        "datacontenttype": "application/json",
+        "dataschema": SCHEMAS[FAILED]["$id"],
+        "time": datetime.now(UTC),
+        TENANT_EXTENSION: tenant,
+        TRACEPARENT_EXTENSION: traceparent,
+    }
     return _signed_cloudevent(attrs, data, signing_key)
 
 
-def failed_from_error(error: BaseException, ctx: dict, *, source: str | None = None,
-                      signing_key: bytes | None = None):
+def failed_from_error(error: BaseException, ctx: dict, *, source: str | None = None, signing_key: bytes | None = None):
     """A failed reply for a typed error (TurboflowError) or anything else (internal_error, details only in logs)."""
     if isinstance(error, TurboflowError):
         code, message, retryable, fld = error.code, error.message, error.retryable, error.field
     else:
-        code, message, retryable, fld = "internal_error", "internal error; the function's logs have details", \
-            False, None
+        code, message, retryable, fld = (
+            "internal_error",
+            "internal error; the function's logs have details",
+            False,
+            None,
+        )
     tenant = ctx.get("tenant")
     if tenant is not None and not full_match(TENANT_PATTERN, tenant):
         tenant = None  # never echo an invalid tenant into routing attributes
     request_id = ctx.get("request_id") or ""
     if not full_match(REQUEST_ID_PATTERN, request_id):  # echo it, but never a control character into headers
         request_id = "".join(c for c in request_id if c.isprintable())[:128]
-    return failed_event(request_id, code, message, retryable,
-                        source=source or ctx.get("source") or "/turboflow/functions", tenant=tenant,
-                        traceparent=ctx.get("traceparent"), field=fld, request_source=ctx.get("request_source"),
-                        signing_key=signing_key)
+    return failed_event(
+        request_id,
+        code,
+        message,
+        retryable,
+        source=source or ctx.get("source") or "/turboflow/functions",
+        tenant=tenant,
+        traceparent=ctx.get("traceparent"),
+        field=fld,
+        request_source=ctx.get("request_source"),
+        signing_key=signing_key,
+    )

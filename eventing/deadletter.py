@@ -21,6 +21,7 @@ necessarily routed back into the broker; both copies share the id and JetStream'
 Events that are not turboflow requests (e.g. a completion a downstream Trigger could not deliver) are logged and
 acknowledged with 202: there is nothing to report them to.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,17 @@ def _broker_failure(event, ctx: dict, signing_key: bytes | None):
     message = f"the broker stored {what} and cannot deliver it"
     if reason:
         message += f": {reason[:300]}"
-    return failed_event(ctx["request_id"], code, message, False, source=SOURCE, tenant=ctx.get("tenant"),
-                        traceparent=ctx.get("traceparent"), request_source=ctx.get("request_source"),
-                        signing_key=signing_key)
+    return failed_event(
+        ctx["request_id"],
+        code,
+        message,
+        False,
+        source=SOURCE,
+        tenant=ctx.get("tenant"),
+        traceparent=ctx.get("traceparent"),
+        request_source=ctx.get("request_source"),
+        signing_key=signing_key,
+    )
 
 
 def failed_for(event, signing_key: bytes | None = None):
@@ -113,9 +122,17 @@ def failed_for(event, signing_key: bytes | None = None):
     message += f", {cause['code']})" if cause.get("code") else ")"
     if detail:
         message += f": {detail[:300]}"
-    failed = failed_event(ctx["request_id"], CODE, message, cause["retryable"], source=SOURCE,
-                          tenant=ctx.get("tenant"), traceparent=ctx.get("traceparent"),
-                          request_source=ctx.get("request_source"), signing_key=signing_key)
+    failed = failed_event(
+        ctx["request_id"],
+        CODE,
+        message,
+        cause["retryable"],
+        source=SOURCE,
+        tenant=ctx.get("tenant"),
+        traceparent=ctx.get("traceparent"),
+        request_source=ctx.get("request_source"),
+        signing_key=signing_key,
+    )
     return _with_cause(failed, cause, signing_key)
 
 
@@ -152,8 +169,12 @@ class DeadLetterApp:
         self.received += 1
         failed = failed_for(event, self.signing_key)
         if failed is None:
-            log.warning("dead letter: %s %s (not a turboflow request) dropped after delivery failure to %s",
-                        event.get_type(), event.get_id(), event.get_attributes().get("knativeerrordest"))
+            log.warning(
+                "dead letter: %s %s (not a turboflow request) dropped after delivery failure to %s",
+                event.get_type(),
+                event.get_id(),
+                event.get_attributes().get("knativeerrordest"),
+            )
             return await respond(send, 202, b"")
         log.warning("dead letter: request %s -> %s %s", event.get_id(), failed.get_type(), failed.get_id())
         out = to_binary_event(failed)

@@ -17,6 +17,7 @@ broker checks that the NATS it talks to is the nats-server this stack started.
 The dispatcher waits for a function's readiness before each attempt (Knative's activator holds requests for a pod
 that is still loading), so a function restarted after a crash gets the retried request once its model is loaded.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,11 @@ from .triggers import load_triggers
 
 log = logging.getLogger(__name__)
 
-DEV_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "turboflow-dev", "AWS_SECRET_ACCESS_KEY": "turboflow-dev",
-                   "AWS_DEFAULT_REGION": "us-east-1"}
+DEV_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "turboflow-dev",
+    "AWS_SECRET_ACCESS_KEY": "turboflow-dev",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def default_state_file() -> Path:
@@ -51,7 +55,7 @@ def default_tiny_dir() -> Path:
 
 def ensure_tiny(kind: str, root: Path) -> Path:
     """A tiny model cache for `kind` under root (built once, offline)."""
-    from turboflow.storage.modelcache import read_manifest
+    from turboflow.engine.modelcache import read_manifest
 
     path = root / kind
     try:
@@ -97,8 +101,21 @@ class FunctionProcess:
         self.kind, self.port, self.model, self.env, self.log_path = kind, port, model, env, log_path
         self.url = f"http://{host}:{port}/"
         self.ready_url = f"http://{host}:{port}/health/readiness"
-        self.cmd = [sys.executable, "-m", "turboflow.cli", "serve", kind, "--port", str(port), "--host", host,
-                    "--model", str(model), "--device", device]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "turboflow.cli",
+            "serve",
+            kind,
+            "--port",
+            str(port),
+            "--host",
+            host,
+            "--model",
+            str(model),
+            "--device",
+            device,
+        ]
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._stopping = False
@@ -110,8 +127,9 @@ class FunctionProcess:
 
     async def _spawn(self) -> None:
         logf = open(self.log_path, "ab")
-        self.proc = await asyncio.create_subprocess_exec(*self.cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=logf, stderr=logf, start_new_session=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
         logf.close()
 
     async def start(self) -> None:
@@ -134,7 +152,7 @@ class FunctionProcess:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         if self._task:
@@ -160,7 +178,7 @@ class DevStack:
         self._saved_env: dict = {}
 
     # ------------------------------------------------------------------------------------------------------
-    async def start(self) -> "DevStack":
+    async def start(self) -> DevStack:
         c = self.cfg
         if c.log_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="turboflow-dev-")
@@ -193,42 +211,63 @@ class DevStack:
                 raise
 
         tiny_root = c.tiny_dir or default_tiny_dir()
-        models = {k: Path(c.models[k]) if c.models.get(k) else await asyncio.to_thread(ensure_tiny, k, tiny_root)
-                  for k in c.kinds}
-        env = {**os.environ, "TURBOFLOW_BUCKET": c.bucket, "S3_ENDPOINT_URL": self.s3_endpoint,
-               "TURBOFLOW_INPUT_BUCKETS": c.bucket, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in DEV_CREDENTIALS},
-               signing.SIGNING_KEY_VARIABLE: self.signing_key, **c.function_env}
+        models = {
+            k: Path(c.models[k]) if c.models.get(k) else await asyncio.to_thread(ensure_tiny, k, tiny_root)
+            for k in c.kinds
+        }
+        env = {
+            **os.environ,
+            "TURBOFLOW_BUCKET": c.bucket,
+            "S3_ENDPOINT_URL": self.s3_endpoint,
+            "TURBOFLOW_INPUT_BUCKETS": c.bucket,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **{k: os.environ[k] for k in DEV_CREDENTIALS},
+            signing.SIGNING_KEY_VARIABLE: self.signing_key,
+            **c.function_env,
+        }
         for kind in c.kinds:
-            fp = FunctionProcess(kind, free_port(c.host), models[kind], env, c.log_dir / f"{kind}.log", c.host,
-                                 c.device)
+            fp = FunctionProcess(
+                kind, free_port(c.host), models[kind], env, c.log_dir / f"{kind}.log", c.host, c.device
+            )
             await fp.start()
             self.functions[kind] = fp
 
         dead_letter = bind_listener("dead-letter sink", c.host, 0)
         self._listeners.append(dead_letter)
         dl_port = dead_letter.getsockname()[1]
-        self._tasks.append(asyncio.create_task(serve_asgi(self.deadletter, c.host, dl_port, self._stop,
-                                                          sock=dead_letter)))
+        self._tasks.append(
+            asyncio.create_task(serve_asgi(self.deadletter, c.host, dl_port, self._stop, sock=dead_letter))
+        )
         addresses = {f"turboflow-{k}": fp.url for k, fp in self.functions.items()}
         addresses["turboflow-deadletter"] = f"http://{c.host}:{dl_port}/"
-        triggers = [t for t in load_triggers(broker=c.broker, namespace=c.namespace)
-                    if t.subscriber.ref is None or t.subscriber.ref.get("name") in addresses]
+        triggers = [
+            t
+            for t in load_triggers(broker=c.broker, namespace=c.namespace)
+            if t.subscriber.ref is None or t.subscriber.ref.get("name") in addresses
+        ]
         if c.delivery:
             triggers = [t.with_delivery(**c.delivery) for t in triggers]
-        self.broker = Broker(self.nats.url, triggers, addresses, namespace=c.namespace, name=c.broker,
-                             gates={fp.url: fp.ready_url for fp in self.functions.values()},
-                             max_inflight=c.max_inflight, signing_key=self.signing_key.encode())
+        self.broker = Broker(
+            self.nats.url,
+            triggers,
+            addresses,
+            namespace=c.namespace,
+            name=c.broker,
+            gates={fp.url: fp.ready_url for fp in self.functions.values()},
+            max_inflight=c.max_inflight,
+            signing_key=self.signing_key.encode(),
+        )
         await self.broker.start()
         self._check_own_nats()
         port = ingress.getsockname()[1]
-        self._tasks.append(asyncio.create_task(serve_asgi(self.broker.asgi, c.host, port, self._stop,
-                                                          sock=ingress)))
+        self._tasks.append(asyncio.create_task(serve_asgi(self.broker.asgi, c.host, port, self._stop, sock=ingress)))
         self.ingress_url = f"http://{c.host}:{port}/{c.namespace}/{c.broker}"
         await _wait_port(c.host, port)
         await _wait_port(c.host, dl_port)
 
-        from turboflow.storage.s3source import BucketNotifier, S3Source, S3SourceConfig, run_source
+        from turboflow.eventing.s3source import BucketNotifier, S3Source, S3SourceConfig, run_source
 
         source = S3Source(s3, S3SourceConfig(prefix=c.upload_prefix, buckets=(c.bucket,), tenant=c.tenant))
         self.notifier = BucketNotifier(s3, c.bucket, c.upload_prefix, self.nats.url, interval=c.notify_interval)
@@ -242,22 +281,32 @@ class DevStack:
         """The broker must talk to the nats-server this stack started, not one that happened to answer."""
         info = getattr(self.broker.nc, "_server_info", None) or {}
         if info.get("server_name") != self.nats.server_name:
-            raise RuntimeError(f"the broker reached NATS server {info.get('server_name')!r} on {self.nats.url}, "
-                               f"not the one this stack started ({self.nats.server_name})")
+            raise RuntimeError(
+                f"the broker reached NATS server {info.get('server_name')!r} on {self.nats.url}, "
+                f"not the one this stack started ({self.nats.server_name})"
+            )
 
     def s3_client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+        )
 
     def endpoints(self) -> dict:
-        return {"broker": self.ingress_url, "nats": self.nats.url, "stream": self.broker.stream,
-                "subjects": f"{self.broker.prefix}.>", "s3_endpoint": self.s3_endpoint, "bucket": self.cfg.bucket,
-                "upload_prefix": f"s3://{self.cfg.bucket}/{self.cfg.upload_prefix}<tenant>/",
-                "functions": {k: fp.url for k, fp in self.functions.items()},
-                "logs": str(self.cfg.log_dir), "pid": os.getpid()}
+        return {
+            "broker": self.ingress_url,
+            "nats": self.nats.url,
+            "stream": self.broker.stream,
+            "subjects": f"{self.broker.prefix}.>",
+            "s3_endpoint": self.s3_endpoint,
+            "bucket": self.cfg.bucket,
+            "upload_prefix": f"s3://{self.cfg.bucket}/{self.cfg.upload_prefix}<tenant>/",
+            "functions": {k: fp.url for k, fp in self.functions.items()},
+            "logs": str(self.cfg.log_dir),
+            "pid": os.getpid(),
+        }
 
     async def wait_ready(self, timeout: float = 180) -> None:
         import httpx

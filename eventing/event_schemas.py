@@ -3,6 +3,7 @@
 eventing/contracts.py (parsing and reply builders) re-exports all of it; `eventing/schemas/*.json` and
 `docs/events.asyncapi.yaml` are generated from these dicts (`python -m turboflow.eventing.asyncapi --write`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,9 @@ import re
 import uuid
 from typing import Any
 
-from turboflow.engine.errors import InvalidRequestError
 from turboflow.engine import request as _engine_request
 from turboflow.engine.request import ATTENTION_TYPES, MAX_FRAMES, MAX_PROMPT_CHARS, RESOLUTIONS, SEED_MAX
+from turboflow.errors import InvalidRequestError
 
 from .types import COMPLETED, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED
 
@@ -26,11 +27,17 @@ _ID_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # uuid5 names
 # Attention kinds the schema offers: what the engine implements. Names upstream knows but this build lacks are
 # refused with `unsupported_option` and the engine's reason (UNAVAILABLE_ATTENTION), not a generic enum error.
 IMPLEMENTED_ATTENTION: tuple[str, ...] = tuple(
-    getattr(_engine_request, "IMPLEMENTED_ATTENTION", None) or ATTENTION_TYPES)
-UNAVAILABLE_ATTENTION: dict[str, str] = dict(getattr(_engine_request, "UNAVAILABLE_ATTENTION", None) or {
-    name: f"attention {name!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; use 'sla' "
-          "(same math, portable kernels) or 'original'"
-    for name in (*ATTENTION_TYPES, "sagesla") if name not in IMPLEMENTED_ATTENTION})
+    getattr(_engine_request, "IMPLEMENTED_ATTENTION", None) or ATTENTION_TYPES
+)
+UNAVAILABLE_ATTENTION: dict[str, str] = dict(
+    getattr(_engine_request, "UNAVAILABLE_ATTENTION", None)
+    or {
+        name: f"attention {name!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; use 'sla' "
+        "(same math, portable kernels) or 'original'"
+        for name in (*ATTENTION_TYPES, "sagesla")
+        if name not in IMPLEMENTED_ATTENTION
+    }
+)
 
 # Identifiers that end up in object keys. Conservative on purpose: keys never need escaping and can never
 # climb out of the tenant prefix ("..", "/", absolute paths, control characters are all impossible).
@@ -49,6 +56,7 @@ DEFAULT_MAX_INLINE_IMAGE_BYTES = 512 << 10
 
 class ContractError(InvalidRequestError):
     """The event violates the contract. Always answered with a `failed` reply, never retried."""
+
     code = "invalid_request"
 
 
@@ -58,54 +66,100 @@ class ContractError(InvalidRequestError):
 _ASPECTS = sorted({a for table in RESOLUTIONS.values() for a in table})
 
 _COMMON_REQUEST_PROPERTIES: dict[str, dict] = {
-    "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
-               "description": "What the video shows. umT5 reads at most 512 tokens."},
-    "model": {"type": "string", "pattern": MODEL_PATTERN,
-              "description": "Optional: the model the request was written for. The function serves one model; a "
-                             "different name fails with `unknown_model` instead of silently using another."},
-    "resolution": {"type": "string", "enum": sorted(RESOLUTIONS), "default": "480p",
-                   "description": "Named resolution (TurboDiffusion table)."},
+    "prompt": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_PROMPT_CHARS,
+        "description": "What the video shows. umT5 reads at most 512 tokens.",
+    },
+    "model": {
+        "type": "string",
+        "pattern": MODEL_PATTERN,
+        "description": "Optional: the model the request was written for. The function serves one model; a "
+        "different name fails with `unknown_model` instead of silently using another.",
+    },
+    "resolution": {
+        "type": "string",
+        "enum": sorted(RESOLUTIONS),
+        "default": "480p",
+        "description": "Named resolution (TurboDiffusion table).",
+    },
     "aspect_ratio": {"type": "string", "enum": _ASPECTS, "default": "16:9"},
-    "num_frames": {"type": "integer", "minimum": 1, "maximum": MAX_FRAMES, "default": 81,
-                   "description": "4k+1 frames (17, 49, 81, ...) at 16 fps; other values fail with "
-                                  "`invalid_num_frames`."},
+    "num_frames": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_FRAMES,
+        "default": 81,
+        "description": "4k+1 frames (17, 49, 81, ...) at 16 fps; other values fail with `invalid_num_frames`.",
+    },
     "num_steps": {"type": "integer", "minimum": 1, "maximum": 4, "default": 4, "description": "rCM steps."},
-    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_MAX,
-             "description": "The noise seed; 0 is a seed like any other (as upstream TurboDiffusion's `--seed 0`). "
-                            "Leave it out to let the function pick one, derived from the request id, "
-                            "so a redelivered request that must be generated again reproduces the same video; the "
-                            "seed used is in the completion."},
-    "sigma_max": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 10000,
-                  "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v)."},
-    "attention": {"type": "string", "enum": list(IMPLEMENTED_ATTENTION),
-                  "description": "Self-attention kernel; default the model's (`sla` for checkpoints fine-tuned "
-                                 "with it, else `original`). Upstream names this build lacks (e.g. `sagesla`) fail "
-                                 "with `unsupported_option` and the reason."},
-    "sla_topk": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1,
-                 "description": "SLA: fraction of key blocks each query block attends to exactly."},
+    "seed": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": SEED_MAX,
+        "description": "The noise seed; 0 is a seed like any other (as upstream TurboDiffusion's `--seed 0`). "
+        "Leave it out to let the function pick one, derived from the request id, "
+        "so a redelivered request that must be generated again reproduces the same video; the "
+        "seed used is in the completion.",
+    },
+    "sigma_max": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "maximum": 10000,
+        "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v).",
+    },
+    "attention": {
+        "type": "string",
+        "enum": list(IMPLEMENTED_ATTENTION),
+        "description": "Self-attention kernel; default the model's (`sla` for checkpoints fine-tuned "
+        "with it, else `original`). Upstream names this build lacks (e.g. `sagesla`) fail "
+        "with `unsupported_option` and the reason.",
+    },
+    "sla_topk": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "default": 0.1,
+        "description": "SLA: fraction of key blocks each query block attends to exactly.",
+    },
     "ode": {"type": "boolean", "default": False, "description": "Deterministic ODE steps instead of SDE."},
-    "output_prefix": {"type": "string", "pattern": OUTPUT_PREFIX_PATTERN, "maxLength": 200,
-                      "description": "Optional sub-folder under the tenant's prefix: the object key is "
-                                     "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{yyyy}/{mm}/{dd}/"
-                                     "{request-id}.mp4` when the request event has a `time` (its UTC date), "
-                                     "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{request-id}.mp4` "
-                                     "without one. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`."},
+    "output_prefix": {
+        "type": "string",
+        "pattern": OUTPUT_PREFIX_PATTERN,
+        "maxLength": 200,
+        "description": "Optional sub-folder under the tenant's prefix: the object key is "
+        "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{yyyy}/{mm}/{dd}/"
+        "{request-id}.mp4` when the request event has a `time` (its UTC date), "
+        "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{request-id}.mp4` "
+        "without one. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`.",
+    },
 }
 
 _I2V_PROPERTIES: dict[str, dict] = {
-    "image": {"type": "string", "maxLength": MAX_INLINE_IMAGE_CHARS,
-              "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
-              "description": "Conditioning image: `s3://bucket/{TURBOFLOW_IMAGE_PREFIX}/{tenant}/key`, the "
-                             "requesting tenant's upload prefix in a bucket the function may read "
-                             "(TURBOFLOW_INPUT_BUCKETS, default the output bucket; TURBOFLOW_IMAGE_PREFIX default "
-                             "`uploads`) or a prefix the deployment shares (TURBOFLOW_SHARED_IMAGE_PREFIXES); "
-                             "anything else fails with `image_not_allowed`. Or an inline "
-                             "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
-                             "512 KiB)."},
-    "boundary": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
-                 "description": "High-noise expert while t >= boundary, low-noise expert after."},
-    "adaptive_resolution": {"type": "boolean", "default": True,
-                            "description": "Keep the resolution's area, follow the image's aspect ratio."},
+    "image": {
+        "type": "string",
+        "maxLength": MAX_INLINE_IMAGE_CHARS,
+        "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
+        "description": "Conditioning image: `s3://bucket/{TURBOFLOW_IMAGE_PREFIX}/{tenant}/key`, the "
+        "requesting tenant's upload prefix in a bucket the function may read "
+        "(TURBOFLOW_INPUT_BUCKETS, default the output bucket; TURBOFLOW_IMAGE_PREFIX default "
+        "`uploads`) or a prefix the deployment shares (TURBOFLOW_SHARED_IMAGE_PREFIXES); "
+        "anything else fails with `image_not_allowed`. Or an inline "
+        "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
+        "512 KiB).",
+    },
+    "boundary": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "default": 0.9,
+        "description": "High-noise expert while t >= boundary, low-noise expert after.",
+    },
+    "adaptive_resolution": {
+        "type": "boolean",
+        "default": True,
+        "description": "Keep the resolution's area, follow the image's aspect ratio.",
+    },
 }
 
 
@@ -116,71 +170,123 @@ def _request_schema(kind: str) -> dict:
         props.update(copy.deepcopy(_I2V_PROPERTIES))
         required.append("image")
     title = {"t2v": "Text-to-video request", "i2v": "Image-to-video request"}[kind]
-    return {"$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/{kind}.requested.json", "title": title,
-            "description": f"data of `{REQUEST_TYPES[kind]}`. Unknown fields are rejected (`unknown_field`).",
-            "type": "object", "additionalProperties": False, "required": required, "properties": props}
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": f"{SCHEMA_BASE}/{kind}.requested.json",
+        "title": title,
+        "description": f"data of `{REQUEST_TYPES[kind]}`. Unknown fields are rejected (`unknown_field`).",
+        "type": "object",
+        "additionalProperties": False,
+        "required": required,
+        "properties": props,
+    }
 
 
 _NUM = {"type": "number", "minimum": 0}
 COMPLETED_SCHEMA: dict = {
-    "$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/completed.json", "title": "Video completed",
+    "$schema": SCHEMA_DIALECT,
+    "$id": f"{SCHEMA_BASE}/completed.json",
+    "title": "Video completed",
     "description": f"data of `{COMPLETED}`. A redelivered request gets an equal event (same id and data) "
-                   "without generating again; `video.url` is re-signed only once less than half its lifetime is "
-                   "left.",
-    "type": "object", "additionalProperties": False,
-    "required": ["request_id", "tenant", "kind", "model", "video", "width", "height", "num_frames", "fps",
-                 "duration", "seed", "num_steps", "sigma_max", "timings", "usage", "completed_at", "input_sha256"],
+    "without generating again; `video.url` is re-signed only once less than half its lifetime is "
+    "left.",
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "request_id",
+        "tenant",
+        "kind",
+        "model",
+        "video",
+        "width",
+        "height",
+        "num_frames",
+        "fps",
+        "duration",
+        "seed",
+        "num_steps",
+        "sigma_max",
+        "timings",
+        "usage",
+        "completed_at",
+        "input_sha256",
+    ],
     "properties": {
         "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
-        "input_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
-                         "description": "Canonical hash of the request input (source, tenant, data; an inline "
-                                        "image by its bytes' digest). A request id reused for a different input "
-                                        "fails with `id_conflict` instead of returning this video."},
+        "input_sha256": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{64}$",
+            "description": "Canonical hash of the request input (source, tenant, data; an inline "
+            "image by its bytes' digest). A request id reused for a different input "
+            "fails with `id_conflict` instead of returning this video.",
+        },
         "tenant": {"type": "string", "pattern": TENANT_PATTERN},
         "kind": {"type": "string", "enum": ["t2v", "i2v"]},
         "model": {"type": "string"},
         "video": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
+            "additionalProperties": False,
             "required": ["uri", "url", "url_expires_at", "bucket", "key", "content_type", "bytes", "sha256"],
             "properties": {
                 "uri": {"type": "string", "pattern": "^s3://", "description": "s3://bucket/key"},
                 "url": {"type": "string", "format": "uri", "description": "Presigned GET URL."},
                 "url_expires_at": {"type": "string", "format": "date-time"},
-                "bucket": {"type": "string"}, "key": {"type": "string"},
+                "bucket": {"type": "string"},
+                "key": {"type": "string"},
                 "content_type": {"const": "video/mp4"},
                 "bytes": {"type": "integer", "minimum": 1},
                 "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            }},
-        "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1},
-        "num_frames": {"type": "integer", "minimum": 1}, "fps": _NUM, "duration": _NUM,
-        "seed": {"type": "integer", "minimum": 0}, "num_steps": {"type": "integer", "minimum": 1, "maximum": 4},
+            },
+        },
+        "width": {"type": "integer", "minimum": 1},
+        "height": {"type": "integer", "minimum": 1},
+        "num_frames": {"type": "integer", "minimum": 1},
+        "fps": _NUM,
+        "duration": _NUM,
+        "seed": {"type": "integer", "minimum": 0},
+        "num_steps": {"type": "integer", "minimum": 1, "maximum": 4},
         "sigma_max": _NUM,
-        "attention": {"enum": list(IMPLEMENTED_ATTENTION), "description": "The attention the video was made with (the "
-                      "request's, else the model's default: `sla` for checkpoints fine-tuned with SLA)."},
+        "attention": {
+            "enum": list(IMPLEMENTED_ATTENTION),
+            "description": "The attention the video was made with (the "
+            "request's, else the model's default: `sla` for checkpoints fine-tuned with SLA).",
+        },
         "sla_topk": {**_NUM, "description": "Fraction of key blocks SLA kept; present when attention is sparse."},
-        "timings": {"type": "object", "additionalProperties": _NUM,
-                    "description": "Seconds per stage: queue_wait, image_fetch, text_encode, vae_encode, "
-                                   "diffusion, vae_decode, mp4_encode (the part not overlapped with the decode), "
-                                   "mp4_encode_total, upload, total."},
+        "timings": {
+            "type": "object",
+            "additionalProperties": _NUM,
+            "description": "Seconds per stage: queue_wait, image_fetch, text_encode, vae_encode, "
+            "diffusion, vae_decode, mp4_encode (the part not overlapped with the decode), "
+            "mp4_encode_total, upload, total.",
+        },
         "usage": {
-            "type": "object", "additionalProperties": False,
+            "type": "object",
+            "additionalProperties": False,
             "required": ["gpu_seconds", "cold_start", "model_load_seconds", "device"],
             "properties": {
-                "gpu_seconds": {**_NUM, "description": "Wall time this request held the device, plus the model "
-                                                       "load when it was the pod's first request."},
+                "gpu_seconds": {
+                    **_NUM,
+                    "description": "Wall time this request held the device, plus the model "
+                    "load when it was the pod's first request.",
+                },
                 "cold_start": {"type": "boolean"},
                 "model_load_seconds": {**_NUM, "description": "Included in gpu_seconds only when cold_start."},
                 "device": {"type": "string"},
-            }},
+            },
+        },
         "completed_at": {"type": "string", "format": "date-time"},
     },
 }
 
 FAILED_SCHEMA: dict = {
-    "$schema": SCHEMA_DIALECT, "$id": f"{SCHEMA_BASE}/failed.json", "title": "Video failed",
+    "$schema": SCHEMA_DIALECT,
+    "$id": f"{SCHEMA_BASE}/failed.json",
+    "title": "Video failed",
     "description": f"data of `{FAILED}`. `code` is stable (see the list); `retryable` says whether sending the "
-                   "same request again later can succeed.",
-    "type": "object", "additionalProperties": False, "required": ["request_id", "code", "message", "retryable"],
+    "same request again later can succeed.",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["request_id", "code", "message", "retryable"],
     "properties": {
         "request_id": {"type": "string"},
         "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
@@ -189,13 +295,18 @@ FAILED_SCHEMA: dict = {
         "field": {"type": "string", "description": "The request field at fault, when there is one."},
         "tenant": {"type": "string"},
         "cause": {
-            "type": "object", "additionalProperties": False, "required": ["retryable"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["retryable"],
             "description": "Dead-letter failures (`delivery_failed`): the last answer the broker got from the "
-                           "function - its error `code`, HTTP `status` (absent for a timeout or a connection "
-                           "failure) and whether that cause was transient (`retryable`, copied to the top level).",
-            "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-                           "status": {"type": "integer", "minimum": 100, "maximum": 599},
-                           "retryable": {"type": "boolean"}}},
+            "function - its error `code`, HTTP `status` (absent for a timeout or a connection "
+            "failure) and whether that cause was transient (`retryable`, copied to the top level).",
+            "properties": {
+                "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                "status": {"type": "integer", "minimum": 100, "maximum": 599},
+                "retryable": {"type": "boolean"},
+            },
+        },
     },
 }
 
@@ -205,8 +316,12 @@ SCHEMAS: dict[str, dict] = {
     COMPLETED: COMPLETED_SCHEMA,
     FAILED: FAILED_SCHEMA,
 }
-SCHEMA_FILES: dict[str, str] = {T2V_REQUESTED: "t2v.requested.json", I2V_REQUESTED: "i2v.requested.json",
-                                COMPLETED: "completed.json", FAILED: "failed.json"}
+SCHEMA_FILES: dict[str, str] = {
+    T2V_REQUESTED: "t2v.requested.json",
+    I2V_REQUESTED: "i2v.requested.json",
+    COMPLETED: "completed.json",
+    FAILED: "failed.json",
+}
 
 # Stable failure codes (documented in the AsyncAPI document). Every code the packages emit is listed here
 # (tests/test_contracts.py greps them): in `failed` events, in 503/400 bodies, at readiness, or from the CLI.
@@ -218,19 +333,25 @@ ERROR_CODES: dict[str, str] = {
     "invalid_tenant": "the tenant extension is not a DNS label",
     "invalid_time": "the CloudEvent time is not an RFC 3339 timestamp",
     "invalid_request": "the request is invalid (generic; a more specific code is used where one exists)",
-    "id_conflict": "the request id (for this source and tenant) was already used for a different input; "
-                   "use a new id",
+    "id_conflict": "the request id (for this source and tenant) was already used for a different input; use a new id",
     # the request data
     "missing_field": "a required field is absent",
     "unknown_field": "a field the schema does not define",
-    "invalid_prompt": "prompt is empty or not a string", "prompt_too_long": "prompt exceeds the limit",
-    "invalid_model": "model is not a valid name", "unknown_model": "this function does not serve that model",
+    "invalid_prompt": "prompt is empty or not a string",
+    "prompt_too_long": "prompt exceeds the limit",
+    "invalid_model": "model is not a valid name",
+    "unknown_model": "this function does not serve that model",
     "invalid_kind": "the generation kind is neither t2v nor i2v",
-    "invalid_resolution": "not a named resolution (480p, 720p)", "invalid_aspect_ratio": "not a listed ratio",
+    "invalid_resolution": "not a named resolution (480p, 720p)",
+    "invalid_aspect_ratio": "not a listed ratio",
     "invalid_num_frames": "not 4k+1 or out of range",
-    "invalid_num_steps": "not 1-4", "invalid_seed": "not an integer in [0, 2^63-1]",
-    "invalid_sigma_max": "not a number in (0, 10000]", "invalid_attention": "not an attention kind",
-    "invalid_sla_topk": "not in (0, 1]", "invalid_ode": "not a boolean", "invalid_boundary": "not in [0, 1]",
+    "invalid_num_steps": "not 1-4",
+    "invalid_seed": "not an integer in [0, 2^63-1]",
+    "invalid_sigma_max": "not a number in (0, 10000]",
+    "invalid_attention": "not an attention kind",
+    "invalid_sla_topk": "not in (0, 1]",
+    "invalid_ode": "not a boolean",
+    "invalid_boundary": "not in [0, 1]",
     "invalid_adaptive_resolution": "not a boolean",
     "invalid_output_prefix": "not 1-4 lowercase segments (no dots, no leading slash)",
     "invalid_key": "an object key component is not usable",
@@ -238,7 +359,8 @@ ERROR_CODES: dict[str, str] = {
     "unexpected_image": "a t2v generation was given an image",
     # the I2V image
     "invalid_image_reference": "image is neither an s3:// URI nor a data:image/...;base64 URI",
-    "invalid_image_base64": "the inline image is not valid base64", "image_too_large": "image over the size cap",
+    "invalid_image_base64": "the inline image is not valid base64",
+    "image_too_large": "image over the size cap",
     "image_bucket_not_allowed": "the s3:// image is in a bucket the function may not read",
     "image_not_allowed": "the s3:// image is outside the tenant's upload prefix and the shared prefixes",
     "image_not_found": "the s3:// image (under the tenant's own prefix) does not exist",
@@ -247,26 +369,28 @@ ERROR_CODES: dict[str, str] = {
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
     "internal_error": "unexpected failure",
     "undecodable_event": "the broker stored a message that is not a readable CloudEvent (published straight to "
-                         "NATS: no id/specversion, JSON nested too deep); emitted by the dead-letter sink",
-    "delivery_failed": "the broker could not deliver the request (retries exhausted; emitted by the dead-letter "
-                       "sink)",
+    "NATS: no id/specversion, JSON nested too deep); emitted by the dead-letter sink",
+    "delivery_failed": "the broker could not deliver the request (retries exhausted; emitted by the dead-letter sink)",
     "not_ready": "retryable (HTTP 503): the model is still loading or the function is stopping",
     "device_busy": "retryable (HTTP 503): the device queue is full",
     "storage_unavailable": "retryable (HTTP 503): S3 is unreachable, throttling or refused the transfer",
     "storage_misconfigured": "retryable (HTTP 503): the storage settings are wrong (bucket, credentials)",
     "invalid_cloudevent": "HTTP 400: the body is not a valid CloudEvent (missing id or specversion, bad headers, "
-                          "JSON nested too deeply)",
+    "JSON nested too deeply)",
     # deployment (readiness, CLI)
     "invalid_config": "a setting has a value the function cannot use (readiness says which)",
     "wrong_model_kind": "the model cache holds the other kind of model (readiness)",
     "device_unavailable": "the configured device cannot be used (readiness)",
-    "model_cache_error": "the model cache is not usable", "model_cache_missing": "no model cache there",
+    "model_cache_error": "the model cache is not usable",
+    "model_cache_missing": "no model cache there",
     "model_cache_incomplete": "the model cache is missing files (pull still running?)",
     "model_cache_invalid": "the model cache's manifest or files are wrong",
-    "manifest_error": "a manifest cannot be read", "checksum_mismatch": "a model file fails its checksum",
+    "manifest_error": "a manifest cannot be read",
+    "checksum_mismatch": "a model file fails its checksum",
     "checkpoint_mismatch": "a checkpoint does not fit the architecture",
     "model_import_error": "a published checkpoint cannot be imported",
-    "no_broker": "CLI: no broker ingress reachable", "no_nats": "CLI: no NATS server reachable",
+    "no_broker": "CLI: no broker ingress reachable",
+    "no_nats": "CLI: no NATS server reachable",
     "no_sink": "CLI: no event sink configured",
     "port_in_use": "CLI: a port `turboflow dev` needs is already taken",
     "invalid_trace": "CLI: a `turboflow simulate` trace (CSV) has a bad row or header",
@@ -358,14 +482,24 @@ def _error_code(err) -> tuple[str, str | None, str]:
         return "prompt_too_long", fld, f"prompt has {len(err.instance)} characters; the limit is {MAX_PROMPT_CHARS}"
     if fld == "image":
         if err.validator == "maxLength":
-            return "image_too_large", fld, f"inline image is {len(err.instance)} characters; the event limit is " \
-                                          f"{MAX_INLINE_IMAGE_CHARS}: upload it and pass an s3:// URI"
+            return (
+                "image_too_large",
+                fld,
+                f"inline image is {len(err.instance)} characters; the event limit is "
+                f"{MAX_INLINE_IMAGE_CHARS}: upload it and pass an s3:// URI",
+            )
         if err.validator in ("anyOf", "pattern"):
-            return "invalid_image_reference", fld, \
-                "image must be an s3://bucket/key URI or a data:image/<type>;base64,... URI"
+            return (
+                "invalid_image_reference",
+                fld,
+                "image must be an s3://bucket/key URI or a data:image/<type>;base64,... URI",
+            )
     if fld == "output_prefix":
-        return "invalid_output_prefix", fld, \
-            "output_prefix must be 1-4 segments of [a-z0-9][a-z0-9_-]* separated by '/' (no dots, no leading '/')"
+        return (
+            "invalid_output_prefix",
+            fld,
+            "output_prefix must be 1-4 segments of [a-z0-9][a-z0-9_-]* separated by '/' (no dots, no leading '/')",
+        )
     return f"invalid_{fld}", fld, f"{fld}: {shown}"
 
 

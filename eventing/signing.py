@@ -18,6 +18,7 @@ Anyone who can reach a broker ingress can post an `io.turboflow.video.completed`
 Without a key (a deployment that never set one) events go unsigned and ids fall back to a uuid5 over a public
 namespace: still deterministic, no longer unguessable. `turboflow dev` and the manifests always set one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,7 +27,8 @@ import hmac
 import json
 import os
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SIGNATURE_EXTENSION = "turboflowsig"
 SIGNING_KEY_VARIABLE = "TURBOFLOW_EVENT_SIGNING_KEY"

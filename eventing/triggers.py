@@ -5,12 +5,14 @@ than ignored), the legacy `spec.filter.attributes` (exact, used only when `filte
 `spec.subscriber` (`ref` resolved through a caller-given mapping, `uri` absolute or relative to the ref) and
 `spec.delivery` (timeout, retry, backoffPolicy, backoffDelay, deadLetterSink).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import urljoin
 
 import yaml
@@ -18,8 +20,10 @@ import yaml
 MANIFESTS_DIR = Path(__file__).resolve().parent / "manifests"
 TRIGGERS_FILE = MANIFESTS_DIR / "triggers.yaml"
 
-_ISO_DURATION = re.compile(r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
-                           r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$")
+_ISO_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
 
 
 class TriggerError(ValueError):
@@ -42,11 +46,12 @@ def parse_duration(value: str | int | float | None) -> float | None:
 @dataclass(frozen=True)
 class Destination:
     """A Knative Destination: `ref` (apiVersion/kind/name/namespace) and/or `uri`."""
+
     ref: Mapping[str, str] | None = None
     uri: str | None = None
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None, namespace: str) -> "Destination | None":
+    def from_spec(cls, spec: Mapping[str, Any] | None, namespace: str) -> Destination | None:
         if not spec:
             return None
         ref = dict(spec["ref"]) if spec.get("ref") else None
@@ -89,15 +94,19 @@ class Delivery:
         return self.backoff_delay * (2 ** (retry_number - 1))
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None, namespace: str) -> "Delivery":
+    def from_spec(cls, spec: Mapping[str, Any] | None, namespace: str) -> Delivery:
         spec = spec or {}
         policy = str(spec.get("backoffPolicy", "exponential")).lower()
         if policy not in ("exponential", "linear"):
             raise TriggerError(f"backoffPolicy must be exponential or linear, got {policy!r}")
         delay = parse_duration(spec.get("backoffDelay"))
-        return cls(timeout=parse_duration(spec.get("timeout")), retry=int(spec.get("retry", 0)),
-                   backoff_policy=policy, backoff_delay=0.2 if delay is None else delay,
-                   dead_letter=Destination.from_spec(spec.get("deadLetterSink"), namespace))
+        return cls(
+            timeout=parse_duration(spec.get("timeout")),
+            retry=int(spec.get("retry", 0)),
+            backoff_policy=policy,
+            backoff_delay=0.2 if delay is None else delay,
+            dead_letter=Destination.from_spec(spec.get("deadLetterSink"), namespace),
+        )
 
 
 def attribute_text(value: Any) -> str:
@@ -111,7 +120,7 @@ def attribute_text(value: Any) -> str:
 def _check_filter(expr: Mapping[str, Any]) -> None:
     if not isinstance(expr, Mapping) or len(expr) != 1:
         raise TriggerError(f"a filter expression has exactly one dialect key, got {expr!r}")
-    (dialect, arg), = expr.items()
+    ((dialect, arg),) = expr.items()
     if dialect in ("exact", "prefix", "suffix"):
         if not isinstance(arg, Mapping) or not arg:
             raise TriggerError(f"{dialect} needs a non-empty attribute map")
@@ -128,14 +137,15 @@ def _check_filter(expr: Mapping[str, Any]) -> None:
 
 def matches(expr: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
     """One Knative filter expression against event attributes (a missing attribute never matches)."""
-    (dialect, arg), = expr.items()
+    ((dialect, arg),) = expr.items()
     if dialect in ("exact", "prefix", "suffix"):
         for name, want in arg.items():
             if name not in attrs or attrs[name] is None:
                 return False
             have = attribute_text(attrs[name])
-            ok = {"exact": have == str(want), "prefix": have.startswith(str(want)),
-                  "suffix": have.endswith(str(want))}[dialect]
+            ok = {"exact": have == str(want), "prefix": have.startswith(str(want)), "suffix": have.endswith(str(want))}[
+                dialect
+            ]
             if not ok:
                 return False
         return True
@@ -161,15 +171,16 @@ class Trigger:
     def matches(self, attrs: Mapping[str, Any]) -> bool:
         if self.filters:
             return all(matches(f, attrs) for f in self.filters)
-        return all(v == "" or (k in attrs and attribute_text(attrs[k]) == str(v))
-                   for k, v in self.legacy_attributes.items())
+        return all(
+            v == "" or (k in attrs and attribute_text(attrs[k]) == str(v)) for k, v in self.legacy_attributes.items()
+        )
 
-    def with_delivery(self, **changes) -> "Trigger":
+    def with_delivery(self, **changes) -> Trigger:
         """A copy with some delivery fields replaced (tests and `turboflow dev` shorten timeouts this way)."""
         return replace(self, delivery=replace(self.delivery, **changes))
 
     @classmethod
-    def from_manifest(cls, doc: Mapping[str, Any]) -> "Trigger":
+    def from_manifest(cls, doc: Mapping[str, Any]) -> Trigger:
         meta, spec = doc.get("metadata") or {}, doc.get("spec") or {}
         namespace = meta.get("namespace", "default")
         broker = spec.get("broker") or (spec.get("brokerRef") or {}).get("name")
@@ -181,9 +192,15 @@ class Trigger:
         subscriber = Destination.from_spec(spec.get("subscriber"), namespace)
         if subscriber is None:
             raise TriggerError(f"Trigger {meta.get('name')}: spec.subscriber is required")
-        return cls(name=meta["name"], namespace=namespace, broker=broker, subscriber=subscriber,
-                   delivery=Delivery.from_spec(spec.get("delivery"), namespace), filters=filters,
-                   legacy_attributes=dict((spec.get("filter") or {}).get("attributes") or {}))
+        return cls(
+            name=meta["name"],
+            namespace=namespace,
+            broker=broker,
+            subscriber=subscriber,
+            delivery=Delivery.from_spec(spec.get("delivery"), namespace),
+            filters=filters,
+            legacy_attributes=dict((spec.get("filter") or {}).get("attributes") or {}),
+        )
 
 
 def load_manifests(paths: Iterable[str | Path] | None = None) -> list[dict]:
@@ -197,8 +214,9 @@ def load_manifests(paths: Iterable[str | Path] | None = None) -> list[dict]:
     return docs
 
 
-def load_triggers(paths: Iterable[str | Path] | None = None, *, broker: str | None = None,
-                  namespace: str | None = None) -> list[Trigger]:
+def load_triggers(
+    paths: Iterable[str | Path] | None = None, *, broker: str | None = None, namespace: str | None = None
+) -> list[Trigger]:
     """The Triggers (apiVersion eventing.knative.dev/v1) in `paths`, optionally only those of one broker."""
     out = []
     for doc in load_manifests(paths):

@@ -20,6 +20,7 @@ whether the request really carried one, because the output key's date folders co
 `install()` makes func-python's stock `serve(new)` (the Knative func scaffolding) build a FunctionApp too, so the
 image built by `func build` and `turboflow serve` expose the same endpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,7 @@ def _event_problem(headers: dict[str, str], body: bytes) -> tuple[str | None, bo
         present = {name[3:] for name, value in headers.items() if name.startswith("ce-") and value.strip()}
         missing = _missing_attributes(present)
         if missing:
-            return f"the CloudEvent has no {' or '.join('ce-' + m for m in missing)} header (both are " \
-                   "required)", False
+            return f"the CloudEvent has no {' or '.join('ce-' + m for m in missing)} header (both are required)", False
         return None, "time" in present
     return None, False
 
@@ -117,13 +117,19 @@ def _replaying(body: bytes, pending: list[dict], receive):
         if queue:
             return queue.pop(0)
         return await receive()
+
     return replay
 
 
 async def _bad_request(send, message: str) -> None:
     payload = json.dumps({"error": "invalid_cloudevent", "message": message}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -135,9 +141,13 @@ class FunctionApp(_Original):
     async def __call__(self, scope, receive, send):
         if scope.get("type") == "http" and scope.get("path") == "/metrics":
             body, content_type = metrics.render()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", content_type.encode()),
-                                    (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if scope.get("type") == "http" and scope.get("path") not in _HEALTH_PATHS:

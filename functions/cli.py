@@ -1,4 +1,5 @@
 """`turboflow serve t2v|i2v --port P --model DIR`: the function's ASGI app under hypercorn, as in the cluster."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,7 @@ async def serve(kind: str, host: str, port: int, shutdown: asyncio.Event | None 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    log.info("serving %s function on http://%s:%d (POST CloudEvents to /, health at /health/*, /metrics)",
-             kind, host, port)
+    log.info(
+        "serving %s function on http://%s:%d (POST CloudEvents to /, health at /health/*, /metrics)", kind, host, port
+    )
     await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)

@@ -29,6 +29,7 @@ Replies (see eventing/contracts.py):
 With TURBOFLOW_EVENT_SIGNING_KEY set, replies are signed and their ids derived with the key (eventing/signing.py);
 an unusable key keeps the pod not ready.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,16 +40,23 @@ import os
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
 
-from turboflow.engine.errors import (ConfigError, InvalidRequestError, ModelCacheError, OutOfMemoryError,
-                                     TurboflowError)
 from turboflow.engine.options import load_options
+from turboflow.errors import ConfigError, InvalidRequestError, ModelCacheError, OutOfMemoryError, TurboflowError
 from turboflow.eventing import signing
-from turboflow.eventing.contracts import (DEFAULT_MAX_INLINE_IMAGE_BYTES, DEFAULT_SOURCES, ParsedRequest,
-                                          check_image_header, completed_event, derived_seed, failed_from_error,
-                                          parse_request, request_context)
+from turboflow.eventing.contracts import (
+    DEFAULT_MAX_INLINE_IMAGE_BYTES,
+    DEFAULT_SOURCES,
+    ParsedRequest,
+    check_image_header,
+    completed_event,
+    derived_seed,
+    failed_from_error,
+    parse_request,
+    request_context,
+)
 
 from . import metrics
 
@@ -67,12 +75,15 @@ class NotReadyError(TurboflowError):
 
 class IdConflictError(InvalidRequestError):
     """The request id was already used (in this tenant and prefix) for a different input."""
+
     code = "id_conflict"
 
 
 def id_conflict(req: ParsedRequest) -> IdConflictError:
-    return IdConflictError(f"request id {req.request_id!r} was already used for a different request (another "
-                           "source or different input); send this request with a new id")
+    return IdConflictError(
+        f"request id {req.request_id!r} was already used for a different request (another "
+        "source or different input); send this request with a new id"
+    )
 
 
 def _same_input(req: ParsedRequest, stored: dict) -> bool:
@@ -83,7 +94,7 @@ def _same_input(req: ParsedRequest, stored: dict) -> bool:
 
 
 def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class VideoFunction:
@@ -121,10 +132,10 @@ class VideoFunction:
         cfg = {**dict(cfg or {}), **self.config_overrides}
         self.source = cfg.get("TURBOFLOW_EVENT_SOURCE") or DEFAULT_SOURCES[self.kind]
         self.max_queue = int(cfg.get("TURBOFLOW_MAX_QUEUE") or 2)
-        self.max_inline_image_bytes = int(cfg.get("TURBOFLOW_MAX_INLINE_IMAGE_BYTES")
-                                          or DEFAULT_MAX_INLINE_IMAGE_BYTES)
-        self.model_aliases = {a.strip().lower() for a in (cfg.get("TURBOFLOW_MODEL_ALIASES") or "").split(",")
-                              if a.strip()}
+        self.max_inline_image_bytes = int(cfg.get("TURBOFLOW_MAX_INLINE_IMAGE_BYTES") or DEFAULT_MAX_INLINE_IMAGE_BYTES)
+        self.model_aliases = {
+            a.strip().lower() for a in (cfg.get("TURBOFLOW_MODEL_ALIASES") or "").split(",") if a.strip()
+        }
         try:
             self.signing_key = signing.signing_key(cfg)
         except signing.SigningKeyError as e:
@@ -134,6 +145,7 @@ class VideoFunction:
         if self.store is None:
             try:
                 from turboflow.storage.s3 import S3Store
+
                 self.store = S3Store.from_env(cfg)
             except TurboflowError as e:
                 self._config_error = self._config_error or f"storage misconfigured: {e.message}"
@@ -157,8 +169,12 @@ class VideoFunction:
             log.error("invalid configuration: %s; the function will never become ready", e.message)
             return
         self._state = "loading"
-        self._loader = threading.Thread(target=self._load_loop, args=(self.model_dir, device, retry, options),
-                                        name=f"{self.kind}-loader", daemon=True)
+        self._loader = threading.Thread(
+            target=self._load_loop,
+            args=(self.model_dir, device, retry, options),
+            name=f"{self.kind}-loader",
+            daemon=True,
+        )
         self._loader.start()
 
     def _load_loop(self, model_dir: str, device: str | None, retry: float, options: dict) -> None:
@@ -180,8 +196,9 @@ class VideoFunction:
                 log.exception("model load failed")
                 return
             if pipeline.kind != self.kind:
-                self._load_error = (f"wrong_model_kind: {model_dir} holds a {pipeline.kind} model; this is the "
-                                    f"{self.kind} function")
+                self._load_error = (
+                    f"wrong_model_kind: {model_dir} holds a {pipeline.kind} model; this is the {self.kind} function"
+                )
                 self._state = "failed"
                 log.error(self._load_error)
                 return
@@ -250,9 +267,15 @@ class VideoFunction:
             log.exception("request %s: unexpected error", ctx["request_id"])
             metrics.REQUESTS.labels(self.kind, "retry", "internal_error").inc()
             # nothing internal (paths, URLs, exception text) in the body: it can end up in a `failed` event
-            return await self._plain(send, 500, {"error": "internal_error",
-                                                 "message": "internal error; the function's logs have details",
-                                                 "request_id": ctx["request_id"]})
+            return await self._plain(
+                send,
+                500,
+                {
+                    "error": "internal_error",
+                    "message": "internal error; the function's logs have details",
+                    "request_id": ctx["request_id"],
+                },
+            )
         finally:
             metrics.STAGE_SECONDS.labels(self.kind, "total").observe(time.perf_counter() - arrived)
         await (send.binary(reply) if binary else send.structured(reply))
@@ -260,9 +283,14 @@ class VideoFunction:
     async def _process(self, event, ctx: dict, arrived: float, has_time: bool = True):
         # in a thread: an inline image is decoded here, and the loop must keep answering health checks
         pipeline = self.pipeline  # the model whose defaults fill the request must be the one that serves it
-        req = await asyncio.to_thread(parse_request, event, kinds=(self.kind,),
-                                      max_inline_image_bytes=self.max_inline_image_bytes,
-                                      model_defaults=getattr(pipeline, "defaults", None), has_time=has_time)
+        req = await asyncio.to_thread(
+            parse_request,
+            event,
+            kinds=(self.kind,),
+            max_inline_image_bytes=self.max_inline_image_bytes,
+            model_defaults=getattr(pipeline, "defaults", None),
+            has_time=has_time,
+        )
         ctx["tenant"] = req.tenant
         ready, message = self.ready()
         if not ready:
@@ -270,8 +298,11 @@ class VideoFunction:
         if self.pipeline is not pipeline:  # the model finished loading while this request was parsed
             raise NotReadyError("the model became ready while this request was read; retry")
         if req.model and req.model.lower() not in self.model_aliases:
-            raise InvalidRequestError(f"model {req.model!r} is not served here; this function serves "
-                                      f"{self.pipeline.model_name!r}", code="unknown_model", field="model")
+            raise InvalidRequestError(
+                f"model {req.model!r} is not served here; this function serves {self.pipeline.model_name!r}",
+                code="unknown_model",
+                field="model",
+            )
         store = self.store
         key = store.video_key(req.tenant, req.request_id, req.time, req.output_prefix)
         existing = await asyncio.to_thread(store.find_completion, key)
@@ -357,8 +388,15 @@ class VideoFunction:
             timings["mp4_encode"] = time.perf_counter() - t  # what the overlap left after the decode
             timings["mp4_encode_total"] = video.encode_seconds
             t = time.perf_counter()
-            meta = {"request-id": req.request_id, "tenant": req.tenant, "model": result.model, "seed": result.seed,
-                    "steps": result.num_steps, "kind": self.kind, "sha256": video.sha256}
+            meta = {
+                "request-id": req.request_id,
+                "tenant": req.tenant,
+                "model": result.model,
+                "seed": result.seed,
+                "steps": result.num_steps,
+                "kind": self.kind,
+                "sha256": video.sha256,
+            }
             other = await asyncio.to_thread(store.find_completion, key)
             if other is not None:  # another replica finished the same request meanwhile: keep its result
                 if not _same_input(req, other):
@@ -372,17 +410,38 @@ class VideoFunction:
         cold = self._take_cold_start()
         gpu_seconds = held + (self.load_seconds if cold else 0.0)
         data = {
-            "request_id": req.request_id, "input_sha256": req.input_sha256, "tenant": req.tenant, "kind": self.kind,
+            "request_id": req.request_id,
+            "input_sha256": req.input_sha256,
+            "tenant": req.tenant,
+            "kind": self.kind,
             "model": result.model,
-            "video": {"uri": store.uri(key), "url": url, "url_expires_at": expires_at, "bucket": uploaded["bucket"],
-                      "key": key, "content_type": "video/mp4", "bytes": uploaded["bytes"], "sha256": video.sha256},
-            "width": video.width, "height": video.height, "num_frames": video.num_frames, "fps": video.fps,
-            "duration": video.duration, "seed": result.seed, "num_steps": result.num_steps,
-            "sigma_max": result.sigma_max, "attention": result.attention,
+            "video": {
+                "uri": store.uri(key),
+                "url": url,
+                "url_expires_at": expires_at,
+                "bucket": uploaded["bucket"],
+                "key": key,
+                "content_type": "video/mp4",
+                "bytes": uploaded["bytes"],
+                "sha256": video.sha256,
+            },
+            "width": video.width,
+            "height": video.height,
+            "num_frames": video.num_frames,
+            "fps": video.fps,
+            "duration": video.duration,
+            "seed": result.seed,
+            "num_steps": result.num_steps,
+            "sigma_max": result.sigma_max,
+            "attention": result.attention,
             **({"sla_topk": result.sla_topk} if result.sla_topk is not None else {}),
             "timings": {k: round(v, 6) for k, v in timings.items()},
-            "usage": {"gpu_seconds": round(gpu_seconds, 6), "cold_start": cold,
-                      "model_load_seconds": round(self.load_seconds, 6), "device": str(self.pipeline.device)},
+            "usage": {
+                "gpu_seconds": round(gpu_seconds, 6),
+                "cold_start": cold,
+                "model_load_seconds": round(self.load_seconds, 6),
+                "device": str(self.pipeline.device),
+            },
             "completed_at": _now_rfc3339(),
         }
         try:
@@ -396,24 +455,30 @@ class VideoFunction:
                 metrics.STAGE_SECONDS.labels(self.kind, stage).observe(seconds)
         metrics.GPU_SECONDS.labels(self.kind).inc(gpu_seconds)
         metrics.REQUESTS.labels(self.kind, "completed", "").inc()
-        log.info("request %s completed: %s (%d bytes, gpu %.2fs%s)", req.request_id, key, uploaded["bytes"],
-                 gpu_seconds, ", cold start" if cold else "")
+        log.info(
+            "request %s completed: %s (%d bytes, gpu %.2fs%s)",
+            req.request_id,
+            key,
+            uploaded["bytes"],
+            gpu_seconds,
+            ", cold start" if cold else "",
+        )
         return data
 
     async def _run_exclusive(self, generation, arrived: float, frame_sink=None):
         """Run the generation on the single GPU worker; (result, seconds holding the device, queue_wait)."""
         with self._lock:
             if self._inflight > self.max_queue:  # one running + max_queue waiting
-                raise DeviceBusyError(f"device busy: {self._inflight} requests in flight (1 running, "
-                                      f"{self.max_queue} may wait)")
+                raise DeviceBusyError(
+                    f"device busy: {self._inflight} requests in flight (1 running, {self.max_queue} may wait)"
+                )
             self._inflight += 1
             metrics.INFLIGHT.labels(self.kind).set(self._inflight)
         submitted = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(self._gpu, self._gpu_job, generation, submitted, arrived,
-                                                  frame_sink)
+                return await loop.run_in_executor(self._gpu, self._gpu_job, generation, submitted, arrived, frame_sink)
             except RuntimeError as e:  # executor shut down (pod stopping)
                 if "shutdown" in str(e):
                     raise NotReadyError("function is stopping") from e
@@ -431,6 +496,7 @@ class VideoFunction:
         device = self.pipeline.device
         try:
             import torch
+
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         except Exception:
@@ -449,10 +515,19 @@ class VideoFunction:
 
     async def _retry_later(self, send, error: TurboflowError, ctx: dict, status: int) -> None:
         metrics.REQUESTS.labels(self.kind, "retry", error.code).inc()
-        log.warning("request %s: %s (%s): answering %d so the broker retries", ctx.get("request_id"), error.code,
-                    error.message, status)
-        await self._plain(send, status, {"error": error.code, "message": error.message, "retryable": True,
-                                         "request_id": ctx.get("request_id")}, retry_after=5)
+        log.warning(
+            "request %s: %s (%s): answering %d so the broker retries",
+            ctx.get("request_id"),
+            error.code,
+            error.message,
+            status,
+        )
+        await self._plain(
+            send,
+            status,
+            {"error": error.code, "message": error.message, "retryable": True, "request_id": ctx.get("request_id")},
+            retry_after=5,
+        )
 
     @staticmethod
     async def _plain(send, status: int, body: dict, retry_after: int | None = None) -> None:

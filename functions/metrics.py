@@ -12,10 +12,19 @@ One registry per process (a pod serves one function). Names:
     turboflow_model_load_seconds{kind}               how long the last successful load took
     turboflow_gpu_memory_bytes{kind,type}            allocated | reserved | peak (peak of the last request)
 """
+
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               PlatformCollector, ProcessCollector, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -23,22 +32,45 @@ PlatformCollector(registry=REGISTRY)
 
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
-REQUESTS = Counter("turboflow_requests", "Requests handled, by outcome and failure code",
-                   ["kind", "outcome", "code"], registry=REGISTRY)
-STAGE_SECONDS = Histogram("turboflow_stage_seconds", "Seconds per pipeline stage", ["kind", "stage"],
-                          buckets=_STAGE_BUCKETS, registry=REGISTRY)
-QUEUE_WAIT = Histogram("turboflow_queue_wait_seconds", "Seconds a request waited for the GPU worker", ["kind"],
-                       buckets=_STAGE_BUCKETS, registry=REGISTRY)
-GPU_SECONDS = Counter("turboflow_gpu_seconds", "GPU-seconds billed to requests (cold-start load included once)",
-                      ["kind"], registry=REGISTRY)
-INFLIGHT = Gauge("turboflow_inflight_requests", "Requests waiting for or holding the device", ["kind"],
-                 registry=REGISTRY)
-MODEL_READY = Gauge("turboflow_model_ready", "1 when the model is loaded on the device", ["kind"],
-                    registry=REGISTRY)
-MODEL_LOAD_SECONDS = Gauge("turboflow_model_load_seconds", "Duration of the last successful model load",
-                           ["kind"], registry=REGISTRY)
-GPU_MEMORY = Gauge("turboflow_gpu_memory_bytes", "CUDA memory: allocated, reserved, peak of the last request",
-                   ["kind", "type"], registry=REGISTRY)
+REQUESTS = Counter(
+    "turboflow_requests",
+    "Requests handled, by outcome and failure code",
+    ["kind", "outcome", "code"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "turboflow_stage_seconds",
+    "Seconds per pipeline stage",
+    ["kind", "stage"],
+    buckets=_STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_WAIT = Histogram(
+    "turboflow_queue_wait_seconds",
+    "Seconds a request waited for the GPU worker",
+    ["kind"],
+    buckets=_STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+GPU_SECONDS = Counter(
+    "turboflow_gpu_seconds",
+    "GPU-seconds billed to requests (cold-start load included once)",
+    ["kind"],
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge(
+    "turboflow_inflight_requests", "Requests waiting for or holding the device", ["kind"], registry=REGISTRY
+)
+MODEL_READY = Gauge("turboflow_model_ready", "1 when the model is loaded on the device", ["kind"], registry=REGISTRY)
+MODEL_LOAD_SECONDS = Gauge(
+    "turboflow_model_load_seconds", "Duration of the last successful model load", ["kind"], registry=REGISTRY
+)
+GPU_MEMORY = Gauge(
+    "turboflow_gpu_memory_bytes",
+    "CUDA memory: allocated, reserved, peak of the last request",
+    ["kind", "type"],
+    registry=REGISTRY,
+)
 
 
 def render() -> tuple[bytes, str]:

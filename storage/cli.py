@@ -10,6 +10,7 @@ incomplete rather than half-warmed silently.
 Note for Kubernetes: page cache is charged to the memory cgroup of the pod that first reads it, so the warming pod
 must not have a small memory limit (the kernel would evict its own pages as it goes); see the DaemonSet.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from turboflow.engine.errors import ModelCacheError, TurboflowError
-from turboflow.storage import modelcache
+from turboflow.engine import modelcache
+from turboflow.errors import ModelCacheError, TurboflowError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ class WarmReport:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
 
     def line(self) -> str:
-        return (f"warm: {self.name} ({self.model_dir}): {self.files} files, {self.bytes / 1e9:.2f} GB in "
-                f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s)")
+        return (
+            f"warm: {self.name} ({self.model_dir}): {self.files} files, {self.bytes / 1e9:.2f} GB in "
+            f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s)"
+        )
 
 
 def warm(model_dir: str | os.PathLike, *, block_bytes: int = 16 << 20) -> WarmReport:
@@ -69,8 +72,9 @@ def warm(model_dir: str | os.PathLike, *, block_bytes: int = 16 << 20) -> WarmRe
         finally:
             os.close(fd)
         if got != entry.size:
-            raise ModelCacheError(f"read {got} bytes of {entry.path}, manifest says {entry.size}",
-                                  code="model_cache_incomplete")
+            raise ModelCacheError(
+                f"read {got} bytes of {entry.path}, manifest says {entry.size}", code="model_cache_incomplete"
+            )
         total += got
     return WarmReport(str(root), manifest.name, len(manifest.files), total, time.perf_counter() - start)
 
@@ -93,8 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     w = msub.add_parser("warm", help="read model caches into the page cache and report GB/s")
     w.add_argument("dirs", nargs="+", metavar="DIR", help="model cache directories (each with manifest.json)")
     w.add_argument("--block-mb", type=int, default=16, help="read size in MiB (default 16)")
-    w.add_argument("--every", type=parse_duration, default=0.0,
-                   help="repeat after this long (e.g. 6h) so evicted pages come back; default: once")
+    w.add_argument(
+        "--every",
+        type=parse_duration,
+        default=0.0,
+        help="repeat after this long (e.g. 6h) so evicted pages come back; default: once",
+    )
     w.add_argument("--rounds", type=int, default=0, help="with --every: stop after this many rounds (0: never)")
     w.set_defaults(func=_warm)
 

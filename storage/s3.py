@@ -23,17 +23,18 @@ buckets I2V images may come from; default the output bucket), TURBOFLOW_IMAGE_PR
 TURBOFLOW_SHARED_IMAGE_PREFIXES (default none), TURBOFLOW_URL_EXPIRY_SECONDS (default 86400, at most
 7 days), TURBOFLOW_MULTIPART_THRESHOLD_BYTES (default 64 MiB), TURBOFLOW_MAX_IMAGE_BYTES (default 20 MiB).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Mapping
+from datetime import UTC, datetime, timedelta
 
-from turboflow.engine.errors import InvalidRequestError, TurboflowError
+from turboflow.errors import InvalidRequestError, TurboflowError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ VIDEO_CONTENT_TYPE = "video/mp4"
 
 class StorageUnavailableError(TurboflowError):
     """S3 cannot be reached or answers 5xx/throttles. Transient: the function answers 5xx so the broker retries."""
+
     code = "storage_unavailable"
     retryable = True
 
@@ -56,6 +58,7 @@ class StorageUnavailableError(TurboflowError):
 class StorageConfigError(TurboflowError):
     """The deployment's storage settings are wrong (no bucket, access denied, bucket missing). Retryable: fixing
     the configuration makes the same request succeed."""
+
     code = "storage_misconfigured"
     retryable = True
 
@@ -85,10 +88,15 @@ def _shared_prefixes(value: str) -> tuple[tuple[str, str], ...]:
             continue
         bucket, _, prefix = item.partition("/")
         segs = prefix.strip("/").split("/")
-        if not _full(BUCKET_RE, bucket) or not prefix.strip("/") or \
-                not all(_full(SHARED_PREFIX_SEGMENT_RE, seg) for seg in segs):
-            raise StorageConfigError(f"TURBOFLOW_SHARED_IMAGE_PREFIXES entry {item!r} is not bucket/prefix/ "
-                                     "(a whole prefix; no '.', '..' or empty segments)")
+        if (
+            not _full(BUCKET_RE, bucket)
+            or not prefix.strip("/")
+            or not all(_full(SHARED_PREFIX_SEGMENT_RE, seg) for seg in segs)
+        ):
+            raise StorageConfigError(
+                f"TURBOFLOW_SHARED_IMAGE_PREFIXES entry {item!r} is not bucket/prefix/ "
+                "(a whole prefix; no '.', '..' or empty segments)"
+            )
         out.append((bucket, "/".join(segs) + "/"))
     return tuple(out)
 
@@ -110,7 +118,7 @@ class S3Config:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "S3Config":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> S3Config:
         env = os.environ if env is None else env
         bucket = (env.get("TURBOFLOW_BUCKET") or "").strip()
         if not bucket:
@@ -127,25 +135,36 @@ class S3Config:
         expiry = int(env.get("TURBOFLOW_URL_EXPIRY_SECONDS") or 86400)
         if not 1 <= expiry <= MAX_PRESIGN_SECONDS:
             raise StorageConfigError(f"TURBOFLOW_URL_EXPIRY_SECONDS must be 1..{MAX_PRESIGN_SECONDS}, got {expiry}")
-        return cls(bucket=bucket, endpoint_url=env.get("S3_ENDPOINT_URL") or None,
-                   public_endpoint_url=env.get("S3_PUBLIC_ENDPOINT_URL") or None,
-                   region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-                   output_prefix=prefix, input_buckets=inputs or (bucket,), image_prefix=image_prefix,
-                   shared_image_prefixes=shared, url_expiry_seconds=expiry,
-                   multipart_threshold=int(env.get("TURBOFLOW_MULTIPART_THRESHOLD_BYTES") or 64 << 20),
-                   multipart_chunksize=int(env.get("TURBOFLOW_MULTIPART_CHUNK_BYTES") or 16 << 20),
-                   max_image_bytes=int(env.get("TURBOFLOW_MAX_IMAGE_BYTES") or 20 << 20))
+        return cls(
+            bucket=bucket,
+            endpoint_url=env.get("S3_ENDPOINT_URL") or None,
+            public_endpoint_url=env.get("S3_PUBLIC_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            output_prefix=prefix,
+            input_buckets=inputs or (bucket,),
+            image_prefix=image_prefix,
+            shared_image_prefixes=shared,
+            url_expiry_seconds=expiry,
+            multipart_threshold=int(env.get("TURBOFLOW_MULTIPART_THRESHOLD_BYTES") or 64 << 20),
+            multipart_chunksize=int(env.get("TURBOFLOW_MULTIPART_CHUNK_BYTES") or 16 << 20),
+            max_image_bytes=int(env.get("TURBOFLOW_MAX_IMAGE_BYTES") or 20 << 20),
+        )
 
 
 def _client(cfg: S3Config, endpoint_url: str | None):
     import boto3
     from botocore.config import Config
 
-    config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 3},
-                    connect_timeout=5, read_timeout=60,
-                    s3={"addressing_style": "path" if endpoint_url else "auto"})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=cfg.region or "us-east-1",
-                                          config=config)
+    config = Config(
+        signature_version="s3v4",
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=60,
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, region_name=cfg.region or "us-east-1", config=config
+    )
 
 
 def _client_error_of(e: BaseException):
@@ -173,8 +192,15 @@ def _transient(e: BaseException, what: str) -> TurboflowError:
         code = str(err.get("Code", ""))
         if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "404"):
             return StorageConfigError(f"{what}: the object store refused it ({code}); check the storage settings")
-        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                                     "Throttling", "ThrottlingException", "503"):
+        if status >= 500 or code in (
+            "SlowDown",
+            "ServiceUnavailable",
+            "InternalError",
+            "RequestTimeout",
+            "Throttling",
+            "ThrottlingException",
+            "503",
+        ):
             return StorageUnavailableError(f"{what}: the object store is unavailable or throttling ({code or status})")
         return StorageConfigError(f"{what}: the object store answered {status} {code}")
     return StorageUnavailableError(f"{what}: the object store is unreachable or the transfer failed")
@@ -201,14 +227,17 @@ def _boto_errors() -> tuple[type[BaseException], ...]:
 
 def _storage_errors(what: str):
     """Decorator turning botocore exceptions into typed storage errors."""
+
     def wrap(fn):
         def inner(*a, **kw):
             try:
                 return fn(*a, **kw)
             except _boto_errors() as e:
                 raise _transient(e, what) from e
+
         inner.__name__, inner.__doc__ = fn.__name__, fn.__doc__
         return inner
+
     return wrap
 
 
@@ -223,14 +252,15 @@ class S3Store:
         self.presign_client = presign_client or self.client
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "S3Store":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> S3Store:
         return cls(S3Config.from_env(env))
 
     # ---- keys -------------------------------------------------------------------------------------------
     def tenant_prefix(self, tenant: str) -> str:
         if not _full(TENANT_RE, tenant):
-            raise InvalidKeyError(f"tenant {str(tenant)[:80]!r} is not a DNS label", code="invalid_tenant",
-                                  field="tenant")
+            raise InvalidKeyError(
+                f"tenant {str(tenant)[:80]!r} is not a DNS label", code="invalid_tenant", field="tenant"
+            )
         return f"{self.cfg.output_prefix}/{tenant}/"
 
     def video_key(self, tenant: str, request_id: str, when: datetime | None, output_prefix: str | None = None) -> str:
@@ -238,17 +268,21 @@ class S3Store:
         `{prefix}/{tenant}[/{output_prefix}]/{request-id}.mp4` without one; every part fully validated."""
         base = self.tenant_prefix(tenant)
         if not _full(REQUEST_ID_RE, request_id) or ".." in request_id:
-            raise InvalidKeyError(f"request id {str(request_id)[:140]!r} is not [A-Za-z0-9._-]{{1,128}}",
-                            code="invalid_request_id")
+            raise InvalidKeyError(
+                f"request id {str(request_id)[:140]!r} is not [A-Za-z0-9._-]{{1,128}}", code="invalid_request_id"
+            )
         parts = []
         if output_prefix:
             segs = output_prefix.split("/")
             if len(segs) > 4 or not all(_full(SEGMENT_RE, s) for s in segs):
-                raise InvalidKeyError(f"output_prefix {output_prefix[:200]!r} must be 1-4 segments [a-z0-9][a-z0-9_-]*",
-                                code="invalid_output_prefix", field="output_prefix")
+                raise InvalidKeyError(
+                    f"output_prefix {output_prefix[:200]!r} must be 1-4 segments [a-z0-9][a-z0-9_-]*",
+                    code="invalid_output_prefix",
+                    field="output_prefix",
+                )
             parts.extend(segs)
         if when is not None:
-            when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            when = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
             parts += [f"{when.year:04d}", f"{when.month:02d}", f"{when.day:02d}"]
         parts.append(f"{request_id}.mp4")
         key = base + "/".join(parts)
@@ -291,8 +325,12 @@ class S3Store:
 
     @_storage_errors("writing the completion sidecar")
     def put_completion(self, video_key: str, data: dict) -> None:
-        self.client.put_object(Bucket=self.cfg.bucket, Key=self.sidecar_key(video_key),
-                               Body=json.dumps(data, sort_keys=True).encode(), ContentType="application/json")
+        self.client.put_object(
+            Bucket=self.cfg.bucket,
+            Key=self.sidecar_key(video_key),
+            Body=json.dumps(data, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
 
     # ---- publishing ---------------------------------------------------------------------------------------
     @_storage_errors("uploading the video")
@@ -301,28 +339,40 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
 
         meta = {str(k).lower(): _ascii(v) for k, v in metadata.items() if v is not None}
-        transfer = TransferConfig(multipart_threshold=self.cfg.multipart_threshold,
-                                  multipart_chunksize=max(self.cfg.multipart_chunksize, 5 << 20),
-                                  use_threads=True, max_concurrency=4)
-        self.client.upload_file(str(path), self.cfg.bucket, video_key, Config=transfer,
-                                ExtraArgs={"ContentType": VIDEO_CONTENT_TYPE, "Metadata": meta})
+        transfer = TransferConfig(
+            multipart_threshold=self.cfg.multipart_threshold,
+            multipart_chunksize=max(self.cfg.multipart_chunksize, 5 << 20),
+            use_threads=True,
+            max_concurrency=4,
+        )
+        self.client.upload_file(
+            str(path),
+            self.cfg.bucket,
+            video_key,
+            Config=transfer,
+            ExtraArgs={"ContentType": VIDEO_CONTENT_TYPE, "Metadata": meta},
+        )
         head = self.client.head_object(Bucket=self.cfg.bucket, Key=video_key)
-        return {"bucket": self.cfg.bucket, "key": video_key, "bytes": int(head["ContentLength"]),
-                "etag": head.get("ETag", "").strip('"')}
+        return {
+            "bucket": self.cfg.bucket,
+            "key": video_key,
+            "bytes": int(head["ContentLength"]),
+            "etag": head.get("ETag", "").strip('"'),
+        }
 
     @_storage_errors("signing the video URL")
     def presign(self, video_key: str, now: datetime | None = None) -> tuple[str, str]:
         """(presigned GET URL, its expiry as RFC 3339)."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         url = self.presign_client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.cfg.bucket, "Key": video_key},
-            ExpiresIn=self.cfg.url_expiry_seconds)
+            "get_object", Params={"Bucket": self.cfg.bucket, "Key": video_key}, ExpiresIn=self.cfg.url_expiry_seconds
+        )
         expires = (now + timedelta(seconds=self.cfg.url_expiry_seconds)).replace(microsecond=0)
         return url, expires.isoformat().replace("+00:00", "Z")
 
     def refresh_url(self, data: dict, now: datetime | None = None) -> dict:
         """Return `data` unchanged while its URL has more than half its lifetime left, else re-signed."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         video = data.get("video", {})
         try:
             expires = datetime.fromisoformat(str(video["url_expires_at"]).replace("Z", "+00:00"))
@@ -351,27 +401,40 @@ class S3Store:
         prefix) and the object is under the size cap. Refusals never touch S3, so they reveal nothing about other
         tenants' objects; `image_not_found` / `invalid_image` only ever concern the tenant's own keys."""
         if any(seg in ("", ".", "..") for seg in key.split("/")) or len(key) > 1024:
-            raise InvalidRequestError("image key is not a plain object key (empty, '.' or '..' segments)",
-                                      code="invalid_image_reference", field="image")
+            raise InvalidRequestError(
+                "image key is not a plain object key (empty, '.' or '..' segments)",
+                code="invalid_image_reference",
+                field="image",
+            )
         refusal = self.image_allowed(bucket, key, tenant)
         if refusal == "image_bucket_not_allowed":
-            raise InvalidRequestError(f"images may only be read from {', '.join(self.cfg.input_buckets)}; "
-                                      f"{bucket!r} is not allowed", code=refusal, field="image")
+            raise InvalidRequestError(
+                f"images may only be read from {', '.join(self.cfg.input_buckets)}; {bucket!r} is not allowed",
+                code=refusal,
+                field="image",
+            )
         if refusal is not None:
             raise InvalidRequestError(
                 f"image must be under s3://<input bucket>/{self.cfg.image_prefix}/{tenant}/ (this tenant's uploads)"
-                " or a shared prefix", code=refusal, field="image")
+                " or a shared prefix",
+                code=refusal,
+                field="image",
+            )
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
             size = int(head["ContentLength"])
             if size > self.cfg.max_image_bytes:
-                raise InvalidRequestError(f"image s3://{bucket}/{key} has {size} bytes; the cap is "
-                                          f"{self.cfg.max_image_bytes}", code="image_too_large", field="image")
+                raise InvalidRequestError(
+                    f"image s3://{bucket}/{key} has {size} bytes; the cap is {self.cfg.max_image_bytes}",
+                    code="image_too_large",
+                    field="image",
+                )
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read(self.cfg.max_image_bytes + 1)
         except _boto_errors() as e:
             if _is_not_found(e):
-                raise InvalidRequestError(f"image s3://{bucket}/{key} does not exist", code="image_not_found",
-                                          field="image") from e
+                raise InvalidRequestError(
+                    f"image s3://{bucket}/{key} does not exist", code="image_not_found", field="image"
+                ) from e
             raise _transient(e, "reading the image") from e
 
     # ---- listing (tests, ops) -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Shared fixtures. Tiny models are built once per test session through the real cache layout."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,10 @@ def moto_s3():
     Sets dummy AWS credentials in the environment for the session (boto3's standard chain reads them)."""
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_SESSION_TOKEN")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN")
+    }
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     os.environ.pop("AWS_SESSION_TOKEN", None)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -1,4 +1,5 @@
 """The Knative/eventing-natss CRDs (copied under tests/data/knative-crds, see SOURCE.md there) as JSON Schemas."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,9 @@ def crd_to_json_schema(node):
         return [crd_to_json_schema(n) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: crd_to_json_schema(v) for k, v in node.items()
-           if not k.startswith("x-kubernetes-") and k != "description"}
+    out = {
+        k: crd_to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "description"
+    }
     if node.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
@@ -42,7 +44,8 @@ def crd_validators(metadata_schema: dict | None = None) -> dict:
                 if metadata_schema is not None:
                     schema["$defs"] = {"meta": metadata_schema}
                     metadata = {"$ref": "#/$defs/meta"}
-                schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"},
-                                                           metadata=metadata)
+                schema.setdefault("properties", {}).update(
+                    apiVersion={"type": "string"}, kind={"type": "string"}, metadata=metadata
+                )
                 out[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = Draft202012Validator(schema)
     return out

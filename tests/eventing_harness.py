@@ -1,5 +1,6 @@
 """Helpers for the eventing tests: an in-test HTTP sink (ASGI under hypercorn), a broker on a real nats-server,
 a plain nats-py subscriber collecting events."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,9 @@ class Sink:
             result = await result
         status, reply = result
         if isinstance(reply, bytes):  # a plain JSON answer, e.g. a function's {error, message, retryable}
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+            )
             await send({"type": "http.response.body", "body": reply})
             return
         if reply is None:
@@ -114,13 +116,20 @@ class Collector:
             if len(found) >= count:
                 return found
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"only {len([e for e in self.events if predicate(e)])}/{count} events; have "
-                           f"{[(e.get_type(), e.get_subject()) for e in self.events]}")
+        raise TimeoutError(
+            f"only {len([e for e in self.events if predicate(e)])}/{count} events; have "
+            f"{[(e.get_type(), e.get_subject()) for e in self.events]}"
+        )
 
 
 def event(etype: str = "io.turboflow.video.t2v.requested", data=None, **attrs) -> CloudEvent:
-    attributes = {"type": etype, "source": "/tests", "id": str(uuid.uuid4()), "datacontenttype": "application/json",
-                  **attrs}
+    attributes = {
+        "type": etype,
+        "source": "/tests",
+        "id": str(uuid.uuid4()),
+        "datacontenttype": "application/json",
+        **attrs,
+    }
     return CloudEvent(attributes=attributes, data=data if data is not None else {"prompt": "a cat"})
 
 
@@ -130,8 +139,16 @@ def data_of(ev) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def running_broker(nats_url: str, addresses: dict, *, delivery: dict | None = None, gates=None,
-                         triggers=None, ingress: bool = True, **kwargs):
+async def running_broker(
+    nats_url: str,
+    addresses: dict,
+    *,
+    delivery: dict | None = None,
+    gates=None,
+    triggers=None,
+    ingress: bool = True,
+    **kwargs,
+):
     """The real Trigger YAML, subscribers mapped to `addresses`, delivery shortened for tests."""
     triggers = triggers if triggers is not None else load_triggers(broker="default", namespace="turboflow")
     delivery = dict(delivery or {})

@@ -1,4 +1,5 @@
 """Run the real function ASGI app under hypercorn on a loopback port, and talk to it with the cloudevents SDK."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,10 +80,22 @@ class LiveFunction:
         self.client.close()
 
 
-def request_event(kind: str = "t2v", data: dict | None = None, *, tenant: str | None = "acme",
-                  event_id: str | None = None, traceparent: str | None = TRACEPARENT, **attrs) -> CloudEvent:
-    attributes = {"type": f"io.turboflow.video.{kind}.requested", "source": "/tests/producer",
-                  "id": event_id or str(uuid.uuid4()), "datacontenttype": "application/json", **attrs}
+def request_event(
+    kind: str = "t2v",
+    data: dict | None = None,
+    *,
+    tenant: str | None = "acme",
+    event_id: str | None = None,
+    traceparent: str | None = TRACEPARENT,
+    **attrs,
+) -> CloudEvent:
+    attributes = {
+        "type": f"io.turboflow.video.{kind}.requested",
+        "source": "/tests/producer",
+        "id": event_id or str(uuid.uuid4()),
+        "datacontenttype": "application/json",
+        **attrs,
+    }
     if tenant is not None:
         attributes["tenant"] = tenant
     if traceparent is not None:

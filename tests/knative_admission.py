@@ -18,113 +18,114 @@ changes), traffic blocks (our Services have none), CESQL expression parsing, lab
 parsing, the queue-proxy resource annotations, warnings (they never block an apply) and Knative kinds turboflow
 does not ship (any such kind is reported as `admission.unsupported-kind` rather than passed silently).
 """
+
 from __future__ import annotations
 
 import json
 import posixpath
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 # rule id -> the upstream code it mirrors
 RULES: dict[str, str] = {
     "admission.unsupported-kind": "(this module) a Knative kind with no rules here is never passed silently",
     # ---- knative/serving ----------------------------------------------------------------------------------------
     "serving.metadata.name": "knative/pkg apis/metadata_validation.go ValidateObjectMetadata (DNS-1035 label)",
-    "serving.metadata.autoscaling-on-service":
-        "serving pkg/apis/serving/metadata_validation.go ValidateHasNoAutoscalingAnnotation",
+    "serving.metadata.autoscaling-on-service": "serving pkg/apis/serving/metadata_validation.go "
+    "ValidateHasNoAutoscalingAnnotation",
     "serving.metadata.rollout-duration": "serving pkg/apis/serving/metadata_validation.go "
-                                         "ValidateRolloutDurationAnnotation",
+    "ValidateRolloutDurationAnnotation",
     "serving.template.networking-annotation": "knative/networking pkg/apis/networking/metadata_validation.go "
-                                              "ValidateAnnotations",
+    "ValidateAnnotations",
     "serving.template.progress-deadline": "serving pkg/apis/serving/v1/revision_validation.go "
-                                          "validateProgressDeadlineAnnotation",
+    "validateProgressDeadlineAnnotation",
     "serving.autoscaling.class": "serving pkg/apis/autoscaling/annotation_validation.go validateClass",
     "serving.autoscaling.min-max-scale": "serving pkg/apis/autoscaling/annotation_validation.go validateMinMaxScale, "
-                                         "getIntGE0, validateMaxScaleWithinLimit",
+    "getIntGE0, validateMaxScaleWithinLimit",
     "serving.autoscaling.activation-scale": "serving pkg/apis/autoscaling/annotation_validation.go "
-                                            "validateMinMaxScale (activation-scale)",
+    "validateMinMaxScale (activation-scale)",
     "serving.autoscaling.target": "serving pkg/apis/autoscaling/annotation_validation.go validateFloats (target)",
     "serving.autoscaling.target-utilization": "serving pkg/apis/autoscaling/annotation_validation.go validateFloats "
-                                              "(target-utilization-percentage)",
+    "(target-utilization-percentage)",
     "serving.autoscaling.target-burst-capacity": "serving pkg/apis/autoscaling/annotation_validation.go "
-                                                 "validateFloats (target-burst-capacity)",
+    "validateFloats (target-burst-capacity)",
     "serving.autoscaling.panic": "serving pkg/apis/autoscaling/annotation_validation.go validateFloats (panic-*)",
     "serving.autoscaling.window": "serving pkg/apis/autoscaling/annotation_validation.go validateWindow",
     "serving.autoscaling.retention-period": "serving pkg/apis/autoscaling/annotation_validation.go "
-                                            "validateLastPodRetention",
+    "validateLastPodRetention",
     "serving.autoscaling.scale-down-delay": "serving pkg/apis/autoscaling/annotation_validation.go "
-                                            "validateScaleDownDelay",
+    "validateScaleDownDelay",
     "serving.autoscaling.metric": "serving pkg/apis/autoscaling/annotation_validation.go validateMetric",
     "serving.autoscaling.initial-scale": "serving pkg/apis/autoscaling/annotation_validation.go validateInitialScale",
     "serving.revision.timeout-seconds": "serving pkg/apis/serving/v1/revision_validation.go validateTimeoutSeconds",
     "serving.revision.container-concurrency": "serving pkg/apis/serving/metadata_validation.go "
-                                              "ValidateContainerConcurrency",
+    "ValidateContainerConcurrency",
     "serving.podspec.field": "serving pkg/apis/serving/fieldmask.go PodSpecMask (+ config/features.go flags)",
     "serving.podspec.service-account-name": "serving pkg/apis/serving/k8s_validation.go ValidatePodSpec "
-                                            "(DNS-1123 subdomain)",
+    "(DNS-1123 subdomain)",
     "serving.podspec.security-context": "serving pkg/apis/serving/k8s_validation.go ValidatePodSecurityContext, "
-                                        "fieldmask.go PodSecurityContextMask",
+    "fieldmask.go PodSecurityContextMask",
     "serving.podspec.init-containers": "serving pkg/apis/serving/k8s_validation.go validateInitContainers, "
-                                       "validateInitContainer",
+    "validateInitContainer",
     "serving.containers.count": "serving pkg/apis/serving/k8s_validation.go ValidatePodSpec, validateContainers "
-                                "(multi-container flag, duplicate names)",
+    "(multi-container flag, duplicate names)",
     "serving.containers.ports": "serving pkg/apis/serving/k8s_validation.go validateContainersPorts, "
-                                "validateContainerPorts, validateContainerPortBasic",
+    "validateContainerPorts, validateContainerPortBasic",
     "serving.container.field": "serving pkg/apis/serving/fieldmask.go ContainerMask, ResourceRequirementsMask, "
-                               "ContainerPortMask",
+    "ContainerPortMask",
     "serving.container.name": "serving pkg/apis/serving/k8s_validation.go validate (reservedContainerNames)",
     "serving.container.image": "serving pkg/apis/serving/k8s_validation.go validate (name.ParseReference)",
     "serving.container.termination-message-policy": "serving pkg/apis/serving/k8s_validation.go validate",
     "serving.container.env": "serving pkg/apis/serving/k8s_validation.go validateEnvVar, validateEnvValueFrom, "
-                             "validateEnvFrom (fieldmask.go EnvVarMask, EnvVarSourceMask)",
+    "validateEnvFrom (fieldmask.go EnvVarMask, EnvVarSourceMask)",
     "serving.container.security-context": "serving pkg/apis/serving/k8s_validation.go validateSecurityContext, "
-                                          "fieldmask.go SecurityContextMask, CapabilitiesMask",
+    "fieldmask.go SecurityContextMask, CapabilitiesMask",
     "serving.volumes.name": "serving pkg/apis/serving/k8s_validation.go ValidateVolumes, validateVolume (name)",
     "serving.volumes.unmounted": "serving pkg/apis/serving/k8s_validation.go ValidateVolumes (not mounted)",
     "serving.volumes.source": "serving pkg/apis/serving/k8s_validation.go validateVolume (one source; flags "
-                              "for emptyDir/PVC/hostPath/CSI/ephemeral/image), validatePersistentVolumeClaims, "
-                              "validateEmptyDirFields",
+    "for emptyDir/PVC/hostPath/CSI/ephemeral/image), validatePersistentVolumeClaims, "
+    "validateEmptyDirFields",
     "serving.volume-mounts": "serving pkg/apis/serving/k8s_validation.go validateVolumeMounts",
     "serving.probe.handler": "serving pkg/apis/serving/k8s_validation.go validateProbe (one handler, fieldmask "
-                             "ProbeMask/HTTPGetActionMask, user-container probe port)",
+    "ProbeMask/HTTPGetActionMask, user-container probe port)",
     "serving.probe.readiness-period-zero": "serving pkg/apis/serving/k8s_validation.go validateReadinessProbe "
-                                           "(periodSeconds 0: no timeoutSeconds/failureThreshold)",
+    "(periodSeconds 0: no timeoutSeconds/failureThreshold)",
     "serving.probe.readiness-bounds": "serving pkg/apis/serving/k8s_validation.go validateReadinessProbe (bounds)",
     # ---- knative/eventing ---------------------------------------------------------------------------------------
     "eventing.broker.class": "eventing pkg/apis/eventing/v1/broker_validation.go Broker.Validate (class annotation)",
     "eventing.broker.config": "eventing pkg/apis/eventing/v1/broker_validation.go BrokerSpec.Validate -> "
-                              "knative/pkg apis/duck/v1/knative_reference.go KReference.Validate",
+    "knative/pkg apis/duck/v1/knative_reference.go KReference.Validate",
     "eventing.delivery.retry": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate (retry >= 0)",
     "eventing.delivery.timeout": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate (timeout: "
-                                 "delivery-timeout flag, non-zero ISO-8601 period)",
+    "delivery-timeout flag, non-zero ISO-8601 period)",
     "eventing.delivery.backoff-policy": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate",
     "eventing.delivery.backoff-delay": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate "
-                                       "(ISO-8601 period)",
+    "(ISO-8601 period)",
     "eventing.delivery.format": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate (format)",
     "eventing.delivery.retry-after-max": "eventing pkg/apis/duck/v1/delivery_types.go DeliverySpec.Validate "
-                                         "(delivery-retryafter flag)",
+    "(delivery-retryafter flag)",
     "eventing.destination": "knative/pkg apis/duck/v1/destination.go ValidateDestination, knative_reference.go "
-                            "KReference.Validate",
+    "KReference.Validate",
     "eventing.trigger.broker": "eventing pkg/apis/eventing/v1/trigger_validation.go TriggerSpec.Validate "
-                               "(broker / brokerRef, cross-namespace-event-links)",
-    "eventing.trigger.filter-attributes": "eventing pkg/apis/eventing/v1/trigger_validation.go "
-                                          "ValidateAttributesNames",
+    "(broker / brokerRef, cross-namespace-event-links)",
+    "eventing.trigger.filter-attributes": "eventing pkg/apis/eventing/v1/trigger_validation.go ValidateAttributesNames",
     "eventing.trigger.filters-dialect": "eventing pkg/apis/eventing/v1/trigger_validation.go "
-                                        "ValidateSubscriptionAPIFilter, ValidateOneOf",
+    "ValidateSubscriptionAPIFilter, ValidateOneOf",
     "eventing.trigger.annotations": "eventing pkg/apis/eventing/v1/trigger_validation.go "
-                                    "validateDependencyAnnotation, validateInjectionAnnotation",
+    "validateDependencyAnnotation, validateInjectionAnnotation",
     "eventing.source.containers": "eventing pkg/apis/sources/v1/container_validation.go "
-                                  "ContainerSourceSpec.Validate, isValidContainer",
+    "ContainerSourceSpec.Validate, isValidContainer",
     "eventing.source.ce-overrides": "knative/pkg apis/duck/v1/source_types.go CloudEventOverrides.Validate",
     "eventing.sinkbinding.subject": "eventing pkg/apis/sources/v1/sinkbinding_validation.go; knative/pkg "
-                                    "tracker/interface.go Reference.Validate",
+    "tracker/interface.go Reference.Validate",
     "eventing.eventpolicy.oidc-flag": "eventing pkg/apis/eventing/v1alpha1/eventpolicy_validation.go "
-                                      "EventPolicy.Validate (authentication-oidc must be enabled)",
+    "EventPolicy.Validate (authentication-oidc must be enabled)",
     "eventing.eventpolicy.from": "eventing pkg/apis/eventing/v1alpha1/eventpolicy_validation.go "
-                                 "EventPolicySpec.Validate (from), validateSub, EventPolicyFromReference.Validate",
+    "EventPolicySpec.Validate (from), validateSub, EventPolicyFromReference.Validate",
     "eventing.eventpolicy.to": "eventing pkg/apis/eventing/v1alpha1/eventpolicy_validation.go "
-                               "EventPolicySpec.Validate (to), EventPolicyToReference.Validate",
+    "EventPolicySpec.Validate (to), EventPolicyToReference.Validate",
 }
 
 
@@ -143,31 +144,56 @@ class Violation:
 # ---------------------------------------------------------------------------------------------------------------
 # serving pkg/apis/config/features.go defaultFeaturesConfig (keys as in the config-features ConfigMap)
 SERVING_FEATURE_DEFAULTS = {
-    "multi-container": "Enabled", "multi-container-probing": "Disabled", "secure-pod-defaults": "Disabled",
-    "kubernetes.containerspec-addcapabilities": "Disabled", "kubernetes.podspec-affinity": "Disabled",
-    "kubernetes.podspec-dnsconfig": "Disabled", "kubernetes.podspec-dnspolicy": "Disabled",
-    "kubernetes.podspec-volumes-emptydir": "Enabled", "kubernetes.podspec-fieldref": "Disabled",
-    "kubernetes.podspec-hostaliases": "Disabled", "kubernetes.podspec-hostipc": "Disabled",
-    "kubernetes.podspec-hostnetwork": "Disabled", "kubernetes.podspec-hostpid": "Disabled",
-    "kubernetes.podspec-volumes-hostpath": "Disabled", "kubernetes.podspec-volumes-csi": "Disabled",
-    "kubernetes.podspec-init-containers": "Disabled", "kubernetes.podspec-volumes-mount-propagation": "Disabled",
-    "kubernetes.podspec-nodeselector": "Disabled", "kubernetes.podspec-persistent-volume-claim": "Disabled",
-    "kubernetes.podspec-persistent-volume-write": "Disabled", "kubernetes.podspec-priorityclassname": "Disabled",
-    "kubernetes.podspec-runtimeclassname": "Disabled", "kubernetes.podspec-schedulername": "Disabled",
-    "kubernetes.podspec-securitycontext": "Disabled", "kubernetes.podspec-shareprocessnamespace": "Disabled",
-    "kubernetes.podspec-tolerations": "Disabled", "kubernetes.podspec-topologyspreadconstraints": "Disabled",
-    "kubernetes.podspec-volumes-ephemeral": "Disabled", "kubernetes.podspec-volumes-image": "Disabled",
+    "multi-container": "Enabled",
+    "multi-container-probing": "Disabled",
+    "secure-pod-defaults": "Disabled",
+    "kubernetes.containerspec-addcapabilities": "Disabled",
+    "kubernetes.podspec-affinity": "Disabled",
+    "kubernetes.podspec-dnsconfig": "Disabled",
+    "kubernetes.podspec-dnspolicy": "Disabled",
+    "kubernetes.podspec-volumes-emptydir": "Enabled",
+    "kubernetes.podspec-fieldref": "Disabled",
+    "kubernetes.podspec-hostaliases": "Disabled",
+    "kubernetes.podspec-hostipc": "Disabled",
+    "kubernetes.podspec-hostnetwork": "Disabled",
+    "kubernetes.podspec-hostpid": "Disabled",
+    "kubernetes.podspec-volumes-hostpath": "Disabled",
+    "kubernetes.podspec-volumes-csi": "Disabled",
+    "kubernetes.podspec-init-containers": "Disabled",
+    "kubernetes.podspec-volumes-mount-propagation": "Disabled",
+    "kubernetes.podspec-nodeselector": "Disabled",
+    "kubernetes.podspec-persistent-volume-claim": "Disabled",
+    "kubernetes.podspec-persistent-volume-write": "Disabled",
+    "kubernetes.podspec-priorityclassname": "Disabled",
+    "kubernetes.podspec-runtimeclassname": "Disabled",
+    "kubernetes.podspec-schedulername": "Disabled",
+    "kubernetes.podspec-securitycontext": "Disabled",
+    "kubernetes.podspec-shareprocessnamespace": "Disabled",
+    "kubernetes.podspec-tolerations": "Disabled",
+    "kubernetes.podspec-topologyspreadconstraints": "Disabled",
+    "kubernetes.podspec-volumes-ephemeral": "Disabled",
+    "kubernetes.podspec-volumes-image": "Disabled",
 }
 # eventing pkg/apis/feature/features.go newDefaults
 EVENTING_FEATURE_DEFAULTS = {
-    "kreference-group": "disabled", "delivery-retryafter": "disabled", "delivery-timeout": "enabled",
-    "authentication-oidc": "disabled", "cross-namespace-event-links": "disabled",
+    "kreference-group": "disabled",
+    "delivery-retryafter": "disabled",
+    "delivery-timeout": "enabled",
+    "authentication-oidc": "disabled",
+    "cross-namespace-event-links": "disabled",
 }
 # serving pkg/autoscaler/config/config.go defaultConfig and pkg/apis/config/defaults.go defaultDefaultsConfig
-AUTOSCALER_DEFAULTS = {"allow-zero-initial-scale": "false", "max-scale-limit": "0",
-                       "pod-autoscaler-class": "kpa.autoscaling.knative.dev"}
-SERVING_DEFAULTS = {"max-revision-timeout-seconds": "600", "revision-timeout-seconds": "300",
-                    "container-concurrency-max-limit": "1000", "allow-container-concurrency-zero": "true"}
+AUTOSCALER_DEFAULTS = {
+    "allow-zero-initial-scale": "false",
+    "max-scale-limit": "0",
+    "pod-autoscaler-class": "kpa.autoscaling.knative.dev",
+}
+SERVING_DEFAULTS = {
+    "max-revision-timeout-seconds": "600",
+    "revision-timeout-seconds": "300",
+    "container-concurrency-max-limit": "1000",
+    "allow-container-concurrency-zero": "true",
+}
 
 
 @dataclass(frozen=True)
@@ -178,22 +204,25 @@ class ClusterConfig:
     defaults: dict = field(default_factory=dict)
 
     @classmethod
-    def from_docs(cls, docs: Iterable[dict]) -> "ClusterConfig":
+    def from_docs(cls, docs: Iterable[dict]) -> ClusterConfig:
         """From rendered ConfigMaps (infra/knative): the keys they set, upstream defaults for the rest."""
-        maps = {(d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("data", {})
-                for d in docs if d.get("kind") == "ConfigMap"}
-        return cls(serving_features=dict(maps.get(("knative-serving", "config-features"), {})),
-                   eventing_features=dict(maps.get(("knative-eventing", "config-features"), {})),
-                   autoscaler=dict(maps.get(("knative-serving", "config-autoscaler"), {})),
-                   defaults=dict(maps.get(("knative-serving", "config-defaults"), {})))
+        maps = {
+            (d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("data", {})
+            for d in docs
+            if d.get("kind") == "ConfigMap"
+        }
+        return cls(
+            serving_features=dict(maps.get(("knative-serving", "config-features"), {})),
+            eventing_features=dict(maps.get(("knative-eventing", "config-features"), {})),
+            autoscaler=dict(maps.get(("knative-serving", "config-autoscaler"), {})),
+            defaults=dict(maps.get(("knative-serving", "config-defaults"), {})),
+        )
 
-    def with_eventing(self, **flags: str) -> "ClusterConfig":
-        return ClusterConfig(self.serving_features, {**self.eventing_features, **flags}, self.autoscaler,
-                             self.defaults)
+    def with_eventing(self, **flags: str) -> ClusterConfig:
+        return ClusterConfig(self.serving_features, {**self.eventing_features, **flags}, self.autoscaler, self.defaults)
 
-    def with_serving(self, **flags: str) -> "ClusterConfig":
-        return ClusterConfig({**self.serving_features, **flags}, self.eventing_features, self.autoscaler,
-                             self.defaults)
+    def with_serving(self, **flags: str) -> ClusterConfig:
+        return ClusterConfig({**self.serving_features, **flags}, self.eventing_features, self.autoscaler, self.defaults)
 
     def serving_flag(self, key: str) -> str:
         """Enabled | Allowed | Disabled, parsed case-insensitively (serving config/features.go asFlag)."""
@@ -231,13 +260,16 @@ DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0
 GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # rickb777/date/period.Parse: ISO-8601 period, optional sign, fractions allowed, at least one component
-ISO_PERIOD = re.compile(r"[-+]?P(?!$)(?:\d+(?:[.,]\d+)?Y)?(?:\d+(?:[.,]\d+)?M)?(?:\d+(?:[.,]\d+)?W)?"
-                        r"(?:\d+(?:[.,]\d+)?D)?(?:T(?=\d)(?:\d+(?:[.,]\d+)?H)?(?:\d+(?:[.,]\d+)?M)?"
-                        r"(?:\d+(?:[.,]\d+)?S)?)?")
+ISO_PERIOD = re.compile(
+    r"[-+]?P(?!$)(?:\d+(?:[.,]\d+)?Y)?(?:\d+(?:[.,]\d+)?M)?(?:\d+(?:[.,]\d+)?W)?"
+    r"(?:\d+(?:[.,]\d+)?D)?(?:T(?=\d)(?:\d+(?:[.,]\d+)?H)?(?:\d+(?:[.,]\d+)?M)?"
+    r"(?:\d+(?:[.,]\d+)?S)?)?"
+)
 # go-containerregistry name.ParseReference with WeakValidation: [registry/]repo[:tag][@digest], lowercase repo
 IMAGE_REFERENCE = re.compile(
     r"(?:(?:[a-zA-Z0-9-]+\.)*[a-zA-Z0-9-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?"
+)
 C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9]*")  # eventing trigger_validation.go validAttributeName
 MAX_INT32 = 2**31 - 1
@@ -327,6 +359,7 @@ def handles(api_version: str, kind: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         HANDLERS[(api_version, kind)] = fn
         return fn
+
     return register
 
 
@@ -358,45 +391,89 @@ KPA, HPA = "kpa.autoscaling.knative.dev", "hpa.autoscaling.knative.dev"
 WINDOW_MIN, WINDOW_MAX = 6.0, 3600.0  # serving pkg/apis/autoscaling/register.go
 # serving pkg/apis/autoscaling/register.go: each annotation also answers to its older camelCase key
 ANNOTATION_ALIASES = {
-    "class": ["class"], "min-scale": ["min-scale", "minScale"], "max-scale": ["max-scale", "maxScale"],
-    "initial-scale": ["initial-scale", "initialScale"], "activation-scale": ["activation-scale"],
-    "metric": ["metric"], "target": ["target"],
+    "class": ["class"],
+    "min-scale": ["min-scale", "minScale"],
+    "max-scale": ["max-scale", "maxScale"],
+    "initial-scale": ["initial-scale", "initialScale"],
+    "activation-scale": ["activation-scale"],
+    "metric": ["metric"],
+    "target": ["target"],
     "target-utilization-percentage": ["target-utilization-percentage", "targetUtilizationPercentage"],
     "target-burst-capacity": ["target-burst-capacity", "targetBurstCapacity"],
     "panic-window-percentage": ["panic-window-percentage", "panicWindowPercentage"],
     "panic-threshold-percentage": ["panic-threshold-percentage", "panicThresholdPercentage"],
-    "window": ["window"], "scale-down-delay": ["scale-down-delay", "scaleDownDelay"],
+    "window": ["window"],
+    "scale-down-delay": ["scale-down-delay", "scaleDownDelay"],
     "scale-to-zero-pod-retention-period": ["scale-to-zero-pod-retention-period"],
 }
 # knative/networking pkg/apis/networking/metadata_validation.go allowedAnnotations
 NETWORKING_ANNOTATIONS = {
-    "networking.knative.dev/ingress.class", "networking.knative.dev/certificate.class",
-    "networking.knative.dev/disableAutoTLS", "networking.knative.dev/disableExternalDomainTLS",
-    "networking.knative.dev/http-option", "networking.knative.dev/ingress-class",
-    "networking.knative.dev/certificate-class", "networking.knative.dev/disable-auto-tls",
+    "networking.knative.dev/ingress.class",
+    "networking.knative.dev/certificate.class",
+    "networking.knative.dev/disableAutoTLS",
+    "networking.knative.dev/disableExternalDomainTLS",
+    "networking.knative.dev/http-option",
+    "networking.knative.dev/ingress-class",
+    "networking.knative.dev/certificate-class",
+    "networking.knative.dev/disable-auto-tls",
     "networking.knative.dev/http-protocol",
 }
-REVISION_SPEC_FIELDS = {"containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds",
-                        "idleTimeoutSeconds"}
+REVISION_SPEC_FIELDS = {"containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds", "idleTimeoutSeconds"}
 POD_SPEC_ALWAYS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks"}
 POD_SPEC_GATED = {  # fieldmask.go PodSpecMask: field -> the config-features key that lets it through
-    "affinity": "kubernetes.podspec-affinity", "topologySpreadConstraints":
-        "kubernetes.podspec-topologyspreadconstraints", "hostAliases": "kubernetes.podspec-hostaliases",
-    "nodeSelector": "kubernetes.podspec-nodeselector", "runtimeClassName": "kubernetes.podspec-runtimeclassname",
-    "tolerations": "kubernetes.podspec-tolerations", "shareProcessNamespace":
-        "kubernetes.podspec-shareprocessnamespace", "priorityClassName": "kubernetes.podspec-priorityclassname",
-    "schedulerName": "kubernetes.podspec-schedulername", "initContainers": "kubernetes.podspec-init-containers",
-    "dnsPolicy": "kubernetes.podspec-dnspolicy", "dnsConfig": "kubernetes.podspec-dnsconfig",
-    "hostIPC": "kubernetes.podspec-hostipc", "hostPID": "kubernetes.podspec-hostpid",
+    "affinity": "kubernetes.podspec-affinity",
+    "topologySpreadConstraints": "kubernetes.podspec-topologyspreadconstraints",
+    "hostAliases": "kubernetes.podspec-hostaliases",
+    "nodeSelector": "kubernetes.podspec-nodeselector",
+    "runtimeClassName": "kubernetes.podspec-runtimeclassname",
+    "tolerations": "kubernetes.podspec-tolerations",
+    "shareProcessNamespace": "kubernetes.podspec-shareprocessnamespace",
+    "priorityClassName": "kubernetes.podspec-priorityclassname",
+    "schedulerName": "kubernetes.podspec-schedulername",
+    "initContainers": "kubernetes.podspec-init-containers",
+    "dnsPolicy": "kubernetes.podspec-dnspolicy",
+    "dnsConfig": "kubernetes.podspec-dnsconfig",
+    "hostIPC": "kubernetes.podspec-hostipc",
+    "hostPID": "kubernetes.podspec-hostpid",
     "hostNetwork": "kubernetes.podspec-hostnetwork",
 }
-CONTAINER_FIELDS = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
-                    "livenessProbe", "ports", "readinessProbe", "resources", "securityContext", "startupProbe",
-                    "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
-PROBE_FIELDS = {"httpGet", "tcpSocket", "exec", "grpc", "initialDelaySeconds", "timeoutSeconds", "periodSeconds",
-                "successThreshold", "failureThreshold", "terminationGracePeriodSeconds"}
-PROBE_HANDLER_FIELDS = {"httpGet": {"host", "path", "scheme", "httpHeaders", "port"}, "tcpSocket": {"host", "port"},
-                        "exec": {"command"}, "grpc": {"port", "service"}}
+CONTAINER_FIELDS = {
+    "name",
+    "args",
+    "command",
+    "env",
+    "workingDir",
+    "envFrom",
+    "image",
+    "imagePullPolicy",
+    "livenessProbe",
+    "ports",
+    "readinessProbe",
+    "resources",
+    "securityContext",
+    "startupProbe",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "volumeMounts",
+}
+PROBE_FIELDS = {
+    "httpGet",
+    "tcpSocket",
+    "exec",
+    "grpc",
+    "initialDelaySeconds",
+    "timeoutSeconds",
+    "periodSeconds",
+    "successThreshold",
+    "failureThreshold",
+    "terminationGracePeriodSeconds",
+}
+PROBE_HANDLER_FIELDS = {
+    "httpGet": {"host", "path", "scheme", "httpHeaders", "port"},
+    "tcpSocket": {"host", "port"},
+    "exec": {"command"},
+    "grpc": {"port", "service"},
+}
 RESERVED_CONTAINER_NAMES = {"queue-proxy"}
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
 # networking.BackendHTTPPort, BackendHTTP2Port, QueueAdminPort, AutoscalingQueueMetricsPort, UserQueueMetricsPort,
@@ -431,10 +508,18 @@ def _service(a: Admission, svc: dict) -> None:
     # metadata_validation.go ValidateHasNoAutoscalingAnnotation: they only work on the revision template
     for key in sorted(annotations):
         if key.startswith("autoscaling.knative.dev"):
-            a.fail("serving.metadata.autoscaling-on-service", f"metadata.annotations.{key}",
-                   'autoscaling annotations must be put under "spec.template.metadata.annotations" to work')
-    _duration_annotation(a, annotations, "serving.knative.dev/rollout-duration",
-                         "serving.metadata.rollout-duration", "metadata.annotations")
+            a.fail(
+                "serving.metadata.autoscaling-on-service",
+                f"metadata.annotations.{key}",
+                'autoscaling annotations must be put under "spec.template.metadata.annotations" to work',
+            )
+    _duration_annotation(
+        a,
+        annotations,
+        "serving.knative.dev/rollout-duration",
+        "serving.metadata.rollout-duration",
+        "metadata.annotations",
+    )
     template = (svc.get("spec") or {}).get("template") or {}
     _set_revision_defaults(a.config, template.setdefault("spec", {}))
     _revision_template(a, template, "spec.template")
@@ -467,8 +552,11 @@ def _set_revision_defaults(config: ClusterConfig, spec: dict) -> None:
     if not spec.get("timeoutSeconds"):
         spec["timeoutSeconds"] = int(config.default_value("revision-timeout-seconds"))
     containers = spec.get("containers") or []
-    writable = {v.get("name") for v in spec.get("volumes") or []
-                if any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral"))}
+    writable = {
+        v.get("name")
+        for v in spec.get("volumes") or []
+        if any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral"))
+    }
     for c in containers:
         if not isinstance(c, dict):
             continue
@@ -493,10 +581,18 @@ def _revision_template(a: Admission, template: dict, path: str) -> None:
     _autoscaling_annotations(a, annotations, f"{path}.metadata.annotations")
     for key in sorted(annotations):  # networking ValidateAnnotations
         if key.startswith("networking.knative.dev") and key not in NETWORKING_ANNOTATIONS:
-            a.fail("serving.template.networking-annotation", f"{path}.metadata.annotations.{key}",
-                   "invalid key name (networking annotations on a revision template)")
-    _duration_annotation(a, annotations, "serving.knative.dev/progress-deadline",
-                         "serving.template.progress-deadline", f"{path}.metadata.annotations")
+            a.fail(
+                "serving.template.networking-annotation",
+                f"{path}.metadata.annotations.{key}",
+                "invalid key name (networking annotations on a revision template)",
+            )
+    _duration_annotation(
+        a,
+        annotations,
+        "serving.knative.dev/progress-deadline",
+        "serving.template.progress-deadline",
+        f"{path}.metadata.annotations",
+    )
     spec = template.get("spec") or {}
     _revision_spec(a, spec, f"{path}.spec")
 
@@ -538,8 +634,11 @@ def _min_max_scale(a: Admission, anns: dict, path: str) -> None:
     found = annotation(anns, "max-scale")
     if found and limit:
         if high > limit or high == 0:
-            a.fail("serving.autoscaling.min-max-scale", f"{path}.{found[0]}",
-                   f"max-scale={high} must be within 1..max-scale-limit {limit}")
+            a.fail(
+                "serving.autoscaling.min-max-scale",
+                f"{path}.{found[0]}",
+                f"max-scale={high} must be within 1..max-scale-limit {limit}",
+            )
     activation = annotation(anns, "activation-scale")
     if activation:
         value = parse_go_int(activation[1])
@@ -575,8 +674,11 @@ def _window(a: Admission, anns: dict, path: str) -> None:
     if found:
         seconds = go_duration_seconds(found[1])
         if seconds is None or not WINDOW_MIN <= seconds <= WINDOW_MAX or seconds != int(seconds):
-            a.fail("serving.autoscaling.window", f"{path}.{found[0]}",
-                   f"{found[1]}: a Go duration between 6s and 1h at second precision")
+            a.fail(
+                "serving.autoscaling.window",
+                f"{path}.{found[0]}",
+                f"{found[1]}: a Go duration between 6s and 1h at second precision",
+            )
 
 
 def _retention(a: Admission, anns: dict, path: str) -> None:
@@ -584,8 +686,11 @@ def _retention(a: Admission, anns: dict, path: str) -> None:
     if found:
         seconds = go_duration_seconds(found[1])
         if seconds is None or not 0 <= seconds <= WINDOW_MAX:
-            a.fail("serving.autoscaling.retention-period", f"{path}.{found[0]}",
-                   f"{found[1]}: a Go duration between 0s and 1h")
+            a.fail(
+                "serving.autoscaling.retention-period",
+                f"{path}.{found[0]}",
+                f"{found[1]}: a Go duration between 0s and 1h",
+            )
 
 
 def _scale_down_delay(a: Admission, anns: dict, path: str) -> None:
@@ -593,8 +698,11 @@ def _scale_down_delay(a: Admission, anns: dict, path: str) -> None:
     if found:
         seconds = go_duration_seconds(found[1])
         if seconds is None or not 0 <= seconds <= WINDOW_MAX or seconds != round(seconds):
-            a.fail("serving.autoscaling.scale-down-delay", f"{path}.{found[0]}",
-                   f"{found[1]}: a Go duration between 0s and 1h at second precision")
+            a.fail(
+                "serving.autoscaling.scale-down-delay",
+                f"{path}.{found[0]}",
+                f"{found[1]}: a Go duration between 0s and 1h at second precision",
+            )
 
 
 def _metric(a: Admission, anns: dict, path: str) -> None:
@@ -615,8 +723,11 @@ def _initial_scale(a: Admission, anns: dict, path: str) -> None:
     if value is None or value < 0:
         a.fail("serving.autoscaling.initial-scale", f"{path}.{found[0]}", f"invalid value: {found[1]}")
     elif value == 0 and a.config.autoscaler_value("allow-zero-initial-scale").lower() != "true":
-        a.fail("serving.autoscaling.initial-scale", f"{path}.{found[0]}",
-               "initial-scale=0 not allowed by cluster (config-autoscaler allow-zero-initial-scale)")
+        a.fail(
+            "serving.autoscaling.initial-scale",
+            f"{path}.{found[0]}",
+            "initial-scale=0 not allowed by cluster (config-autoscaler allow-zero-initial-scale)",
+        )
 
 
 # ---- revision spec ------------------------------------------------------------------------------------------------
@@ -630,16 +741,20 @@ def _revision_spec(a: Admission, spec: dict, path: str) -> None:
         low = 0 if a.config.default_value("allow-container-concurrency-zero").lower() == "true" else 1
         high = int(a.config.default_value("container-concurrency-max-limit"))
         if not (isinstance(value, int) and low <= value <= high):
-            a.fail("serving.revision.container-concurrency", f"{path}.containerConcurrency",
-                   f"expected {low} <= {value} <= {high}")
+            a.fail(
+                "serving.revision.container-concurrency",
+                f"{path}.containerConcurrency",
+                f"expected {low} <= {value} <= {high}",
+            )
     _pod_spec(a, spec, path)
 
 
 def _pod_spec(a: Admission, spec: dict, path: str) -> None:
     allowed = set(POD_SPEC_ALWAYS) | REVISION_SPEC_FIELDS
     allowed |= {f for f, flag in POD_SPEC_GATED.items() if a.config.serving_not_disabled(flag)}
-    if a.config.serving_not_disabled("kubernetes.podspec-securitycontext") or \
-            a.config.serving_not_disabled("secure-pod-defaults"):
+    if a.config.serving_not_disabled("kubernetes.podspec-securitycontext") or a.config.serving_not_disabled(
+        "secure-pod-defaults"
+    ):
         allowed.add("securityContext")
     if spec.get("automountServiceAccountToken") is False:
         allowed.add("automountServiceAccountToken")
@@ -654,8 +769,11 @@ def _pod_spec(a: Admission, spec: dict, path: str) -> None:
     if not containers:
         a.fail("serving.containers.count", f"{path}.containers", "missing field(s)")
     elif len(containers) > 1 and not a.config.serving_enabled("multi-container"):
-        a.fail("serving.containers.count", f"{path}.containers",
-               f"multi-container is off, but found {len(containers)} containers")
+        a.fail(
+            "serving.containers.count",
+            f"{path}.containers",
+            f"multi-container is off, but found {len(containers)} containers",
+        )
     else:
         names = [c.get("name") for c in containers]
         for i, c in enumerate(containers):
@@ -675,8 +793,9 @@ def _pod_security_context(a: Admission, sc: Any, path: str) -> None:
     if not isinstance(sc, dict):
         return
     allowed: set[str] = set()
-    if a.config.serving_flag("secure-pod-defaults") in ("Enabled", "AllowRootBounded") and \
-            (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Unconfined"):
+    if a.config.serving_flag("secure-pod-defaults") in ("Enabled", "AllowRootBounded") and (
+        sc.get("seccompProfile") or {}
+    ).get("type") in ("RuntimeDefault", "Unconfined"):
         allowed.add("seccompProfile")
     if a.config.serving_not_disabled("kubernetes.podspec-securitycontext"):
         allowed |= {"runAsUser", "runAsGroup", "runAsNonRoot", "fsGroup", "supplementalGroups", "seccompProfile"}
@@ -720,11 +839,17 @@ def _volume_source(a: Admission, volume: dict, path: str) -> None:
     elif len(sources) > 1:
         a.fail(rule, path, f"expected exactly one volume source, got {sources}")
     pvc = volume.get("persistentVolumeClaim")
-    if isinstance(pvc, dict) and not pvc.get("readOnly") and \
-            not a.config.serving_enabled("kubernetes.podspec-persistent-volume-write"):
-        a.fail(rule, f"{path}.persistentVolumeClaim",
-               f"Persistent volume write support is disabled, but found persistent volume claim "
-               f"{pvc.get('claimName')} that is not read-only")
+    if (
+        isinstance(pvc, dict)
+        and not pvc.get("readOnly")
+        and not a.config.serving_enabled("kubernetes.podspec-persistent-volume-write")
+    ):
+        a.fail(
+            rule,
+            f"{path}.persistentVolumeClaim",
+            f"Persistent volume write support is disabled, but found persistent volume claim "
+            f"{pvc.get('claimName')} that is not read-only",
+        )
     empty = volume.get("emptyDir")
     if isinstance(empty, dict) and empty.get("medium") not in (None, "", "Memory"):
         a.fail(rule, f"{path}.emptyDir.medium", f"invalid value: {empty['medium']}")
@@ -735,8 +860,11 @@ def _init_containers(a: Admission, init: list, containers: list, volumes: dict, 
         return
     rule = "serving.podspec.init-containers"
     if not a.config.serving_enabled("kubernetes.podspec-init-containers"):
-        a.fail(rule, f"{path}.initContainers",
-               f"pod spec support for init-containers is off, but found {len(init)} init containers")
+        a.fail(
+            rule,
+            f"{path}.initContainers",
+            f"pod spec support for init-containers is off, but found {len(init)} init containers",
+        )
         return
     names = {c.get("name") for c in containers}
     for i, c in enumerate(init):
@@ -760,8 +888,11 @@ def _serving_port(a: Admission, containers: list, path: str) -> dict:
     if not ports and len(containers) > 1:
         a.fail("serving.containers.ports", f"{path}.containers[*].ports", "missing field(s)")
     if len(ports) > 1:
-        a.fail("serving.containers.ports", f"{path}.containers[*].ports",
-               "more than one container port is set (only a single port is allowed across all containers)")
+        a.fail(
+            "serving.containers.ports",
+            f"{path}.containers[*].ports",
+            "more than one container port is set (only a single port is allowed across all containers)",
+        )
     return port
 
 
@@ -802,8 +933,11 @@ def _container(a: Admission, c: dict, volumes: dict, path: str, init: bool = Fal
     a.disallow_unknown("serving.container.field", c.get("resources"), {"limits", "requests"}, f"{path}.resources")
     _security_context(a, c.get("securityContext"), f"{path}.securityContext")
     if c.get("terminationMessagePolicy") not in (None, "", "File", "FallbackToLogsOnError"):
-        a.fail("serving.container.termination-message-policy", f"{path}.terminationMessagePolicy",
-               f"invalid value: {c['terminationMessagePolicy']}")
+        a.fail(
+            "serving.container.termination-message-policy",
+            f"{path}.terminationMessagePolicy",
+            f"invalid value: {c['terminationMessagePolicy']}",
+        )
     _volume_mounts(a, c.get("volumeMounts") or [], volumes, f"{path}.volumeMounts")
 
 
@@ -851,8 +985,15 @@ def _security_context(a: Admission, sc: Any, path: str) -> None:
     if not isinstance(sc, dict):
         return
     rule = "serving.container.security-context"
-    allowed = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
-               "allowPrivilegeEscalation", "seccompProfile"}
+    allowed = {
+        "capabilities",
+        "readOnlyRootFilesystem",
+        "runAsUser",
+        "runAsGroup",
+        "runAsNonRoot",
+        "allowPrivilegeEscalation",
+        "seccompProfile",
+    }
     if sc.get("privileged") is False:
         allowed.add("privileged")
     a.disallow_unknown(rule, sc, allowed, path)
@@ -860,8 +1001,9 @@ def _security_context(a: Admission, sc: Any, path: str) -> None:
     if isinstance(caps, dict):
         cap_fields = {"drop"}
         if a.config.serving_enabled("kubernetes.containerspec-addcapabilities") or (
-                a.config.serving_flag("secure-pod-defaults") in ("Enabled", "AllowRootBounded")
-                and caps.get("add") == ["NET_BIND_SERVICE"]):
+            a.config.serving_flag("secure-pod-defaults") in ("Enabled", "AllowRootBounded")
+            and caps.get("add") == ["NET_BIND_SERVICE"]
+        ):
             cap_fields.add("add")
         a.disallow_unknown(rule, caps, cap_fields, f"{path}.capabilities")
     for key in ("runAsUser", "runAsGroup"):
@@ -939,8 +1081,11 @@ def _readiness_probe(a: Admission, probe: Any, port: dict | None, path: str) -> 
         # periodSeconds 0 is Knative's aggressive readiness probing: these two have no meaning there
         for key in ("failureThreshold", "timeoutSeconds"):
             if probe.get(key):
-                a.fail("serving.probe.readiness-period-zero", f"{path}.{key}",
-                       f"{key} is disallowed when periodSeconds is zero")
+                a.fail(
+                    "serving.probe.readiness-period-zero",
+                    f"{path}.{key}",
+                    f"{key} is disallowed when periodSeconds is zero",
+                )
     else:
         for key in ("timeoutSeconds", "failureThreshold"):
             if probe.get(key, 0) < 1:
@@ -1020,8 +1165,11 @@ def _delivery(a: Admission, delivery: Any, path: str) -> None:
     if "retryAfterMax" in delivery:
         value = delivery["retryAfterMax"]
         if not a.config.eventing_enabled("delivery-retryafter"):
-            a.fail("eventing.delivery.retry-after-max", f"{path}.retryAfterMax",
-                   "must not set the field(s) (delivery-retryafter)")
+            a.fail(
+                "eventing.delivery.retry-after-max",
+                f"{path}.retryAfterMax",
+                "must not set the field(s) (delivery-retryafter)",
+            )
         elif not is_iso_period(value) or value.startswith("-"):
             a.fail("eventing.delivery.retry-after-max", f"{path}.retryAfterMax", f"invalid value: {value}")
 
@@ -1034,10 +1182,16 @@ def _trigger(a: Admission, trigger: dict) -> None:
         a.fail("eventing.trigger.broker", "spec.broker", "missing field(s)")
     elif broker and broker_ref is not None:
         a.fail("eventing.trigger.broker", "spec", "expected exactly one, got both: broker, brokerRef")
-    if isinstance(broker_ref, dict) and broker_ref.get("namespace") and \
-            not a.config.eventing_enabled("cross-namespace-event-links"):
-        a.fail("eventing.trigger.broker", "spec.brokerRef.namespace",
-               "must not set the field(s) (cross-namespace-event-links is disabled)")
+    if (
+        isinstance(broker_ref, dict)
+        and broker_ref.get("namespace")
+        and not a.config.eventing_enabled("cross-namespace-event-links")
+    ):
+        a.fail(
+            "eventing.trigger.broker",
+            "spec.brokerRef.namespace",
+            "must not set the field(s) (cross-namespace-event-links is disabled)",
+        )
     _attribute_names(a, ((spec.get("filter") or {}).get("attributes")), "spec.filter.attributes")
     _filters(a, spec.get("filters"), "spec.filters")
     _destination(a, spec.get("subscriber"), "spec.subscriber")
@@ -1048,8 +1202,11 @@ def _trigger(a: Admission, trigger: dict) -> None:
 def _attribute_names(a: Admission, attrs: Any, path: str) -> None:
     for name in sorted(attrs or {}):
         if not ATTRIBUTE_NAME.fullmatch(name):
-            a.fail("eventing.trigger.filter-attributes", f"{path}.{name}",
-                   "Attribute name must start with a letter and can only contain lowercase alphanumeric")
+            a.fail(
+                "eventing.trigger.filter-attributes",
+                f"{path}.{name}",
+                "Attribute name must start with a letter and can only contain lowercase alphanumeric",
+            )
 
 
 def _filters(a: Admission, filters: Any, path: str) -> None:
@@ -1063,8 +1220,11 @@ def _filter(a: Admission, f: Any, path: str) -> None:
         return
     dialects = [k for k in ("exact", "prefix", "suffix", "all", "any", "not", "cesql") if f.get(k)]
     if len(dialects) > 1:
-        a.fail("eventing.trigger.filters-dialect", path,
-               f"multiple dialects found, filters can have only one dialect set: {dialects}")
+        a.fail(
+            "eventing.trigger.filters-dialect",
+            path,
+            f"multiple dialects found, filters can have only one dialect set: {dialects}",
+        )
     for key in ("exact", "prefix", "suffix"):
         _attribute_names(a, f.get(key), f"{path}.{key}")
     for key in ("all", "any"):
@@ -1086,10 +1246,14 @@ def _trigger_annotations(a: Admission, trigger: dict) -> None:
             if missing:
                 a.fail(rule, "metadata.annotations[knative.dev/dependency]", f"missing field(s): {missing}")
     injection = annotations.get("eventing.knative.dev/injection")
-    if injection is not None and (injection not in ("enabled", "disabled")
-                                  or (trigger.get("spec") or {}).get("broker") != "default"):
-        a.fail(rule, "metadata.annotations[eventing.knative.dev/injection]",
-               'must be "enabled" or "disabled", and only on a Trigger of the broker "default"')
+    if injection is not None and (
+        injection not in ("enabled", "disabled") or (trigger.get("spec") or {}).get("broker") != "default"
+    ):
+        a.fail(
+            rule,
+            "metadata.annotations[eventing.knative.dev/injection]",
+            'must be "enabled" or "disabled", and only on a Trigger of the broker "default"',
+        )
 
 
 @handles("sources.knative.dev/v1", "ContainerSource")

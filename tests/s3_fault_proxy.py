@@ -1,11 +1,12 @@
 """A real HTTP proxy in front of the moto S3 server that makes chosen requests fail the way S3 does (503 SlowDown,
 403 AccessDenied), so storage error handling is tested over the wire against boto3's own transfer code."""
+
 from __future__ import annotations
 
 import http.client
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import urlsplit
 
 # (method, path) -> (status, S3 error code) to answer instead of forwarding, or None to forward
@@ -35,8 +36,10 @@ class S3FaultProxy:
                 if answer is not None:
                     status, code = answer
                     proxy.refused.append((self.command, self.path))
-                    payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
-                               f"<Message>{_MESSAGES.get(code, code)}</Message></Error>").encode()
+                    payload = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{_MESSAGES.get(code, code)}</Message></Error>"
+                    ).encode()
                     self.send_response(status)
                     self.send_header("content-type", "application/xml")
                     self.send_header("content-length", str(len(payload)))
@@ -73,6 +76,8 @@ class S3FaultProxy:
 
 def refuse_video_writes(status: int, code: str, marker: str = "/videos/") -> Fault:
     """Fail every write (PUT, multipart POST) of an object whose path contains `marker`."""
+
     def fault(method: str, path: str):
         return (status, code) if method in ("PUT", "POST") and marker in path else None
+
     return fault

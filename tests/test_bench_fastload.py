@@ -1,20 +1,20 @@
 """engine.fastload: bit-identical tensors to safetensors.load_file, modules equal to from_pretrained's, and a
 pipeline loaded through it produces the same frames as one loaded the library way (CPU)."""
+
 import json
 import struct
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAST
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST
-from turboflow.engine import GenerationRequest, ModelCacheError
-from turboflow.engine import fastload
-from turboflow.engine.errors import CheckpointError
+from turboflow.engine import GenerationRequest, ModelCacheError, fastload
 from turboflow.engine.loading import _load_component, load_pipeline
+from turboflow.engine.modelcache import read_manifest
 from turboflow.engine.pipeline import TurboVideoPipeline
-from turboflow.storage.modelcache import read_manifest
+from turboflow.errors import CheckpointError
 
 
 def _mixed_state():
@@ -42,8 +42,10 @@ def test_load_safetensors_is_bit_identical_to_load_file(tmp_path, threads, chunk
     assert set(got) == set(ref) == set(state)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
-        assert torch.equal(got[k].view(-1).view(torch.uint8) if got[k].numel() else got[k],
-                           ref[k].view(-1).view(torch.uint8) if ref[k].numel() else ref[k]), k
+        assert torch.equal(
+            got[k].view(-1).view(torch.uint8) if got[k].numel() else got[k],
+            ref[k].view(-1).view(torch.uint8) if ref[k].numel() else ref[k],
+        ), k
 
 
 def test_several_files_and_model_cache_weights(tmp_path, tiny_t2v_dir):
@@ -117,11 +119,19 @@ def _library_pipeline(model_dir, fast_vae):
     """The pre-fastload path: from_pretrained per component on the CPU."""
     manifest = read_manifest(model_dir)
     parts = {role: _load_component(role, model_dir / sub, torch.float32) for role, sub in manifest.components.items()}
-    return TurboVideoPipeline(kind=manifest.kind, transformer=parts["transformer"],
-                              transformer_2=parts.get("transformer_2"), vae=parts["vae"],
-                              text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], device="cpu",
-                              dtype=torch.float32, model_name=manifest.name, defaults=manifest.defaults,
-                              fast_vae=fast_vae)
+    return TurboVideoPipeline(
+        kind=manifest.kind,
+        transformer=parts["transformer"],
+        transformer_2=parts.get("transformer_2"),
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        device="cpu",
+        dtype=torch.float32,
+        model_name=manifest.name,
+        defaults=manifest.defaults,
+        fast_vae=fast_vae,
+    )
 
 
 def test_pipeline_through_fastload_gives_identical_frames(tiny_t2v_dir, t2v_pipeline):

@@ -1,5 +1,6 @@
 """bench/ harness logic end to end on the CPU with tiny models (structure, stages, ratios, report); no timing
 assertions."""
+
 import json
 
 import pytest
@@ -20,8 +21,14 @@ def test_tiny_run_produces_json_and_table(tmp_path, moto_s3):
         assert "ours_error" not in row and "error" not in row["baseline"], row
         ours, base = row["ours"], row["baseline"]
         assert len(ours["steps_s"]) == row["timed_steps"] == len(base["steps_s"]) == 2
-        for k in ("text_encode_s", "vae_decode_s", "mp4_encode_s", "s3_upload_s", "total_s",
-                  "projected_total_4_steps_s"):
+        for k in (
+            "text_encode_s",
+            "vae_decode_s",
+            "mp4_encode_s",
+            "s3_upload_s",
+            "total_s",
+            "projected_total_4_steps_s",
+        ):
             assert ours[k] is not None and ours[k] > 0, (key, k)
         assert ours["frames"] == [1, 480, 640, 3] and ours["mp4_bytes"] > 0
         assert row["speedup"]["step_median_s"] == pytest.approx(base["step_median_s"] / ours["step_median_s"])
@@ -34,12 +41,29 @@ def test_tiny_run_produces_json_and_table(tmp_path, moto_s3):
 
 def test_variants_are_reported_side_by_side_and_errors_do_not_stop_the_run(tmp_path):
     calls = []
-    register("test-broken", prepare=lambda p: calls.append("prepare") or (_ for _ in ()).throw(RuntimeError("boom")),
-             restore=lambda p: calls.append("restore"), note="a variant that fails")
+    register(
+        "test-broken",
+        prepare=lambda p: calls.append("prepare") or (_ for _ in ()).throw(RuntimeError("boom")),
+        restore=lambda p: calls.append("restore"),
+        note="a variant that fails",
+    )
     try:
         out = tmp_path / "out"
-        assert bench_run.main(["--tiny", "--models", "tiny-t2v", "--variants", "eager,test-broken",
-                               "--no-baseline", "--out", str(out)]) == 0
+        assert (
+            bench_run.main(
+                [
+                    "--tiny",
+                    "--models",
+                    "tiny-t2v",
+                    "--variants",
+                    "eager,test-broken",
+                    "--no-baseline",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         VARIANTS.pop("test-broken")
     rows = json.loads((out / "bench.json").read_text())["models"]
@@ -57,8 +81,11 @@ def test_unknown_model_is_a_usage_error(tmp_path):
 def test_loader_throughput_rows_on_tiny_cache(tiny_t2v_dir):
     rows = loader_throughput(tiny_t2v_dir, tiny=True, log=lambda *a: None)
     methods = {(r["method"].split(" ")[0], r["source"]) for r in rows}
-    assert {("safetensors.torch.load_file(device)", "page cache"), ("fastload", "page cache"),
-            ("fastload", "cold disk")} <= methods
+    assert {
+        ("safetensors.torch.load_file(device)", "page cache"),
+        ("fastload", "page cache"),
+        ("fastload", "cold disk"),
+    } <= methods
     assert all(r["gb"] > 0 and r["seconds"] > 0 for r in rows)
     drop_page_cache(sorted(tiny_t2v_dir.glob("*/*.safetensors")))  # must not raise
 
@@ -85,8 +112,7 @@ def test_quantising_variants_run_after_the_bf16_baseline_and_i2v_experts_are_qua
     register("test-fp8", request={"attention": "sla"}, prepare=_fp8, quant="fp8", note="fp8 without compiling")
     try:
         out = tmp_path / "out"
-        assert bench_run.main(["--tiny", "--plan", "tiny-t2v=eager,test-fp8;tiny-i2v=test-fp8", "--out",
-                               str(out)]) == 0
+        assert bench_run.main(["--tiny", "--plan", "tiny-t2v=eager,test-fp8;tiny-i2v=test-fp8", "--out", str(out)]) == 0
     finally:
         VARIANTS.pop("test-fp8")
     t2v_eager, t2v_fp8, i2v = json.loads((out / "bench.json").read_text())["models"]

@@ -1,5 +1,6 @@
 """The local broker on a real nats-server, against in-test HTTP sinks: ingress, routing by the real Trigger YAML,
 retries, dead letter, replies, at-least-once across a broker kill and a nats-server restart."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +9,13 @@ import json
 import httpx
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+from eventing_harness import Collector, Sink, data_of, event, free_port, running_broker, serve_asgi, wait_port
 
 from turboflow.eventing.broker import publish_event, subject_for
 from turboflow.eventing.deadletter import DeadLetterApp
 from turboflow.eventing.nats_binding import from_nats, msg_id, to_nats
 from turboflow.eventing.natsserver import NatsServer, find_nats_server
 from turboflow.eventing.triggers import load_triggers
-
-from eventing_harness import Collector, Sink, data_of, event, running_broker, serve_asgi, wait_port, free_port
 
 FAST = dict(timeout=5.0, retry=3, backoff_delay=0.05)
 T2V, I2V = "io.turboflow.video.t2v.requested", "io.turboflow.video.i2v.requested"
@@ -33,8 +33,11 @@ def test_nats_server_binary_comes_from_the_wheel():
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
 def test_nats_binding_round_trip(mode):
-    ev = event(tenant="acme", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-               data={"prompt": "über café"})
+    ev = event(
+        tenant="acme",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        data={"prompt": "über café"},
+    )
     headers, payload = to_nats(ev, mode)
     assert headers["Nats-Msg-Id"] == msg_id(ev.get_source(), ev.get_id()) != msg_id("/other", ev.get_id())
     if mode == "binary":
@@ -60,32 +63,47 @@ def test_subjects():
 async def test_ingress_routes_by_the_trigger_yaml_and_publishes_replies(nats_server):
     def reply(ev, n):
         from cloudevents.core.v1.event import CloudEvent
-        return 200, CloudEvent(attributes={"type": "io.turboflow.video.completed", "source": "/sink",
-                                           "id": f"done-{ev.get_id()}", "subject": ev.get_id()},
-                               data={"request_id": ev.get_id()})
+
+        return 200, CloudEvent(
+            attributes={
+                "type": "io.turboflow.video.completed",
+                "source": "/sink",
+                "id": f"done-{ev.get_id()}",
+                "subject": ev.get_id(),
+            },
+            data={"request_id": ev.get_id()},
+        )
 
     async with Sink(reply) as t2v, Sink(reply) as i2v, Collector(nats_server.url) as seen:
-        async with running_broker(nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": i2v.url},
-                                  delivery=FAST) as broker:
+        async with running_broker(
+            nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": i2v.url}, delivery=FAST
+        ) as broker:
             async with httpx.AsyncClient() as client:
                 a, b = event(T2V), event(I2V)
-                r1 = await client.post(broker.ingress_url, headers=to_binary_event(a).headers,
-                                       content=to_binary_event(a).body)
+                r1 = await client.post(
+                    broker.ingress_url, headers=to_binary_event(a).headers, content=to_binary_event(a).body
+                )
                 msg = to_structured_event(b)
                 r2 = await client.post(broker.ingress_url, headers=msg.headers, content=msg.body)
                 assert (r1.status_code, r2.status_code) == (202, 202)
                 other = event("com.example.unrelated")
-                assert (await client.post(broker.ingress_url, headers=to_binary_event(other).headers,
-                                          content=to_binary_event(other).body)).status_code == 202
+                assert (
+                    await client.post(
+                        broker.ingress_url, headers=to_binary_event(other).headers, content=to_binary_event(other).body
+                    )
+                ).status_code == 202
                 # not a CloudEvent / wrong broker
-                assert (await client.post(broker.ingress_url, content=b"{}",
-                                          headers={"content-type": "application/json"})).status_code == 400
-                bad = await client.post(broker.ingress_url, content=b"{oops",
-                                        headers={"content-type": "application/cloudevents+json"})
+                assert (
+                    await client.post(broker.ingress_url, content=b"{}", headers={"content-type": "application/json"})
+                ).status_code == 400
+                bad = await client.post(
+                    broker.ingress_url, content=b"{oops", headers={"content-type": "application/cloudevents+json"}
+                )
                 assert bad.status_code == 400
                 wrong = broker.ingress_url.replace("/default", "/other")
-                assert (await client.post(wrong, headers=to_binary_event(a).headers,
-                                          content=to_binary_event(a).body)).status_code == 404
+                assert (
+                    await client.post(wrong, headers=to_binary_event(a).headers, content=to_binary_event(a).body)
+                ).status_code == 404
             done = await seen.wait_for(lambda e: e.get_type() == "io.turboflow.video.completed", count=2)
             assert {e.get_subject() for e in done} == {a.get_id(), b.get_id()}
             assert [e.get_id() for e in t2v.received] == [a.get_id()]
@@ -95,9 +113,11 @@ async def test_ingress_routes_by_the_trigger_yaml_and_publishes_replies(nats_ser
 
 async def test_direct_nats_publishing_both_modes(nats_server):
     async with Sink() as t2v, Sink() as i2v:
-        async with running_broker(nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": i2v.url},
-                                  delivery=FAST, ingress=False) as broker:
+        async with running_broker(
+            nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": i2v.url}, delivery=FAST, ingress=False
+        ) as _broker:
             import nats
+
             nc = await nats.connect(nats_server.url)
             js = nc.jetstream()
             a, b = event(T2V), event(I2V)
@@ -123,9 +143,15 @@ async def test_retries_then_dead_letter_emits_failed(nats_server):
     await wait_port(port)
     try:
         async with Sink(lambda ev, n: (503, None)) as t2v, Collector(nats_server.url) as seen:
-            async with running_broker(nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url,
-                                                        "turboflow-deadletter": f"http://127.0.0.1:{port}/"},
-                                      delivery=FAST) as broker:
+            async with running_broker(
+                nats_server.url,
+                {
+                    "turboflow-t2v": t2v.url,
+                    "turboflow-i2v": t2v.url,
+                    "turboflow-deadletter": f"http://127.0.0.1:{port}/",
+                },
+                delivery=FAST,
+            ) as broker:
                 req = event(T2V, tenant="acme")
                 await broker.accept(req)
                 failed = await seen.wait_for(lambda e: e.get_type() == "io.turboflow.video.failed")
@@ -143,10 +169,15 @@ async def test_retries_then_dead_letter_emits_failed(nats_server):
 
 async def test_terminal_4xx_is_not_retried(nats_server):
     seen_dlq = []
-    async with Sink(lambda ev, n: (400, None)) as t2v, \
-            Sink(lambda ev, n: (seen_dlq.append(ev.get_attributes()) or (202, None))) as dlq:
-        async with running_broker(nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url,
-                                                    "turboflow-deadletter": dlq.url}, delivery=FAST) as broker:
+    async with (
+        Sink(lambda ev, n: (400, None)) as t2v,
+        Sink(lambda ev, n: seen_dlq.append(ev.get_attributes()) or (202, None)) as dlq,
+    ):
+        async with running_broker(
+            nats_server.url,
+            {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url, "turboflow-deadletter": dlq.url},
+            delivery=FAST,
+        ) as broker:
             await broker.accept(event(T2V))
             for _ in range(100):
                 if seen_dlq:
@@ -158,13 +189,18 @@ async def test_terminal_4xx_is_not_retried(nats_server):
 
 async def test_slow_subscriber_is_not_redelivered_while_running(nats_server):
     """A delivery longer than AckWait's margin keeps the message in progress: no duplicate delivery."""
+
     async def slow(ev, n):
         await asyncio.sleep(2.0)
         return 200, None
 
     async with Sink(slow) as t2v:
-        async with running_broker(nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url},
-                                  delivery=dict(FAST, timeout=3.0), ack_margin=0.5) as broker:
+        async with running_broker(
+            nats_server.url,
+            {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url},
+            delivery=dict(FAST, timeout=3.0),
+            ack_margin=0.5,
+        ) as broker:
             await broker.accept(event(T2V))
             await asyncio.sleep(3.5)
             assert len(t2v.received) == 1
@@ -181,8 +217,9 @@ async def test_broker_killed_mid_delivery_redelivers(nats_server):
 
     async with Sink(hang) as t2v:
         addresses = {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url}
-        async with running_broker(nats_server.url, addresses, delivery=dict(FAST, timeout=1.0),
-                                  ack_margin=0.5) as broker:
+        async with running_broker(
+            nats_server.url, addresses, delivery=dict(FAST, timeout=1.0), ack_margin=0.5
+        ) as broker:
             req = event(T2V)
             await broker.accept(req)
             for _ in range(100):
@@ -207,8 +244,9 @@ async def test_nats_server_restart_loses_no_accepted_event(nats_server):
             async with httpx.AsyncClient() as client:
                 for ev in ids:
                     msg = to_binary_event(ev)
-                    assert (await client.post(broker.ingress_url, headers=msg.headers,
-                                              content=msg.body)).status_code == 202
+                    assert (
+                        await client.post(broker.ingress_url, headers=msg.headers, content=msg.body)
+                    ).status_code == 202
         nats_server.restart(kill=True)  # SIGKILL: only what JetStream wrote to its file store survives
         async with running_broker(nats_server.url, addresses, delivery=FAST) as broker:
             later = [event(T2V) for _ in range(3)]

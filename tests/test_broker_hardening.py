@@ -1,6 +1,7 @@
 """The local broker under hostile or sloppy producers, on a real nats-server: nothing it acknowledged is lost, bad
 input is a clear 4xx, CloudEvents identity is source + id, replies need turboflow's signature, the dead-letter
 failure says whether the cause was transient, and no `time` is invented."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,14 +11,13 @@ import json
 import httpx
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+from eventing_harness import Collector, Sink, data_of, event, free_port, running_broker, serve_asgi, wait_port
 
 from turboflow.eventing import signing
 from turboflow.eventing.contracts import failed_event, validate_data
 from turboflow.eventing.deadletter import DeadLetterApp
 from turboflow.eventing.nats_binding import ExactCloudEvent, msg_id
 from turboflow.eventing.natsserver import NatsServer
-
-from eventing_harness import Collector, Sink, data_of, event, free_port, running_broker, serve_asgi, wait_port
 
 FAST = dict(timeout=5.0, retry=2, backoff_delay=0.05)
 T2V = "io.turboflow.video.t2v.requested"
@@ -71,16 +71,37 @@ async def test_unreadable_stored_messages_become_failed_events_linked_to_the_req
     async with stack(nats_server.url) as (broker, fn, seen):
         subject = f"turboflow.events.{T2V}"
         # published straight to NATS: no ce-id (the SDK would invent one) -> undecodable, linked by the subject type
-        await seen.publish_raw(subject, b'{"prompt": "x"}', {"ce-specversion": "1.0", "ce-type": T2V,
-                                                            "ce-source": "/raw", "content-type": "application/json"})
+        await seen.publish_raw(
+            subject,
+            b'{"prompt": "x"}',
+            {"ce-specversion": "1.0", "ce-type": T2V, "ce-source": "/raw", "content-type": "application/json"},
+        )
         # JSON nested 100,000 levels deep in data -> undecodable, linked to its id
         deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-        await seen.publish_raw(subject, deep, {"ce-specversion": "1.0", "ce-type": T2V, "ce-source": "/raw",
-                                               "ce-id": "req-deep", "ce-tenant": "acme",
-                                               "content-type": "application/json"})
+        await seen.publish_raw(
+            subject,
+            deep,
+            {
+                "ce-specversion": "1.0",
+                "ce-type": T2V,
+                "ce-source": "/raw",
+                "ce-id": "req-deep",
+                "ce-tenant": "acme",
+                "content-type": "application/json",
+            },
+        )
         # data that is not JSON although the content type says so -> invalid_data, linked to its id
-        await seen.publish_raw(subject, b"{oops", {"ce-specversion": "1.0", "ce-type": T2V, "ce-source": "/raw",
-                                                   "ce-id": "req-oops", "content-type": "application/json"})
+        await seen.publish_raw(
+            subject,
+            b"{oops",
+            {
+                "ce-specversion": "1.0",
+                "ce-type": T2V,
+                "ce-source": "/raw",
+                "ce-id": "req-oops",
+                "content-type": "application/json",
+            },
+        )
         # structured, garbage JSON
         await seen.publish_raw(subject, b"\xff not json")
         deep_failed = (await seen.wait_for(failed_for_id("req-deep")))[0]
@@ -109,8 +130,12 @@ async def test_ingress_rejects_malformed_events_with_400(nats_server):
             assert r.status_code == 400 and missing in r.text, r.text
         r = await post(broker, STRUCTURED, json.dumps({**base, "tenant": 5}).encode())
         assert r.status_code == 400 and "tenant" in r.text
-        deep = b'{"type": "%s", "source": "/t", "id": "x-2", "specversion": "1.0", "data": {"a": ' % T2V.encode() \
-            + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+        deep = (
+            b'{"type": "%s", "source": "/t", "id": "x-2", "specversion": "1.0", "data": {"a": ' % T2V.encode()
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}}"
+        )
         r = await post(broker, STRUCTURED, deep)
         assert r.status_code == 400 and "deeper" in r.text
         headers, _ = binary(event(T2V))
@@ -128,8 +153,9 @@ async def test_ingress_rejects_malformed_events_with_400(nats_server):
 
 async def test_no_time_is_added_to_what_the_producer_sent(nats_server):
     async with stack(nats_server.url) as (broker, fn, seen):
-        untimed = ExactCloudEvent({"type": T2V, "source": "/t", "id": "untimed-1",
-                                   "datacontenttype": "application/json"}, {"prompt": "a"})
+        untimed = ExactCloudEvent(
+            {"type": T2V, "source": "/t", "id": "untimed-1", "datacontenttype": "application/json"}, {"prompt": "a"}
+        )
         assert "time" not in untimed.get_attributes()
         assert (await post(broker, *binary(untimed))).status_code == 202
         for _ in range(100):
@@ -183,13 +209,13 @@ async def test_ingress_refuses_unsigned_turboflow_replies(nats_server):
         forged = failed_event("req-1", "internal_error", "forged", False, source="/evil")
         completed = event(COMPLETED, subject="req-1", data={"request_id": "req-1"})
         other = event("io.turboflow.video.progress", data={})
-        wrong_key = failed_event("req-1", "internal_error", "forged", False, source="/evil",
-                                 signing_key=b"k" * 32)
+        wrong_key = failed_event("req-1", "internal_error", "forged", False, source="/evil", signing_key=b"k" * 32)
         for ev in (forged, completed, other, wrong_key):
             r = await post(broker, *binary(ev))
             assert r.status_code == 403 and "turboflowsig" in r.text, (ev.get_type(), r.status_code, r.text)
-        genuine = failed_event("req-2", "internal_error", "real", False, source="/turboflow/functions/t2v",
-                               signing_key=KEY)
+        genuine = failed_event(
+            "req-2", "internal_error", "real", False, source="/turboflow/functions/t2v", signing_key=KEY
+        )
         assert (await post(broker, *binary(genuine))).status_code == 202
         assert (await post(broker, *binary(event(T2V)))).status_code == 202  # requests need no signature
         (stored,) = await seen.wait_for(lambda e: e.get_type() == FAILED)
@@ -198,35 +224,58 @@ async def test_ingress_refuses_unsigned_turboflow_replies(nats_server):
 
 # ---- 5b. `submit --wait` acts only on its own, genuine reply ------------------------------------------------------
 async def test_wait_for_reply_skips_forged_foreign_and_malformed_replies(nats_server):
+    import nats
+
     from turboflow.eventing.broker import ensure_stream, publish_event
     from turboflow.eventing.client import build_request, reply_subscription, wait_for_reply
     from turboflow.eventing.contracts import completed_event
-
-    import nats
 
     request = build_request("t2v", "a cat", tenant="acme")
     rid = request.get_id()
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_stream(js)
-    good = {"request_id": rid, "tenant": "acme", "kind": "t2v", "model": "m", "width": 8, "height": 8,
-            "num_frames": 1, "fps": 16.0, "duration": 0.06, "seed": 1, "num_steps": 1, "sigma_max": 80.0,
-            "input_sha256": "0" * 64, "timings": {}, "usage": {"gpu_seconds": 0.1, "cold_start": False, "model_load_seconds": 0.0,
-                                     "device": "cpu"}, "completed_at": "2026-01-01T00:00:00Z",
-            "video": {"uri": "s3://b/k.mp4", "url": "http://s3/b/k.mp4", "url_expires_at": "2026-01-02T00:00:00Z",
-                      "bucket": "b", "key": "k.mp4", "content_type": "video/mp4", "bytes": 10, "sha256": "0" * 64}}
+    good = {
+        "request_id": rid,
+        "tenant": "acme",
+        "kind": "t2v",
+        "model": "m",
+        "width": 8,
+        "height": 8,
+        "num_frames": 1,
+        "fps": 16.0,
+        "duration": 0.06,
+        "seed": 1,
+        "num_steps": 1,
+        "sigma_max": 80.0,
+        "input_sha256": "0" * 64,
+        "timings": {},
+        "usage": {"gpu_seconds": 0.1, "cold_start": False, "model_load_seconds": 0.0, "device": "cpu"},
+        "completed_at": "2026-01-01T00:00:00Z",
+        "video": {
+            "uri": "s3://b/k.mp4",
+            "url": "http://s3/b/k.mp4",
+            "url_expires_at": "2026-01-02T00:00:00Z",
+            "bucket": "b",
+            "key": "k.mp4",
+            "content_type": "video/mp4",
+            "bytes": 10,
+            "sha256": "0" * 64,
+        },
+    }
     malformed = {k: v for k, v in good.items() if k != "video"} | {"video": {"uri": "s3://b/k.mp4"}}
-    replies = [completed_event(request, good, source="/evil"),  # unsigned (forged)
-               completed_event(request, {**good, "tenant": "other"}, source="/a", signing_key=KEY),  # other tenant
-               completed_event(request, malformed, source="/b", signing_key=KEY),  # KeyError: 'bucket' before
-               completed_event(request, good, source="/turboflow/functions/t2v", signing_key=KEY)]
+    replies = [
+        completed_event(request, good, source="/evil"),  # unsigned (forged)
+        completed_event(request, {**good, "tenant": "other"}, source="/a", signing_key=KEY),  # other tenant
+        completed_event(request, malformed, source="/b", signing_key=KEY),  # KeyError: 'bucket' before
+        completed_event(request, good, source="/turboflow/functions/t2v", signing_key=KEY),
+    ]
     nc_sub, sub = await reply_subscription(nats_server.url)
     for reply in replies:  # straight into the stream, as anyone with NATS access could
         await publish_event(js, reply)
     warnings = []
     try:
-        got = await wait_for_reply(sub, rid, 10, tenant="acme", signing_key=KEY,
-                                   warn=warnings.append)
+        got = await wait_for_reply(sub, rid, 10, tenant="acme", signing_key=KEY, warn=warnings.append)
     finally:
         await nc_sub.close()
         await nc.close()

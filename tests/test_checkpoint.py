@@ -4,6 +4,7 @@ Inputs are written by the tests from small random diffusers/transformers models 
 the forward direction must give back exactly the same tensors and the same network outputs, and must agree with
 diffusers' own single-file converters where those apply.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,22 @@ import torch
 import torch.nn.functional as F
 
 from turboflow.engine import checkpoint as ck
-from turboflow.engine.errors import CheckpointError
+from turboflow.errors import CheckpointError
 
-TINY_DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
-                text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+TINY_DIT = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
+)
 
 
 def _dit(in_channels=16, seed=0):
@@ -34,9 +46,13 @@ def _dit(in_channels=16, seed=0):
 
 def _proj_l(layers=2, head_dim=8, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return {f"blocks.{i}.proj_l.{leaf}": torch.randn(*((head_dim, head_dim) if leaf == "weight" else (head_dim,)),
-                                                     generator=g)
-            for i in range(layers) for leaf in ("weight", "bias")}
+    return {
+        f"blocks.{i}.proj_l.{leaf}": torch.randn(
+            *((head_dim, head_dim) if leaf == "weight" else (head_dim,)), generator=g
+        )
+        for i in range(layers)
+        for leaf in ("weight", "bias")
+    }
 
 
 def _forward(model, in_channels=16, seed=0):
@@ -60,10 +76,18 @@ def test_native_layout_matches_turbodiffusion(tmp_path):
     native = _native(_dit(), _proj_l())
     assert all(k.startswith("net.") for k in native)
     assert native["net.patch_embedding.weight"].shape == (16, 16 * 1 * 2 * 2)  # Linear, as TurboDiffusion stores it
-    for k in ("net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight", "net.blocks.0.cross_attn.norm_k.weight",
-              "net.blocks.0.norm3.bias", "net.blocks.0.ffn.2.weight", "net.blocks.0.modulation",
-              "net.head.modulation", "net.head.head.weight", "net.time_projection.1.weight",
-              "net.text_embedding.2.bias", "net.time_embedding.0.weight"):
+    for k in (
+        "net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight",
+        "net.blocks.0.cross_attn.norm_k.weight",
+        "net.blocks.0.norm3.bias",
+        "net.blocks.0.ffn.2.weight",
+        "net.blocks.0.modulation",
+        "net.head.modulation",
+        "net.head.head.weight",
+        "net.time_projection.1.weight",
+        "net.text_embedding.2.bias",
+        "net.time_embedding.0.weight",
+    ):
         assert k in native, k
 
 
@@ -139,30 +163,42 @@ def test_head_count_needs_proj_l_or_known_size_or_config():
 def test_real_sizes_infer_heads():
     """1.3B (dim 1536) and 14B (dim 5120) need no config: head_dim 128, from shapes alone (meta tensors)."""
     for dim, heads, ffn, layers, cin in ((1536, 12, 8960, 30, 16), (5120, 40, 13824, 40, 36)):
-        sd = {"patch_embedding.weight": torch.empty(dim, cin * 4, device="meta"),
-              "head.head.weight": torch.empty(64, dim, device="meta"),
-              "blocks.0.ffn.0.weight": torch.empty(ffn, dim, device="meta"),
-              "text_embedding.0.weight": torch.empty(dim, 4096, device="meta"),
-              "time_embedding.0.weight": torch.empty(dim, 256, device="meta"),
-              "blocks.0.norm3.weight": torch.empty(dim, device="meta"),
-              "blocks.0.self_attn.norm_q.weight": torch.empty(dim, device="meta"),
-              **{f"blocks.{i}.modulation": torch.empty(1, 6, dim, device="meta") for i in range(layers)}}
+        sd = {
+            "patch_embedding.weight": torch.empty(dim, cin * 4, device="meta"),
+            "head.head.weight": torch.empty(64, dim, device="meta"),
+            "blocks.0.ffn.0.weight": torch.empty(ffn, dim, device="meta"),
+            "text_embedding.0.weight": torch.empty(dim, 4096, device="meta"),
+            "time_embedding.0.weight": torch.empty(dim, 256, device="meta"),
+            "blocks.0.norm3.weight": torch.empty(dim, device="meta"),
+            "blocks.0.self_attn.norm_q.weight": torch.empty(dim, device="meta"),
+            **{f"blocks.{i}.modulation": torch.empty(1, 6, dim, device="meta") for i in range(layers)},
+        }
         cfg = ck.infer_dit_config(sd)
         assert (cfg["num_attention_heads"], cfg["attention_head_dim"]) == (heads, 128)
-        assert (cfg["ffn_dim"], cfg["num_layers"], cfg["in_channels"], cfg["text_dim"], cfg["freq_dim"]) == \
-            (ffn, layers, cin, 4096, 256)
+        assert (cfg["ffn_dim"], cfg["num_layers"], cfg["in_channels"], cfg["text_dim"], cfg["freq_dim"]) == (
+            ffn,
+            layers,
+            cin,
+            4096,
+            256,
+        )
 
 
-@pytest.mark.parametrize("mutation, message", [
-    (lambda sd: sd.pop("net.blocks.1.cross_attn.o.weight"), r"1 missing keys.*blocks\.1\.attn2\.to_out\.0\.weight"),
-    (lambda sd: sd.__setitem__("net.blocks.0.self_attn.extra.weight", torch.zeros(2)),
-     r"unexpected keys.*blocks\.0\.self_attn\.extra\.weight"),
-    (lambda sd: sd.__setitem__("net.pos_embed.weight", torch.zeros(2)), r"unexpected keys.*pos_embed"),
-    (lambda sd: sd.__setitem__("net.blocks.0.ffn.2.weight", torch.zeros(16, 31)), r"shape mismatches.*ffn\.net\.2"),
-    (lambda sd: sd.pop("net.blocks.1.self_attn.attn_op.local_attn.proj_l.bias"), r"proj_l.*not all"),
-    (lambda sd: sd.__setitem__("blocks.0.norm3.bias", torch.zeros(16)), r"both with and without"),
-    (lambda sd: sd.pop("net.head.head.weight"), r"not a Wan DiT checkpoint.*head\.head\.weight"),
-])
+@pytest.mark.parametrize(
+    "mutation, message",
+    [
+        (lambda sd: sd.pop("net.blocks.1.cross_attn.o.weight"), r"1 missing keys.*blocks\.1\.attn2\.to_out\.0\.weight"),
+        (
+            lambda sd: sd.__setitem__("net.blocks.0.self_attn.extra.weight", torch.zeros(2)),
+            r"unexpected keys.*blocks\.0\.self_attn\.extra\.weight",
+        ),
+        (lambda sd: sd.__setitem__("net.pos_embed.weight", torch.zeros(2)), r"unexpected keys.*pos_embed"),
+        (lambda sd: sd.__setitem__("net.blocks.0.ffn.2.weight", torch.zeros(16, 31)), r"shape mismatches.*ffn\.net\.2"),
+        (lambda sd: sd.pop("net.blocks.1.self_attn.attn_op.local_attn.proj_l.bias"), r"proj_l.*not all"),
+        (lambda sd: sd.__setitem__("blocks.0.norm3.bias", torch.zeros(16)), r"both with and without"),
+        (lambda sd: sd.pop("net.head.head.weight"), r"not a Wan DiT checkpoint.*head\.head\.weight"),
+    ],
+)
 def test_key_problems_raise(tmp_path, mutation, message):
     native = _native(_dit(), _proj_l())
     mutation(native)
@@ -205,12 +241,25 @@ def test_legacy_non_zip_file_is_read(tmp_path):
 
 # ---- VAE ----------------------------------------------------------------------------------------------------
 VAE_CONFIGS = [
-    dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-         temperal_downsample=[False, True, True]),  # the real Wan2.1 layout, narrow
-    dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-         temperal_downsample=[False, True, True]),  # engine.tiny's layout
-    dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=2, attn_scales=[0.5],
-         temperal_downsample=[True, False]),
+    dict(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ),  # the real Wan2.1 layout, narrow
+    dict(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ),  # engine.tiny's layout
+    dict(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=2, attn_scales=[0.5], temperal_downsample=[True, False]
+    ),
 ]
 
 
@@ -273,6 +322,7 @@ def test_vae_default_config_is_wan21_and_mismatch_raises(tmp_path):
 def _wan_t5_reference(sd, ids, heads, buckets, max_dist=128, eps=1e-6):
     """An independent forward of Wan's T5 encoder (umt5.py semantics: per-layer relative position embeddings,
     no attention scaling, gated tanh-GELU FFN, RMS norms), written from its description for this test."""
+
     def norm(x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -289,7 +339,7 @@ def _wan_t5_reference(sd, ids, heads, buckets, max_dist=128, eps=1e-6):
     rel = bucket(torch.arange(n)[None, :] - torch.arange(n)[:, None])
     layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(layers):
-        p = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        p = lambda name, i=i: sd[f"blocks.{i}.{name}"]  # noqa: E731
         h = norm(x, p("norm1.weight"))
         q, k, v = (F.linear(h, p(f"attn.{c}.weight")).unflatten(-1, (heads, -1)) for c in "qkv")
         bias = p("pos_embedding.embedding.weight")[rel].permute(2, 0, 1)[None]
@@ -306,12 +356,18 @@ def _wan_t5_weights(vocab=64, dim=32, inner=32, ffn=48, heads=4, buckets=8, laye
     r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
     sd = {"token_embedding.weight": r(vocab, dim), "norm.weight": 1 + r(dim)}
     for i in range(layers):
-        sd.update({f"blocks.{i}.norm1.weight": 1 + r(dim), f"blocks.{i}.norm2.weight": 1 + r(dim),
-                   **{f"blocks.{i}.attn.{c}.weight": r(inner, dim) for c in "qkv"},
-                   f"blocks.{i}.attn.o.weight": r(dim, inner),
-                   f"blocks.{i}.pos_embedding.embedding.weight": r(buckets, heads),
-                   f"blocks.{i}.ffn.gate.0.weight": r(ffn, dim), f"blocks.{i}.ffn.fc1.weight": r(ffn, dim),
-                   f"blocks.{i}.ffn.fc2.weight": r(dim, ffn)})
+        sd.update(
+            {
+                f"blocks.{i}.norm1.weight": 1 + r(dim),
+                f"blocks.{i}.norm2.weight": 1 + r(dim),
+                **{f"blocks.{i}.attn.{c}.weight": r(inner, dim) for c in "qkv"},
+                f"blocks.{i}.attn.o.weight": r(dim, inner),
+                f"blocks.{i}.pos_embedding.embedding.weight": r(buckets, heads),
+                f"blocks.{i}.ffn.gate.0.weight": r(ffn, dim),
+                f"blocks.{i}.ffn.fc1.weight": r(ffn, dim),
+                f"blocks.{i}.ffn.fc2.weight": r(dim, ffn),
+            }
+        )
     return sd
 
 
@@ -322,8 +378,15 @@ def test_umt5_native_file_matches_reference_forward(tmp_path):
     path = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
     torch.save(native, path)
     sd, cfg = ck.load_t5_checkpoint(path)
-    assert (cfg["vocab_size"], cfg["d_model"], cfg["num_heads"], cfg["d_kv"], cfg["d_ff"], cfg["num_layers"],
-            cfg["relative_attention_num_buckets"]) == (64, 32, 4, 8, 48, 2, 8)
+    assert (
+        cfg["vocab_size"],
+        cfg["d_model"],
+        cfg["num_heads"],
+        cfg["d_kv"],
+        cfg["d_ff"],
+        cfg["num_layers"],
+        cfg["relative_attention_num_buckets"],
+    ) == (64, 32, 4, 8, 48, 2, 8)
     model = UMT5EncoderModel(UMT5Config(**cfg)).eval()
     model.load_state_dict(sd, strict=True)
     ids = torch.tensor([[5, 9, 3, 17, 40, 2, 1] + [0] * 13])  # longer than max_exact: exercises the log buckets
@@ -336,8 +399,18 @@ def test_umt5_round_trip_and_key_errors():
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
-    model = UMT5EncoderModel(UMT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
-                                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    model = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=40,
+            d_model=16,
+            d_kv=4,
+            d_ff=24,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+        )
+    )
     native = ck.transformers_t5_to_wan(model.state_dict())
     assert "blocks.1.pos_embedding.embedding.weight" in native and "token_embedding.weight" in native
     back, _ = ck.wan_t5_to_transformers(dict(native))
@@ -361,18 +434,25 @@ def test_keymap_rejects_partial_matches():
 
 
 # ---- real sizes, on the meta device (no memory): the full key sets of the published models --------------------
-@pytest.mark.parametrize("config, heads", [
-    (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, in_channels=16), 12),
-    (dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36), 40),
-], ids=["wan2.1-t2v-1.3b", "wan2.2-i2v-a14b-expert"])
+@pytest.mark.parametrize(
+    "config, heads",
+    [
+        (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, in_channels=16), 12),
+        (dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=36), 40),
+    ],
+    ids=["wan2.1-t2v-1.3b", "wan2.2-i2v-a14b-expert"],
+)
 def test_real_size_dit_key_sets(config, heads):
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
     sd = model.state_dict()
-    proj_l = {f"blocks.{i}.proj_l.{leaf}": torch.empty(*((128, 128) if leaf == "weight" else (128,)), device="meta")
-              for i in range(config["num_layers"]) for leaf in ("weight", "bias")}
+    proj_l = {
+        f"blocks.{i}.proj_l.{leaf}": torch.empty(*((128, 128) if leaf == "weight" else (128,)), device="meta")
+        for i in range(config["num_layers"])
+        for leaf in ("weight", "bias")
+    }
     native = ck.diffusers_dit_to_wan(sd, proj_l=proj_l, prefix="net.")
     assert native["net.patch_embedding.weight"].shape == (128 * heads, config["in_channels"] * 4)
     conv = ck.wan_dit_to_diffusers(native)  # no config: everything inferred from the shapes
@@ -386,9 +466,18 @@ def test_real_size_vae_and_umt5_key_sets():
 
     with torch.device("meta"):
         vae = AutoencoderKLWan()  # the Wan2.1 VAE
-        t5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                         num_heads=64, relative_attention_num_buckets=32,
-                                         feed_forward_proj="gated-gelu"))
+        t5 = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=256384,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                relative_attention_num_buckets=32,
+                feed_forward_proj="gated-gelu",
+            )
+        )
     sd, cfg = ck.wan_vae_to_diffusers(ck.diffusers_vae_to_wan(vae.state_dict()))
     assert sd.keys() == vae.state_dict().keys() and cfg["base_dim"] == 96
     native = ck.transformers_t5_to_wan(t5.state_dict())

@@ -1,8 +1,9 @@
 """The event contract: generated files are current, schemas are valid, parsing and reply builders behave."""
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import yaml
@@ -10,18 +11,31 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_bina
 from cloudevents.core.v1.event import CloudEvent
 from jsonschema import Draft202012Validator
 
-from turboflow.engine.errors import InvalidRequestError
+from turboflow.errors import InvalidRequestError
 from turboflow.eventing import asyncapi
-from turboflow.eventing.contracts import (SCHEMA_FILES, SCHEMAS, ContractError, completed_event, failed_event,
-                                          parse_request, validator)
+from turboflow.eventing.contracts import (
+    SCHEMA_FILES,
+    SCHEMAS,
+    ContractError,
+    completed_event,
+    failed_event,
+    parse_request,
+    validator,
+)
 from turboflow.eventing.types import COMPLETED, FAILED, I2V_REQUESTED, T2V_REQUESTED
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _event(data, **attrs):
-    base = {"type": T2V_REQUESTED, "source": "/producer", "id": "req-123", "tenant": "acme", "traceparent": TP,
-            "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)}
+    base = {
+        "type": T2V_REQUESTED,
+        "source": "/producer",
+        "id": "req-123",
+        "tenant": "acme",
+        "traceparent": TP,
+        "time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    }
     base.update(attrs)
     return CloudEvent(attributes={k: v for k, v in base.items() if v is not None}, data=data)
 
@@ -53,32 +67,38 @@ def test_parse_request_in_both_http_modes():
     event = _event({"prompt": "a cat", "num_frames": 17, "num_steps": 2, "seed": 3, "output_prefix": "promo"})
     for encode in (to_binary_event, to_structured_event):
         msg = encode(event)
-        decoded = from_http_event(HTTPMessage(headers={k.lower(): v for k, v in msg.headers.items()},
-                                              body=msg.body))
+        decoded = from_http_event(HTTPMessage(headers={k.lower(): v for k, v in msg.headers.items()}, body=msg.body))
         req = parse_request(decoded)
-        assert (req.request_id, req.kind, req.tenant, req.output_prefix, req.traceparent) == \
-            ("req-123", "t2v", "acme", "promo", TP)
+        assert (req.request_id, req.kind, req.tenant, req.output_prefix, req.traceparent) == (
+            "req-123",
+            "t2v",
+            "acme",
+            "promo",
+            TP,
+        )
         assert req.generation.num_frames == 17 and req.generation.sigma_max == 80.0
-        assert req.time == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        assert req.time == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def test_defaults_tenant_and_i2v_defaults():
-    req = parse_request(_event({"prompt": "x", "image": "s3://bucket-a/in/cat.png"}, type=I2V_REQUESTED,
-                               tenant=None))
+    req = parse_request(_event({"prompt": "x", "image": "s3://bucket-a/in/cat.png"}, type=I2V_REQUESTED, tenant=None))
     assert req.tenant == "default" and req.image.bucket == "bucket-a" and req.image.key == "in/cat.png"
     assert req.generation.sigma_max == 200.0 and req.generation.image is None
 
 
-@pytest.mark.parametrize("data,attrs,code", [
-    ({"prompt": "x", "num_steps": 0}, {}, "invalid_num_steps"),
-    ({"prompt": "x", "num_frames": 9999}, {}, "invalid_num_frames"),
-    ({"prompt": "x", "extra": 1}, {}, "unknown_field"),
-    ({"prompt": "x"}, {"type": "com.example.other"}, "unsupported_event_type"),
-    ({"prompt": "x"}, {"id": "a b"}, "invalid_request_id"),
-    ({"prompt": "x"}, {"tenant": "-acme"}, "invalid_tenant"),
-    ("not json", {}, "invalid_data"),
-    ({"prompt": "x"}, {"datacontenttype": "text/plain"}, "invalid_data"),
-])
+@pytest.mark.parametrize(
+    "data,attrs,code",
+    [
+        ({"prompt": "x", "num_steps": 0}, {}, "invalid_num_steps"),
+        ({"prompt": "x", "num_frames": 9999}, {}, "invalid_num_frames"),
+        ({"prompt": "x", "extra": 1}, {}, "unknown_field"),
+        ({"prompt": "x"}, {"type": "com.example.other"}, "unsupported_event_type"),
+        ({"prompt": "x"}, {"id": "a b"}, "invalid_request_id"),
+        ({"prompt": "x"}, {"tenant": "-acme"}, "invalid_tenant"),
+        ("not json", {}, "invalid_data"),
+        ({"prompt": "x"}, {"datacontenttype": "text/plain"}, "invalid_data"),
+    ],
+)
 def test_parse_request_rejects_with_codes(data, attrs, code):
     with pytest.raises(InvalidRequestError) as e:
         parse_request(_event(data, **attrs))
@@ -95,19 +115,25 @@ def test_completed_event_is_deterministic_and_keeps_context():
     a, b = completed_event(request, data), completed_event(request, dict(data))
     assert a.get_type() == COMPLETED and a.get_subject() == "req-123"
     assert a.get_id() == b.get_id() != "req-123"
-    assert a.get_time() == b.get_time() == datetime(2026, 1, 2, 3, 5, tzinfo=timezone.utc)
+    assert a.get_time() == b.get_time() == datetime(2026, 1, 2, 3, 5, tzinfo=UTC)
     assert a.get_extension("traceparent") == TP and a.get_extension("tenant") == "acme"
     assert completed_event(parse_request(request), data).get_id() == a.get_id()
 
 
 def test_failed_event_shape():
-    ev = failed_event("req-9", "invalid_num_steps", "num_steps must be 1-4", False, source="/fn/t2v",
-                      tenant="acme", traceparent=TP)
+    ev = failed_event(
+        "req-9", "invalid_num_steps", "num_steps must be 1-4", False, source="/fn/t2v", tenant="acme", traceparent=TP
+    )
     assert ev.get_type() == FAILED and ev.get_subject() == "req-9" and ev.get_source() == "/fn/t2v"
     assert ev.get_extension("traceparent") == TP and ev.get_extension("tenant") == "acme"
     validator(FAILED).validate(ev.get_data())
-    assert ev.get_data() == {"request_id": "req-9", "code": "invalid_num_steps",
-                             "message": "num_steps must be 1-4", "retryable": False, "tenant": "acme"}
+    assert ev.get_data() == {
+        "request_id": "req-9",
+        "code": "invalid_num_steps",
+        "message": "num_steps must be 1-4",
+        "retryable": False,
+        "tenant": "acme",
+    }
     other = failed_event("req-9", "out_of_memory", "oom", False, source="/fn/t2v", subject="custom")
     assert other.get_id() != ev.get_id() and other.get_subject() == "custom"
     assert other.get_extension("tenant") is None and other.get_extension("traceparent") is None
@@ -117,12 +143,15 @@ def test_failed_event_shape():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 10: full matches, ECMA patterns, seeds, attention, time, input hash, signing, registered codes
-@pytest.mark.parametrize("data,attrs,code", [
-    ({"prompt": "x"}, {"id": "req-1\n"}, "invalid_request_id"),
-    ({"prompt": "x"}, {"tenant": "acme\n"}, "invalid_tenant"),
-    ({"prompt": "x", "output_prefix": "promo\n"}, {}, "invalid_output_prefix"),
-    ({"prompt": "x", "model": "tiny\n"}, {}, "invalid_model"),
-])
+@pytest.mark.parametrize(
+    "data,attrs,code",
+    [
+        ({"prompt": "x"}, {"id": "req-1\n"}, "invalid_request_id"),
+        ({"prompt": "x"}, {"tenant": "acme\n"}, "invalid_tenant"),
+        ({"prompt": "x", "output_prefix": "promo\n"}, {}, "invalid_output_prefix"),
+        ({"prompt": "x", "model": "tiny\n"}, {}, "invalid_model"),
+    ],
+)
 def test_a_trailing_newline_never_passes_an_identifier(data, attrs, code):
     with pytest.raises(InvalidRequestError) as e:
         parse_request(_event(data, **attrs))
@@ -159,8 +188,7 @@ def test_unavailable_attention_is_unsupported_with_the_reason():
 def test_time_is_optional_and_must_parse():
     assert parse_request(_event({"prompt": "x"}), has_time=False).time is None
     with pytest.raises(InvalidRequestError) as e:
-        parse_request({"type": T2V_REQUESTED, "source": "/p", "id": "r1", "time": "yesterday",
-                       "data": {"prompt": "x"}})
+        parse_request({"type": T2V_REQUESTED, "source": "/p", "id": "r1", "time": "yesterday", "data": {"prompt": "x"}})
     assert e.value.code == "invalid_time"
 
 
@@ -184,29 +212,39 @@ def test_signed_replies_verify_and_ids_depend_on_source_and_key():
     assert signed.get_id() == completed_event(request, dict(data), signing_key=key).get_id()
     assert completed_event(_event({"prompt": "x"}, source="/b"), data, signing_key=key).get_id() != signed.get_id()
     assert completed_event(request, data).get_extension(SIGNATURE_EXTENSION) is None
-    failed = failed_event("req-123", "invalid_seed", "bad", False, source="/fn", request_source="/producer",
-                          signing_key=key)
+    failed = failed_event(
+        "req-123", "invalid_seed", "bad", False, source="/fn", request_source="/producer", signing_key=key
+    )
     assert verify_event(failed, key)
-    assert failed.get_id() == failed_event("req-123", "invalid_seed", "bad", False, source="/fn",
-                                           request_source="/producer", signing_key=key).get_id()
-    assert failed.get_id() != failed_event("req-123", "invalid_seed", "bad", False, source="/fn",
-                                           request_source="/producer", signing_key=other_key).get_id()
+    assert (
+        failed.get_id()
+        == failed_event(
+            "req-123", "invalid_seed", "bad", False, source="/fn", request_source="/producer", signing_key=key
+        ).get_id()
+    )
+    assert (
+        failed.get_id()
+        != failed_event(
+            "req-123", "invalid_seed", "bad", False, source="/fn", request_source="/producer", signing_key=other_key
+        ).get_id()
+    )
 
 
 def test_every_emitted_error_code_is_registered():
     """Every `code=` / `code = "..."` in the packages (and the literal codes passed positionally to engine's
     `bad(...)`) is in ERROR_CODES with a description."""
     import re
-    from pathlib import Path
 
     from turboflow.eventing.contracts import ERROR_CODES
 
     root = asyncapi.REPO_ROOT
     found: dict[str, str] = {}
-    patterns = [re.compile(r"""\bcode\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
-                re.compile(r"""\bCODE\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
-                re.compile(r"""\bbad\([^()]*?,\s*["']([a-z][a-z0-9_]*)["']\s*,""", re.S),
-                re.compile(r"""["']error["']\s*:\s*["']([a-z][a-z0-9_]*)["']""")]
+    patterns = [
+        re.compile(r"""\bcode\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
+        re.compile(r"""\bCODE\s*=\s*["']([a-z][a-z0-9_]*)["']"""),
+        re.compile(r"""\bbad\([^()]*?,\s*["']([a-z][a-z0-9_]*)["']\s*,""", re.S),
+        re.compile(r"""["']error["']\s*:\s*["']([a-z][a-z0-9_]*)["']"""),
+    ]
     for package in ("engine", "eventing", "functions", "storage", "billing", "turboflow"):
         for path in (root / package).rglob("*.py"):
             text = path.read_text()

@@ -1,5 +1,6 @@
 """`turboflow dev` announces only what it bound itself: a busy ingress or NATS port is `error[port_in_use]`
 (exit 2), never a stack silently sharing another stack's NATS and durable consumers."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,18 @@ from turboflow.eventing.natsserver import NatsServer
 
 
 def run_dev(tmp_path, *args):
-    env = {**os.environ, "TURBOFLOW_DEV_STATE": str(tmp_path / "dev.json"),
-           "TURBOFLOW_TINY_DIR": str(tmp_path / "no-models-needed")}
-    return subprocess.run([sys.executable, "-m", "turboflow.cli", "dev", *args, "--data-dir", str(tmp_path / "d")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "TURBOFLOW_DEV_STATE": str(tmp_path / "dev.json"),
+        "TURBOFLOW_TINY_DIR": str(tmp_path / "no-models-needed"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "turboflow.cli", "dev", *args, "--data-dir", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_busy_ingress_port_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 `turboflow serve` processes on tiny models, the broker driven by eventing/manifests/triggers.yaml, dead-letter sink,
 S3 source). Completions are read by a plain nats-py subscriber. Faults: SIGKILL of a function mid-generation,
 nats-server killed and restarted, duplicate submissions; exactly one object and one completion per request."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,15 +17,14 @@ import httpx
 import pytest
 import pytest_asyncio
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
-
 from eventing_harness import Collector, data_of
 
 from turboflow.eventing.broker import publish_event
 from turboflow.eventing.client import build_request, download, reply_subscription
 from turboflow.eventing.devstack import DevConfig, DevStack
 from turboflow.eventing.nats_binding import from_nats
+from turboflow.eventing.s3source import request_id_for
 from turboflow.eventing.types import COMPLETED, FAILED
-from turboflow.storage.s3source import request_id_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 SMALL = {"resolution": "480p", "aspect_ratio": "4:3", "num_frames": 1, "num_steps": 2}
@@ -40,10 +40,14 @@ def png(color=(200, 60, 30), size=(96, 64)) -> bytes:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tiny_t2v_dir, tiny_i2v_dir, moto_s3, tmp_path_factory):
-    cfg = DevConfig(s3_endpoint=moto_s3, bucket=f"e2e-{uuid.uuid4().hex[:8]}",
-                    models={"t2v": tiny_t2v_dir, "i2v": tiny_i2v_dir},
-                    delivery={"timeout": 60.0, "retry": 3, "backoff_delay": 0.2},
-                    log_dir=tmp_path_factory.mktemp("dev"), notify_interval=0.2)
+    cfg = DevConfig(
+        s3_endpoint=moto_s3,
+        bucket=f"e2e-{uuid.uuid4().hex[:8]}",
+        models={"t2v": tiny_t2v_dir, "i2v": tiny_i2v_dir},
+        delivery={"timeout": 60.0, "retry": 3, "backoff_delay": 0.2},
+        log_dir=tmp_path_factory.mktemp("dev"),
+        notify_interval=0.2,
+    )
     async with DevStack(cfg) as s:
         await s.wait_ready(timeout=120)
         yield s
@@ -103,8 +107,9 @@ async def check_video(stack, reply, tmp_path, kind):
 
 async def test_t2v_and_i2v_via_http_ingress(stack, completions, tmp_path):
     s3 = stack.s3_client()
-    s3.put_object(Bucket=stack.cfg.bucket, Key="uploads/default/red.png", Body=png(),
-                  Metadata={"turboflow-request": "e2e"})  # an input, not an upload-triggered request
+    s3.put_object(
+        Bucket=stack.cfg.bucket, Key="uploads/default/red.png", Body=png(), Metadata={"turboflow-request": "e2e"}
+    )  # an input, not an upload-triggered request
     t2v = build_request("t2v", "a red fox running in the snow", options=SMALL, tenant="acme")
     i2v = build_request("i2v", "the sun rises", options=SMALL, image=f"s3://{stack.cfg.bucket}/uploads/default/red.png")
     await http_post(stack, t2v, "binary")
@@ -145,24 +150,38 @@ async def test_s3_upload_triggers_i2v(stack, completions, tmp_path):
     s3 = stack.s3_client()
     bucket = stack.cfg.bucket
     # 1) prompt and options in object metadata
-    put = s3.put_object(Bucket=bucket, Key="uploads/studio/cat+1.png", Body=png((250, 200, 10)), ContentType="image/png",
-                        Metadata={"prompt": "a cat in the sun", "num-frames": "1", "num_steps": "2",
-                                  "aspect-ratio": "4:3", "tenant": "studio"})
+    put = s3.put_object(
+        Bucket=bucket,
+        Key="uploads/studio/cat+1.png",
+        Body=png((250, 200, 10)),
+        ContentType="image/png",
+        Metadata={
+            "prompt": "a cat in the sun",
+            "num-frames": "1",
+            "num_steps": "2",
+            "aspect-ratio": "4:3",
+            "tenant": "studio",
+        },
+    )
     rid = request_id_for(bucket, "uploads/studio/cat+1.png", put["ETag"])  # MinIO sends the key URL-encoded (%2B)
     # 2) a sidecar JSON written before the image
-    s3.put_object(Bucket=bucket, Key="uploads/default/dog.jpg.json", Body=json.dumps(
-        {"prompt": "a dog on a beach", **SMALL, "comment": "ignored"}).encode())
+    s3.put_object(
+        Bucket=bucket,
+        Key="uploads/default/dog.jpg.json",
+        Body=json.dumps({"prompt": "a dog on a beach", **SMALL, "comment": "ignored"}).encode(),
+    )
     from PIL import Image
+
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 200)).save(buf, format="JPEG")
-    put2 = s3.put_object(Bucket=bucket, Key="uploads/default/dog.jpg", Body=buf.getvalue(),
-                         ContentType="image/jpeg")
+    put2 = s3.put_object(Bucket=bucket, Key="uploads/default/dog.jpg", Body=buf.getvalue(), ContentType="image/jpeg")
     rid2 = request_id_for(bucket, "uploads/default/dog.jpg", put2["ETag"])
     # 3) not under the prefix / not an image: nothing happens
     s3.put_object(Bucket=bucket, Key="elsewhere/x.png", Body=png(), Metadata={"prompt": "no"})
     s3.put_object(Bucket=bucket, Key="uploads/default/notes.txt", Body=b"hello", Metadata={"prompt": "no"})
-    s3.put_object(Bucket=bucket, Key="uploads/studio/steal.png", Body=png(), Metadata={"prompt": "no",
-                                                                                      "tenant": "victim"})
+    s3.put_object(
+        Bucket=bucket, Key="uploads/studio/steal.png", Body=png(), Metadata={"prompt": "no", "tenant": "victim"}
+    )
     # 4) a key the contract cannot reference (whitespace): the uploader gets a failed event, not silence
     put3 = s3.put_object(Bucket=bucket, Key="uploads/default/with space.png", Body=png(), Metadata={"prompt": "x"})
     rid3 = request_id_for(bucket, "uploads/default/with space.png", put3["ETag"])
@@ -175,8 +194,9 @@ async def test_s3_upload_triggers_i2v(stack, completions, tmp_path):
     (c,) = await completions.wait_for(is_reply_to(rid3), timeout=60)
     assert c.get_type() == FAILED and data_of(c)["code"] == "invalid_image_reference"
     await asyncio.sleep(1.0)
-    requests = [e for e in completions.events if e.get_type() == COMPLETED
-                and e.get_source() == "/turboflow/functions/i2v"]
+    requests = [
+        e for e in completions.events if e.get_type() == COMPLETED and e.get_source() == "/turboflow/functions/i2v"
+    ]
     assert len([e for e in requests if e.get_subject() in (rid, rid2)]) == 2
 
 
@@ -188,8 +208,10 @@ async def test_function_sigkilled_mid_generation_is_redelivered(stack, completio
     async with httpx.AsyncClient() as client:  # wait until the function is generating it
         for _ in range(200):
             text = (await client.get(fn.url + "metrics")).text
-            if any(line.startswith("turboflow_inflight_requests") and not line.rstrip().endswith(" 0.0")
-                   for line in text.splitlines()):
+            if any(
+                line.startswith("turboflow_inflight_requests") and not line.rstrip().endswith(" 0.0")
+                for line in text.splitlines()
+            ):
                 break
             await asyncio.sleep(0.05)
         else:
@@ -204,25 +226,32 @@ async def test_function_sigkilled_mid_generation_is_redelivered(stack, completio
 
 
 async def test_twenty_requests_exactly_one_object_and_one_completion_each(stack):
-    reqs = [build_request("t2v", f"a bird flying over the sea number {i}", options=SMALL, tenant="bulk")
-            for i in range(20)]
+    reqs = [
+        build_request("t2v", f"a bird flying over the sea number {i}", options=SMALL, tenant="bulk") for i in range(20)
+    ]
     for i, r in enumerate(reqs):  # every request submitted twice, half over HTTP, half straight to NATS
         await http_post(stack, r)
         if i % 2:
             await http_post(stack, r, "structured")
         else:
             import nats
+
             nc = await nats.connect(stack.nats.url)
             await publish_event(nc.jetstream(), r)
             await nc.close()
     ids = {r.get_id() for r in reqs}
     got = await replies_in_stream(stack.nats.url, ids, timeout=180, settle=2.0)
     assert set(got) == ids
-    assert all(len(v) == 1 and v[0].get_type() == COMPLETED for v in got.values()), \
-        {k: [e.get_type() for e in v] for k, v in got.items() if len(v) != 1}
+    assert all(len(v) == 1 and v[0].get_type() == COMPLETED for v in got.values()), {
+        k: [e.get_type() for e in v] for k, v in got.items() if len(v) != 1
+    }
     s3 = stack.s3_client()
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket=stack.cfg.bucket, Prefix="videos/bulk/") for o in page.get("Contents", []) if o["Key"].endswith(".mp4")]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.cfg.bucket, Prefix="videos/bulk/")
+        for o in page.get("Contents", [])
+        if o["Key"].endswith(".mp4")
+    ]
     assert sorted(k.rsplit("/", 1)[1][:-4] for k in keys) == sorted(ids)
 
 
@@ -253,8 +282,24 @@ async def test_submit_cli_waits_and_downloads(stack, tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOFLOW_NATS_URL", stack.nats.url)
     out = tmp_path / "out"
     rid = str(uuid.uuid4())
-    argv = ["submit", "t2v", "a golden sun over the sea", "--num-frames", "1", "--num-steps", "2",
-            "--aspect-ratio", "4:3", "--id", rid, "--wait", "--out", str(out), "--timeout", "120"]
+    argv = [
+        "submit",
+        "t2v",
+        "a golden sun over the sea",
+        "--num-frames",
+        "1",
+        "--num-steps",
+        "2",
+        "--aspect-ratio",
+        "4:3",
+        "--id",
+        rid,
+        "--wait",
+        "--out",
+        str(out),
+        "--timeout",
+        "120",
+    ]
     code = await asyncio.to_thread(main, argv)
     assert code == 0 and (out / f"{rid}.mp4").stat().st_size > 0
     # resubmitting the same id: the completion was de-duplicated in the stream, yet submit still finds it

@@ -1,5 +1,6 @@
 """`turboflow dev` as a user runs it (a separate process), driven by `turboflow submit --wait` and
 `turboflow events tail`; Ctrl-C (SIGINT) stops everything it started."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,25 @@ def test_dev_submit_tail_and_ctrl_c(tiny_t2v_dir, tiny_i2v_dir, tmp_path):
     env.pop("TURBOFLOW_NATS_URL", None)
     turboflow = [sys.executable, "-m", "turboflow.cli"]
     log = open(tmp_path / "dev.out", "w+")
-    dev = subprocess.Popen([*turboflow, "dev", "--port", "0", "--nats-port", "0", "--t2v-model", str(tiny_t2v_dir),
-                            "--i2v-model", str(tiny_i2v_dir), "--data-dir", str(tmp_path / "data")],
-                           env=env, stdout=log, stderr=subprocess.STDOUT)
+    dev = subprocess.Popen(
+        [
+            *turboflow,
+            "dev",
+            "--port",
+            "0",
+            "--nats-port",
+            "0",
+            "--t2v-model",
+            str(tiny_t2v_dir),
+            "--i2v-model",
+            str(tiny_i2v_dir),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while "functions ready" not in (tmp_path / "dev.out").read_text():
@@ -45,18 +62,51 @@ def test_dev_submit_tail_and_ctrl_c(tiny_t2v_dir, tiny_i2v_dir, tmp_path):
         assert (tmp_path / "dev.json").stat().st_mode & 0o777 == 0o600 and len(state["signing_key"]) >= 32
         assert state["signing_key"] not in out
         # nobody but turboflow may post a completion: the ingress wants the run's signature
-        forged = {"specversion": "1.0", "type": "io.turboflow.video.completed", "source": "/evil", "id": "f-1",
-                  "subject": "anything", "data": {"request_id": "anything"}}
+        forged = {
+            "specversion": "1.0",
+            "type": "io.turboflow.video.completed",
+            "source": "/evil",
+            "id": "f-1",
+            "subject": "anything",
+            "data": {"request_id": "anything"},
+        }
         import httpx
-        r = httpx.post(state["broker"], content=json.dumps(forged),
-                       headers={"content-type": "application/cloudevents+json"})
+
+        r = httpx.post(
+            state["broker"], content=json.dumps(forged), headers={"content-type": "application/cloudevents+json"}
+        )
         assert r.status_code == 403 and "turboflowsig" in r.text
 
-        tail = subprocess.Popen([*turboflow, "events", "tail", "--all", "-n", "2"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        sub = subprocess.run([*turboflow, "submit", "t2v", "a red fox in the snow", "--num-frames", "1",
-                              "--num-steps", "2", "--aspect-ratio", "4:3", "--wait", "--out", str(tmp_path / "out"),
-                              "--timeout", "120"], env=env, capture_output=True, text=True, timeout=180)
+        tail = subprocess.Popen(
+            [*turboflow, "events", "tail", "--all", "-n", "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        sub = subprocess.run(
+            [
+                *turboflow,
+                "submit",
+                "t2v",
+                "a red fox in the snow",
+                "--num-frames",
+                "1",
+                "--num-steps",
+                "2",
+                "--aspect-ratio",
+                "4:3",
+                "--wait",
+                "--out",
+                str(tmp_path / "out"),
+                "--timeout",
+                "120",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert sub.returncode == 0, sub.stdout + sub.stderr
         assert "io.turboflow.video.completed" in sub.stdout and "sha256 ok" in sub.stdout
         printed = sub.stdout + sub.stderr

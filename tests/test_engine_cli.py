@@ -1,5 +1,6 @@
 """`turboflow` CLI papercuts: device errors, --version, --help, progress for every stage, quiet library loggers,
 random vs explicit seeds, sagesla refused with its reason."""
+
 import io
 import json
 import logging
@@ -17,8 +18,22 @@ FAST_ARGS = ["--resolution", "480p", "--aspect-ratio", "4:3", "--frames", "5", "
 
 
 def _generate(model, out, *extra):
-    return main(["generate", "t2v", "--model", str(model), "--prompt", "a red fox", *FAST_ARGS, "--device", "cpu",
-                 "--out", str(out), *extra])
+    return main(
+        [
+            "generate",
+            "t2v",
+            "--model",
+            str(model),
+            "--prompt",
+            "a red fox",
+            *FAST_ARGS,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 class _Terminal(io.StringIO):
@@ -28,16 +43,34 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
 def test_unavailable_device_is_a_typed_error_not_a_traceback(tiny_t2v_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "turboflow.cli", "generate", "t2v", "--model", str(tiny_t2v_dir),
-                           "--prompt", "x", "--device", "cuda", "--out", str(tmp_path / "v.mp4")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turboflow.cli",
+            "generate",
+            "t2v",
+            "--model",
+            str(tiny_t2v_dir),
+            "--prompt",
+            "x",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "v.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "error[device_unavailable]: device 'cuda' is unavailable" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "v.mp4").exists()
 
 
-@pytest.mark.parametrize("device,says", [("cuda:1", "unavailable"), ("mps", "MPS"), ("gpu0", "not a device name"),
-                                         ("meta", "not supported")])
+@pytest.mark.parametrize(
+    "device,says", [("cuda:1", "unavailable"), ("mps", "MPS"), ("gpu0", "not a device name"), ("meta", "not supported")]
+)
 def test_every_unusable_device_string_is_refused_before_loading(tiny_t2v_dir, tmp_path, capsys, device, says):
     if device.startswith("cuda") and torch.cuda.device_count() > 1:
         pytest.skip("this host has that GPU")
@@ -62,7 +95,7 @@ def test_help_is_for_users_and_lists_the_verbs_by_task(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "Generate videos" in text and "registers its own verbs" not in text  # not the module docstring
-    epilog = text[text.index("commands by task:"):]
+    epilog = text[text.index("commands by task:") :]
     for verb in ("generate", "model", "dev", "submit", "events", "serve", "manifests"):
         assert verb in epilog
     with pytest.raises(SystemExit):
@@ -70,8 +103,7 @@ def test_help_is_for_users_and_lists_the_verbs_by_task(capsys):
     assert "sagesla" not in capsys.readouterr().out
 
 
-def test_progress_covers_every_stage_including_the_decode_on_a_terminal(tiny_t2v_dir, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_progress_covers_every_stage_including_the_decode_on_a_terminal(tiny_t2v_dir, tmp_path, monkeypatch, capsys):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert _generate(tiny_t2v_dir, tmp_path / "v.mp4", "--seed", "3") == 0

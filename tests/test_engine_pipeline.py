@@ -1,23 +1,29 @@
 """End-to-end engine behaviour on tiny models loaded through the real cache path (CPU)."""
+
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAST
 from PIL import Image
 
-from conftest import FAST
-from turboflow.engine import (ChecksumMismatchError, GenerationRequest, ImageError, InvalidRequestError,
-                              ModelCacheError, UnsupportedOptionError)
+from turboflow.engine import (
+    ChecksumMismatchError,
+    GenerationRequest,
+    ImageError,
+    InvalidRequestError,
+    ModelCacheError,
+    UnsupportedOptionError,
+)
 from turboflow.engine.loading import load_pipeline
+from turboflow.engine.modelcache import read_manifest
 from turboflow.engine.request import adaptive_frame_size
 from turboflow.engine.sampler import rcm_timesteps
 from turboflow.engine.video import probe_video, write_mp4
-from turboflow.storage.modelcache import read_manifest
 
 
 def _image(w=400, h=300, seed=0):
@@ -46,7 +52,8 @@ def test_no_seed_picks_a_seed_that_reproduces(t2v_pipeline):
 def test_seed_zero_is_seed_zero_like_upstream(t2v_pipeline):
     inputs = []
     hook = t2v_pipeline.transformer.register_forward_pre_hook(
-        lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+        lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True
+    )
     try:
         result = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, num_steps=1, **FAST))
     finally:
@@ -62,16 +69,29 @@ def test_seed_zero_is_seed_zero_like_upstream(t2v_pipeline):
 def test_stage_progress_reports_every_stage_and_each_decoded_chunk(t2v_pipeline, i2v_pipeline):
     seen, sunk = [], []
     steps = []
-    result = t2v_pipeline(GenerationRequest(prompt="a boat", seed=1, num_steps=2, **{**FAST, "num_frames": 5}),
-                          progress=lambda i, n: steps.append((i, n)), frame_sink=lambda f: sunk.append(len(f)),
-                          stage_progress=lambda *event: seen.append(event))
+    result = t2v_pipeline(
+        GenerationRequest(prompt="a boat", seed=1, num_steps=2, **{**FAST, "num_frames": 5}),
+        progress=lambda i, n: steps.append((i, n)),
+        frame_sink=lambda f: sunk.append(len(f)),
+        stage_progress=lambda *event: seen.append(event),
+    )
     assert t2v_pipeline.fast_vae and result.frames.shape[0] == 5
-    assert seen == [("text_encode", 0, 1), ("text_encode", 1, 1), ("diffusion", 0, 2), ("diffusion", 1, 2),
-                    ("diffusion", 2, 2), ("vae_decode", 0, 5), ("vae_decode", 1, 5), ("vae_decode", 5, 5)]
+    assert seen == [
+        ("text_encode", 0, 1),
+        ("text_encode", 1, 1),
+        ("diffusion", 0, 2),
+        ("diffusion", 1, 2),
+        ("diffusion", 2, 2),
+        ("vae_decode", 0, 5),
+        ("vae_decode", 1, 5),
+        ("vae_decode", 5, 5),
+    ]
     assert steps == [(1, 2), (2, 2)] and sunk == [1, 4]  # the chunked decode: first latent frame alone, then 4
     seen.clear()
-    i2v_pipeline(GenerationRequest(prompt="a boat", kind="i2v", image=_image(), seed=1, num_steps=1, **FAST),
-                 stage_progress=lambda *event: seen.append(event))
+    i2v_pipeline(
+        GenerationRequest(prompt="a boat", kind="i2v", image=_image(), seed=1, num_steps=1, **FAST),
+        stage_progress=lambda *event: seen.append(event),
+    )
     assert [e for e in seen if e[0] == "vae_encode"] == [("vae_encode", 0, 1), ("vae_encode", 1, 1)]
 
 
@@ -90,7 +110,8 @@ def test_ode_and_sde_differ(t2v_pipeline):
 def test_network_gets_t_times_1000_each_step(t2v_pipeline):
     seen = []
     hook = t2v_pipeline.transformer.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True)
+        lambda mod, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True
+    )
     try:
         t2v_pipeline(GenerationRequest(prompt="a dog", seed=1, num_steps=3, **FAST))
     finally:
@@ -98,16 +119,25 @@ def test_network_gets_t_times_1000_each_step(t2v_pipeline):
     assert seen == pytest.approx([t * 1000 for t in rcm_timesteps(3, 80.0)[:-1].tolist()], rel=1e-6)
 
 
-@pytest.mark.parametrize("boundary,expected", [(0.9, ["high", "high", "low", "low"]),
-                                               (0.95, ["high", "low", "low", "low"]),
-                                               (0.0, ["high"] * 4), (1.0, ["low"] * 4)])
+@pytest.mark.parametrize(
+    "boundary,expected",
+    [
+        (0.9, ["high", "high", "low", "low"]),
+        (0.95, ["high", "low", "low", "low"]),
+        (0.0, ["high"] * 4),
+        (1.0, ["low"] * 4),
+    ],
+)
 def test_i2v_expert_switch_at_boundary(i2v_pipeline, boundary, expected):
     calls = []
-    hooks = [i2v_pipeline.transformer.register_forward_pre_hook(lambda m, a: calls.append("high")),
-             i2v_pipeline.transformer_2.register_forward_pre_hook(lambda m, a: calls.append("low"))]
+    hooks = [
+        i2v_pipeline.transformer.register_forward_pre_hook(lambda m, a: calls.append("high")),
+        i2v_pipeline.transformer_2.register_forward_pre_hook(lambda m, a: calls.append("low")),
+    ]
     try:
-        result = i2v_pipeline(GenerationRequest(prompt="a bird", kind="i2v", image=_image(), seed=2,
-                                                boundary=boundary, **FAST))
+        result = i2v_pipeline(
+            GenerationRequest(prompt="a bird", kind="i2v", image=_image(), seed=2, boundary=boundary, **FAST)
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -120,10 +150,20 @@ def test_i2v_expert_switch_at_boundary(i2v_pipeline, boundary, expected):
 def test_i2v_conditioning_layout_and_adaptive_size(i2v_pipeline):
     inputs = []
     hook = i2v_pipeline.transformer.register_forward_pre_hook(
-        lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+        lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True
+    )
     try:
-        result = i2v_pipeline(GenerationRequest(prompt="a car", kind="i2v", image=_image(400, 300), seed=4,
-                                                resolution="480p", aspect_ratio="16:9", num_frames=5))
+        result = i2v_pipeline(
+            GenerationRequest(
+                prompt="a car",
+                kind="i2v",
+                image=_image(400, 300),
+                seed=4,
+                resolution="480p",
+                aspect_ratio="16:9",
+                num_frames=5,
+            )
+        )
     finally:
         hook.remove()
     # 832x480 area with the image's 4:3 aspect, sides multiples of 16
@@ -132,8 +172,9 @@ def test_i2v_conditioning_layout_and_adaptive_size(i2v_pipeline):
     assert x.shape == (1, 36, 2, 544 // 8, 736 // 8)  # 16 noise + 4 mask + 16 image latent
     mask = x[:, 16:20]
     assert bool((mask[:, :, 0] == 1).all()) and bool((mask[:, :, 1:] == 0).all())
-    fixed = i2v_pipeline(GenerationRequest(prompt="a car", kind="i2v", image=_image(400, 300), seed=4,
-                                           adaptive_resolution=False, **FAST))
+    fixed = i2v_pipeline(
+        GenerationRequest(prompt="a car", kind="i2v", image=_image(400, 300), seed=4, adaptive_resolution=False, **FAST)
+    )
     assert (fixed.width, fixed.height) == (640, 480)
 
 
@@ -143,26 +184,29 @@ def test_i2v_image_changes_the_video(i2v_pipeline):
     assert not np.array_equal(a.frames, b.frames)
 
 
-@pytest.mark.parametrize("changes,error,code", [
-    (dict(num_steps=5), InvalidRequestError, "invalid_num_steps"),
-    (dict(num_steps=0), InvalidRequestError, "invalid_num_steps"),
-    (dict(num_frames=80), InvalidRequestError, "invalid_num_frames"),
-    (dict(num_frames=True), InvalidRequestError, "invalid_num_frames"),
-    (dict(resolution="1080p"), InvalidRequestError, "invalid_resolution"),
-    (dict(aspect_ratio="21:9"), InvalidRequestError, "invalid_aspect_ratio"),
-    (dict(prompt=""), InvalidRequestError, "invalid_prompt"),
-    (dict(prompt="x" * 5000), InvalidRequestError, "prompt_too_long"),
-    (dict(seed=-1), InvalidRequestError, "invalid_seed"),
-    (dict(sigma_max=float("nan")), InvalidRequestError, "invalid_sigma_max"),
-    (dict(attention="flash9"), InvalidRequestError, "invalid_attention"),
-    (dict(attention="sagesla"), UnsupportedOptionError, "unsupported_option"),
-    (dict(seed=True), InvalidRequestError, "invalid_seed"),
-    (dict(seed=2**63), InvalidRequestError, "invalid_seed"),
-    (dict(kind="i2v"), ImageError, "invalid_image"),
-    (dict(kind="i2v", image=b"not an image at all"), ImageError, "invalid_image"),
-    (dict(kind="i2v", image="/nonexistent/picture.png"), ImageError, "invalid_image"),
-    (dict(image=b"x"), InvalidRequestError, "unexpected_image"),
-])
+@pytest.mark.parametrize(
+    "changes,error,code",
+    [
+        (dict(num_steps=5), InvalidRequestError, "invalid_num_steps"),
+        (dict(num_steps=0), InvalidRequestError, "invalid_num_steps"),
+        (dict(num_frames=80), InvalidRequestError, "invalid_num_frames"),
+        (dict(num_frames=True), InvalidRequestError, "invalid_num_frames"),
+        (dict(resolution="1080p"), InvalidRequestError, "invalid_resolution"),
+        (dict(aspect_ratio="21:9"), InvalidRequestError, "invalid_aspect_ratio"),
+        (dict(prompt=""), InvalidRequestError, "invalid_prompt"),
+        (dict(prompt="x" * 5000), InvalidRequestError, "prompt_too_long"),
+        (dict(seed=-1), InvalidRequestError, "invalid_seed"),
+        (dict(sigma_max=float("nan")), InvalidRequestError, "invalid_sigma_max"),
+        (dict(attention="flash9"), InvalidRequestError, "invalid_attention"),
+        (dict(attention="sagesla"), UnsupportedOptionError, "unsupported_option"),
+        (dict(seed=True), InvalidRequestError, "invalid_seed"),
+        (dict(seed=2**63), InvalidRequestError, "invalid_seed"),
+        (dict(kind="i2v"), ImageError, "invalid_image"),
+        (dict(kind="i2v", image=b"not an image at all"), ImageError, "invalid_image"),
+        (dict(kind="i2v", image="/nonexistent/picture.png"), ImageError, "invalid_image"),
+        (dict(image=b"x"), InvalidRequestError, "unexpected_image"),
+    ],
+)
 def test_bad_requests_raise_typed_errors(changes, error, code):
     request = GenerationRequest(prompt="a cat").replace(**changes)
     with pytest.raises(error) as info:
@@ -217,24 +261,51 @@ def test_mp4_has_requested_frames_size_and_fps(t2v_pipeline, tmp_path):
 def test_cli_generate_from_tiny_model(tiny_t2v_dir, tmp_path):
     out = tmp_path / "cli.mp4"
     cli = [sys.executable, "-m", "turboflow.cli"]
-    proc = subprocess.run([*cli, "generate", "t2v", "--model", str(tiny_t2v_dir), "--prompt", "a slow river",
-                           "--frames", "5", "--aspect-ratio", "4:3", "--seed", "42", "--out", str(out)],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            *cli,
+            "generate",
+            "t2v",
+            "--model",
+            str(tiny_t2v_dir),
+            "--prompt",
+            "a slow river",
+            "--frames",
+            "5",
+            "--aspect-ratio",
+            "4:3",
+            "--seed",
+            "42",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["seed"] == 42 and record["video"]["num_frames"] == 5
     assert probe_video(out).num_frames == 5
-    bad = subprocess.run([*cli, "generate", "t2v", "--model", str(tiny_t2v_dir), "--prompt", "x", "--steps", "5"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*cli, "generate", "t2v", "--model", str(tiny_t2v_dir), "--prompt", "x", "--steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "error[invalid_num_steps]" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run([*cli, "generate", "t2v", "--model", str(tmp_path / "nope"), "--prompt", "x"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*cli, "generate", "t2v", "--model", str(tmp_path / "nope"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "error[model_cache_missing]" in missing.stderr
 
 
 def test_mp4_stream_rejects_bad_frames_and_cleans_up(tmp_path):
-    from turboflow.engine.errors import InvalidRequestError
     from turboflow.engine.video import Mp4Stream
+    from turboflow.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError):
         Mp4Stream(tmp_path / "odd.mp4", 641, 480)
@@ -247,8 +318,8 @@ def test_mp4_stream_rejects_bad_frames_and_cleans_up(tmp_path):
 
 
 def test_mp4_stream_lifecycle_misuse_is_clear(tmp_path):
-    from turboflow.engine.errors import InvalidRequestError
     from turboflow.engine.video import Mp4Stream, probe_video
+    from turboflow.errors import InvalidRequestError
 
     empty = Mp4Stream(tmp_path / "empty.mp4", 64, 48, background=True)
     with pytest.raises(InvalidRequestError, match="no frames"):

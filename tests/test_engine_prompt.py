@@ -1,23 +1,27 @@
 """Prompts are cleaned like upstream's umT5 tokenizer (clean="whitespace") before they are tokenized."""
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest, InvalidRequestError
 from turboflow.engine.prompt import clean_prompt
 
 
-@pytest.mark.parametrize("raw,clean", [
-    ("cafÃ© in the snow", "café in the snow"),  # UTF-8 read as Latin-1 (mojibake): ftfy.fix_text
-    ("Ã¢â‚¬Å“a foxÃ¢â‚¬\x9d", '"a fox"'),  # doubly encoded curly quotes, straightened like ftfy does
-    ("fish &amp; chips", "fish & chips"),
-    ("fish &amp;amp; chips", "fish & chips"),  # unescaped twice
-    ("&lt;b&gt;bold&lt;/b&gt;", "<b>bold</b>"),
-    ("&#97; red fox", "a red fox"),
-    ("  a\tred\n\nfox\u00a0 at  night ", "a red fox at night"),  # any whitespace run is one space, stripped
-    ("a red fox", "a red fox"),
-])
+@pytest.mark.parametrize(
+    "raw,clean",
+    [
+        ("cafÃ© in the snow", "café in the snow"),  # UTF-8 read as Latin-1 (mojibake): ftfy.fix_text
+        ("Ã¢â‚¬Å“a foxÃ¢â‚¬\x9d", '"a fox"'),  # doubly encoded curly quotes, straightened like ftfy does
+        ("fish &amp; chips", "fish & chips"),
+        ("fish &amp;amp; chips", "fish & chips"),  # unescaped twice
+        ("&lt;b&gt;bold&lt;/b&gt;", "<b>bold</b>"),
+        ("&#97; red fox", "a red fox"),
+        ("  a\tred\n\nfox\u00a0 at  night ", "a red fox at night"),  # any whitespace run is one space, stripped
+        ("a red fox", "a red fox"),
+    ],
+)
 def test_clean_prompt_like_upstream(raw, clean):
     assert clean_prompt(raw) == clean
     assert clean_prompt(clean) == clean  # idempotent

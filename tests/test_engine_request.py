@@ -1,12 +1,12 @@
 """Request validation details: seeds, attention types offered and refused, the image format allowlist."""
+
 import io
 
 import pytest
 from PIL import EpsImagePlugin, Image
 
 from turboflow.engine import GenerationRequest, ImageError, InvalidRequestError, UnsupportedOptionError
-from turboflow.engine.request import (ATTENTION_TYPES, IMAGE_FORMATS, SEED_MAX, UNAVAILABLE_ATTENTION,
-                                      load_image)
+from turboflow.engine.request import ATTENTION_TYPES, IMAGE_FORMATS, SEED_MAX, UNAVAILABLE_ATTENTION, load_image
 
 
 def _encoded(fmt: str, size=(32, 32)) -> bytes:

@@ -1,4 +1,5 @@
 """rCM schedule and sampler semantics, checked against TurboDiffusion's published numbers and its update rules."""
+
 import math
 
 import pytest
@@ -74,7 +75,6 @@ def test_network_sees_one_call_per_step_with_times_in_order():
         seen.append((step, t))
         return torch.zeros_like(x)
 
-    rcm_sample(denoise, SHAPE, num_steps=4, sigma_max=200.0, generator=torch.Generator().manual_seed(0),
-               device="cpu")
+    rcm_sample(denoise, SHAPE, num_steps=4, sigma_max=200.0, generator=torch.Generator().manual_seed(0), device="cpu")
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert [t for _, t in seen] == pytest.approx(rcm_timesteps(4, 200.0)[:-1].tolist())

@@ -1,4 +1,5 @@
 """Units of the eventing package: Trigger filters and delivery, the dead-letter conversion, the S3 source."""
+
 from __future__ import annotations
 
 import io
@@ -9,9 +10,15 @@ import pytest
 from cloudevents.core.v1.event import CloudEvent
 
 from turboflow.eventing.deadletter import failed_for
+from turboflow.eventing.s3source import (
+    BucketNotifier,
+    S3Source,
+    S3SourceConfig,
+    minio_record,
+    records_of,
+    request_id_for,
+)
 from turboflow.eventing.triggers import Delivery, Destination, Trigger, TriggerError, matches, parse_duration
-from turboflow.storage.s3source import (BucketNotifier, S3Source, S3SourceConfig, minio_record, records_of,
-                                        request_id_for)
 
 
 @pytest.mark.parametrize("text,seconds", [("PT10M", 600), ("PT0.5S", 0.5), ("P1DT2H", 93600), ("PT1H30M5S", 5405)])
@@ -28,26 +35,36 @@ def test_bad_durations(bad):
 ATTRS = {"type": "io.turboflow.video.t2v.requested", "source": "/a/b", "tenant": "acme", "id": "1"}
 
 
-@pytest.mark.parametrize("expr,want", [
-    ({"exact": {"type": "io.turboflow.video.t2v.requested"}}, True),
-    ({"exact": {"type": "io.turboflow.video.t2v.requested", "tenant": "other"}}, False),
-    ({"prefix": {"type": "io.turboflow.video."}}, True),
-    ({"suffix": {"type": ".requested"}}, True),
-    ({"suffix": {"type": ".completed"}}, False),
-    ({"exact": {"missing": ""}}, False),
-    ({"all": [{"prefix": {"source": "/a"}}, {"exact": {"tenant": "acme"}}]}, True),
-    ({"any": [{"exact": {"tenant": "x"}}, {"exact": {"tenant": "acme"}}]}, True),
-    ({"not": {"exact": {"tenant": "acme"}}}, False),
-])
+@pytest.mark.parametrize(
+    "expr,want",
+    [
+        ({"exact": {"type": "io.turboflow.video.t2v.requested"}}, True),
+        ({"exact": {"type": "io.turboflow.video.t2v.requested", "tenant": "other"}}, False),
+        ({"prefix": {"type": "io.turboflow.video."}}, True),
+        ({"suffix": {"type": ".requested"}}, True),
+        ({"suffix": {"type": ".completed"}}, False),
+        ({"exact": {"missing": ""}}, False),
+        ({"all": [{"prefix": {"source": "/a"}}, {"exact": {"tenant": "acme"}}]}, True),
+        ({"any": [{"exact": {"tenant": "x"}}, {"exact": {"tenant": "acme"}}]}, True),
+        ({"not": {"exact": {"tenant": "acme"}}}, False),
+    ],
+)
 def test_filter_dialects(expr, want):
     assert matches(expr, ATTRS) is want
 
 
 def test_trigger_manifest_parsing_and_legacy_filter():
-    doc = {"apiVersion": "eventing.knative.dev/v1", "kind": "Trigger", "metadata": {"name": "t", "namespace": "ns"},
-           "spec": {"broker": "b", "filter": {"attributes": {"type": "x", "source": ""}},
-                    "subscriber": {"ref": {"kind": "Service", "name": "svc"}, "uri": "/path"},
-                    "delivery": {"retry": 2, "backoffPolicy": "linear", "backoffDelay": "PT1S"}}}
+    doc = {
+        "apiVersion": "eventing.knative.dev/v1",
+        "kind": "Trigger",
+        "metadata": {"name": "t", "namespace": "ns"},
+        "spec": {
+            "broker": "b",
+            "filter": {"attributes": {"type": "x", "source": ""}},
+            "subscriber": {"ref": {"kind": "Service", "name": "svc"}, "uri": "/path"},
+            "delivery": {"retry": 2, "backoffPolicy": "linear", "backoffDelay": "PT1S"},
+        },
+    }
     t = Trigger.from_manifest(doc)
     assert t.matches({"type": "x", "source": "/anything"}) and not t.matches({"type": "y"})
     assert t.subscriber.resolve({"Service/ns/svc": "http://127.0.0.1:9/base/"}) == "http://127.0.0.1:9/path"
@@ -66,16 +83,24 @@ def test_exponential_backoff():
 
 
 def _request(**attrs):
-    base = {"type": "io.turboflow.video.i2v.requested", "source": "/p", "id": "req-1", "tenant": "acme",
-            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    base = {
+        "type": "io.turboflow.video.i2v.requested",
+        "source": "/p",
+        "id": "req-1",
+        "tenant": "acme",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
     return CloudEvent(attributes={**base, **attrs}, data={"prompt": "x"})
 
 
 def test_dead_letter_turns_an_undeliverable_request_into_failed():
     import base64
 
-    ev = _request(knativeerrorcode="503", knativeerrordest="http://turboflow-i2v.turboflow.svc/",
-                  knativeerrordata=base64.b64encode(b'{"error": "device_busy", "message": "GPU busy"}').decode())
+    ev = _request(
+        knativeerrorcode="503",
+        knativeerrordest="http://turboflow-i2v.turboflow.svc/",
+        knativeerrordata=base64.b64encode(b'{"error": "device_busy", "message": "GPU busy"}').decode(),
+    )
     failed = failed_for(ev)
     data = failed.get_data()
     assert failed.get_type() == "io.turboflow.video.failed" and failed.get_subject() == "req-1"
@@ -88,8 +113,10 @@ def test_dead_letter_turns_an_undeliverable_request_into_failed():
     timeout = failed_for(_request(knativeerrordest="http://x/"))
     assert "timeout or connection failure" in timeout.get_data()["message"]
     assert timeout.get_data()["retryable"] is True and timeout.get_data()["cause"] == {"retryable": True}
-    assert failed_for(CloudEvent(attributes={"type": "io.turboflow.video.completed", "source": "/f",
-                                             "id": "c"}, data={})) is None
+    assert (
+        failed_for(CloudEvent(attributes={"type": "io.turboflow.video.completed", "source": "/f", "id": "c"}, data={}))
+        is None
+    )
 
 
 def test_dead_letter_carries_the_last_cause_and_is_signed():
@@ -102,18 +129,32 @@ def test_dead_letter_carries_the_last_cause_and_is_signed():
 
     key = signing.new_signing_key().encode()
     outage = b'{"error": "storage_unavailable", "message": "S3 is unreachable", "retryable": true}'
-    failed = failed_for(_request(knativeerrorcode="503", knativeerrordest="http://f/",
-                                 knativeerrordata=base64.b64encode(outage).decode()), key)
+    failed = failed_for(
+        _request(
+            knativeerrorcode="503", knativeerrordest="http://f/", knativeerrordata=base64.b64encode(outage).decode()
+        ),
+        key,
+    )
     data = failed.get_data()
-    assert data["retryable"] is True and data["cause"] == {"code": "storage_unavailable", "status": 503,
-                                                            "retryable": True}
+    assert data["retryable"] is True and data["cause"] == {
+        "code": "storage_unavailable",
+        "status": 503,
+        "retryable": True,
+    }
     validate_data("io.turboflow.video.failed", data)
     assert signing.verify_event(failed, key) and not signing.verify_event(failed, b"x" * 32)
     terminal = b'{"error": "invalid_num_frames", "message": "not 4k+1", "retryable": false}'
-    data = failed_for(_request(knativeerrorcode="400", knativeerrordest="http://f/",
-                               knativeerrordata=base64.b64encode(terminal).decode()), key).get_data()
-    assert data["retryable"] is False and data["cause"] == {"code": "invalid_num_frames", "status": 400,
-                                                             "retryable": False}
+    data = failed_for(
+        _request(
+            knativeerrorcode="400", knativeerrordest="http://f/", knativeerrordata=base64.b64encode(terminal).decode()
+        ),
+        key,
+    ).get_data()
+    assert data["retryable"] is False and data["cause"] == {
+        "code": "invalid_num_frames",
+        "status": 400,
+        "retryable": False,
+    }
     plain_4xx = failed_for(_request(knativeerrorcode="404", knativeerrordest="http://f/"), key).get_data()
     assert plain_4xx["retryable"] is False and plain_4xx["cause"] == {"status": 404, "retryable": False}
 
@@ -150,25 +191,44 @@ def test_records_parse_minio_and_aws_shapes():
 
 def test_source_reads_metadata_and_sidecar(s3_client, bucket):
     src = S3Source(s3_client, S3SourceConfig(prefix="uploads/", buckets=(bucket,), tenant="default"))
-    s3_client.put_object(Bucket=bucket, Key="uploads/studio/a.png", Body=png(),
-                         Metadata={"prompt": "a cat", "num-frames": "17", "ode": "true", "sla_topk": "0.2",
-                                   "tenant": "studio", "unrelated": "x"})
+    s3_client.put_object(
+        Bucket=bucket,
+        Key="uploads/studio/a.png",
+        Body=png(),
+        Metadata={
+            "prompt": "a cat",
+            "num-frames": "17",
+            "ode": "true",
+            "sla_topk": "0.2",
+            "tenant": "studio",
+            "unrelated": "x",
+        },
+    )
     (ev,) = src.events_for(note(s3_client, bucket, "uploads/studio/a.png")["Records"])
     attrs = ev.get_attributes()
     assert attrs["type"] == "io.turboflow.video.i2v.requested" and attrs["tenant"] == "studio"
     assert attrs["subject"] == "uploads/studio/a.png" and attrs["source"] == f"/turboflow/s3source/{bucket}"
-    assert ev.get_data() == {"prompt": "a cat", "num_frames": 17, "ode": True, "sla_topk": 0.2,
-                             "image": f"s3://{bucket}/uploads/studio/a.png"}
+    assert ev.get_data() == {
+        "prompt": "a cat",
+        "num_frames": 17,
+        "ode": True,
+        "sla_topk": 0.2,
+        "image": f"s3://{bucket}/uploads/studio/a.png",
+    }
     head = s3_client.head_object(Bucket=bucket, Key="uploads/studio/a.png")
     assert ev.get_id() == request_id_for(bucket, "uploads/studio/a.png", head["ETag"])  # stable per upload
     assert "time" not in attrs  # keyed by the request itself, never by when it was notified
     # the contract validates what the source produces
     from turboflow.eventing.contracts import parse_request
+
     assert parse_request(ev).request_id == ev.get_id()
 
     # sidecar wins over metadata; unknown sidecar fields are dropped
-    s3_client.put_object(Bucket=bucket, Key="uploads/studio/a.png.json",
-                         Body=json.dumps({"prompt": "a dog", "seed": 5, "note": "x"}).encode())
+    s3_client.put_object(
+        Bucket=bucket,
+        Key="uploads/studio/a.png.json",
+        Body=json.dumps({"prompt": "a dog", "seed": 5, "note": "x"}).encode(),
+    )
     (ev2,) = src.events_for(note(s3_client, bucket, "uploads/studio/a.png.json")["Records"])
     assert ev2.get_data()["prompt"] == "a dog" and ev2.get_data()["seed"] == 5 and "note" not in ev2.get_data()
     assert ev2.get_id() == ev.get_id()  # same image upload -> same request (JetStream drops the repeat)
@@ -176,19 +236,21 @@ def test_source_reads_metadata_and_sidecar(s3_client, bucket):
 
 def test_source_tenant_is_the_key_prefix_never_metadata(s3_client, bucket, caplog):
     src = S3Source(s3_client, S3SourceConfig(prefix="uploads/", buckets=(bucket,), tenant="default"))
-    cases = {"uploads/acme/meta.png": {"prompt": "x", "tenant": "victim"},  # metadata picks another tenant
-             "uploads/acme/side.png": {"prompt": "x"},  # ... or the sidecar does
-             "uploads/flat.png": {"prompt": "x"},  # directly under uploads/: no tenant
-             "uploads/Not_A_Tenant/x.png": {"prompt": "x"},
-             "uploads/acme/mine.png": {"prompt": "x", "tenant": "acme"},  # repeating the key's tenant is fine
-             "uploads/acme/cli.png": {"prompt": "x", "turboflow-request": "r1"}}  # an image for a request
+    cases = {
+        "uploads/acme/meta.png": {"prompt": "x", "tenant": "victim"},  # metadata picks another tenant
+        "uploads/acme/side.png": {"prompt": "x"},  # ... or the sidecar does
+        "uploads/flat.png": {"prompt": "x"},  # directly under uploads/: no tenant
+        "uploads/Not_A_Tenant/x.png": {"prompt": "x"},
+        "uploads/acme/mine.png": {"prompt": "x", "tenant": "acme"},  # repeating the key's tenant is fine
+        "uploads/acme/cli.png": {"prompt": "x", "turboflow-request": "r1"},
+    }  # an image for a request
     for key, meta in cases.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=png(), Metadata=meta)
     s3_client.put_object(Bucket=bucket, Key="uploads/acme/side.png.json", Body=b'{"tenant": "victim"}')
-    with caplog.at_level("WARNING", logger="turboflow.storage.s3source"):
+    with caplog.at_level("WARNING", logger="turboflow.eventing.s3source"):
         events = src.events_for([note(s3_client, bucket, k)["Records"][0] for k in cases])
     assert [(e.get_subject(), e.get_attributes()["tenant"]) for e in events] == [("uploads/acme/mine.png", "acme")]
-    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "turboflow.storage.s3source")
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "turboflow.eventing.s3source")
     assert "asks for tenant 'victim'" in text and "uploads/flat.png skipped" in text and "Not_A_Tenant" in text
     assert "cli.png" not in text
     # a source watching one tenant's folder takes its images, and the default tenant names that folder
@@ -205,8 +267,10 @@ def test_source_skips_what_is_not_a_request(s3_client, bucket):
     s3_client.put_object(Bucket=bucket, Key="uploads/t/readme.txt", Body=b"x", Metadata={"prompt": "x"})
     s3_client.put_object(Bucket=bucket, Key="uploads/t/noprompt.png", Body=png())
     s3_client.put_object(Bucket=bucket, Key="uploads/t/late.png.json", Body=b'{"prompt": "later"}')
-    records = [note(s3_client, bucket, k)["Records"][0]
-               for k in ("other/a.png", "uploads/t/readme.txt", "uploads/t/noprompt.png", "uploads/t/late.png.json")]
+    records = [
+        note(s3_client, bucket, k)["Records"][0]
+        for k in ("other/a.png", "uploads/t/readme.txt", "uploads/t/noprompt.png", "uploads/t/late.png.json")
+    ]
     records.append({**records[0], "eventName": "s3:ObjectRemoved:Delete"})
     assert src.events_for(records) == []
     other = dict(records[2])
@@ -231,10 +295,12 @@ async def test_dev_notifier_publishes_minio_records(s3_client, bucket):
 
     s3_client.put_object(Bucket=bucket, Key="uploads/old.png", Body=png())  # baseline: not notified
     with NatsServer() as server:
-        notifier = BucketNotifier(s3_client, bucket, "uploads/", server.url, subject="minio.test", stream="MTEST",
-                                  interval=0.1)
+        notifier = BucketNotifier(
+            s3_client, bucket, "uploads/", server.url, subject="minio.test", stream="MTEST", interval=0.1
+        )
         nc = await nats.connect(server.url)
         got = []
+
         async def on_message(m):
             got.append(json.loads(m.data))
 
@@ -262,18 +328,19 @@ async def test_run_source_posts_requests_to_the_sink(s3_client, bucket, stream):
     import asyncio
 
     import nats
-
     from eventing_harness import Sink
+
     from turboflow.eventing.natsserver import NatsServer
-    from turboflow.storage.s3source import run_source
+    from turboflow.eventing.s3source import run_source
 
     s3_client.put_object(Bucket=bucket, Key="uploads/t/x.png", Body=png(), Metadata={"prompt": "a fox"})
     src = S3Source(s3_client, S3SourceConfig(prefix="uploads/"))
     with NatsServer() as server:
         async with Sink(lambda ev, n: (202 if n > 1 else 503, None)) as sink:  # first POST fails: retried
             stop = asyncio.Event()
-            task = asyncio.create_task(run_source(server.url, src, sink.url, stop, subject="minio.x", stream=stream,
-                                                  durable="d"))
+            task = asyncio.create_task(
+                run_source(server.url, src, sink.url, stop, subject="minio.x", stream=stream, durable="d")
+            )
             await asyncio.sleep(0.5)
             nc = await nats.connect(server.url)
             payload = json.dumps(note(s3_client, bucket, "uploads/t/x.png")).encode()

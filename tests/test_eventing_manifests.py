@@ -1,16 +1,15 @@
 """eventing/manifests/*.yaml against the real Knative / eventing-natss CRD schemas (copied into tests/data), plus
 the wiring between the objects (names, refs, delivery semantics)."""
+
 from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import yaml
-from jsonschema import Draft202012Validator
+from crd_schemas import CRDS, crd_validators  # noqa: F401
 
-from crd_schemas import CRDS, crd_to_json_schema as to_json_schema, crd_validators  # noqa: F401
 from turboflow.eventing.triggers import MANIFESTS_DIR, load_manifests, parse_duration
 
 GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|ms|s|m|h))+$")
@@ -30,8 +29,9 @@ def test_crds_are_loaded():
     assert ("serving.knative.dev/v1", "Service") in VALIDATORS
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] != "ConfigMap"],
-                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize(
+    "doc", [d for d in DOCS if d["kind"] != "ConfigMap"], ids=lambda d: f"{d['kind']}/{d['metadata']['name']}"
+)
 def test_custom_resources_match_their_crd(doc):
     validator = VALIDATORS.get((doc["apiVersion"], doc["kind"]))
     assert validator is not None, f"no CRD for {doc['apiVersion']} {doc['kind']}"
@@ -50,8 +50,11 @@ def test_channel_template_is_a_valid_jetstream_channel():
     template = yaml.safe_load(cm["data"]["channelTemplateSpec"])
     assert (template["apiVersion"], template["kind"]) == ("messaging.knative.dev/v1alpha1", "NatsJetStreamChannel")
     validator = VALIDATORS[("messaging.knative.dev/v1alpha1", "NatsJetStreamChannel")]
-    errors = list(validator.iter_errors({"apiVersion": template["apiVersion"], "kind": template["kind"],
-                                         "metadata": {}, "spec": template["spec"]}))
+    errors = list(
+        validator.iter_errors(
+            {"apiVersion": template["apiVersion"], "kind": template["kind"], "metadata": {}, "spec": template["spec"]}
+        )
+    )
     assert not errors, [e.message for e in errors]
     stream = template["spec"]["stream"]["config"]
     assert stream["storage"] == "File" and stream["retention"] in ("Limits", "Interest", "Work")
@@ -63,8 +66,12 @@ def test_channel_template_is_a_valid_jetstream_channel():
     assert consumer["deliverPolicy"] in ("All", "Last", "New", "ByStartSequence", "ByStartTime")
     (broker,) = by_kind("Broker")
     assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "MTChannelBasedBroker"
-    assert broker["spec"]["config"] == {"apiVersion": "v1", "kind": "ConfigMap", "name": cm["metadata"]["name"],
-                                        "namespace": cm["metadata"]["namespace"]}
+    assert broker["spec"]["config"] == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": cm["metadata"]["name"],
+        "namespace": cm["metadata"]["namespace"],
+    }
 
 
 def go_seconds(text: str) -> float:
@@ -76,8 +83,10 @@ def test_triggers_route_requests_with_long_timeouts_and_a_dead_letter_sink():
     triggers = {t["metadata"]["name"]: t for t in by_kind("Trigger")}
     (broker,) = by_kind("Broker")
     services = {d["metadata"]["name"] for d in by_kind("Service")}
-    expected = {"turboflow-t2v": "io.turboflow.video.t2v.requested",
-                "turboflow-i2v": "io.turboflow.video.i2v.requested"}
+    expected = {
+        "turboflow-t2v": "io.turboflow.video.t2v.requested",
+        "turboflow-i2v": "io.turboflow.video.i2v.requested",
+    }
     assert set(triggers) == set(expected)
     for name, etype in expected.items():
         spec = triggers[name]["spec"]
@@ -100,7 +109,7 @@ def whole_delivery_seconds(delivery: dict) -> float:
     """The longest a request can spend in delivery: (retry + 1) attempts at the timeout plus the backoff waits
     (exponential: delay * 2^i for retry i; linear: delay * (i + 1))."""
     retry, delay = delivery["retry"], parse_duration(delivery["backoffDelay"])
-    waits = [delay * (2 ** i if delivery["backoffPolicy"] == "exponential" else i + 1) for i in range(retry)]
+    waits = [delay * (2**i if delivery["backoffPolicy"] == "exponential" else i + 1) for i in range(retry)]
     return (retry + 1) * parse_duration(delivery["timeout"]) + sum(waits)
 
 

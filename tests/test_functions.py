@@ -1,5 +1,6 @@
 """The T2V/I2V functions end to end: the real func-python ASGI app under hypercorn on loopback, CloudEvents from
 the SDK over HTTP (binary and structured), outputs in a moto S3 server, mp4s decoded and checked."""
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+from function_harness import TRACEPARENT, LiveFunction, free_port, reply_event, request_event
 from PIL import Image
 
-from function_harness import TRACEPARENT, LiveFunction, free_port, reply_event, request_event
 from turboflow.engine.video import probe_video
 from turboflow.eventing.contracts import validator
 from turboflow.eventing.types import COMPLETED, FAILED
@@ -60,9 +61,15 @@ def buckets(s3_client):
 
 
 def _config(model_dir, endpoint, **extra):
-    return {"MODEL_DIR": str(model_dir), "TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": endpoint,
-            "TURBOFLOW_DEVICE": "cpu", "TURBOFLOW_INPUT_BUCKETS": f"{BUCKET},{INPUTS}",
-            "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{INPUTS}/shared/styles/", **extra}
+    return {
+        "MODEL_DIR": str(model_dir),
+        "TURBOFLOW_BUCKET": BUCKET,
+        "S3_ENDPOINT_URL": endpoint,
+        "TURBOFLOW_DEVICE": "cpu",
+        "TURBOFLOW_INPUT_BUCKETS": f"{BUCKET},{INPUTS}",
+        "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{INPUTS}/shared/styles/",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +108,17 @@ def _fetch_and_probe(data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_t2v_binary_mode_end_to_end(t2v, buckets, tmp_path):
     cold_expected = t2v.fn._cold_start_pending
-    event = request_event("t2v", {"prompt": "a red fox running in the snow", "resolution": "480p",
-                                  "aspect_ratio": "4:3", "num_frames": 5, "num_steps": 2, "seed": 7})
+    event = request_event(
+        "t2v",
+        {
+            "prompt": "a red fox running in the snow",
+            "resolution": "480p",
+            "aspect_ratio": "4:3",
+            "num_frames": 5,
+            "num_steps": 2,
+            "seed": 7,
+        },
+    )
     response = t2v.send(event, "binary")
     reply, data = _completed(response)
     # the reply mirrors the request's binary mode and keeps the tracing/tenant context
@@ -121,8 +137,11 @@ def test_t2v_binary_mode_end_to_end(t2v, buckets, tmp_path):
     head = buckets.head_object(Bucket=BUCKET, Key=key)
     assert head["ContentType"] == "video/mp4"
     assert head["Metadata"]["request-id"] == event.get_id()
-    assert (head["Metadata"]["seed"], head["Metadata"]["steps"], head["Metadata"]["model"]) == \
-        ("7", "2", "tiny-wan2.1-t2v")
+    assert (head["Metadata"]["seed"], head["Metadata"]["steps"], head["Metadata"]["model"]) == (
+        "7",
+        "2",
+        "tiny-wan2.1-t2v",
+    )
     usage, timings = data["usage"], data["timings"]
     assert usage["cold_start"] is cold_expected
     assert usage["gpu_seconds"] >= timings["diffusion"] + timings["vae_decode"]
@@ -133,8 +152,7 @@ def test_t2v_binary_mode_end_to_end(t2v, buckets, tmp_path):
 
 
 def test_structured_mode_and_redelivery_is_idempotent(t2v, buckets):
-    event = request_event("t2v", {"prompt": "a boat on the sea", "seed": 3, **SMALL}, tenant="globex",
-                          traceparent=None)
+    event = request_event("t2v", {"prompt": "a boat on the sea", "seed": 3, **SMALL}, tenant="globex", traceparent=None)
     first = t2v.send(event, "structured")
     assert first.headers["content-type"].startswith("application/cloudevents+json")
     reply1, data1 = _completed(first)
@@ -142,6 +160,7 @@ def test_structured_mode_and_redelivery_is_idempotent(t2v, buckets):
     assert data1["usage"]["cold_start"] is False or data1["usage"]["gpu_seconds"] > 0
 
     from turboflow.functions import metrics
+
     replayed_before = metrics.REQUESTS.labels("t2v", "replayed", "")._value.get()
     for mode in ("structured", "binary"):  # the broker may redeliver in either mode
         reply2, data2 = _completed(t2v.send(event, mode))
@@ -154,8 +173,9 @@ def test_structured_mode_and_redelivery_is_idempotent(t2v, buckets):
 
 
 def test_output_prefix_stays_under_tenant(t2v):
-    event = request_event("t2v", {"prompt": "a city at night", "seed": 5, "output_prefix": "campaign-7/drafts",
-                                  **SMALL}, tenant="initech")
+    event = request_event(
+        "t2v", {"prompt": "a city at night", "seed": 5, "output_prefix": "campaign-7/drafts", **SMALL}, tenant="initech"
+    )
     _, data = _completed(t2v.send(event))
     assert data["video"]["key"].startswith("videos/initech/campaign-7/drafts/")
     assert data["video"]["key"].endswith(f"/{event.get_id()}.mp4")
@@ -244,8 +264,10 @@ def test_redelivery_during_generation_joins_the_running_job(t2v, buckets):
     fn._gpu_job = gated
     event = request_event("t2v", {"prompt": "a slow river", **SMALL}, tenant="umbrella")
     results = {}
-    threads = [threading.Thread(target=lambda i=i: results.setdefault(i, t2v.send(event, ("binary", "structured")[i])))
-               for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.setdefault(i, t2v.send(event, ("binary", "structured")[i])))
+        for i in range(2)
+    ]
     try:
         threads[0].start()
         assert entered.wait(30)
@@ -283,8 +305,17 @@ def test_out_of_memory_is_a_failed_reply(t2v):
 
 
 def test_i2v_with_s3_image_end_to_end(i2v, tmp_path, buckets):
-    event = request_event("i2v", {"prompt": "a cat walking", "image": f"s3://{INPUTS}/uploads/acme/cat.png",
-                                  "seed": 4, "boundary": 0.9, "adaptive_resolution": True, **SMALL})
+    event = request_event(
+        "i2v",
+        {
+            "prompt": "a cat walking",
+            "image": f"s3://{INPUTS}/uploads/acme/cat.png",
+            "seed": 4,
+            "boundary": 0.9,
+            "adaptive_resolution": True,
+            **SMALL,
+        },
+    )
     reply, data = _completed(i2v.send(event))
     assert data["kind"] == "i2v" and data["model"] == "tiny-wan2.2-i2v-a14b"
     assert "image_fetch" in data["timings"] and "vae_encode" in data["timings"]
@@ -294,8 +325,7 @@ def test_i2v_with_s3_image_end_to_end(i2v, tmp_path, buckets):
 
 
 def test_i2v_with_inline_image_structured(i2v, tmp_path):
-    event = request_event("i2v", {"prompt": "a bird flying", "image": _data_uri(_png(320, 320)), "seed": 2,
-                                  **SMALL})
+    event = request_event("i2v", {"prompt": "a bird flying", "image": _data_uri(_png(320, 320)), "seed": 2, **SMALL})
     _, data = _completed(i2v.send(event, "structured"))
     info = _fetch_and_probe(data, tmp_path)
     assert info.num_frames == 1 and info.width == info.height  # square image: adaptive square frame (area kept)
@@ -324,8 +354,7 @@ MALFORMED = [
     ("attention-unbuilt", "t2v", {"prompt": "x", "attention": "sagesla"}, {}, "unsupported_option"),
     ("topk-2", "t2v", {"prompt": "x", "sla_topk": 2}, {}, "invalid_sla_topk"),
     ("ode-string", "t2v", {"prompt": "x", "ode": "yes"}, {}, "invalid_ode"),
-    ("prefix-traversal", "t2v", {"prompt": "x", "output_prefix": "../../other-tenant"}, {},
-     "invalid_output_prefix"),
+    ("prefix-traversal", "t2v", {"prompt": "x", "output_prefix": "../../other-tenant"}, {}, "invalid_output_prefix"),
     ("prefix-absolute", "t2v", {"prompt": "x", "output_prefix": "/etc"}, {}, "invalid_output_prefix"),
     ("prefix-dot-segment", "t2v", {"prompt": "x", "output_prefix": "a/../../b"}, {}, "invalid_output_prefix"),
     ("unknown-model", "t2v", {"prompt": "x", "model": "Wan2.1-14B"}, {}, "unknown_model"),
@@ -335,38 +364,96 @@ MALFORMED = [
     ("tenant-traversal", "t2v", {"prompt": "x"}, {"tenant": "acme/../globex"}, "invalid_tenant"),
     ("tenant-uppercase", "t2v", {"prompt": "x"}, {"tenant": "ACME"}, "invalid_tenant"),
     ("request-id-traversal", "t2v", {"prompt": "x"}, {"event_id": "../../escape"}, "invalid_request_id"),
-    ("wrong-event-type", "t2v", {"prompt": "x", "image": "s3://tf-inputs/uploads/acme/cat.png"},
-     {"type": "io.turboflow.video.i2v.requested"}, "unsupported_event_type"),
+    (
+        "wrong-event-type",
+        "t2v",
+        {"prompt": "x", "image": "s3://tf-inputs/uploads/acme/cat.png"},
+        {"type": "io.turboflow.video.i2v.requested"},
+        "unsupported_event_type",
+    ),
     ("t2v-with-image", "t2v", {"prompt": "x", "image": "s3://tf-inputs/uploads/acme/cat.png"}, {}, "unknown_field"),
     ("i2v-missing-image", "i2v", {"prompt": "x"}, {}, "missing_field"),
-    ("i2v-http-image", "i2v", {"prompt": "x", "image": "http://example.com/cat.png"}, {},
-     "invalid_image_reference"),
-    ("i2v-bad-base64", "i2v", {"prompt": "x", "image": "data:image/png;base64,!!not*base64!!"}, {},
-     "invalid_image_base64"),
+    ("i2v-http-image", "i2v", {"prompt": "x", "image": "http://example.com/cat.png"}, {}, "invalid_image_reference"),
+    (
+        "i2v-bad-base64",
+        "i2v",
+        {"prompt": "x", "image": "data:image/png;base64,!!not*base64!!"},
+        {},
+        "invalid_image_base64",
+    ),
     ("i2v-inline-not-image", "i2v", {"prompt": "x", "image": _data_uri(b"hello, I am text")}, {}, "invalid_image"),
-    ("i2v-inline-too-large", "i2v", {"prompt": "x", "image": _data_uri(b"\0" * (600 << 10))}, {},
-     "image_too_large"),
+    ("i2v-inline-too-large", "i2v", {"prompt": "x", "image": _data_uri(b"\0" * (600 << 10))}, {}, "image_too_large"),
     ("i2v-inline-pixel-bomb", "i2v", {"prompt": "x", "image": _data_uri(_bomb_png())}, {}, "image_too_large"),
-    ("i2v-bucket-not-allowed", "i2v", {"prompt": "x", "image": f"s3://{PRIVATE}/uploads/acme/cat.png"}, {},
-     "image_bucket_not_allowed"),
-    ("i2v-image-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/nope.png"}, {},
-     "image_not_found"),
-    ("i2v-s3-not-image", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/not-an-image.png"}, {},
-     "invalid_image"),
-    ("i2v-s3-image-too-small", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/tiny.png"}, {},
-     "invalid_image"),
-    ("i2v-s3-key-traversal", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/../secrets.png"}, {},
-     "invalid_image_reference"),
-    ("i2v-other-tenants-image", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/secret.png"}, {},
-     "image_not_allowed"),
-    ("i2v-other-tenants-missing", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/nope.png"}, {},
-     "image_not_allowed"),
-    ("i2v-outside-uploads", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/elsewhere/cat.png"}, {},
-     "image_not_allowed"),
-    ("i2v-tenant-name-prefix", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme-evil/cat.png"}, {},
-     "image_not_allowed"),
-    ("i2v-boundary-1.5", "i2v", {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/cat.png", "boundary": 1.5}, {},
-     "invalid_boundary"),
+    (
+        "i2v-bucket-not-allowed",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{PRIVATE}/uploads/acme/cat.png"},
+        {},
+        "image_bucket_not_allowed",
+    ),
+    (
+        "i2v-image-missing",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/nope.png"},
+        {},
+        "image_not_found",
+    ),
+    (
+        "i2v-s3-not-image",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/not-an-image.png"},
+        {},
+        "invalid_image",
+    ),
+    (
+        "i2v-s3-image-too-small",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/tiny.png"},
+        {},
+        "invalid_image",
+    ),
+    (
+        "i2v-s3-key-traversal",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/../secrets.png"},
+        {},
+        "invalid_image_reference",
+    ),
+    (
+        "i2v-other-tenants-image",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/secret.png"},
+        {},
+        "image_not_allowed",
+    ),
+    (
+        "i2v-other-tenants-missing",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/globex/nope.png"},
+        {},
+        "image_not_allowed",
+    ),
+    (
+        "i2v-outside-uploads",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/elsewhere/cat.png"},
+        {},
+        "image_not_allowed",
+    ),
+    (
+        "i2v-tenant-name-prefix",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme-evil/cat.png"},
+        {},
+        "image_not_allowed",
+    ),
+    (
+        "i2v-boundary-1.5",
+        "i2v",
+        {"prompt": "x", "image": f"s3://{INPUTS}/uploads/acme/cat.png", "boundary": 1.5},
+        {},
+        "invalid_boundary",
+    ),
 ]
 
 
@@ -388,14 +475,20 @@ def test_malformed_request_gets_failed_reply(request, case_id, kind, data, attrs
     assert reply.get_extension("traceparent") == TRACEPARENT
     if code == "unsupported_option":
         from turboflow.eventing.contracts import UNAVAILABLE_ATTENTION
+
         assert body["message"] == UNAVAILABLE_ATTENTION[data["attention"]]
     if code == "image_not_allowed":
         assert "globex" not in body["message"]
 
 
 def test_invalid_json_body_in_binary_mode(t2v):
-    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
-               "ce-id": str(uuid.uuid4()), "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.turboflow.video.t2v.requested",
+        "ce-source": "/tests",
+        "ce-id": str(uuid.uuid4()),
+        "content-type": "application/json",
+    }
     r = t2v.client.post("/", headers=headers, content=b'{"prompt": "unterminated')
     event, body = reply_event(r)
     assert r.status_code == 200 and event.get_type() == FAILED and body["code"] == "invalid_data"
@@ -478,9 +571,24 @@ def test_func_py_new_and_stock_func_python_app(tiny_t2v_dir):
 def test_cli_serve(tiny_t2v_dir, moto_s3, buckets):
     port = free_port()
     env = {**__import__("os").environ, "TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": moto_s3}
-    proc = subprocess.Popen([sys.executable, "-m", "turboflow.cli", "serve", "t2v", "--port", str(port),
-                             "--model", str(tiny_t2v_dir), "--device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "turboflow.cli",
+            "serve",
+            "t2v",
+            "--port",
+            str(port),
+            "--model",
+            str(tiny_t2v_dir),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -495,6 +603,7 @@ def test_cli_serve(tiny_t2v_dir, moto_s3, buckets):
         else:
             raise AssertionError("turboflow serve never became ready")
         from cloudevents.core.bindings.http import to_binary_event
+
         msg = to_binary_event(request_event("t2v", {"prompt": "x", "num_frames": 7}))
         r = httpx.post(url, headers=msg.headers, content=msg.body, timeout=30)
         assert r.status_code == 200 and json.loads(r.content)["code"] == "invalid_num_frames"
@@ -507,22 +616,33 @@ def test_cli_serve(tiny_t2v_dir, moto_s3, buckets):
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 10: the fuzzed edges, at the HTTP level against the live function
 def _post_structured(live, envelope: dict):
-    return live.client.post("/", content=json.dumps(envelope).encode(),
-                            headers={"content-type": "application/cloudevents+json"})
+    return live.client.post(
+        "/", content=json.dumps(envelope).encode(), headers={"content-type": "application/cloudevents+json"}
+    )
 
 
 def _envelope(data, **attrs):
-    return {"specversion": "1.0", "type": "io.turboflow.video.t2v.requested", "source": "/tests/producer",
-            "id": str(uuid.uuid4()), "tenant": "acme", "datacontenttype": "application/json", "data": data,
-            **attrs}
+    return {
+        "specversion": "1.0",
+        "type": "io.turboflow.video.t2v.requested",
+        "source": "/tests/producer",
+        "id": str(uuid.uuid4()),
+        "tenant": "acme",
+        "datacontenttype": "application/json",
+        "data": data,
+        **attrs,
+    }
 
 
-@pytest.mark.parametrize("attrs,data,code", [
-    ({"id": "req-newline\n"}, {"prompt": "x"}, "invalid_request_id"),
-    ({"tenant": "acme\n"}, {"prompt": "x"}, "invalid_tenant"),
-    ({}, {"prompt": "x", "output_prefix": "promo\n"}, "invalid_output_prefix"),
-    ({}, {"prompt": "x", "model": "tiny-wan2.1-t2v\n"}, "invalid_model"),
-])
+@pytest.mark.parametrize(
+    "attrs,data,code",
+    [
+        ({"id": "req-newline\n"}, {"prompt": "x"}, "invalid_request_id"),
+        ({"tenant": "acme\n"}, {"prompt": "x"}, "invalid_tenant"),
+        ({}, {"prompt": "x", "output_prefix": "promo\n"}, "invalid_output_prefix"),
+        ({}, {"prompt": "x", "model": "tiny-wan2.1-t2v\n"}, "invalid_model"),
+    ],
+)
 def test_trailing_newline_identifiers_fail_before_storage(t2v, attrs, data, code):
     r = _post_structured(t2v, _envelope({**data, **SMALL}, **attrs))
     assert r.status_code == 200, r.text
@@ -533,21 +653,32 @@ def test_trailing_newline_identifiers_fail_before_storage(t2v, attrs, data, code
 
 def test_deeply_nested_body_is_400_in_both_modes(t2v):
     deep = b'{"prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
-               "ce-id": str(uuid.uuid4()), "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.turboflow.video.t2v.requested",
+        "ce-source": "/tests",
+        "ce-id": str(uuid.uuid4()),
+        "content-type": "application/json",
+    }
     r = t2v.client.post("/", headers=headers, content=deep)
     assert r.status_code == 400 and r.json()["error"] == "invalid_cloudevent", r.text
-    envelope = json.dumps(_envelope({"prompt": "x"}))[:-1].encode() + b', "x": ' + b"[" * 100_000 + \
-        b"]" * 100_000 + b"}"
+    envelope = (
+        json.dumps(_envelope({"prompt": "x"}))[:-1].encode() + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    )
     r = t2v.client.post("/", content=envelope, headers={"content-type": "application/cloudevents+json"})
     assert r.status_code == 400 and "nests" in r.json()["message"]
     assert t2v.client.get("/health/liveness").status_code == 200
 
 
 def test_non_utf8_header_is_400(t2v):
-    headers = [(b"ce-specversion", b"1.0"), (b"ce-type", b"io.turboflow.video.t2v.requested"),
-               (b"ce-source", b"/tests"), (b"ce-id", str(uuid.uuid4()).encode()),
-               (b"content-type", b"application/json"), (b"x-note", b"caf\xe9")]
+    headers = [
+        (b"ce-specversion", b"1.0"),
+        (b"ce-type", b"io.turboflow.video.t2v.requested"),
+        (b"ce-source", b"/tests"),
+        (b"ce-id", str(uuid.uuid4()).encode()),
+        (b"content-type", b"application/json"),
+        (b"x-note", b"caf\xe9"),
+    ]
     r = t2v.client.post("/", headers=headers, content=json.dumps({"prompt": "x"}).encode())
     assert r.status_code == 400 and r.json()["error"] == "invalid_cloudevent", r.text
 
@@ -559,8 +690,13 @@ def test_cloudevent_without_id_or_specversion_is_400(t2v, buckets, missing):
     before = len(buckets.list_objects_v2(Bucket=BUCKET).get("Contents", []))
     r = _post_structured(t2v, envelope)
     assert r.status_code == 400 and missing in r.json()["message"], r.text
-    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
-               "ce-id": str(uuid.uuid4()), "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.turboflow.video.t2v.requested",
+        "ce-source": "/tests",
+        "ce-id": str(uuid.uuid4()),
+        "content-type": "application/json",
+    }
     del headers[f"ce-{missing}"]
     r = t2v.client.post("/", headers=headers, content=json.dumps({"prompt": "x", "seed": 1, **SMALL}).encode())
     assert r.status_code == 400 and f"ce-{missing}" in r.json()["message"], r.text
@@ -569,8 +705,14 @@ def test_cloudevent_without_id_or_specversion_is_400(t2v, buckets, missing):
 
 def test_request_without_time_has_no_date_folders_and_redelivers_to_one_key(t2v):
     request_id = str(uuid.uuid4())
-    headers = {"ce-specversion": "1.0", "ce-type": "io.turboflow.video.t2v.requested", "ce-source": "/tests",
-               "ce-id": request_id, "ce-tenant": "acme", "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.turboflow.video.t2v.requested",
+        "ce-source": "/tests",
+        "ce-id": request_id,
+        "ce-tenant": "acme",
+        "content-type": "application/json",
+    }
     body = json.dumps({"prompt": "a lighthouse", "seed": 2, **SMALL}).encode()
     _, first = _completed(t2v.client.post("/", headers=headers, content=body))
     assert first["video"]["key"] == f"videos/acme/{request_id}.mp4"
@@ -596,8 +738,9 @@ def test_reused_request_id_with_other_input_is_an_id_conflict(t2v, buckets):
     _, replay = _completed(t2v.send(first, "structured"))
     assert replay == data
     other_prompt = request_event("t2v", {"prompt": "a blue balloon", "seed": 8, **SMALL}, event_id=event_id)
-    other_source = request_event("t2v", {"prompt": "a red balloon", "seed": 8, **SMALL}, event_id=event_id,
-                                 source="/tests/another-producer")
+    other_source = request_event(
+        "t2v", {"prompt": "a red balloon", "seed": 8, **SMALL}, event_id=event_id, source="/tests/another-producer"
+    )
     for event in (other_prompt, other_source):
         r = t2v.send(event)
         assert r.status_code == 200, r.text
@@ -608,8 +751,11 @@ def test_reused_request_id_with_other_input_is_an_id_conflict(t2v, buckets):
 
 
 def test_i2v_reads_a_shared_prefix(i2v):
-    event = request_event("i2v", {"prompt": "waves", "image": f"s3://{INPUTS}/shared/styles/wave.png", "seed": 3,
-                                  **SMALL}, tenant="globex")
+    event = request_event(
+        "i2v",
+        {"prompt": "waves", "image": f"s3://{INPUTS}/shared/styles/wave.png", "seed": 3, **SMALL},
+        tenant="globex",
+    )
     _, data = _completed(i2v.send(event))
     assert data["tenant"] == "globex" and data["video"]["key"].startswith("videos/globex/")
 
@@ -618,15 +764,13 @@ def test_signed_replies(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir):
     from turboflow.eventing.signing import SIGNATURE_EXTENSION, derive_id, verify_event
 
     key = "s" * 32
-    live = LiveFunction("t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY=key),
-                        pipeline=t2v_pipeline)
+    live = LiveFunction("t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY=key), pipeline=t2v_pipeline)
     try:
         live.wait_ready()
         event = request_event("t2v", {"prompt": "a signed fox", "seed": 1, **SMALL})
         reply, data = _completed(live.send(event))
         assert reply.get_extension(SIGNATURE_EXTENSION) and verify_event(reply, key.encode())
-        assert reply.get_id() == derive_id(key.encode(), "/tests/producer", event.get_id(),
-                                           COMPLETED)
+        assert reply.get_id() == derive_id(key.encode(), "/tests/producer", event.get_id(), COMPLETED)
         again, _ = _completed(live.send(event, "structured"))
         assert again.get_id() == reply.get_id() and verify_event(again, key.encode())
         failed, body = reply_event(live.send(request_event("t2v", {"prompt": "x", "num_steps": 9})))
@@ -636,8 +780,9 @@ def test_signed_replies(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir):
 
 
 def test_unusable_signing_key_keeps_the_pod_unready(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir):
-    live = LiveFunction("t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY="short"),
-                        pipeline=t2v_pipeline)
+    live = LiveFunction(
+        "t2v", _config(tiny_t2v_dir, moto_s3, TURBOFLOW_EVENT_SIGNING_KEY="short"), pipeline=t2v_pipeline
+    )
     try:
         r = live.client.get("/health/readiness")
         assert r.status_code == 500 and "TURBOFLOW_EVENT_SIGNING_KEY" in r.text, r.text
@@ -645,8 +790,9 @@ def test_unusable_signing_key_keeps_the_pod_unready(t2v_pipeline, moto_s3, bucke
         live.close()
 
 
-@pytest.mark.parametrize("status,s3_code,error", [(503, "SlowDown", "storage_unavailable"),
-                                                  (403, "AccessDenied", "storage_misconfigured")])
+@pytest.mark.parametrize(
+    "status,s3_code,error", [(503, "SlowDown", "storage_unavailable"), (403, "AccessDenied", "storage_misconfigured")]
+)
 def test_refused_upload_is_retryable_503(t2v_pipeline, moto_s3, buckets, tiny_t2v_dir, status, s3_code, error):
     from s3_fault_proxy import S3FaultProxy, refuse_video_writes
 

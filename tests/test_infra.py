@@ -2,6 +2,7 @@
 kinds against the upstream CRD schemas copied in tests/data/knative-crds, core kinds against typed schemas below),
 and the deployment policy holds: GPU only in the gpu overlay, concurrency 1, scale-to-zero settings backed by the
 cluster config, ordered timeouts, probes, non-root, read-only model cache, consistent names and metrics."""
+
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from crd_schemas import CRDS, crd_validators  # noqa: F401
 from jsonschema import Draft202012Validator
 
-from crd_schemas import CRDS, crd_validators  # noqa: F401
 from turboflow.eventing.triggers import parse_duration as iso_seconds
 from turboflow.manifests import build, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring",
-                  "eventing-auth"]
+KUSTOMIZATIONS = [
+    "base",
+    "knative",
+    "overlays/dev",
+    "overlays/gpu",
+    "model-cache",
+    "model-cache/warm",
+    "monitoring",
+    "eventing-auth",
+]
 OVERLAYS = ["overlays/dev", "overlays/gpu"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
 # COMMON.md's shared numbers
@@ -60,8 +69,9 @@ def go_seconds(text: str) -> float:
 
 
 def knative_config(rendered, namespace, name) -> dict:
-    (cm,) = [d for d in rendered["knative"] if d["metadata"]["namespace"] == namespace
-             and d["metadata"]["name"] == name]
+    (cm,) = [
+        d for d in rendered["knative"] if d["metadata"]["namespace"] == namespace and d["metadata"]["name"] == name
+    ]
     return cm["data"]
 
 
@@ -77,58 +87,140 @@ STR = {"type": "string"}
 STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
 QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$"}
 DNS1123 = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
-META = {"type": "object", "additionalProperties": False, "required": ["name"],
-        "properties": {"name": DNS1123, "namespace": DNS1123, "labels": STRMAP, "annotations": STRMAP}}
+META = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": DNS1123, "namespace": DNS1123, "labels": STRMAP, "annotations": STRMAP},
+}
 
 
 def obj(props, required=()):
     return {"type": "object", "additionalProperties": False, "properties": props, "required": list(required)}
 
 
-PROBE = obj({"httpGet": obj({"path": STR, "port": {"type": ["integer", "string"]}}, ["path"]),
-             "periodSeconds": {"type": "integer", "minimum": 1}, "timeoutSeconds": {"type": "integer", "minimum": 1},
-             "failureThreshold": {"type": "integer", "minimum": 1}, "initialDelaySeconds": {"type": "integer"}},
-            ["httpGet"])
-ENV = obj({"name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"}, "value": STR,
-           "valueFrom": obj({"secretKeyRef": obj({"name": STR, "key": STR, "optional": {"type": "boolean"}},
-                                                 ["name", "key"])})}, ["name"])
-SECURITY = obj({"runAsNonRoot": {"type": "boolean"}, "runAsUser": {"type": "integer"},
-                "runAsGroup": {"type": "integer"}, "allowPrivilegeEscalation": {"type": "boolean"},
-                "readOnlyRootFilesystem": {"type": "boolean"},
-                "capabilities": obj({"drop": {"type": "array", "items": STR}}),
-                "seccompProfile": obj({"type": {"enum": ["RuntimeDefault", "Localhost"]}}, ["type"])})
-CONTAINER = obj({
-    "name": DNS1123, "image": STR, "command": {"type": "array", "items": STR}, "args": {"type": "array", "items": STR},
-    "ports": {"type": "array", "items": obj({"name": STR, "containerPort": {"type": "integer"}}, ["containerPort"])},
-    "env": {"type": "array", "items": ENV},
-    "resources": obj({"requests": {"type": "object", "additionalProperties": QUANTITY},
-                      "limits": {"type": "object", "additionalProperties": QUANTITY}}),
-    "volumeMounts": {"type": "array", "items": obj({"name": STR, "mountPath": STR, "readOnly": {"type": "boolean"}},
-                                                   ["name", "mountPath"])},
-    "securityContext": SECURITY, "readinessProbe": PROBE, "livenessProbe": PROBE, "startupProbe": PROBE,
-}, ["name", "image"])
-MATCH_EXPRESSIONS = {"type": "array", "items": obj({"key": STR, "operator": {"enum": ["In", "NotIn", "Exists"]},
-                                                    "values": {"type": "array", "items": STR}}, ["key", "operator"])}
-NODE_AFFINITY = obj({"nodeAffinity": obj({
-    "requiredDuringSchedulingIgnoredDuringExecution": obj({"nodeSelectorTerms": {"type": "array", "items": obj({
-        "matchExpressions": MATCH_EXPRESSIONS})}}, ["nodeSelectorTerms"]),
-    "preferredDuringSchedulingIgnoredDuringExecution": {"type": "array", "items": obj({
-        "weight": {"type": "integer", "minimum": 1, "maximum": 100},
-        "preference": obj({"matchExpressions": MATCH_EXPRESSIONS})}, ["weight", "preference"])}})})
-POD_SPEC = obj({
-    "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}, "automountServiceAccountToken": {"type": "boolean"},
-    "serviceAccountName": STR,
-    "securityContext": obj({"runAsNonRoot": {"type": "boolean"}, "runAsUser": {"type": "integer"},
-                            "runAsGroup": {"type": "integer"}, "fsGroup": {"type": "integer"},
-                            "seccompProfile": obj({"type": STR}, ["type"])}),
-    "affinity": NODE_AFFINITY,
-    "tolerations": {"type": "array", "items": obj({"key": STR, "operator": {"enum": ["Exists", "Equal"]},
-                                                   "value": STR, "effect": STR})},
-    "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
-    "volumes": {"type": "array", "items": obj({
-        "name": STR, "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}, ["claimName"]),
-        "emptyDir": obj({"sizeLimit": QUANTITY})}, ["name"])},
-}, ["containers"])
+PROBE = obj(
+    {
+        "httpGet": obj({"path": STR, "port": {"type": ["integer", "string"]}}, ["path"]),
+        "periodSeconds": {"type": "integer", "minimum": 1},
+        "timeoutSeconds": {"type": "integer", "minimum": 1},
+        "failureThreshold": {"type": "integer", "minimum": 1},
+        "initialDelaySeconds": {"type": "integer"},
+    },
+    ["httpGet"],
+)
+ENV = obj(
+    {
+        "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+        "value": STR,
+        "valueFrom": obj(
+            {"secretKeyRef": obj({"name": STR, "key": STR, "optional": {"type": "boolean"}}, ["name", "key"])}
+        ),
+    },
+    ["name"],
+)
+SECURITY = obj(
+    {
+        "runAsNonRoot": {"type": "boolean"},
+        "runAsUser": {"type": "integer"},
+        "runAsGroup": {"type": "integer"},
+        "allowPrivilegeEscalation": {"type": "boolean"},
+        "readOnlyRootFilesystem": {"type": "boolean"},
+        "capabilities": obj({"drop": {"type": "array", "items": STR}}),
+        "seccompProfile": obj({"type": {"enum": ["RuntimeDefault", "Localhost"]}}, ["type"]),
+    }
+)
+CONTAINER = obj(
+    {
+        "name": DNS1123,
+        "image": STR,
+        "command": {"type": "array", "items": STR},
+        "args": {"type": "array", "items": STR},
+        "ports": {
+            "type": "array",
+            "items": obj({"name": STR, "containerPort": {"type": "integer"}}, ["containerPort"]),
+        },
+        "env": {"type": "array", "items": ENV},
+        "resources": obj(
+            {
+                "requests": {"type": "object", "additionalProperties": QUANTITY},
+                "limits": {"type": "object", "additionalProperties": QUANTITY},
+            }
+        ),
+        "volumeMounts": {
+            "type": "array",
+            "items": obj({"name": STR, "mountPath": STR, "readOnly": {"type": "boolean"}}, ["name", "mountPath"]),
+        },
+        "securityContext": SECURITY,
+        "readinessProbe": PROBE,
+        "livenessProbe": PROBE,
+        "startupProbe": PROBE,
+    },
+    ["name", "image"],
+)
+MATCH_EXPRESSIONS = {
+    "type": "array",
+    "items": obj(
+        {"key": STR, "operator": {"enum": ["In", "NotIn", "Exists"]}, "values": {"type": "array", "items": STR}},
+        ["key", "operator"],
+    ),
+}
+NODE_AFFINITY = obj(
+    {
+        "nodeAffinity": obj(
+            {
+                "requiredDuringSchedulingIgnoredDuringExecution": obj(
+                    {"nodeSelectorTerms": {"type": "array", "items": obj({"matchExpressions": MATCH_EXPRESSIONS})}},
+                    ["nodeSelectorTerms"],
+                ),
+                "preferredDuringSchedulingIgnoredDuringExecution": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "weight": {"type": "integer", "minimum": 1, "maximum": 100},
+                            "preference": obj({"matchExpressions": MATCH_EXPRESSIONS}),
+                        },
+                        ["weight", "preference"],
+                    ),
+                },
+            }
+        )
+    }
+)
+POD_SPEC = obj(
+    {
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
+        "automountServiceAccountToken": {"type": "boolean"},
+        "serviceAccountName": STR,
+        "securityContext": obj(
+            {
+                "runAsNonRoot": {"type": "boolean"},
+                "runAsUser": {"type": "integer"},
+                "runAsGroup": {"type": "integer"},
+                "fsGroup": {"type": "integer"},
+                "seccompProfile": obj({"type": STR}, ["type"]),
+            }
+        ),
+        "affinity": NODE_AFFINITY,
+        "tolerations": {
+            "type": "array",
+            "items": obj({"key": STR, "operator": {"enum": ["Exists", "Equal"]}, "value": STR, "effect": STR}),
+        },
+        "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+        "volumes": {
+            "type": "array",
+            "items": obj(
+                {
+                    "name": STR,
+                    "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}, ["claimName"]),
+                    "emptyDir": obj({"sizeLimit": QUANTITY}),
+                },
+                ["name"],
+            ),
+        },
+    },
+    ["containers"],
+)
 POD_TEMPLATE = obj({"metadata": obj({"labels": STRMAP, "annotations": STRMAP}), "spec": POD_SPEC}, ["spec"])
 
 
@@ -144,41 +236,137 @@ CORE_VALIDATORS = {
     ("v1", "Namespace"): core("v1"),
     ("v1", "ServiceAccount"): core("v1", extra={"automountServiceAccountToken": {"type": "boolean"}}),
     ("v1", "ConfigMap"): core("v1", extra={"data": STRMAP}),
-    ("v1", "PersistentVolumeClaim"): core("v1", obj({
-        "accessModes": {"type": "array", "minItems": 1,
-                        "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
-        "storageClassName": STR, "resources": obj({"requests": obj({"storage": QUANTITY}, ["storage"])})},
-        ["accessModes", "resources"])),
-    ("batch/v1", "Job"): core("batch/v1", obj({"backoffLimit": {"type": "integer"},
-                                               "activeDeadlineSeconds": {"type": "integer"},
-                                               "template": POD_TEMPLATE}, ["template"])),
-    ("apps/v1", "DaemonSet"): core("apps/v1", obj({"selector": obj({"matchLabels": STRMAP}, ["matchLabels"]),
-                                                   "updateStrategy": obj({"type": STR}),
-                                                   "template": POD_TEMPLATE}, ["selector", "template"])),
-    ("monitoring.coreos.com/v1", "PodMonitor"): core("monitoring.coreos.com/v1", obj({
-        "selector": obj({"matchExpressions": {"type": "array", "items": obj(
-            {"key": STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-             "values": {"type": "array", "items": STR}}, ["key", "operator"])}, "matchLabels": STRMAP}),
-        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": obj({
-            "port": STR, "path": STR, "interval": STR, "scrapeTimeout": STR,
-            "relabelings": {"type": "array", "items": obj({"sourceLabels": {"type": "array", "items": STR},
-                                                          "targetLabel": STR})}})}}, ["selector",
-                                                                                       "podMetricsEndpoints"])),
-    ("monitoring.coreos.com/v1", "PrometheusRule"): core("monitoring.coreos.com/v1", obj({"groups": {
-        "type": "array", "items": obj({"name": STR, "interval": STR, "rules": {"type": "array", "items": {"oneOf": [
-            obj({"record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"}, "expr": STR},
-                ["record", "expr"]),
-            obj({"alert": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9]*$"}, "expr": STR, "for": STR,
-                 "labels": STRMAP, "annotations": STRMAP}, ["alert", "expr", "labels", "annotations"])]}}},
-            ["name", "rules"])}}, ["groups"])),
+    ("v1", "PersistentVolumeClaim"): core(
+        "v1",
+        obj(
+            {
+                "accessModes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                },
+                "storageClassName": STR,
+                "resources": obj({"requests": obj({"storage": QUANTITY}, ["storage"])}),
+            },
+            ["accessModes", "resources"],
+        ),
+    ),
+    ("batch/v1", "Job"): core(
+        "batch/v1",
+        obj(
+            {
+                "backoffLimit": {"type": "integer"},
+                "activeDeadlineSeconds": {"type": "integer"},
+                "template": POD_TEMPLATE,
+            },
+            ["template"],
+        ),
+    ),
+    ("apps/v1", "DaemonSet"): core(
+        "apps/v1",
+        obj(
+            {
+                "selector": obj({"matchLabels": STRMAP}, ["matchLabels"]),
+                "updateStrategy": obj({"type": STR}),
+                "template": POD_TEMPLATE,
+            },
+            ["selector", "template"],
+        ),
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): core(
+        "monitoring.coreos.com/v1",
+        obj(
+            {
+                "selector": obj(
+                    {
+                        "matchExpressions": {
+                            "type": "array",
+                            "items": obj(
+                                {
+                                    "key": STR,
+                                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                    "values": {"type": "array", "items": STR},
+                                },
+                                ["key", "operator"],
+                            ),
+                        },
+                        "matchLabels": STRMAP,
+                    }
+                ),
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": obj(
+                        {
+                            "port": STR,
+                            "path": STR,
+                            "interval": STR,
+                            "scrapeTimeout": STR,
+                            "relabelings": {
+                                "type": "array",
+                                "items": obj({"sourceLabels": {"type": "array", "items": STR}, "targetLabel": STR}),
+                            },
+                        }
+                    ),
+                },
+            },
+            ["selector", "podMetricsEndpoints"],
+        ),
+    ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): core(
+        "monitoring.coreos.com/v1",
+        obj(
+            {
+                "groups": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "name": STR,
+                            "interval": STR,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "oneOf": [
+                                        obj(
+                                            {
+                                                "record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+                                                "expr": STR,
+                                            },
+                                            ["record", "expr"],
+                                        ),
+                                        obj(
+                                            {
+                                                "alert": {"type": "string", "pattern": r"^[A-Za-z][A-Za-z0-9]*$"},
+                                                "expr": STR,
+                                                "for": STR,
+                                                "labels": STRMAP,
+                                                "annotations": STRMAP,
+                                            },
+                                            ["alert", "expr", "labels", "annotations"],
+                                        ),
+                                    ]
+                                },
+                            },
+                        },
+                        ["name", "rules"],
+                    ),
+                }
+            },
+            ["groups"],
+        ),
+    ),
 }
 CRD_VALIDATORS = _crd_validators()
 
 
 def test_schemas_are_loaded_and_strict():
-    for key in [("serving.knative.dev/v1", "Service"), ("eventing.knative.dev/v1", "Broker"),
-                ("eventing.knative.dev/v1", "Trigger"), ("sources.knative.dev/v1", "ContainerSource"),
-                ("sources.knative.dev/v1", "SinkBinding")]:
+    for key in [
+        ("serving.knative.dev/v1", "Service"),
+        ("eventing.knative.dev/v1", "Broker"),
+        ("eventing.knative.dev/v1", "Trigger"),
+        ("sources.knative.dev/v1", "ContainerSource"),
+        ("sources.knative.dev/v1", "SinkBinding"),
+    ]:
         assert key in CRD_VALIDATORS, key
     svc = ksvc(build(INFRA / "overlays/gpu"), "turboflow-t2v")
     typo = copy.deepcopy(svc)
@@ -189,9 +377,16 @@ def test_schemas_are_loaded_and_strict():
     assert list(CRD_VALIDATORS[("serving.knative.dev/v1", "Service")].iter_errors(probe))
     bad_quantity = copy.deepcopy(svc)
     container(bad_quantity)["resources"]["requests"]["memory"] = "24 GB"
-    assert list(CORE_VALIDATORS[("v1", "PersistentVolumeClaim")].iter_errors(
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
-         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "24 GB"}}}}))
+    assert list(
+        CORE_VALIDATORS[("v1", "PersistentVolumeClaim")].iter_errors(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "x"},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "24 GB"}}},
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
@@ -209,8 +404,11 @@ def test_every_object_validates(rendered, kdir):
         # the Knative CRD leaves the PodSpec loosely typed in places: hold its containers to the typed schema too
         if d["kind"] == "Service" and d["apiVersion"] == "serving.knative.dev/v1":
             template = {k: v for k, v in d["spec"]["template"].items()}
-            spec = {k: v for k, v in template["spec"].items()
-                    if k not in ("containerConcurrency", "timeoutSeconds", "enableServiceLinks")}
+            spec = {
+                k: v
+                for k, v in template["spec"].items()
+                if k not in ("containerConcurrency", "timeoutSeconds", "enableServiceLinks")
+            }
             errors = list(Draft202012Validator(POD_TEMPLATE).iter_errors({**template, "spec": spec}))
             assert not errors, (d["metadata"]["name"], [f"{list(e.path)}: {e.message}" for e in errors])
 
@@ -219,10 +417,17 @@ def test_overlays_contain_the_whole_system(rendered):
     for overlay in OVERLAYS:
         docs = rendered[overlay]
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-        for expected in [("Namespace", "turboflow"), ("PersistentVolumeClaim", "turboflow-models"),
-                         ("Service", "turboflow-t2v"), ("Service", "turboflow-i2v"),
-                         ("Service", "turboflow-deadletter"), ("Trigger", "turboflow-t2v"),
-                         ("Trigger", "turboflow-i2v"), ("Broker", "default"), ("ContainerSource", "turboflow-s3-uploads")]:
+        for expected in [
+            ("Namespace", "turboflow"),
+            ("PersistentVolumeClaim", "turboflow-models"),
+            ("Service", "turboflow-t2v"),
+            ("Service", "turboflow-i2v"),
+            ("Service", "turboflow-deadletter"),
+            ("Trigger", "turboflow-t2v"),
+            ("Trigger", "turboflow-i2v"),
+            ("Broker", "default"),
+            ("ContainerSource", "turboflow-s3-uploads"),
+        ]:
             assert expected in names, (overlay, expected)
         for d in docs:
             assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "turboflow"
@@ -254,8 +459,7 @@ def test_gpu_overlay_requests_a_gpu_on_accelerator_nodes(rendered):
         pod, c = svc["spec"]["template"]["spec"], container(svc)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert env(c)["TURBOFLOW_DEVICE"] == "cuda"
-        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-            "nodeSelectorTerms"]
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         (expr,) = term["matchExpressions"]
         assert expr["key"] == "nvidia.com/gpu.product" and expr["operator"] == "In"
         assert set(expr["values"]) == GPU_PRODUCTS
@@ -264,8 +468,11 @@ def test_gpu_overlay_requests_a_gpu_on_accelerator_nodes(rendered):
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert c["resources"]["limits"]["memory"]
     # only the two video functions take GPUs
-    gpu_users = {d["metadata"]["name"] for d, _, c in all_containers(docs)
-                 if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})}
+    gpu_users = {
+        d["metadata"]["name"]
+        for d, _, c in all_containers(docs)
+        if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+    }
     assert gpu_users == set(FUNCTIONS)
     (pvc,) = kind(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -335,8 +542,9 @@ def test_progress_deadline_covers_gpu_scale_up_and_startup(rendered):
     cluster = go_seconds(deployment["progress-deadline"])
     for name in FUNCTIONS:
         svc = ksvc(rendered["overlays/gpu"], name)
-        per_revision = go_seconds(svc["spec"]["template"]["metadata"]["annotations"][
-            "serving.knative.dev/progress-deadline"])
+        per_revision = go_seconds(
+            svc["spec"]["template"]["metadata"]["annotations"]["serving.knative.dev/progress-deadline"]
+        )
         startup = container(svc)["startupProbe"]
         window = startup["periodSeconds"] * startup["failureThreshold"]
         # a GPU node (5-10 min) plus the whole startup window must fit
@@ -441,16 +649,24 @@ def test_pull_jobs_write_the_cache_and_verify_checksums(rendered):
     assert all(m.get("readOnly") for m in c["volumeMounts"] if m["mountPath"] == "/models")
     gpu_pod = ksvc(rendered["overlays/gpu"], "turboflow-t2v")["spec"]["template"]["spec"]
     assert pod["tolerations"] == gpu_pod["tolerations"]
-    assert pod["affinity"] == {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
-                                                gpu_pod["affinity"]["nodeAffinity"][
-                                                    "requiredDuringSchedulingIgnoredDuringExecution"]}}
+    assert pod["affinity"] == {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": gpu_pod["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+        }
+    }
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_knative_feature_flags_cover_what_the_services_use(rendered):
     features = knative_config(rendered, "knative-serving", "config-features")
-    needs = {"affinity": "kubernetes.podspec-affinity", "tolerations": "kubernetes.podspec-tolerations",
-             "nodeSelector": "kubernetes.podspec-nodeselector", "securityContext": "kubernetes.podspec-securitycontext"}
+    needs = {
+        "affinity": "kubernetes.podspec-affinity",
+        "tolerations": "kubernetes.podspec-tolerations",
+        "nodeSelector": "kubernetes.podspec-nodeselector",
+        "securityContext": "kubernetes.podspec-securitycontext",
+    }
     used = set()
     for overlay in OVERLAYS:
         for svc in kind(rendered[overlay], "Service", "serving.knative.dev"):
@@ -461,12 +677,14 @@ def test_knative_feature_flags_cover_what_the_services_use(rendered):
             for v in pod.get("volumes", []):
                 if "persistentVolumeClaim" in v:
                     used.add("kubernetes.podspec-persistent-volume-claim")
-                    mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])
-                              if m["name"] == v["name"]]
+                    mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] == v["name"]]
                     if not v["persistentVolumeClaim"].get("readOnly") or not all(m.get("readOnly") for m in mounts):
                         used.add("kubernetes.podspec-persistent-volume-write")
-    assert {"kubernetes.podspec-affinity", "kubernetes.podspec-tolerations",
-            "kubernetes.podspec-persistent-volume-claim"} <= used
+    assert {
+        "kubernetes.podspec-affinity",
+        "kubernetes.podspec-tolerations",
+        "kubernetes.podspec-persistent-volume-claim",
+    } <= used
     for flag in used:
         assert features.get(flag) == "enabled", flag
     assert "kubernetes.podspec-persistent-volume-write" not in used  # read-only is enough
@@ -485,8 +703,11 @@ def test_knative_feature_flags_cover_what_the_services_use(rendered):
 def test_one_image_everywhere(rendered):
     for overlay in OVERLAYS:
         images = {c["image"] for _, _, c in all_containers(rendered[overlay])}
-        images |= {c["image"] for s in kind(rendered[overlay], "ContainerSource")
-                   for c in s["spec"]["template"]["spec"]["containers"]}
+        images |= {
+            c["image"]
+            for s in kind(rendered[overlay], "ContainerSource")
+            for c in s["spec"]["template"]["spec"]["containers"]
+        }
         assert len(images) == 1 and images.pop().startswith("ghcr.io/turboflow/turboflow:")
 
 
@@ -519,7 +740,7 @@ def test_monitoring_matches_the_functions(rendered):
     (pm,) = kind(docs, "PodMonitor")
     exprs = {e["key"]: set(e["values"]) for e in pm["spec"]["selector"]["matchExpressions"]}
     for overlay in OVERLAYS:
-        for name, k in FUNCTIONS.items():
+        for name in FUNCTIONS:
             labels = ksvc(rendered[overlay], name)["spec"]["template"]["metadata"]["labels"]
             assert all(labels.get(key) in values for key, values in exprs.items()), (name, labels)
     assert exprs["app.kubernetes.io/component"] == set(FUNCTIONS.values())
@@ -603,19 +824,50 @@ def test_image_ships_the_tested_torch():
     assert "pytorch/pytorch:" not in containerfile  # no base image bringing a torch of its own
 
 
-FUNC_YAML_SCHEMA = obj({
-    "specVersion": STR, "name": DNS1123, "runtime": {"const": "python"}, "namespace": STR, "registry": STR,
-    "image": STR, "created": STR, "invoke": {"enum": ["http", "cloudevent"]},
-    "run": obj({"envs": {"type": "array", "items": obj({"name": STR, "value": STR}, ["name"])},
-                "volumes": {"type": "array", "items": obj({
-                    "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}),
-                    "path": STR})}}),
-    "deploy": obj({"namespace": STR, "healthEndpoints": obj({"liveness": STR, "readiness": STR}),
-                   "options": obj({"scale": obj({"min": {"type": "integer"}, "max": {"type": "integer"},
-                                                 "metric": {"enum": ["concurrency", "rps"]},
-                                                 "target": {"type": "number"}, "utilization": {"type": "number"}}),
-                                   "resources": obj({"limits": obj({"concurrency": {"type": "integer"}})})})}),
-}, ["specVersion", "name", "runtime", "created"])
+FUNC_YAML_SCHEMA = obj(
+    {
+        "specVersion": STR,
+        "name": DNS1123,
+        "runtime": {"const": "python"},
+        "namespace": STR,
+        "registry": STR,
+        "image": STR,
+        "created": STR,
+        "invoke": {"enum": ["http", "cloudevent"]},
+        "run": obj(
+            {
+                "envs": {"type": "array", "items": obj({"name": STR, "value": STR}, ["name"])},
+                "volumes": {
+                    "type": "array",
+                    "items": obj(
+                        {"persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}), "path": STR}
+                    ),
+                },
+            }
+        ),
+        "deploy": obj(
+            {
+                "namespace": STR,
+                "healthEndpoints": obj({"liveness": STR, "readiness": STR}),
+                "options": obj(
+                    {
+                        "scale": obj(
+                            {
+                                "min": {"type": "integer"},
+                                "max": {"type": "integer"},
+                                "metric": {"enum": ["concurrency", "rps"]},
+                                "target": {"type": "number"},
+                                "utilization": {"type": "number"},
+                            }
+                        ),
+                        "resources": obj({"limits": obj({"concurrency": {"type": "integer"}})}),
+                    }
+                ),
+            }
+        ),
+    },
+    ["specVersion", "name", "runtime", "created"],
+)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -630,15 +882,19 @@ def test_func_yaml_mirrors_the_service(rendered, name):
     c, a = container(svc), svc["spec"]["template"]["metadata"]["annotations"]
     assert fy["name"] == name and fy["namespace"] == fy["deploy"]["namespace"] == svc["metadata"]["namespace"]
     assert fy["invoke"] == "cloudevent" and fy["image"] == c["image"]
-    assert fy["deploy"]["healthEndpoints"] == {"liveness": c["livenessProbe"]["httpGet"]["path"],
-                                               "readiness": c["readinessProbe"]["httpGet"]["path"]}
+    assert fy["deploy"]["healthEndpoints"] == {
+        "liveness": c["livenessProbe"]["httpGet"]["path"],
+        "readiness": c["readinessProbe"]["httpGet"]["path"],
+    }
     scale = fy["deploy"]["options"]["scale"]
     assert scale["min"] == int(a["autoscaling.knative.dev/min-scale"])
     assert scale["max"] == int(a["autoscaling.knative.dev/max-scale"])
     assert scale["target"] == int(a["autoscaling.knative.dev/target"])
     assert scale["utilization"] == int(a["autoscaling.knative.dev/target-utilization-percentage"])
-    assert fy["deploy"]["options"]["resources"]["limits"]["concurrency"] == svc["spec"]["template"]["spec"][
-        "containerConcurrency"]
+    assert (
+        fy["deploy"]["options"]["resources"]["limits"]["concurrency"]
+        == svc["spec"]["template"]["spec"]["containerConcurrency"]
+    )
     assert {e["name"]: e["value"] for e in fy["run"]["envs"]}["MODEL_DIR"] == env(c)["MODEL_DIR"]
     (vol,) = fy["run"]["volumes"]
     assert vol == {"persistentVolumeClaim": {"claimName": "turboflow-models", "readOnly": True}, "path": "/models"}
@@ -649,9 +905,11 @@ def test_readme_walkthrough_applies_existing_kustomizations_in_order():
     applied = re.findall(r"kubectl apply -k (infra/[\w/-]+)", text)
     for path in applied:
         assert (ROOT / path).is_dir() and path.removeprefix("infra/") in KUSTOMIZATIONS, path
-    walkthrough = text[text.index("## From an empty cluster"):text.index("## Development cluster")]
-    steps = [walkthrough.index(f"kubectl apply -k infra/{k}") for k in
-             ("knative", "overlays/gpu", "model-cache\n", "model-cache/warm", "monitoring")]
+    walkthrough = text[text.index("## From an empty cluster") : text.index("## Development cluster")]
+    steps = [
+        walkthrough.index(f"kubectl apply -k infra/{k}")
+        for k in ("knative", "overlays/gpu", "model-cache\n", "model-cache/warm", "monitoring")
+    ]
     assert steps == sorted(steps)
     # the secrets the manifests read are created before the deploy, with the keys they read
     assert walkthrough.index("create secret generic turboflow-s3") < steps[1]
@@ -729,8 +987,9 @@ def test_no_knative_service_is_public(rendered, overlay):
     services = kind(rendered[overlay], "Service", "serving.knative.dev")
     assert {s["metadata"]["name"] for s in services} == {*FUNCTIONS, "turboflow-deadletter"}
     for svc in services:
-        assert svc["metadata"]["labels"].get("networking.knative.dev/visibility") == "cluster-local", \
-            svc["metadata"]["name"]
+        assert svc["metadata"]["labels"].get("networking.knative.dev/visibility") == "cluster-local", svc["metadata"][
+            "name"
+        ]
 
 
 def test_sender_identity_is_off_while_the_channel_cannot_carry_it(rendered):
@@ -745,16 +1004,20 @@ def test_sender_identity_is_off_while_the_channel_cannot_carry_it(rendered):
     policies = {p["metadata"]["name"]: p for p in kind(rendered["eventing-auth"], "EventPolicy")}
     senders = {}
     for policy in policies.values():
-        assert policy["spec"]["to"] == [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker",
-                                                 "name": "default"}}]
+        assert policy["spec"]["to"] == [
+            {"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": "default"}}
+        ]
         for sender in policy["spec"]["from"]:
             key = sender.get("sub") or (sender["ref"]["kind"], sender["ref"]["name"])
             assert key not in senders, key  # the ingress applies the first policy naming a subject
             senders[key] = policy["metadata"]["name"]
     gpu = rendered["overlays/gpu"]
     expected = {("Trigger", t["metadata"]["name"]) for t in kind(gpu, "Trigger")}
-    expected |= {("SinkBinding", "turboflow-deadletter-sink"), ("ContainerSource", "turboflow-s3-uploads"),
-                 "system:serviceaccount:turboflow:turboflow-producer"}
+    expected |= {
+        ("SinkBinding", "turboflow-deadletter-sink"),
+        ("ContainerSource", "turboflow-s3-uploads"),
+        "system:serviceaccount:turboflow:turboflow-producer",
+    }
     assert set(senders) == expected
     producers = policies[senders["system:serviceaccount:turboflow:turboflow-producer"]]
     allowed = {f["exact"]["type"] for f in producers["spec"]["filters"][0]["any"]}

@@ -1,5 +1,6 @@
 """turboflow.manifests: the pure-Python kustomize subset. Unit semantics on small kustomizations, the CLI verb, and
 (where kubectl is installed) byte-for-byte agreement with real kustomize on every infra/ kustomization."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,32 +14,56 @@ import yaml
 from turboflow.manifests import ManifestError, build, json_patch, register, resource_id, strategic_merge, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = ["base", "knative", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring",
-                  "eventing-auth"]
+KUSTOMIZATIONS = [
+    "base",
+    "knative",
+    "overlays/dev",
+    "overlays/gpu",
+    "model-cache",
+    "model-cache/warm",
+    "monitoring",
+    "eventing-auth",
+]
 
 
 def write(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump_all(data) if isinstance(data, list)
-                    else yaml.safe_dump(data))
+    path.write_text(
+        data if isinstance(data, str) else yaml.safe_dump_all(data) if isinstance(data, list) else yaml.safe_dump(data)
+    )
     return path
 
 
 def deployment(name="web", ns="apps", image="example/web:1"):
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
-            "spec": {"template": {"spec": {"containers": [{"name": "web", "image": image,
-                                                           "env": [{"name": "A", "value": "1"}]}]}}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "template": {
+                "spec": {"containers": [{"name": "web", "image": image, "env": [{"name": "A", "value": "1"}]}]}
+            }
+        },
+    }
 
 
 def ksvc(name="fn", ns="apps"):
-    return {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"template": {"spec": {"containers": [{"name": "fn", "image": "example/fn:1",
-                                                           "env": [{"name": "A", "value": "1"}]}]}}}}
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "template": {
+                "spec": {"containers": [{"name": "fn", "image": "example/fn:1", "env": [{"name": "A", "value": "1"}]}]}
+            }
+        },
+    }
 
 
 def kustomization(d: Path, **fields) -> None:
-    write(d / "kustomization.yaml", {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                                     **fields})
+    write(
+        d / "kustomization.yaml", {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields}
+    )
 
 
 def test_strategic_merge_semantics():
@@ -55,15 +80,18 @@ def test_strategic_merge_semantics():
 
 def test_json_patch_operations():
     doc = {"spec": {"list": [{"name": "a"}], "m": {"x/y": 1}}}
-    out = json_patch(doc, [
-        {"op": "test", "path": "/spec/list/0/name", "value": "a"},
-        {"op": "add", "path": "/spec/list/-", "value": {"name": "b"}},
-        {"op": "add", "path": "/spec/list/0", "value": {"name": "first"}},
-        {"op": "replace", "path": "/spec/m/x~1y", "value": 2},
-        {"op": "copy", "from": "/spec/m", "path": "/spec/m2"},
-        {"op": "move", "from": "/spec/m2", "path": "/spec/m3"},
-        {"op": "remove", "path": "/spec/list/1"},
-    ])
+    out = json_patch(
+        doc,
+        [
+            {"op": "test", "path": "/spec/list/0/name", "value": "a"},
+            {"op": "add", "path": "/spec/list/-", "value": {"name": "b"}},
+            {"op": "add", "path": "/spec/list/0", "value": {"name": "first"}},
+            {"op": "replace", "path": "/spec/m/x~1y", "value": 2},
+            {"op": "copy", "from": "/spec/m", "path": "/spec/m2"},
+            {"op": "move", "from": "/spec/m2", "path": "/spec/m3"},
+            {"op": "remove", "path": "/spec/list/1"},
+        ],
+    )
     assert out == {"spec": {"list": [{"name": "first"}, {"name": "b"}], "m": {"x/y": 2}, "m3": {"x/y": 2}}}
     assert doc == {"spec": {"list": [{"name": "a"}], "m": {"x/y": 1}}}
     with pytest.raises(ManifestError, match="test failed"):
@@ -79,26 +107,51 @@ def test_overlay_with_patches_labels_images_and_generator(tmp_path):
     write(base / "objs.yaml", [deployment(), ksvc()])
     kustomization(base, resources=["objs.yaml"], labels=[{"pairs": {"team": "video"}, "includeSelectors": False}])
     write(overlay / "files" / "a.txt", "hello\n")
-    write(overlay / "smp.yaml", {"apiVersion": "apps/v1", "kind": "Deployment",
-                                 "metadata": {"name": "web", "namespace": "apps"}, "spec": {"replicas": 3}})
-    write(overlay / "json.yaml", yaml.safe_dump([{"op": "add", "path": "/spec/template/spec/containers/0/env/-",
-                                                  "value": {"name": "B", "value": "2"}}]))
-    kustomization(overlay, resources=["../base"],
-                  patches=[{"path": "smp.yaml"},
-                           {"path": "json.yaml", "target": {"group": "serving.knative.dev", "kind": "Service",
-                                                            "name": "f."}}],
-                  images=[{"name": "example/web", "newTag": "2"},
-                          {"name": "example/fn", "newName": "reg.io/fn", "digest": "sha256:abc"}],
-                  configMapGenerator=[{"name": "cfg", "namespace": "apps", "files": ["a.txt=files/a.txt"],
-                                       "literals": ["K=V"], "options": {"disableNameSuffixHash": True,
-                                                                         "labels": {"x": "y"}}}])
+    write(
+        overlay / "smp.yaml",
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "apps"},
+            "spec": {"replicas": 3},
+        },
+    )
+    write(
+        overlay / "json.yaml",
+        yaml.safe_dump(
+            [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "B", "value": "2"}}]
+        ),
+    )
+    kustomization(
+        overlay,
+        resources=["../base"],
+        patches=[
+            {"path": "smp.yaml"},
+            {"path": "json.yaml", "target": {"group": "serving.knative.dev", "kind": "Service", "name": "f."}},
+        ],
+        images=[
+            {"name": "example/web", "newTag": "2"},
+            {"name": "example/fn", "newName": "reg.io/fn", "digest": "sha256:abc"},
+        ],
+        configMapGenerator=[
+            {
+                "name": "cfg",
+                "namespace": "apps",
+                "files": ["a.txt=files/a.txt"],
+                "literals": ["K=V"],
+                "options": {"disableNameSuffixHash": True, "labels": {"x": "y"}},
+            }
+        ],
+    )
     docs = {resource_id(d)[1]: d for d in build(overlay)}
     # legacy order ranks by kind name only (as kustomize does): a Knative Service sorts with core Services
     assert [d["kind"] for d in build(overlay)] == ["ConfigMap", "Service", "Deployment"]
     dep, svc, cm = docs["Deployment"], docs["Service"], docs["ConfigMap"]
     assert dep["spec"]["replicas"] == 3 and dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example/web:2"
-    assert svc["spec"]["template"]["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"},
-                                                                       {"name": "B", "value": "2"}]
+    assert svc["spec"]["template"]["spec"]["containers"][0]["env"] == [
+        {"name": "A", "value": "1"},
+        {"name": "B", "value": "2"},
+    ]
     assert svc["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.io/fn@sha256:abc"
     assert cm["data"] == {"a.txt": "hello\n", "K": "V"} and cm["metadata"]["labels"] == {"x": "y"}
     assert dep["metadata"]["labels"] == {"team": "video"} and "team" not in cm["metadata"]["labels"]  # base only
@@ -121,8 +174,10 @@ def test_kustomize_rules_are_enforced(tmp_path):
     with pytest.raises(ManifestError, match="not supported"):
         build(d)
     # a strategic-merge patch without a namespace means `default`, as in kustomize: it matches nothing here
-    write(d / "p.yaml", {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-                         "spec": {"replicas": 2}})
+    write(
+        d / "p.yaml",
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {"replicas": 2}},
+    )
     kustomization(d, resources=["a.yaml"], patches=[{"path": "p.yaml"}])
     with pytest.raises(ManifestError, match="matches no resource"):
         build(d)
@@ -156,8 +211,9 @@ KUBECTL = shutil.which("kubectl")
 @pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
 def test_agrees_with_real_kustomize(kdir):
     """The layout is genuinely kustomize-compatible: `kubectl kustomize` builds the same objects."""
-    proc = subprocess.run([KUBECTL, "kustomize", str(ROOT / "infra" / kdir)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "infra" / kdir)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     theirs = {resource_id(d): d for d in yaml.safe_load_all(proc.stdout) if d}
     ours = {resource_id(d): d for d in build(ROOT / "infra" / kdir)}

@@ -1,4 +1,5 @@
 """`turboflow model-cache warm` (the page-cache DaemonSet's command) on real tiny model caches."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import shutil
 import pytest
 
 from turboflow.cli import main
-from turboflow.engine.errors import ModelCacheError
-from turboflow.storage import modelcache
+from turboflow.engine import modelcache
+from turboflow.errors import ModelCacheError
 from turboflow.storage.cli import parse_duration, warm
 
 

@@ -1,21 +1,29 @@
 """Every rendered kustomization passes the Knative webhooks' admission rules (tests/knative_admission.py) under the
 feature flags infra/knative sets, and each rule refuses a mutated copy of a real rendered manifest that breaks it."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from knative_admission import RULES, ClusterConfig, admit, admit_all, go_duration_seconds, is_iso_period
+
 from turboflow.eventing.triggers import load_manifests
 from turboflow.manifests import build
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "model-cache", "model-cache/warm", "monitoring",
-                  "eventing-auth"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/dev",
+    "overlays/gpu",
+    "model-cache",
+    "model-cache/warm",
+    "monitoring",
+    "eventing-auth",
+]
 RENDERED = {k: build(INFRA / k) for k in KUSTOMIZATIONS}
 OURS = ClusterConfig.from_docs(build(INFRA / "knative"))
 # infra/eventing-auth is applied only after authentication-oidc is turned on (its kustomization says how)
@@ -46,8 +54,12 @@ def test_the_overlays_hold_the_kinds_the_rules_cover():
 def test_without_infra_knative_the_webhook_refuses_what_the_readme_says():
     """Upstream defaults (no infra/knative applied): the errors infra/README.md's troubleshooting table lists."""
     rules = {v.rule for v in admit_all(RENDERED["overlays/gpu"], ClusterConfig())}
-    assert {"serving.autoscaling.initial-scale", "serving.revision.timeout-seconds", "serving.podspec.field",
-            "serving.volumes.source"} <= rules
+    assert {
+        "serving.autoscaling.initial-scale",
+        "serving.revision.timeout-seconds",
+        "serving.podspec.field",
+        "serving.volumes.source",
+    } <= rules
     assert "eventing.eventpolicy.oidc-flag" in {v.rule for v in admit_all(RENDERED["eventing-auth"], OURS)}
 
 
@@ -63,8 +75,9 @@ def test_value_parsers():
     assert go_duration_seconds("1h30m") == 5400 and go_duration_seconds("1800s") == 1800
     assert go_duration_seconds("10 m") is None and go_duration_seconds("PT10M") is None
     assert is_iso_period("PT10M") and is_iso_period("PT0.5S") and is_iso_period("P1DT2H")
-    assert not is_iso_period("10m") and not is_iso_period("P") and not is_iso_period("PT") and not is_iso_period(
-        "PT10M\n")
+    assert (
+        not is_iso_period("10m") and not is_iso_period("P") and not is_iso_period("PT") and not is_iso_period("PT10M\n")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,13 +147,22 @@ AUTO = "autoscaling.knative.dev/"
 CASES = [
     Case("admission.unsupported-kind", T2V, _set(lambda d: d, kind="Configuration")),
     Case("serving.metadata.name", T2V, _set(lambda d: d["metadata"], name="Turboflow_T2V")),
-    Case("serving.metadata.autoscaling-on-service", T2V,
-         _set(lambda d: d["metadata"], annotations={AUTO + "min-scale": "0"})),
-    Case("serving.metadata.rollout-duration", T2V,
-         _set(lambda d: d["metadata"], annotations={"serving.knative.dev/rollout-duration": "1.5s"})),
+    Case(
+        "serving.metadata.autoscaling-on-service",
+        T2V,
+        _set(lambda d: d["metadata"], annotations={AUTO + "min-scale": "0"}),
+    ),
+    Case(
+        "serving.metadata.rollout-duration",
+        T2V,
+        _set(lambda d: d["metadata"], annotations={"serving.knative.dev/rollout-duration": "1.5s"}),
+    ),
     # the visibility *label* set as a template annotation: refused
-    Case("serving.template.networking-annotation", DEADLETTER,
-         _annotate("networking.knative.dev/visibility", "cluster-local")),
+    Case(
+        "serving.template.networking-annotation",
+        DEADLETTER,
+        _annotate("networking.knative.dev/visibility", "cluster-local"),
+    ),
     Case("serving.template.progress-deadline", T2V, _annotate("serving.knative.dev/progress-deadline", "30 min")),
     Case("serving.autoscaling.class", T2V, _annotate(AUTO + "class", "gpu.autoscaling.knative.dev")),
     Case("serving.autoscaling.min-max-scale", T2V, _annotate(AUTO + "min-scale", "5")),
@@ -153,38 +175,52 @@ CASES = [
     Case("serving.autoscaling.retention-period", T2V, _annotate(AUTO + "scale-to-zero-pod-retention-period", "2h")),
     Case("serving.autoscaling.scale-down-delay", T2V, _annotate(AUTO + "scale-down-delay", "1.5s")),
     Case("serving.autoscaling.metric", T2V, _annotate(AUTO + "metric", "cpu")),
-    Case("serving.autoscaling.initial-scale", T2V, lambda d: None,
-         ClusterConfig(OURS.serving_features, OURS.eventing_features, {}, OURS.defaults)),
+    Case(
+        "serving.autoscaling.initial-scale",
+        T2V,
+        lambda d: None,
+        ClusterConfig(OURS.serving_features, OURS.eventing_features, {}, OURS.defaults),
+    ),
     Case("serving.revision.timeout-seconds", T2V, _set(_pod, timeoutSeconds=3600)),
     Case("serving.revision.container-concurrency", T2V, _set(_pod, containerConcurrency=1001)),
     Case("serving.podspec.field", DEV_I2V, _set(_pod, hostNetwork=True)),
     Case("serving.podspec.service-account-name", T2V, _set(_pod, serviceAccountName="Turboflow_Functions")),
-    Case("serving.podspec.security-context", T2V,
-         _set(_pod, securityContext={"sysctls": [{"name": "net.core.somaxconn", "value": "1024"}]})),
-    Case("serving.podspec.init-containers", T2V,
-         _set(_pod, initContainers=[{"name": "warm", "image": "ghcr.io/turboflow/turboflow:0.1.0"}])),
-    Case("serving.containers.count", T2V,
-         lambda d: _pod(d)["containers"].append({"name": "function", "image": "ghcr.io/turboflow/turboflow:0.1.0"})),
+    Case(
+        "serving.podspec.security-context",
+        T2V,
+        _set(_pod, securityContext={"sysctls": [{"name": "net.core.somaxconn", "value": "1024"}]}),
+    ),
+    Case(
+        "serving.podspec.init-containers",
+        T2V,
+        _set(_pod, initContainers=[{"name": "warm", "image": "ghcr.io/turboflow/turboflow:0.1.0"}]),
+    ),
+    Case(
+        "serving.containers.count",
+        T2V,
+        lambda d: _pod(d)["containers"].append({"name": "function", "image": "ghcr.io/turboflow/turboflow:0.1.0"}),
+    ),
     Case("serving.containers.ports", T2V, lambda d: _container(d)["ports"][0].update(name="http")),
-    Case("serving.container.field", T2V,
-         _set(_container, lifecycle={"preStop": {"exec": {"command": ["sleep", "5"]}}})),
+    Case(
+        "serving.container.field", T2V, _set(_container, lifecycle={"preStop": {"exec": {"command": ["sleep", "5"]}}})
+    ),
     Case("serving.container.name", T2V, _set(_container, name="queue-proxy")),
     Case("serving.container.image", T2V, _set(_container, image="ghcr.io/turboflow/TurboFlow:0.1.0")),
     Case("serving.container.termination-message-policy", T2V, _set(_container, terminationMessagePolicy="Always")),
     Case("serving.container.env", DEADLETTER, lambda d: _container(d)["env"].append({"name": "PORT", "value": "9"})),
-    Case("serving.container.security-context", T2V, lambda d: _container(d)["securityContext"].update(
-        privileged=True)),
+    Case("serving.container.security-context", T2V, lambda d: _container(d)["securityContext"].update(privileged=True)),
     Case("serving.volumes.name", T2V, _rename_volume),
     Case("serving.volumes.unmounted", T2V, lambda d: _pod(d)["volumes"].append({"name": "spare", "emptyDir": {}})),
     # a writable model cache needs kubernetes.podspec-persistent-volume-write, which infra/knative leaves off
-    Case("serving.volumes.source", T2V, lambda d: _volume(d, "models")["persistentVolumeClaim"].update(
-        readOnly=False)),
+    Case("serving.volumes.source", T2V, lambda d: _volume(d, "models")["persistentVolumeClaim"].update(readOnly=False)),
     Case("serving.volume-mounts", T2V, lambda d: _mount(d, "models").update(readOnly=False)),
     Case("serving.probe.handler", T2V, lambda d: _container(d)["livenessProbe"].update(tcpSocket={})),
-    Case("serving.probe.readiness-period-zero", T2V, lambda d: _container(d)["readinessProbe"].update(
-        timeoutSeconds=5)),
-    Case("serving.probe.readiness-bounds", T2V, lambda d: _container(d)["readinessProbe"].update(
-        initialDelaySeconds=-1)),
+    Case(
+        "serving.probe.readiness-period-zero", T2V, lambda d: _container(d)["readinessProbe"].update(timeoutSeconds=5)
+    ),
+    Case(
+        "serving.probe.readiness-bounds", T2V, lambda d: _container(d)["readinessProbe"].update(initialDelaySeconds=-1)
+    ),
     Case("eventing.broker.class", BROKER, lambda d: d["metadata"]["annotations"].clear()),
     Case("eventing.broker.config", BROKER, lambda d: d["spec"]["config"].pop("kind")),
     Case("eventing.delivery.retry", TRIGGER, _set(_trigger_delivery, retry=-1)),
@@ -196,21 +232,41 @@ CASES = [
     Case("eventing.delivery.retry-after-max", TRIGGER, _set(_trigger_delivery, retryAfterMax="PT1M")),
     Case("eventing.destination", TRIGGER, lambda d: d["spec"]["subscriber"]["ref"].pop("apiVersion")),
     Case("eventing.trigger.broker", TRIGGER, lambda d: d["spec"].update(brokerRef={"name": "default"})),
-    Case("eventing.trigger.filter-attributes", TRIGGER, lambda d: d["spec"].update(
-        filters=[{"exact": {"Type": "io.turboflow.video.t2v.requested"}}])),
-    Case("eventing.trigger.filters-dialect", TRIGGER, lambda d: d["spec"]["filters"][0].update(
-        prefix={"source": "/turboflow"})),
-    Case("eventing.trigger.annotations", TRIGGER, lambda d: d["metadata"].update(
-        annotations={"eventing.knative.dev/injection": "true"})),
+    Case(
+        "eventing.trigger.filter-attributes",
+        TRIGGER,
+        lambda d: d["spec"].update(filters=[{"exact": {"Type": "io.turboflow.video.t2v.requested"}}]),
+    ),
+    Case(
+        "eventing.trigger.filters-dialect",
+        TRIGGER,
+        lambda d: d["spec"]["filters"][0].update(prefix={"source": "/turboflow"}),
+    ),
+    Case(
+        "eventing.trigger.annotations",
+        TRIGGER,
+        lambda d: d["metadata"].update(annotations={"eventing.knative.dev/injection": "true"}),
+    ),
     Case("eventing.source.containers", SOURCE, lambda d: _container(d).pop("image")),
-    Case("eventing.source.ce-overrides", SOURCE, lambda d: d["spec"].update(
-        ceOverrides={"extensions": {"tenant-id": "default"}})),
+    Case(
+        "eventing.source.ce-overrides",
+        SOURCE,
+        lambda d: d["spec"].update(ceOverrides={"extensions": {"tenant-id": "default"}}),
+    ),
     Case("eventing.sinkbinding.subject", BINDING, lambda d: d["spec"]["subject"].update(namespace="default")),
     Case("eventing.eventpolicy.oidc-flag", PRODUCERS, lambda d: None),
-    Case("eventing.eventpolicy.from", PRODUCERS, lambda d: d["spec"]["from"][0].update(sub="system:*:turboflow"),
-         WITH_OIDC),
-    Case("eventing.eventpolicy.to", PRODUCERS, lambda d: d["spec"]["to"][0].update(selector={"matchLabels": {}}),
-         WITH_OIDC),
+    Case(
+        "eventing.eventpolicy.from",
+        PRODUCERS,
+        lambda d: d["spec"]["from"][0].update(sub="system:*:turboflow"),
+        WITH_OIDC,
+    ),
+    Case(
+        "eventing.eventpolicy.to",
+        PRODUCERS,
+        lambda d: d["spec"]["to"][0].update(selector={"matchLabels": {}}),
+        WITH_OIDC,
+    ),
 ]
 
 

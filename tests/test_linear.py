@@ -1,9 +1,10 @@
 """Quantized DiT linears (engine/linear.py): within tolerance of the float layer, swapped into the pipeline."""
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest
 from turboflow.engine.linear import FP8Linear, Int8Linear, check_supported, quantize_transformer
 from turboflow.engine.quant import BlockInt8Linear, dequantize_blockwise, quantize_blockwise

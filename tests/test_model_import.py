@@ -5,6 +5,7 @@ The files are the tiny session models exported to TurboDiffusion's own formats (
 embedding, SLA proj_l, optional int8) by `export_native`. `pull` is exercised with an injected downloader that
 copies from a local directory laid out like the hub: the real huggingface_hub download is NOT exercised here.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from turboflow.engine import checkpoint as ck
-from turboflow.engine.errors import ChecksumMismatchError, CheckpointError
-from turboflow.engine.model_import import (ModelImportError, classify_files, export_native, import_model,
-                                           parse_file_spec, pull_model)
 from turboflow.cli import main as main_cli
+from turboflow.engine import checkpoint as ck
+from turboflow.engine import modelcache
+from turboflow.engine.model_import import (
+    ModelImportError,
+    classify_files,
+    export_native,
+    import_model,
+    parse_file_spec,
+    pull_model,
+)
 from turboflow.engine.request import GenerationRequest
 from turboflow.engine.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE
-from turboflow.storage import modelcache
+from turboflow.errors import CheckpointError, ChecksumMismatchError
 
 FAST = dict(resolution="480p", aspect_ratio="4:3", num_frames=1)
 PROMPT = "a red fox in the snow"
@@ -33,9 +40,13 @@ HEAD_DIM = TINY_TRANSFORMER["attention_head_dim"]
 
 def _proj_l(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {f"blocks.{i}.proj_l.{leaf}": torch.randn(*((HEAD_DIM, HEAD_DIM) if leaf == "weight" else (HEAD_DIM,)),
-                                                     generator=g)
-            for i in range(TINY_TRANSFORMER["num_layers"]) for leaf in ("weight", "bias")}
+    return {
+        f"blocks.{i}.proj_l.{leaf}": torch.randn(
+            *((HEAD_DIM, HEAD_DIM) if leaf == "weight" else (HEAD_DIM,)), generator=g
+        )
+        for i in range(TINY_TRANSFORMER["num_layers"])
+        for leaf in ("weight", "bias")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +57,17 @@ def native_t2v(tiny_t2v_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported_t2v(native_t2v, tiny_t2v_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("imported") / "turbowan-t2v"
-    manifest = import_model(out, kind="t2v", dit=native_t2v["transformer"], vae=native_t2v["vae"],
-                            text_encoder=native_t2v["text_encoder"], tokenizer_dir=tiny_t2v_dir / "tokenizer",
-                            vae_config=TINY_VAE, t5_config=T5_CFG, name="tiny-imported")
+    manifest = import_model(
+        out,
+        kind="t2v",
+        dit=native_t2v["transformer"],
+        vae=native_t2v["vae"],
+        text_encoder=native_t2v["text_encoder"],
+        tokenizer_dir=tiny_t2v_dir / "tokenizer",
+        vae_config=TINY_VAE,
+        t5_config=T5_CFG,
+        name="tiny-imported",
+    )
     return out, manifest
 
 
@@ -81,8 +100,13 @@ def test_import_native_files_verifies_and_gives_same_frames(imported_t2v, refere
     verified = modelcache.verify(out, checksums=True)
     assert verified.kind == "t2v" and verified.name == "tiny-imported"
     # fine-tuned with SLA (proj_l present): served with SLA unless a request asks otherwise
-    assert verified.defaults == {"sigma_max": 80.0, "boundary": 0.9, "resolution": "480p", "attention": "sla",
-                                 "sla_topk": 0.1}
+    assert verified.defaults == {
+        "sigma_max": 80.0,
+        "boundary": 0.9,
+        "resolution": "480p",
+        "attention": "sla",
+        "sla_topk": 0.1,
+    }
     assert set(verified.components) == {"transformer", "vae", "text_encoder", "tokenizer"}
     src = verified.source
     assert src["transformer"]["net_prefix"] and src["transformer"]["patch_embedding"] == "linear->conv3d"
@@ -120,13 +144,29 @@ def test_import_quant_file_and_diffusers_dir(tiny_t2v_dir, native_t2v, tmp_path,
 
     # --keep-int8: the same file's int8 codes and block scales go into the cache and onto the device untouched
     kept = tmp_path / "kept"
-    manifest = main_cli(["model", "import", str(kept), "--kind", "t2v", "--dit", str(qdir["transformer"]),
-                         "--diffusers", str(tiny_t2v_dir), "--dtype", "fp32", "--keep-int8"])
+    manifest = main_cli(
+        [
+            "model",
+            "import",
+            str(kept),
+            "--kind",
+            "t2v",
+            "--dit",
+            str(qdir["transformer"]),
+            "--diffusers",
+            str(tiny_t2v_dir),
+            "--dtype",
+            "fp32",
+            "--keep-int8",
+        ]
+    )
     assert manifest == 0
     manifest = modelcache.verify(kept, checksums=True)
     assert manifest.source["transformer"]["stored"] == "int8-block128"
-    dit_bytes = {d.name: sum(f.size for f in m.files if f.path.startswith("transformer/")) for d, m in
-                 ((out, modelcache.read_manifest(out)), (kept, manifest))}
+    dit_bytes = {
+        d.name: sum(f.size for f in m.files if f.path.startswith("transformer/"))
+        for d, m in ((out, modelcache.read_manifest(out)), (kept, manifest))
+    }
     assert dit_bytes["kept"] < 0.7 * dit_bytes["quant"]  # int8 instead of fp32 block linears (tiny: norms weigh in)
     from turboflow.engine.loading import load_pipeline
     from turboflow.engine.quant import BlockInt8Linear
@@ -153,8 +193,13 @@ def test_import_whole_diffusers_dir_and_i2v_experts(tiny_i2v_dir, i2v_pipeline, 
     out = tmp_path / "i2v"
     manifest = import_model(out, kind="i2v", dit=high, dit_low=low, diffusers_dir=tiny_i2v_dir)
     assert manifest.name == "turbowan2.2-i2v-a14b-720p"
-    assert manifest.defaults == {"sigma_max": 200.0, "boundary": 0.9, "resolution": "720p", "attention": "sla",
-                                 "sla_topk": 0.1}
+    assert manifest.defaults == {
+        "sigma_max": 200.0,
+        "boundary": 0.9,
+        "resolution": "720p",
+        "attention": "sla",
+        "sla_topk": 0.1,
+    }
     assert json.loads((out / "transformer_2" / "config.json").read_text())["in_channels"] == 36
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     req = dict(kind="i2v", image=image)
@@ -165,24 +210,32 @@ def test_import_whole_diffusers_dir_and_i2v_experts(tiny_i2v_dir, i2v_pipeline, 
 
 
 def test_import_errors(tiny_t2v_dir, tiny_i2v_dir, native_t2v, imported_t2v, tmp_path):
-    common = dict(vae=native_t2v["vae"], text_encoder=native_t2v["text_encoder"],
-                  tokenizer_dir=tiny_t2v_dir / "tokenizer", vae_config=TINY_VAE)
+    common = dict(
+        vae=native_t2v["vae"],
+        text_encoder=native_t2v["text_encoder"],
+        tokenizer_dir=tiny_t2v_dir / "tokenizer",
+        vae_config=TINY_VAE,
+    )
     with pytest.raises(ModelImportError, match="no input for .*text_encoder"):
-        import_model(tmp_path / "a", kind="t2v", dit=native_t2v["transformer"], vae=native_t2v["vae"],
-                     tokenizer_dir=tiny_t2v_dir / "tokenizer")
+        import_model(
+            tmp_path / "a",
+            kind="t2v",
+            dit=native_t2v["transformer"],
+            vae=native_t2v["vae"],
+            tokenizer_dir=tiny_t2v_dir / "tokenizer",
+        )
     with pytest.raises(ModelImportError, match="needs 36"):
-        import_model(tmp_path / "b", kind="i2v", dit=native_t2v["transformer"], dit_low=native_t2v["transformer"],
-                     **common)
+        import_model(
+            tmp_path / "b", kind="i2v", dit=native_t2v["transformer"], dit_low=native_t2v["transformer"], **common
+        )
     with pytest.raises(ModelImportError, match="already holds"):
         import_model(imported_t2v[0], kind="t2v", dit=native_t2v["transformer"], **common)
     with pytest.raises(CheckpointError, match="VAE checkpoint .*unexpected keys"):  # tiny VAE, real default config
-        import_model(tmp_path / "c", kind="t2v", dit=native_t2v["transformer"],
-                     **{**common, "vae_config": None})
+        import_model(tmp_path / "c", kind="t2v", dit=native_t2v["transformer"], **{**common, "vae_config": None})
     empty = tmp_path / "tok"
     empty.mkdir()
     with pytest.raises(ModelImportError, match="neither tokenizer.json nor spiece.model"):
-        import_model(tmp_path / "d", kind="t2v", dit=native_t2v["transformer"],
-                     **{**common, "tokenizer_dir": empty})
+        import_model(tmp_path / "d", kind="t2v", dit=native_t2v["transformer"], **{**common, "tokenizer_dir": empty})
     with pytest.raises(ModelImportError, match="input not found"):
         import_model(tmp_path / "e", kind="t2v", dit=tmp_path / "nope.pth", **common)
     # a diffusers component whose config disagrees with its weights
@@ -201,9 +254,19 @@ def test_import_errors(tiny_t2v_dir, tiny_i2v_dir, native_t2v, imported_t2v, tmp
 def test_force_replaces(imported_t2v, native_t2v, tiny_t2v_dir, tmp_path):
     out = tmp_path / "replace"
     shutil.copytree(imported_t2v[0], out)
-    m = import_model(out, kind="t2v", dit=native_t2v["transformer"], vae=native_t2v["vae"],
-                     text_encoder=native_t2v["text_encoder"], tokenizer_dir=tiny_t2v_dir / "tokenizer",
-                     vae_config=TINY_VAE, t5_config=T5_CFG, force=True, sigma_max=60.0, resolution="720p")
+    m = import_model(
+        out,
+        kind="t2v",
+        dit=native_t2v["transformer"],
+        vae=native_t2v["vae"],
+        text_encoder=native_t2v["text_encoder"],
+        tokenizer_dir=tiny_t2v_dir / "tokenizer",
+        vae_config=TINY_VAE,
+        t5_config=T5_CFG,
+        force=True,
+        sigma_max=60.0,
+        resolution="720p",
+    )
     assert m.defaults["sigma_max"] == 60.0 and m.defaults["resolution"] == "720p"
     modelcache.verify(out, checksums=True)
 
@@ -212,10 +275,11 @@ def test_force_replaces(imported_t2v, native_t2v, tiny_t2v_dir, tmp_path):
 @pytest.fixture
 def fake_hub(tmp_path, native_t2v, tiny_t2v_dir):
     hub = tmp_path / "hub"
-    for repo, name, src in (("TurboDiffusion/TurboWan2.1-T2V-tiny", "TurboWan2.1-T2V-tiny-480P.pth",
-                             native_t2v["transformer"]),
-                            ("Wan-AI/Wan2.1-T2V-tiny", "Wan2.1_VAE.pth", native_t2v["vae"]),
-                            ("Wan-AI/Wan2.1-T2V-tiny", "models_t5_umt5-xxl-enc-bf16.pth", native_t2v["text_encoder"])):
+    for repo, name, src in (
+        ("TurboDiffusion/TurboWan2.1-T2V-tiny", "TurboWan2.1-T2V-tiny-480P.pth", native_t2v["transformer"]),
+        ("Wan-AI/Wan2.1-T2V-tiny", "Wan2.1_VAE.pth", native_t2v["vae"]),
+        ("Wan-AI/Wan2.1-T2V-tiny", "models_t5_umt5-xxl-enc-bf16.pth", native_t2v["text_encoder"]),
+    ):
         (hub / repo).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, hub / repo / name)
     shutil.copytree(tiny_t2v_dir / "tokenizer", hub / "google" / "umt5-xxl")
@@ -236,11 +300,21 @@ def fake_hub(tmp_path, native_t2v, tiny_t2v_dir):
 def test_pull_orchestration_with_injected_downloader(fake_hub, tmp_path, imported_t2v):
     hub, downloader, calls = fake_hub
     out = tmp_path / "models" / "pulled"
-    manifest = pull_model(out, kind="t2v", repo="TurboDiffusion/TurboWan2.1-T2V-tiny",
-                          files=["TurboWan2.1-T2V-tiny-480P.pth", "Wan-AI/Wan2.1-T2V-tiny:Wan2.1_VAE.pth",
-                                 "Wan-AI/Wan2.1-T2V-tiny:models_t5_umt5-xxl-enc-bf16.pth"],
-                          tokenizer_repo="google/umt5-xxl", revision="main", downloader=downloader,
-                          vae_config=TINY_VAE, t5_config=T5_CFG)
+    manifest = pull_model(
+        out,
+        kind="t2v",
+        repo="TurboDiffusion/TurboWan2.1-T2V-tiny",
+        files=[
+            "TurboWan2.1-T2V-tiny-480P.pth",
+            "Wan-AI/Wan2.1-T2V-tiny:Wan2.1_VAE.pth",
+            "Wan-AI/Wan2.1-T2V-tiny:models_t5_umt5-xxl-enc-bf16.pth",
+        ],
+        tokenizer_repo="google/umt5-xxl",
+        revision="main",
+        downloader=downloader,
+        vae_config=TINY_VAE,
+        t5_config=T5_CFG,
+    )
     assert ("TurboDiffusion/TurboWan2.1-T2V-tiny", "TurboWan2.1-T2V-tiny-480P.pth", "main") in calls
     assert ("google/umt5-xxl", "tokenizer.json", None) in calls
     assert manifest.name == "turbowan2.1-t2v-tiny-480p" and manifest.source["pull"]["tokenizer"] == "google/umt5-xxl"
@@ -249,17 +323,26 @@ def test_pull_orchestration_with_injected_downloader(fake_hub, tmp_path, importe
     pulled = {f.path: f.sha256 for f in manifest.files}
     imported = {f.path: f.sha256 for f in imported_t2v[1].files}
     assert pulled.keys() == imported.keys()
-    assert {p: h for p, h in pulled.items() if p.endswith(".safetensors")} == \
-        {p: h for p, h in imported.items() if p.endswith(".safetensors")}
+    assert {p: h for p, h in pulled.items() if p.endswith(".safetensors")} == {
+        p: h for p, h in imported.items() if p.endswith(".safetensors")
+    }
 
 
 def test_pull_failures(fake_hub, tmp_path, tiny_t2v_dir):
     hub, downloader, _ = fake_hub
     with pytest.raises(FileNotFoundError):
-        pull_model(tmp_path / "x", kind="t2v", repo="TurboDiffusion/TurboWan2.1-T2V-tiny",
-                   files=["absent-480P.pth", "Wan-AI/Wan2.1-T2V-tiny:Wan2.1_VAE.pth",
-                          "Wan-AI/Wan2.1-T2V-tiny:models_t5_umt5-xxl-enc-bf16.pth"],
-                   tokenizer_dir=tiny_t2v_dir / "tokenizer", downloader=downloader)
+        pull_model(
+            tmp_path / "x",
+            kind="t2v",
+            repo="TurboDiffusion/TurboWan2.1-T2V-tiny",
+            files=[
+                "absent-480P.pth",
+                "Wan-AI/Wan2.1-T2V-tiny:Wan2.1_VAE.pth",
+                "Wan-AI/Wan2.1-T2V-tiny:models_t5_umt5-xxl-enc-bf16.pth",
+            ],
+            tokenizer_dir=tiny_t2v_dir / "tokenizer",
+            downloader=downloader,
+        )
     assert not (tmp_path / "x" / modelcache.MANIFEST).exists()
     with pytest.raises(ModelImportError, match="exactly one"):
         pull_model(tmp_path / "y", kind="t2v", files=["a.pth"], downloader=downloader)
@@ -272,10 +355,21 @@ def test_file_specs_and_classification():
         parse_file_spec("x.pth", None)
     with pytest.raises(ModelImportError, match="OWNER/REPO:NAME"):
         parse_file_spec("bad:x.pth", None)
-    i2v = classify_files("i2v", ["TurboWan2.2-I2V-A14B-high-720P-quant.pth", "TurboWan2.2-I2V-A14B-low-720P.pth",
-                                 "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"])
-    assert i2v == {"dit": "TurboWan2.2-I2V-A14B-high-720P-quant.pth", "dit_low": "TurboWan2.2-I2V-A14B-low-720P.pth",
-                   "vae": "Wan2.1_VAE.pth", "text_encoder": "models_t5_umt5-xxl-enc-bf16.pth"}
+    i2v = classify_files(
+        "i2v",
+        [
+            "TurboWan2.2-I2V-A14B-high-720P-quant.pth",
+            "TurboWan2.2-I2V-A14B-low-720P.pth",
+            "Wan2.1_VAE.pth",
+            "models_t5_umt5-xxl-enc-bf16.pth",
+        ],
+    )
+    assert i2v == {
+        "dit": "TurboWan2.2-I2V-A14B-high-720P-quant.pth",
+        "dit_low": "TurboWan2.2-I2V-A14B-low-720P.pth",
+        "vae": "Wan2.1_VAE.pth",
+        "text_encoder": "models_t5_umt5-xxl-enc-bf16.pth",
+    }
     with pytest.raises(ModelImportError, match=r"nothing for \['dit_low'\]"):
         classify_files("i2v", ["x-high.pth", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"])
     with pytest.raises(ModelImportError, match="two files for dit"):
@@ -289,10 +383,29 @@ def test_cli_import_and_errors(native_t2v, tiny_t2v_dir, tmp_path, capsys):
     from turboflow.cli import main
 
     out = tmp_path / "cli"
-    argv = ["model", "import", str(out), "--kind", "t2v", "--dit", str(native_t2v["transformer"]),
-            "--vae", str(native_t2v["vae"]), "--text-encoder", str(native_t2v["text_encoder"]),
-            "--tokenizer", str(tiny_t2v_dir / "tokenizer"), "--vae-config", json.dumps(TINY_VAE), "--t5-config", json.dumps(T5_CFG),
-            "--name", "cli-tiny", "--boundary", "0.8"]
+    argv = [
+        "model",
+        "import",
+        str(out),
+        "--kind",
+        "t2v",
+        "--dit",
+        str(native_t2v["transformer"]),
+        "--vae",
+        str(native_t2v["vae"]),
+        "--text-encoder",
+        str(native_t2v["text_encoder"]),
+        "--tokenizer",
+        str(tiny_t2v_dir / "tokenizer"),
+        "--vae-config",
+        json.dumps(TINY_VAE),
+        "--t5-config",
+        json.dumps(T5_CFG),
+        "--name",
+        "cli-tiny",
+        "--boundary",
+        "0.8",
+    ]
     assert main(argv) == 0
     assert "ok: cli-tiny (t2v)" in capsys.readouterr().out
     assert modelcache.verify(out, checksums=True).defaults["boundary"] == 0.8

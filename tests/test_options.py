@@ -1,6 +1,7 @@
 """Performance switches from TURBOFLOW_* settings (engine/options.py), the model's own request defaults (attention
 "sla" for a checkpoint fine-tuned with SLA), and both reaching a real function: hypercorn on loopback, moto S3,
 the mp4 decoded."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,15 @@ import shutil
 
 import httpx
 import pytest
-
 from function_harness import LiveFunction, reply_event, request_event
-from turboflow.engine.errors import ConfigError
+
+from turboflow.engine import modelcache
 from turboflow.engine.options import load_options, parse_sizes
 from turboflow.engine.quant import BlockInt8Linear
 from turboflow.engine.video import probe_video
+from turboflow.errors import ConfigError
 from turboflow.eventing.contracts import validator
 from turboflow.eventing.types import COMPLETED
-from turboflow.storage import modelcache
 
 BUCKET = "tf-options"
 SMALL = dict(resolution="480p", aspect_ratio="4:3", num_frames=1, num_steps=2)
@@ -24,26 +25,42 @@ SMALL = dict(resolution="480p", aspect_ratio="4:3", num_frames=1, num_steps=2)
 
 def test_defaults_and_valid_settings():
     assert load_options({}) == {"fast_vae": True, "offload": "auto"}
-    opts = load_options({"TURBOFLOW_QUANT_LINEAR": "FP8", "TURBOFLOW_COMPILE": "max-autotune-no-cudagraphs",
-                         "TURBOFLOW_COMPILE_CACHE": "/cache/compile", "TURBOFLOW_FAST_VAE": "0",
-                         "TURBOFLOW_VAE_CHUNK": "2", "TURBOFLOW_OFFLOAD": "experts",
-                         "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81, 720p:9:16:49"})
-    assert opts == {"quant_linear": "fp8", "compile": "max-autotune-no-cudagraphs",
-                    "compile_cache_dir": "/cache/compile", "fast_vae": False, "vae_chunk": 2, "offload": "experts",
-                    "compile_warmup": [("480p", "16:9", 81), ("720p", "9:16", 49)]}
+    opts = load_options(
+        {
+            "TURBOFLOW_QUANT_LINEAR": "FP8",
+            "TURBOFLOW_COMPILE": "max-autotune-no-cudagraphs",
+            "TURBOFLOW_COMPILE_CACHE": "/cache/compile",
+            "TURBOFLOW_FAST_VAE": "0",
+            "TURBOFLOW_VAE_CHUNK": "2",
+            "TURBOFLOW_OFFLOAD": "experts",
+            "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81, 720p:9:16:49",
+        }
+    )
+    assert opts == {
+        "quant_linear": "fp8",
+        "compile": "max-autotune-no-cudagraphs",
+        "compile_cache_dir": "/cache/compile",
+        "fast_vae": False,
+        "vae_chunk": 2,
+        "offload": "experts",
+        "compile_warmup": [("480p", "16:9", 81), ("720p", "9:16", 49)],
+    }
     assert load_options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_QUANT_LINEAR": "none"})["compile"] is True
     assert "compile" not in load_options({"TURBOFLOW_COMPILE": "off"})
 
 
-@pytest.mark.parametrize("env, field", [
-    ({"TURBOFLOW_QUANT_LINEAR": "fp4"}, "TURBOFLOW_QUANT_LINEAR"),
-    ({"TURBOFLOW_COMPILE": "turbo"}, "TURBOFLOW_COMPILE"),
-    ({"TURBOFLOW_FAST_VAE": "maybe"}, "TURBOFLOW_FAST_VAE"),
-    ({"TURBOFLOW_VAE_CHUNK": "0"}, "TURBOFLOW_VAE_CHUNK"),
-    ({"TURBOFLOW_OFFLOAD": "disk"}, "TURBOFLOW_OFFLOAD"),
-    ({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:80"}, "TURBOFLOW_COMPILE_WARMUP"),
-    ({"TURBOFLOW_COMPILE_WARMUP": "1080p:16:9:81"}, "TURBOFLOW_COMPILE_WARMUP"),
-])
+@pytest.mark.parametrize(
+    "env, field",
+    [
+        ({"TURBOFLOW_QUANT_LINEAR": "fp4"}, "TURBOFLOW_QUANT_LINEAR"),
+        ({"TURBOFLOW_COMPILE": "turbo"}, "TURBOFLOW_COMPILE"),
+        ({"TURBOFLOW_FAST_VAE": "maybe"}, "TURBOFLOW_FAST_VAE"),
+        ({"TURBOFLOW_VAE_CHUNK": "0"}, "TURBOFLOW_VAE_CHUNK"),
+        ({"TURBOFLOW_OFFLOAD": "disk"}, "TURBOFLOW_OFFLOAD"),
+        ({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:80"}, "TURBOFLOW_COMPILE_WARMUP"),
+        ({"TURBOFLOW_COMPILE_WARMUP": "1080p:16:9:81"}, "TURBOFLOW_COMPILE_WARMUP"),
+    ],
+)
 def test_bad_settings_are_config_errors_naming_the_variable(env, field):
     with pytest.raises(ConfigError) as info:
         load_options(env)
@@ -58,14 +75,19 @@ def test_warmup_sizes_need_compile_and_a_frame_count_in_range():
 
 
 def test_a_manifest_default_that_makes_no_valid_request_is_a_model_cache_error(tiny_t2v_dir, tmp_path):
-    from turboflow.engine.errors import ModelCacheError
     from turboflow.engine.loading import load_pipeline
+    from turboflow.errors import ModelCacheError
 
     root = tmp_path / "model"
     shutil.copytree(tiny_t2v_dir, root)
     manifest = modelcache.read_manifest(root)
-    modelcache.write_manifest(root, name=manifest.name, kind=manifest.kind, components=manifest.components,
-                              defaults={**manifest.defaults, "attention": "sagesla"})
+    modelcache.write_manifest(
+        root,
+        name=manifest.name,
+        kind=manifest.kind,
+        components=manifest.components,
+        defaults={**manifest.defaults, "attention": "sagesla"},
+    )
     with pytest.raises(ModelCacheError) as info:
         load_pipeline(root, device="cpu")
     assert info.value.code == "model_cache_invalid" and "sagesla" in info.value.message
@@ -110,8 +132,13 @@ def sla_model(tiny_t2v_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sla-model") / "model"
     shutil.copytree(tiny_t2v_dir, root)
     manifest = modelcache.read_manifest(root)
-    modelcache.write_manifest(root, name=manifest.name, kind=manifest.kind, components=manifest.components,
-                              defaults={**manifest.defaults, "attention": "sla", "sla_topk": 0.25})
+    modelcache.write_manifest(
+        root,
+        name=manifest.name,
+        kind=manifest.kind,
+        components=manifest.components,
+        defaults={**manifest.defaults, "attention": "sla", "sla_topk": 0.25},
+    )
     return root
 
 
@@ -121,9 +148,17 @@ def quantized_fn(sla_model, moto_s3, s3_client):
         s3_client.create_bucket(Bucket=BUCKET)
     except s3_client.exceptions.BucketAlreadyOwnedByYou:
         pass
-    live = LiveFunction("t2v", {"MODEL_DIR": str(sla_model), "TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": moto_s3,
-                                "TURBOFLOW_DEVICE": "cpu", "TURBOFLOW_QUANT_LINEAR": "int8_weight_only",
-                                "TURBOFLOW_FAST_VAE": "0"})
+    live = LiveFunction(
+        "t2v",
+        {
+            "MODEL_DIR": str(sla_model),
+            "TURBOFLOW_BUCKET": BUCKET,
+            "S3_ENDPOINT_URL": moto_s3,
+            "TURBOFLOW_DEVICE": "cpu",
+            "TURBOFLOW_QUANT_LINEAR": "int8_weight_only",
+            "TURBOFLOW_FAST_VAE": "0",
+        },
+    )
     live.wait_ready()
     yield live
     live.close()
@@ -151,14 +186,22 @@ def test_function_applies_settings_and_model_defaults(quantized_fn, tmp_path):
     assert body["attention"] == "sla" and body["sla_topk"] == 0.25
     assert pipe._attention == ("sla", 0.25, "input")  # the SLA processors really ran, pooling as upstream
     # the request's own choice wins
-    body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, "attention": "original", **SMALL},
-                      tmp_path)
+    body = _completed(
+        quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, "attention": "original", **SMALL}, tmp_path
+    )
     assert body["attention"] == "original" and "sla_topk" not in body
 
 
 def test_function_with_a_bad_setting_never_becomes_ready(tiny_t2v_dir):
-    live = LiveFunction("t2v", {"MODEL_DIR": str(tiny_t2v_dir), "TURBOFLOW_BUCKET": BUCKET,
-                                "TURBOFLOW_DEVICE": "cpu", "TURBOFLOW_COMPILE": "always"})
+    live = LiveFunction(
+        "t2v",
+        {
+            "MODEL_DIR": str(tiny_t2v_dir),
+            "TURBOFLOW_BUCKET": BUCKET,
+            "TURBOFLOW_DEVICE": "cpu",
+            "TURBOFLOW_COMPILE": "always",
+        },
+    )
     try:
         r = live.client.get("/health/readiness")
         assert r.status_code != 200 and "TURBOFLOW_COMPILE" in r.text
@@ -180,9 +223,36 @@ def test_cli_generate_takes_performance_flags_and_model_defaults(sla_model, tmp_
 
     monkeypatch.setattr(loading, "load_pipeline", spy)
     out = tmp_path / "v.mp4"
-    assert main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--resolution", "480p",
-                 "--aspect-ratio", "4:3", "--frames", "1", "--steps", "1", "--seed", "5", "--device", "cpu",
-                 "--quant-linear", "int8", "--no-fast-vae", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "t2v",
+                "--model",
+                str(sla_model),
+                "--prompt",
+                "a fox",
+                "--resolution",
+                "480p",
+                "--aspect-ratio",
+                "4:3",
+                "--frames",
+                "1",
+                "--steps",
+                "1",
+                "--seed",
+                "5",
+                "--device",
+                "cpu",
+                "--quant-linear",
+                "int8",
+                "--no-fast-vae",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out)
     assert record["attention"] == "sla" and record["sla_topk"] == 0.25 and record["seed"] == 5
     assert seen["quant_linear"] == "int8" and seen["fast_vae"] is False and seen["compile"] is False
@@ -191,6 +261,23 @@ def test_cli_generate_takes_performance_flags_and_model_defaults(sla_model, tmp_
         main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--vae-chunk", "-1"])
     capsys.readouterr()
     assert probe_video(out).num_frames == 1
-    assert main(["generate", "t2v", "--model", str(sla_model), "--prompt", "a fox", "--device", "cpu",
-                 "--compile", "fastest", "--out", str(out)]) != 0
+    assert (
+        main(
+            [
+                "generate",
+                "t2v",
+                "--model",
+                str(sla_model),
+                "--prompt",
+                "a fox",
+                "--device",
+                "cpu",
+                "--compile",
+                "fastest",
+                "--out",
+                str(out),
+            ]
+        )
+        != 0
+    )
     assert "invalid_config" in capsys.readouterr().err

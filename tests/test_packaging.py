@@ -1,11 +1,18 @@
 """The repo layout maps onto turboflow.* subpackages; a package missing from pyproject would be missing from the
 container image (non-editable install) while every editable test still passed."""
+
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPED = {"turboflow": "turboflow", "engine": "turboflow.engine", "storage": "turboflow.storage",
-          "eventing": "turboflow.eventing", "functions": "turboflow.functions", "billing": "turboflow.billing"}
+MAPPED = {
+    "turboflow": "turboflow",
+    "engine": "turboflow.engine",
+    "storage": "turboflow.storage",
+    "eventing": "turboflow.eventing",
+    "functions": "turboflow.functions",
+    "billing": "turboflow.billing",
+}
 
 
 def test_every_package_directory_is_listed_in_pyproject():

@@ -1,4 +1,5 @@
 """TurboDiffusion `-quant.pth` format: int8 weights with 128x128 block-wise fp32 scales (w = q * scale)."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from turboflow.engine import checkpoint as ck
 from turboflow.engine import quant
-from turboflow.engine.errors import CheckpointError
+from turboflow.errors import CheckpointError
 
 
 def _tile_reference_dequant(q, scale, block=128):
@@ -73,14 +74,27 @@ def _wide_dit(seed=0):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128,
-                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=320,
-                                  num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval()
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=320,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    proj_l = {f"blocks.{i}.proj_l.{leaf}": torch.randn(*((128, 128) if leaf == "weight" else (128,)))
-              for i in range(2) for leaf in ("weight", "bias")}
+    proj_l = {
+        f"blocks.{i}.proj_l.{leaf}": torch.randn(*((128, 128) if leaf == "weight" else (128,)))
+        for i in range(2)
+        for leaf in ("weight", "bias")
+    }
     return model, proj_l
 
 
@@ -115,8 +129,9 @@ def test_quant_file_layout_and_dequantized_model(tmp_path):
     assert conv.info["quantized"] and conv.config["attention_head_dim"] == 128
     assert torch.equal(conv.sla_proj_l["blocks.1.proj_l.weight"], proj_l["blocks.1.proj_l.weight"])
     w = conv.state_dict["blocks.1.ffn.net.0.proj.weight"]
-    assert torch.equal(w, quant.dequantize_blockwise(qsd["blocks.1.ffn.0.int8_weight"],
-                                                     qsd["blocks.1.ffn.0.scale"], torch.float32))
+    assert torch.equal(
+        w, quant.dequantize_blockwise(qsd["blocks.1.ffn.0.int8_weight"], qsd["blocks.1.ffn.0.scale"], torch.float32)
+    )
     orig = model.state_dict()["blocks.1.ffn.net.0.proj.weight"]
     assert ((w - orig).norm() / orig.norm()).item() < 1e-2
     loaded = WanTransformer3DModel(**conv.config).eval()
@@ -133,8 +148,9 @@ def test_malformed_quant_state_dicts():
     with pytest.raises(CheckpointError, match="no matching int8_weight"):
         quant.dequantize_state_dict({"blocks.0.q.scale": s})
     with pytest.raises(CheckpointError, match="both a float weight and an int8_weight"):
-        quant.dequantize_state_dict({"blocks.0.q.int8_weight": q, "blocks.0.q.scale": s,
-                                     "blocks.0.q.weight": torch.zeros(4, 4)})
+        quant.dequantize_state_dict(
+            {"blocks.0.q.int8_weight": q, "blocks.0.q.scale": s, "blocks.0.q.weight": torch.zeros(4, 4)}
+        )
 
 
 def test_optional_int8_module_matches_dequantized_linear():

@@ -1,5 +1,6 @@
 """The autoscaling cost simulator (turboflow.billing): closed-form queueing, Knative scale-to-zero rules, the
 infra/ and bench/ inputs, the CSV trace reader and the CLI outputs."""
+
 import dataclasses
 import random
 import shutil
@@ -34,8 +35,9 @@ def fixed_profile(key="1.3b-480p"):
 
 def simulate(arrivals, config, duration_s=None):
     requests = [Request(t, "1.3b-480p") for t in arrivals]
-    result = Simulation(requests, {"1.3b-480p": fixed_profile()}, {"1.3b-480p": config}, seed=0,
-                        duration_s=duration_s).run()["1.3b-480p"]
+    result = Simulation(
+        requests, {"1.3b-480p": fixed_profile()}, {"1.3b-480p": config}, seed=0, duration_s=duration_s
+    ).run()["1.3b-480p"]
     return result
 
 
@@ -67,8 +69,13 @@ def test_erlang_c_closed_form_known_value():
 
 def test_infra_settings_are_read_from_the_manifests():
     t2v, i2v = load_scaling_config(INFRA, "t2v"), load_scaling_config(INFRA, "i2v")
-    assert (t2v.target_value, t2v.container_concurrency, t2v.min_scale, t2v.max_scale, t2v.initial_scale) == \
-        (1.0, 1, 0, 4, 0)
+    assert (t2v.target_value, t2v.container_concurrency, t2v.min_scale, t2v.max_scale, t2v.initial_scale) == (
+        1.0,
+        1,
+        0,
+        4,
+        0,
+    )
     assert t2v.retention_s == 600 and t2v.target_burst_capacity == -1 and t2v.scale_to_zero_grace_s == 30
     assert i2v.max_scale == 2 and i2v.timeout_s == 900
 
@@ -78,8 +85,11 @@ def test_changing_infra_changes_the_simulated_settings(tmp_path):
     shutil.copytree(INFRA, infra)
     shutil.copytree(ROOT / "eventing" / "manifests", tmp_path / "eventing" / "manifests")
     t2v = infra / "base" / "t2v.yaml"
-    t2v.write_text(t2v.read_text().replace('max-scale: "4"', 'max-scale: "7"')
-                   .replace('pod-retention-period: "10m"', 'pod-retention-period: "90s"'))
+    t2v.write_text(
+        t2v.read_text()
+        .replace('max-scale: "4"', 'max-scale: "7"')
+        .replace('pod-retention-period: "10m"', 'pod-retention-period: "90s"')
+    )
     config = load_scaling_config(infra, "t2v")
     assert (config.max_scale, config.retention_s) == (7, 90)
 
@@ -94,7 +104,7 @@ def test_first_request_after_idle_pays_the_cold_start():
 
 
 def test_request_within_the_retention_period_finds_a_warm_pod():
-    result = simulate([0.0, 400.0], t2v_config())          # 400 s < 60 s window + 600 s retention
+    result = simulate([0.0, 400.0], t2v_config())  # 400 s < 60 s window + 600 s retention
     assert not result.requests[1].cold
     assert result.requests[1].latency == pytest.approx(SERVICE_S)
     assert len(result.pods) == 1
@@ -154,18 +164,22 @@ def test_simulation_is_deterministic_for_a_seed():
         profiles = load_profiles(ROOT / "bench" / "results")
         result = Simulation(requests, profiles, {"1.3b-480p": t2v_config()}, seed=7).run()["1.3b-480p"]
         return [(r.start, r.end) for r in result.requests], len(result.pods)
+
     assert run() == run()
 
 
-@pytest.mark.parametrize("row,message", [
-    ("abc,t2v,1.3b,480p", "line 3: arrival_s 'abc' is not a number"),
-    ("-1,t2v,1.3b,480p", "line 3: arrival_s '-1' must be a finite number >= 0"),
-    ("nan,t2v,1.3b,480p", "line 3: arrival_s 'nan' must be a finite number >= 0"),
-    ("5,v2v,1.3b,480p", "line 3: task 'v2v' is not one of t2v, i2v"),
-    ("5,t2v,1.3b,1080p", "line 3: resolution '1080p' is not one of 480p, 720p"),
-    ("5,t2v,99b,480p", "line 3: no service time for t2v 99b 480p"),
-    ("5,t2v,1.3b", "line 3: expected 4 fields"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ("abc,t2v,1.3b,480p", "line 3: arrival_s 'abc' is not a number"),
+        ("-1,t2v,1.3b,480p", "line 3: arrival_s '-1' must be a finite number >= 0"),
+        ("nan,t2v,1.3b,480p", "line 3: arrival_s 'nan' must be a finite number >= 0"),
+        ("5,v2v,1.3b,480p", "line 3: task 'v2v' is not one of t2v, i2v"),
+        ("5,t2v,1.3b,1080p", "line 3: resolution '1080p' is not one of 480p, 720p"),
+        ("5,t2v,99b,480p", "line 3: no service time for t2v 99b 480p"),
+        ("5,t2v,1.3b", "line 3: expected 4 fields"),
+    ],
+)
 def test_csv_trace_rejects_bad_rows(tmp_path, capsys, row, message):
     trace = tmp_path / "trace.csv"
     trace.write_text(f"arrival_s,task,model,resolution\n0,t2v,1.3b,480p\n{row}\n")
@@ -180,16 +194,20 @@ def test_cli_reports_a_bad_trace_and_bad_settings_as_typed_errors(tmp_path):
     cli = [sys.executable, "-m", "turboflow.cli", "simulate"]
     bad_row = subprocess.run([*cli, "--trace", f"csv:{trace}"], capture_output=True, text=True, timeout=120)
     assert bad_row.returncode == 2
-    assert bad_row.stderr.strip() == "error[invalid_trace]: line 3: expected 4 fields " \
+    assert (
+        bad_row.stderr.strip() == "error[invalid_trace]: line 3: expected 4 fields "
         "(arrival_s,task,model,resolution), got 3"
+    )
     bad_header = tmp_path / "header.csv"
     bad_header.write_text("time,model\n1,1.3b\n")
     r = subprocess.run([*cli, "--trace", f"csv:{bad_header}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error[invalid_trace]: line 1: the header must be")
-    for args, text in [(["--sweep", "retention=ten"], "error[invalid_config]: retention: duration 'ten'"),
-                       (["--set", "wobble=1"], "error[invalid_config]: unknown setting 'wobble'"),
-                       (["--rate", "fast"], "error[invalid_config]: rate 'fast'"),
-                       (["--set", "min-scale=5"], "error[invalid_config]: min-scale 5 is above max-scale 4")]:
+    for args, text in [
+        (["--sweep", "retention=ten"], "error[invalid_config]: retention: duration 'ten'"),
+        (["--set", "wobble=1"], "error[invalid_config]: unknown setting 'wobble'"),
+        (["--rate", "fast"], "error[invalid_config]: rate 'fast'"),
+        (["--set", "min-scale=5"], "error[invalid_config]: min-scale 5 is above max-scale 4"),
+    ]:
         r = subprocess.run([*cli, "--duration", "1h", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith(text), r.stderr
         assert "Traceback" not in r.stderr
@@ -197,9 +215,27 @@ def test_cli_reports_a_bad_trace_and_bad_settings_as_typed_errors(tmp_path):
 
 def test_sweep_writes_plots_summary_and_results(tmp_path, capsys):
     out = tmp_path / "sim"
-    code = main(["simulate", "--trace", "poisson", "--rate", "20/h", "--duration", "2h", "--seed", "3",
-                 "--model", "1.3b-480p=0.8,14b-720p=0.2", "--sweep", "retention=0,600",
-                 "--sweep", "min-scale=0,1", "--out", str(out)])
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            "poisson",
+            "--rate",
+            "20/h",
+            "--duration",
+            "2h",
+            "--seed",
+            "3",
+            "--model",
+            "1.3b-480p=0.8,14b-720p=0.2",
+            "--sweep",
+            "retention=0,600",
+            "--sweep",
+            "min-scale=0,1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     for name in ("sweep-retention.png", "sweep-min-scale.png", "sweep-cost-vs-p95.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -210,8 +246,26 @@ def test_sweep_writes_plots_summary_and_results(tmp_path, capsys):
     assert summary in capsys.readouterr().out
     # the trace it wrote replays to the same result
     again = tmp_path / "again"
-    assert main(["simulate", "--trace", f"csv:{out / 'trace.csv'}", "--duration", "2h", "--seed", "3",
-                 "--set", "retention=0", "--set", "min-scale=0", "--out", str(again)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--trace",
+                f"csv:{out / 'trace.csv'}",
+                "--duration",
+                "2h",
+                "--seed",
+                "3",
+                "--set",
+                "retention=0",
+                "--set",
+                "min-scale=0",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
     first_rows = [line for line in summary.splitlines() if line.startswith("| **all**")]
     again_rows = [line for line in (again / "summary.md").read_text().splitlines() if line.startswith("| **all**")]
     assert first_rows == again_rows

@@ -1,11 +1,12 @@
 """SLA matches its dense reference, selects blocks as specified, and runs inside the tiny pipeline."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest
 from turboflow.engine.sla import select_blocks, sla_attention, sla_reference
 
@@ -19,8 +20,10 @@ def _qkv(b=1, h=2, length=300, d=16, seed=0, dtype=torch.float64):
 def test_fast_path_matches_dense_reference(length, topk):
     q, k, v = _qkv(length=length, seed=length)
     g = torch.Generator().manual_seed(1)
-    w, b = torch.randn(16, 16, generator=g, dtype=torch.float64) * 0.1, torch.randn(16, generator=g,
-                                                                                  dtype=torch.float64) * 0.1
+    w, b = (
+        torch.randn(16, 16, generator=g, dtype=torch.float64) * 0.1,
+        torch.randn(16, generator=g, dtype=torch.float64) * 0.1,
+    )
     fast = sla_attention(q, k, v, topk=topk, proj_weight=w, proj_bias=b)
     ref = sla_reference(q, k, v, topk=topk, proj_weight=w, proj_bias=b)
     assert fast.shape == q.shape

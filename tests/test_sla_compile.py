@@ -1,10 +1,11 @@
 """Compiled DiT blocks (engine/compiled.py): dynamo traces the blocks, SLA processor included; cache dir choice."""
+
 import os
 
 import numpy as np
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest
 from turboflow.engine.compiled import compile_cache_dir, compile_transformer, use_cache_dir
 
@@ -16,8 +17,7 @@ def test_compiled_blocks_give_the_same_video(tiny_t2v_dir, t2v_pipeline, monkeyp
     pipe = load_pipeline(tiny_t2v_dir, device="cpu")
     # aot_eager: dynamo + AOTAutograd tracing without a C++ toolchain build (inductor runs on the GPU bench)
     compile_transformer(pipe.transformer, backend="aot_eager")
-    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
-               for b in pipe.transformer.blocks)
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in pipe.transformer.blocks)
     for attention in ("original", "sla"):
         req = GenerationRequest(prompt="a fox", seed=11, attention=attention, **FAST)
         a, b = pipe(req), t2v_pipeline(req)

@@ -1,20 +1,22 @@
 """SLA's block selection rounds like upstream TurboDiffusion's (SLA/utils.py get_block_map): in the input dtype."""
+
 import pytest
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest
-from turboflow.engine.errors import ConfigError
 from turboflow.engine.loading import load_pipeline
 from turboflow.engine.sla import SLAProcessor, select_blocks, set_attention, sla_attention, sla_reference
+from turboflow.errors import ConfigError
 
 
 def _upstream_selection(q, k, ratio, blk_q=128, blk_k=64):
     """Written from upstream's description, independently of engine/sla.py: smooth-k in the input dtype, each block
     summed in fp32 and divided by its real length, stored back in the input dtype (its Triton mean_pool), the
     pooled score in the input dtype, top-k of int(ratio * K) blocks."""
+
     def mean_pool(x, blk):
-        blocks = [x[..., s:s + blk, :].float() for s in range(0, x.shape[-2], blk)]
+        blocks = [x[..., s : s + blk, :].float() for s in range(0, x.shape[-2], blk)]
         return torch.stack([(b.sum(dim=-2) / b.shape[-2]).to(x.dtype) for b in blocks], dim=-2)
 
     smooth_k = k - torch.mean(k, dim=-2, keepdim=True)
@@ -55,8 +57,9 @@ def test_pooling_modes_agree_in_float64():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 700, 16, generator=g, dtype=torch.float64) for _ in range(3))
     assert _differing_query_blocks(select_blocks(q, k, 0.25), select_blocks(q, k, 0.25, pooling="fp32")) == 0.0
-    assert torch.allclose(sla_attention(q, k, v, topk=0.25, pooling="fp32"), sla_reference(q, k, v, topk=0.25),
-                          atol=1e-10)
+    assert torch.allclose(
+        sla_attention(q, k, v, topk=0.25, pooling="fp32"), sla_reference(q, k, v, topk=0.25), atol=1e-10
+    )
 
 
 def test_pipeline_passes_the_pooling_mode_to_every_sla_block(tiny_t2v_dir):

@@ -1,21 +1,22 @@
 """storage.s3 against a moto S3 server over HTTP: key layout and validation, multipart, presigned URLs,
 idempotency sidecar, allow-listed image reads, typed errors."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
-
 from function_harness import free_port
-from turboflow.engine.errors import InvalidRequestError
+
+from turboflow.errors import InvalidRequestError
 from turboflow.storage.s3 import S3Config, S3Store, StorageConfigError, StorageUnavailableError
 
 BUCKET, OTHER = "tf-store", "tf-store-inputs"
-WHEN = datetime(2026, 3, 9, 23, 59, 59, tzinfo=timezone.utc)
+WHEN = datetime(2026, 3, 9, 23, 59, 59, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,16 @@ def store(s3_client, moto_s3):
             s3_client.create_bucket(Bucket=b)
         except s3_client.exceptions.BucketAlreadyOwnedByYou:
             pass
-    return S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": moto_s3,
-                             "TURBOFLOW_INPUT_BUCKETS": OTHER, "TURBOFLOW_MULTIPART_THRESHOLD_BYTES": str(5 << 20),
-                             "TURBOFLOW_MULTIPART_CHUNK_BYTES": str(5 << 20), "TURBOFLOW_MAX_IMAGE_BYTES": "1000"})
+    return S3Store.from_env(
+        {
+            "TURBOFLOW_BUCKET": BUCKET,
+            "S3_ENDPOINT_URL": moto_s3,
+            "TURBOFLOW_INPUT_BUCKETS": OTHER,
+            "TURBOFLOW_MULTIPART_THRESHOLD_BYTES": str(5 << 20),
+            "TURBOFLOW_MULTIPART_CHUNK_BYTES": str(5 << 20),
+            "TURBOFLOW_MAX_IMAGE_BYTES": "1000",
+        }
+    )
 
 
 def test_key_layout_uses_the_request_date(store):
@@ -38,21 +46,24 @@ def test_key_layout_uses_the_request_date(store):
     assert store.sidecar_key("videos/acme/2026/03/09/req-1.mp4") == "videos/acme/2026/03/09/req-1.json"
 
 
-@pytest.mark.parametrize("tenant,request_id,prefix,code", [
-    ("../acme", "r", None, "invalid_tenant"),
-    ("acme/x", "r", None, "invalid_tenant"),
-    ("", "r", None, "invalid_tenant"),
-    ("Acme", "r", None, "invalid_tenant"),
-    ("acme", "../../x", None, "invalid_request_id"),
-    ("acme", "a/b", None, "invalid_request_id"),
-    ("acme", "a..b", None, "invalid_request_id"),
-    ("acme", "", None, "invalid_request_id"),
-    ("acme", "r", "../globex", "invalid_output_prefix"),
-    ("acme", "r", "/abs", "invalid_output_prefix"),
-    ("acme", "r", "a//b", "invalid_output_prefix"),
-    ("acme", "r", "a/b/c/d/e", "invalid_output_prefix"),
-    ("acme", "r", ".hidden", "invalid_output_prefix"),
-])
+@pytest.mark.parametrize(
+    "tenant,request_id,prefix,code",
+    [
+        ("../acme", "r", None, "invalid_tenant"),
+        ("acme/x", "r", None, "invalid_tenant"),
+        ("", "r", None, "invalid_tenant"),
+        ("Acme", "r", None, "invalid_tenant"),
+        ("acme", "../../x", None, "invalid_request_id"),
+        ("acme", "a/b", None, "invalid_request_id"),
+        ("acme", "a..b", None, "invalid_request_id"),
+        ("acme", "", None, "invalid_request_id"),
+        ("acme", "r", "../globex", "invalid_output_prefix"),
+        ("acme", "r", "/abs", "invalid_output_prefix"),
+        ("acme", "r", "a//b", "invalid_output_prefix"),
+        ("acme", "r", "a/b/c/d/e", "invalid_output_prefix"),
+        ("acme", "r", ".hidden", "invalid_output_prefix"),
+    ],
+)
 def test_keys_never_escape_the_tenant_prefix(store, tenant, request_id, prefix, code):
     with pytest.raises(InvalidRequestError) as e:
         store.video_key(tenant, request_id, WHEN, prefix)
@@ -71,7 +82,7 @@ def test_upload_multipart_metadata_and_presigned_url(store, s3_client, tmp_path)
     assert head["Metadata"] == {"model": "m", "seed": "5", "steps": "4", "request-id": "multi-1"}
     url, expires = store.presign(key)
     assert url.startswith(store.cfg.endpoint_url) and "X-Amz-Signature" in url
-    assert datetime.fromisoformat(expires.replace("Z", "+00:00")) > datetime.now(timezone.utc)
+    assert datetime.fromisoformat(expires.replace("Z", "+00:00")) > datetime.now(UTC)
     r = httpx.get(url, timeout=30)
     assert r.status_code == 200 and hashlib.sha256(r.content).digest() == hashlib.sha256(payload).digest()
 
@@ -104,7 +115,7 @@ def test_refresh_url_only_near_expiry(store):
     url, expires = store.presign(key)
     data = {"video": {"key": key, "url": url, "url_expires_at": expires}}
     assert store.refresh_url(data) is data
-    later = datetime.now(timezone.utc) + timedelta(seconds=store.cfg.url_expiry_seconds * 0.9)
+    later = datetime.now(UTC) + timedelta(seconds=store.cfg.url_expiry_seconds * 0.9)
     fresh = store.refresh_url(data, now=later)
     assert fresh["video"]["url_expires_at"] > expires and fresh["video"]["key"] == key
 
@@ -114,11 +125,13 @@ def test_read_image_allow_list_and_caps(store, s3_client):
     s3_client.put_object(Bucket=OTHER, Key="uploads/acme/big.png", Body=b"x" * 2000)
     s3_client.put_object(Bucket=BUCKET, Key="uploads/acme/a.png", Body=b"x" * 10)
     assert store.read_image(OTHER, "uploads/acme/a.png", "acme") == b"x" * 10
-    cases = [((BUCKET, "uploads/acme/a.png"), "image_bucket_not_allowed"),  # inputs set: output bucket not implied
-             (("some-other", "uploads/acme/a.png"), "image_bucket_not_allowed"),
-             ((OTHER, "uploads/acme/missing.png"), "image_not_found"),
-             ((OTHER, "uploads/acme/big.png"), "image_too_large"),
-             ((OTHER, "uploads/acme/../a.png"), "invalid_image_reference")]
+    cases = [
+        ((BUCKET, "uploads/acme/a.png"), "image_bucket_not_allowed"),  # inputs set: output bucket not implied
+        (("some-other", "uploads/acme/a.png"), "image_bucket_not_allowed"),
+        ((OTHER, "uploads/acme/missing.png"), "image_not_found"),
+        ((OTHER, "uploads/acme/big.png"), "image_too_large"),
+        ((OTHER, "uploads/acme/../a.png"), "invalid_image_reference"),
+    ]
     for (bucket, key), code in cases:
         with pytest.raises(InvalidRequestError) as e:
             store.read_image(bucket, key, "acme")
@@ -147,11 +160,22 @@ def test_images_are_confined_to_the_tenant_and_shared_prefixes(moto_s3, s3_clien
     seen: list[tuple[str, str]] = []
     proxy.fault = lambda method, path: seen.append((method, path))
     try:
-        store = S3Store.from_env({"TURBOFLOW_BUCKET": BUCKET, "S3_ENDPOINT_URL": proxy.url,
-                                  "TURBOFLOW_INPUT_BUCKETS": OTHER,
-                                  "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{OTHER}/library/styles/"})
-        for key in ("uploads/globex/private.png", "uploads/globex/missing.png", "uploads/acmex/x.png",
-                    "uploads/acme", "elsewhere/acme/x.png", "library/stylesx/wave.png"):
+        store = S3Store.from_env(
+            {
+                "TURBOFLOW_BUCKET": BUCKET,
+                "S3_ENDPOINT_URL": proxy.url,
+                "TURBOFLOW_INPUT_BUCKETS": OTHER,
+                "TURBOFLOW_SHARED_IMAGE_PREFIXES": f"{OTHER}/library/styles/",
+            }
+        )
+        for key in (
+            "uploads/globex/private.png",
+            "uploads/globex/missing.png",
+            "uploads/acmex/x.png",
+            "uploads/acme",
+            "elsewhere/acme/x.png",
+            "library/stylesx/wave.png",
+        ):
             with pytest.raises(InvalidRequestError) as e:
                 store.read_image(OTHER, key, "acme")
             assert e.value.code == "image_not_allowed", key
@@ -167,10 +191,16 @@ def test_images_are_confined_to_the_tenant_and_shared_prefixes(moto_s3, s3_clien
         proxy.close()
 
 
-@pytest.mark.parametrize("env", [{"TURBOFLOW_IMAGE_PREFIX": "../up"}, {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "bkt"},
-                                 {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "Bad_Bucket/x/"},
-                                 {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "ok-bucket/a/../b/"},
-                                 {"TURBOFLOW_INPUT_BUCKETS": "ok-bucket,Bad_Bucket"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TURBOFLOW_IMAGE_PREFIX": "../up"},
+        {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "bkt"},
+        {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "Bad_Bucket/x/"},
+        {"TURBOFLOW_SHARED_IMAGE_PREFIXES": "ok-bucket/a/../b/"},
+        {"TURBOFLOW_INPUT_BUCKETS": "ok-bucket,Bad_Bucket"},
+    ],
+)
 def test_bad_image_settings_are_configuration_errors(env):
     with pytest.raises(StorageConfigError):
         S3Config.from_env({"TURBOFLOW_BUCKET": "ok-bucket", **env})
@@ -181,19 +211,23 @@ def test_key_without_time_has_no_date_folders(store):
     assert store.video_key("acme", "req-1", None, "promo/q1") == "videos/acme/promo/q1/req-1.mp4"
 
 
-@pytest.mark.parametrize("tenant,request_id,prefix,code", [
-    ("acme\n", "r", None, "invalid_tenant"),
-    ("acme", "r\n", None, "invalid_request_id"),
-    ("acme", "r", "promo\n", "invalid_output_prefix"),
-])
+@pytest.mark.parametrize(
+    "tenant,request_id,prefix,code",
+    [
+        ("acme\n", "r", None, "invalid_tenant"),
+        ("acme", "r\n", None, "invalid_request_id"),
+        ("acme", "r", "promo\n", "invalid_output_prefix"),
+    ],
+)
 def test_a_trailing_newline_never_passes_a_key_component(store, tenant, request_id, prefix, code):
     with pytest.raises(InvalidRequestError) as e:
         store.video_key(tenant, request_id, WHEN, prefix)
     assert e.value.code == code
 
 
-@pytest.mark.parametrize("status,s3_code,error", [(503, "SlowDown", StorageUnavailableError),
-                                                  (403, "AccessDenied", StorageConfigError)])
+@pytest.mark.parametrize(
+    "status,s3_code,error", [(503, "SlowDown", StorageUnavailableError), (403, "AccessDenied", StorageConfigError)]
+)
 def test_refused_upload_is_a_typed_retryable_error(moto_s3, s3_client, tmp_path, status, s3_code, error):
     """boto3's upload_file wraps the S3 answer in S3UploadFailedError: still a typed, retryable storage error
     whose message names no endpoint."""
@@ -216,9 +250,15 @@ def test_refused_upload_is_a_typed_retryable_error(moto_s3, s3_client, tmp_path,
         proxy.close()
 
 
-@pytest.mark.parametrize("env", [{}, {"TURBOFLOW_BUCKET": "Bad_Bucket"},
-                                 {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_OUTPUT_PREFIX": "../x"},
-                                 {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_URL_EXPIRY_SECONDS": "9999999"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"TURBOFLOW_BUCKET": "Bad_Bucket"},
+        {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_OUTPUT_PREFIX": "../x"},
+        {"TURBOFLOW_BUCKET": "ok-bucket", "TURBOFLOW_URL_EXPIRY_SECONDS": "9999999"},
+    ],
+)
 def test_bad_configuration_is_typed(env):
     with pytest.raises(StorageConfigError):
         S3Config.from_env(env)

@@ -1,9 +1,10 @@
 """Fast Wan VAE decode (engine/vae_decode.py) equals diffusers' decode up to rounding."""
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
+
 from turboflow.engine import GenerationRequest
 from turboflow.engine.vae_decode import default_chunk, fast_decode, psnr
 

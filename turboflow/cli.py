@@ -5,6 +5,7 @@
 Verbs: generate, model (engine); serve (functions); dev, submit, events, demo (eventing); manifests (infra).
 A typed TurboflowError becomes `error[code]: message` and exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,11 @@ _REGISTRARS = (
 )
 
 
-DESCRIPTION = ("Generate videos with TurboDiffusion-class models (Wan2.1 text-to-video, Wan2.2\n"
-               "image-to-video, 1-4 rCM steps) on this machine, or run them as event-driven\n"
-               "functions, locally and on Knative.")
+DESCRIPTION = (
+    "Generate videos with TurboDiffusion-class models (Wan2.1 text-to-video, Wan2.2\n"
+    "image-to-video, 1-4 rCM steps) on this machine, or run them as event-driven\n"
+    "functions, locally and on Knative."
+)
 # verbs grouped for the epilog of `turboflow --help`; a registered verb missing here is listed under "more"
 _VERB_GROUPS = (
     ("make videos here", ("model", "generate")),
@@ -58,16 +61,24 @@ def _epilog(verbs: list[str]) -> str:
     more = [v for v in verbs if v not in listed]
     if more:
         lines.append(f"  {'more:':32} {', '.join(more)}")
-    return "\n".join(["commands by task:", *lines, "",
-                      "`turboflow COMMAND --help` describes a command. Errors print",
-                      "`error[code]: message` and exit with status 2."])
+    return "\n".join(
+        [
+            "commands by task:",
+            *lines,
+            "",
+            "`turboflow COMMAND --help` describes a command. Errors print",
+            "`error[code]: message` and exit with status 2.",
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turboflow", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, including the HTTP/S3 libraries' own logs")
+    parser = argparse.ArgumentParser(
+        prog="turboflow", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, including the HTTP/S3 libraries' own logs"
+    )
     parser.add_argument("--version", action="version", version=f"turboflow {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -86,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: bool) -> None:
     """INFO for turboflow (DEBUG with -v); the HTTP/S3 libraries only from WARNING unless -v: at INFO they log
     every request URL, presigned query strings included, and where credentials were found."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from turboflow.engine.errors import TurboflowError
+    from turboflow.errors import TurboflowError
 
     parser = build_parser()
     args = parser.parse_args(argv)

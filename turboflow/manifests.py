@@ -24,6 +24,7 @@ Supported, with kustomize's semantics:
 Anything else in a kustomization is an error (never silently ignored). Output order follows kustomize's legacy
 ordering (Namespace, ServiceAccount, ... ConfigMap, Secret, Service, PVC, Deployment ... webhooks last).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,20 +35,50 @@ from pathlib import Path
 
 import yaml
 
-from turboflow.engine.errors import TurboflowError
+from turboflow.errors import TurboflowError
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-_SUPPORTED = {"apiVersion", "kind", "resources", "labels", "commonAnnotations", "patches", "images",
-              "configMapGenerator", "generatorOptions"}
-_ORDER_FIRST = ("Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition", "ServiceAccount",
-                "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ConfigMap", "Secret",
-                "Endpoints", "Service", "LimitRange", "PriorityClass", "PersistentVolume", "PersistentVolumeClaim",
-                "Deployment", "StatefulSet", "CronJob", "PodDisruptionBudget")
+_SUPPORTED = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "labels",
+    "commonAnnotations",
+    "patches",
+    "images",
+    "configMapGenerator",
+    "generatorOptions",
+}
+_ORDER_FIRST = (
+    "Namespace",
+    "ResourceQuota",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "PodSecurityPolicy",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "Service",
+    "LimitRange",
+    "PriorityClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "Deployment",
+    "StatefulSet",
+    "CronJob",
+    "PodDisruptionBudget",
+)
 _ORDER_LAST = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
 
 
 class ManifestError(TurboflowError):
     """A kustomization this renderer cannot build exactly as kustomize would (or that kustomize would reject)."""
+
     code = "manifest_error"
 
 
@@ -84,8 +115,10 @@ def find_kustomization(directory: Path) -> Path:
 def _inside(root: Path, path: Path, what: str) -> Path:
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
-        raise ManifestError(f"{what} {path} is not in or below {root} (kustomize's load restrictor rejects it; "
-                            f"reference a directory with its own kustomization instead)")
+        raise ManifestError(
+            f"{what} {path} is not in or below {root} (kustomize's load restrictor rejects it; "
+            f"reference a directory with its own kustomization instead)"
+        )
     return resolved
 
 
@@ -95,8 +128,12 @@ def _load_docs(path: Path) -> list[dict]:
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: invalid YAML: {e}") from e
     for d in docs:
-        if not isinstance(d, dict) or not d.get("kind") or not d.get("apiVersion") \
-                or not (d.get("metadata") or {}).get("name"):
+        if (
+            not isinstance(d, dict)
+            or not d.get("kind")
+            or not d.get("apiVersion")
+            or not (d.get("metadata") or {}).get("name")
+        ):
             raise ManifestError(f"{path}: every document needs apiVersion, kind and metadata.name")
         if d["kind"].endswith("List") and "items" in d:
             raise ManifestError(f"{path}: List documents are not supported")
@@ -127,9 +164,11 @@ def strategic_merge(target, patch, _path: str = ""):
             out[key] = strategic_merge(out[key], value, where)
         else:
             if isinstance(value, list) and any(isinstance(x, dict) for x in value) and out.get(key):
-                raise ManifestError(f"strategic-merge patch at {where} would replace an existing list of objects "
-                                    f"(kustomize merges it by key for built-in kinds, replaces it for custom "
-                                    f"resources): use a JSON 6902 patch")
+                raise ManifestError(
+                    f"strategic-merge patch at {where} would replace an existing list of objects "
+                    f"(kustomize merges it by key for built-in kinds, replaces it for custom "
+                    f"resources): use a JSON 6902 patch"
+                )
             out[key] = copy.deepcopy(value)
     return out
 
@@ -221,7 +260,7 @@ def _apply_patch(docs: list[dict], entry: dict, base: Path, root: Path) -> list[
     unknown = set(entry) - {"path", "patch", "target", "options"}
     if unknown or ("path" in entry) == ("patch" in entry) or entry.get("options"):
         raise ManifestError(f"{base}: a patch needs exactly one of path/patch (no options): {entry}")
-    text = (_inside(root, base / entry["path"], "patch").read_text() if "path" in entry else entry["patch"])
+    text = _inside(root, base / entry["path"], "patch").read_text() if "path" in entry else entry["patch"]
     body = yaml.safe_load(text)
     target = entry.get("target")
     if isinstance(body, list):
@@ -239,13 +278,19 @@ def _apply_patch(docs: list[dict], entry: dict, base: Path, root: Path) -> list[
         hits = [i for i, d in enumerate(docs) if _matches(d, target)]
     else:
         meta = body.get("metadata") or {}
-        hits = [i for i, d in enumerate(docs)
-                if d.get("kind") == body.get("kind") and d["metadata"].get("name") == meta.get("name")
-                and _group_version(d)[0] == _group_version(body)[0]
-                and _ns_equal(d["metadata"].get("namespace"), meta.get("namespace"))]
+        hits = [
+            i
+            for i, d in enumerate(docs)
+            if d.get("kind") == body.get("kind")
+            and d["metadata"].get("name") == meta.get("name")
+            and _group_version(d)[0] == _group_version(body)[0]
+            and _ns_equal(d["metadata"].get("namespace"), meta.get("namespace"))
+        ]
     if not hits:
-        raise ManifestError(f"{base}: strategic-merge patch for {body.get('kind')}/"
-                            f"{(body.get('metadata') or {}).get('name')} matches no resource")
+        raise ManifestError(
+            f"{base}: strategic-merge patch for {body.get('kind')}/"
+            f"{(body.get('metadata') or {}).get('name')} matches no resource"
+        )
     if target:  # the target picks the resources; the patch's own identity is not merged into them
         body = copy.deepcopy(body)
         for key in ("apiVersion", "kind"):
@@ -310,8 +355,10 @@ def _generate_configmaps(spec: dict, base: Path, root: Path) -> list[dict]:
             raise ManifestError(f"{base}: configMapGenerator fields {sorted(unknown)} / behavior are not supported")
         options = gen.get("options") or {}
         if not options.get("disableNameSuffixHash", default_no_hash):
-            raise ManifestError(f"{base}: configMapGenerator {gen.get('name')}: only disableNameSuffixHash: true "
-                                f"is supported (this renderer does not compute kustomize's name hash)")
+            raise ManifestError(
+                f"{base}: configMapGenerator {gen.get('name')}: only disableNameSuffixHash: true "
+                f"is supported (this renderer does not compute kustomize's name hash)"
+            )
         data: dict[str, str] = {}
         for item in gen.get("files") or []:
             key, _, rel = item.partition("=") if "=" in item else (Path(item).name, "", item)
@@ -374,7 +421,8 @@ def build(directory: str | Path, _stack: tuple = ()) -> list[dict]:
     if spec.get("commonAnnotations"):
         for d in docs:
             d["metadata"].setdefault("annotations", {}).update(
-                {k: str(v) for k, v in spec["commonAnnotations"].items()})
+                {k: str(v) for k, v in spec["commonAnnotations"].items()}
+            )
     if spec.get("images"):
         for d in docs:
             _set_images(d, spec["images"])
@@ -393,6 +441,7 @@ def sort_resources(docs: list[dict]) -> list[dict]:
         group, version = _group_version(d)
         meta = d.get("metadata") or {}
         return rank, group, version, kind, meta.get("namespace", ""), meta.get("name", "")
+
     return sorted(docs, key=key)
 
 

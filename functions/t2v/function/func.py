@@ -5,6 +5,7 @@ Everything lives in turboflow.functions.common.VideoFunction; this file only pic
 Configuration (environment): MODEL_DIR (the model cache PVC mount), TURBOFLOW_BUCKET, S3_ENDPOINT_URL, AWS_*,
 see turboflow/functions/common.py and turboflow/storage/s3.py.
 """
+
 from turboflow.functions.app import install
 from turboflow.functions.common import VideoFunction
 

@@ -32,6 +32,7 @@ Development: moto S3 does not publish notifications. `BucketNotifier` is the sta
 `turboflow dev` runs: it lists the prefix every `interval` seconds and publishes, for each new (key, ETag), the same
 `Records[]` JSON MinIO would publish onto the same subject; the source consumes it exactly as in production.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,9 +41,10 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote_plus, unquote_plus
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,22 @@ DURABLE = "turboflow-s3source"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SIDECAR_SUFFIX = ".json"
 _ID_NAMESPACE = uuid.UUID("0c9b3a56-5f0e-5b86-a3e2-73337363e7a1")
-OPTION_FIELDS = ("prompt", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed", "sigma_max", "attention",
-                 "sla_topk", "ode", "boundary", "adaptive_resolution", "output_prefix", "model")
+OPTION_FIELDS = (
+    "prompt",
+    "resolution",
+    "aspect_ratio",
+    "num_frames",
+    "num_steps",
+    "seed",
+    "sigma_max",
+    "attention",
+    "sla_topk",
+    "ode",
+    "boundary",
+    "adaptive_resolution",
+    "output_prefix",
+    "model",
+)
 
 
 REQUEST_METADATA = "turboflow-request"  # set on images uploaded for an existing request: not a new request
@@ -130,15 +146,17 @@ class S3Source:
     def tenant_for(self, key: str) -> tuple[str | None, str]:
         """(tenant, "") from the key's place under <image_prefix>/<tenant>/, or (None, why not)."""
         root = self.cfg.image_prefix.strip("/") + "/"
-        tenant, sep, rest = key[len(root):].partition("/") if key.startswith(root) else ("", "", "")
+        tenant, sep, rest = key[len(root) :].partition("/") if key.startswith(root) else ("", "", "")
         if not sep or not rest:
             return None, f"it is not under {root}<tenant>/ (the only place the I2V function reads a tenant's images)"
         if not _TENANT.fullmatch(tenant):
             return None, f"{tenant[:64]!r} in {root}<tenant>/ is not a tenant name (a DNS label)"
-        directly_under_prefix = "/" not in key[len(self.cfg.prefix):]
+        directly_under_prefix = "/" not in key[len(self.cfg.prefix) :]
         if directly_under_prefix and self.cfg.prefix != f"{root}{self.cfg.tenant}/":
-            return None, (f"it is directly under the watched prefix {self.cfg.prefix}, which is not "
-                          f"{root}<default tenant>/: upload it under {self.cfg.prefix}<tenant>/")
+            return None, (
+                f"it is directly under the watched prefix {self.cfg.prefix}, which is not "
+                f"{root}<default tenant>/: upload it under {self.cfg.prefix}<tenant>/"
+            )
         return tenant, ""
 
     def _head(self, bucket: str, key: str) -> dict | None:
@@ -178,7 +196,7 @@ class S3Source:
             key = unquote_plus((s3.get("object") or {}).get("key") or "")
             if not bucket or not key or not self._wanted(bucket, key):
                 continue
-            image_key = key[:-len(SIDECAR_SUFFIX)] if key.endswith(SIDECAR_SUFFIX) else key
+            image_key = key[: -len(SIDECAR_SUFFIX)] if key.endswith(SIDECAR_SUFFIX) else key
             if not image_key.lower().endswith(IMAGE_SUFFIXES) or (bucket, image_key) in seen:
                 continue
             seen.add((bucket, image_key))
@@ -196,8 +214,9 @@ class S3Source:
             if not sidecar_notified:
                 log.warning("s3source: %s/%s is gone; skipped", bucket, key)
             return None  # a sidecar for an image not uploaded yet: the image's notification will emit
-        metadata = {mkey.lower().removeprefix("x-amz-meta-"): value for mkey, value in
-                    (head.get("Metadata") or {}).items()}
+        metadata = {
+            mkey.lower().removeprefix("x-amz-meta-"): value for mkey, value in (head.get("Metadata") or {}).items()
+        }
         if REQUEST_METADATA in metadata:
             log.debug("s3source: %s/%s belongs to request %s; skipped", bucket, key, metadata[REQUEST_METADATA])
             return None
@@ -217,22 +236,37 @@ class S3Source:
         options.update({k: v for k, v in sidecar.items() if k in OPTION_FIELDS or k == "tenant"})
         claimed = options.pop("tenant", None)
         if claimed not in (None, "", tenant):
-            log.warning("s3source: %s/%s skipped: metadata/sidecar asks for tenant %r, but the key is under "
-                        "tenant %r's prefix (a tenant is chosen by where the image is uploaded)", bucket, key,
-                        str(claimed)[:64], tenant)
+            log.warning(
+                "s3source: %s/%s skipped: metadata/sidecar asks for tenant %r, but the key is under "
+                "tenant %r's prefix (a tenant is chosen by where the image is uploaded)",
+                bucket,
+                key,
+                str(claimed)[:64],
+                tenant,
+            )
             return None
         if not options.get("prompt"):
             if self.cfg.default_prompt:
                 options["prompt"] = self.cfg.default_prompt
             else:
                 if not sidecar_notified:
-                    log.warning("s3source: %s/%s has no prompt (metadata `prompt` or %s%s); waiting for a sidecar",
-                                bucket, key, key, SIDECAR_SUFFIX)
+                    log.warning(
+                        "s3source: %s/%s has no prompt (metadata `prompt` or %s%s); waiting for a sidecar",
+                        bucket,
+                        key,
+                        key,
+                        SIDECAR_SUFFIX,
+                    )
                 return None
         etag = str(head.get("ETag", "")).strip('"')
-        attrs = {"type": I2V_REQUESTED, "source": f"{self.cfg.source}/{bucket}",
-                 "id": request_id_for(bucket, key, etag), "subject": key, "datacontenttype": "application/json",
-                 TENANT_EXTENSION: tenant}
+        attrs = {
+            "type": I2V_REQUESTED,
+            "source": f"{self.cfg.source}/{bucket}",
+            "id": request_id_for(bucket, key, etag),
+            "subject": key,
+            "datacontenttype": "application/json",
+            TENANT_EXTENSION: tenant,
+        }
         return ExactCloudEvent(attrs, {**options, "image": f"s3://{bucket}/{key}"})
 
 
@@ -273,13 +307,28 @@ async def ensure_notify_stream(js, stream: str = NOTIFY_STREAM, subject: str = N
     try:
         await js.stream_info(stream)
     except NotFoundError:
-        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE,
-                                         duplicate_window=3600.0, max_age=7 * 24 * 3600.0))
+        await js.add_stream(
+            StreamConfig(
+                name=stream,
+                subjects=[subject],
+                storage=StorageType.FILE,
+                duplicate_window=3600.0,
+                max_age=7 * 24 * 3600.0,
+            )
+        )
 
 
-async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.Event, *,
-                     subject: str = NOTIFY_SUBJECT, stream: str | None = NOTIFY_STREAM, durable: str = DURABLE,
-                     emitted: Callable[[Any], Awaitable[None] | None] | None = None) -> None:
+async def run_source(
+    nats_url: str,
+    source: S3Source,
+    sink: str,
+    stop: asyncio.Event,
+    *,
+    subject: str = NOTIFY_SUBJECT,
+    stream: str | None = NOTIFY_STREAM,
+    durable: str = DURABLE,
+    emitted: Callable[[Any], Awaitable[None] | None] | None = None,
+) -> None:
     """Consume notifications until `stop` is set. With `stream` (MinIO `jetstream on`): a durable pull consumer,
     a notification acked after its requests were accepted. Without: a core NATS subscription."""
     import httpx
@@ -313,14 +362,22 @@ async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.E
 
             js = nc.jetstream()
             await ensure_notify_stream(js, stream, subject)
-            psub = await js.pull_subscribe(subject, durable=durable, stream=stream,
-                                           config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
-                                                                 deliver_policy=DeliverPolicy.ALL, ack_wait=120,
-                                                                 max_deliver=-1))
+            psub = await js.pull_subscribe(
+                subject,
+                durable=durable,
+                stream=stream,
+                config=ConsumerConfig(
+                    durable_name=durable,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=120,
+                    max_deliver=-1,
+                ),
+            )
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(4, timeout=0.5)
-                except (NatsTimeout, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeout):
                     continue
                 except Exception as e:  # NATS restarting
                     log.debug("s3source: fetch: %s", e)
@@ -343,7 +400,7 @@ async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.E
             while not stop.is_set():
                 try:
                     payload = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 try:
                     await process(payload)
@@ -357,21 +414,51 @@ async def run_source(nats_url: str, source: S3Source, sink: str, stop: asyncio.E
 # ---------------------------------------------------------------------------------------------------------------
 # Development stand-in for MinIO's notifier
 # ---------------------------------------------------------------------------------------------------------------
-def minio_record(bucket: str, key: str, etag: str, size: int, content_type: str | None = None,
-                 metadata: dict | None = None, event_name: str = "s3:ObjectCreated:Put") -> dict:
+def minio_record(
+    bucket: str,
+    key: str,
+    etag: str,
+    size: int,
+    content_type: str | None = None,
+    metadata: dict | None = None,
+    event_name: str = "s3:ObjectCreated:Put",
+) -> dict:
     """One notification in MinIO's NATS format (key URL-encoded as MinIO does)."""
-    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"EventName": event_name, "Key": f"{bucket}/{key}", "Records": [{
-        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": now, "eventName": event_name,
-        "userIdentity": {"principalId": "turboflow-dev"}, "requestParameters": {}, "responseElements": {},
-        "s3": {"s3SchemaVersion": "1.0", "configurationId": "turboflow",
-               "bucket": {"name": bucket, "ownerIdentity": {"principalId": "turboflow-dev"},
-                          "arn": f"arn:aws:s3:::{bucket}"},
-               "object": {"key": quote_plus(key, safe=""), "size": size, "eTag": etag,
-                          "contentType": content_type or "application/octet-stream",
-                          "userMetadata": {f"X-Amz-Meta-{k}": v for k, v in (metadata or {}).items()},
-                          "sequencer": f"{int(datetime.now().timestamp() * 1e9):X}"}},
-        "source": {"host": "127.0.0.1", "port": "", "userAgent": "turboflow-dev-notifier"}}]}
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "EventName": event_name,
+        "Key": f"{bucket}/{key}",
+        "Records": [
+            {
+                "eventVersion": "2.0",
+                "eventSource": "minio:s3",
+                "awsRegion": "",
+                "eventTime": now,
+                "eventName": event_name,
+                "userIdentity": {"principalId": "turboflow-dev"},
+                "requestParameters": {},
+                "responseElements": {},
+                "s3": {
+                    "s3SchemaVersion": "1.0",
+                    "configurationId": "turboflow",
+                    "bucket": {
+                        "name": bucket,
+                        "ownerIdentity": {"principalId": "turboflow-dev"},
+                        "arn": f"arn:aws:s3:::{bucket}",
+                    },
+                    "object": {
+                        "key": quote_plus(key, safe=""),
+                        "size": size,
+                        "eTag": etag,
+                        "contentType": content_type or "application/octet-stream",
+                        "userMetadata": {f"X-Amz-Meta-{k}": v for k, v in (metadata or {}).items()},
+                        "sequencer": f"{int(datetime.now().timestamp() * 1e9):X}",
+                    },
+                },
+                "source": {"host": "127.0.0.1", "port": "", "userAgent": "turboflow-dev-notifier"},
+            }
+        ],
+    }
 
 
 class BucketNotifier:
@@ -382,8 +469,17 @@ class BucketNotifier:
     (Nats-Msg-Id = bucket/key/ETag). Objects present at start are the baseline, as MinIO only notifies new writes.
     """
 
-    def __init__(self, s3_client, bucket: str, prefix: str, nats_url: str, *, subject: str = NOTIFY_SUBJECT,
-                 stream: str = NOTIFY_STREAM, interval: float = 0.5):
+    def __init__(
+        self,
+        s3_client,
+        bucket: str,
+        prefix: str,
+        nats_url: str,
+        *,
+        subject: str = NOTIFY_SUBJECT,
+        stream: str = NOTIFY_STREAM,
+        interval: float = 0.5,
+    ):
         self.s3, self.bucket, self.prefix = s3_client, bucket, prefix
         self.nats_url, self.subject, self.stream, self.interval = nats_url, subject, stream, interval
         self.published = 0
@@ -398,8 +494,9 @@ class BucketNotifier:
     async def run(self, stop: asyncio.Event) -> None:
         import nats
 
-        nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                name="turboflow-dev-s3-notifier")
+        nc = await nats.connect(
+            self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, name="turboflow-dev-s3-notifier"
+        )
         js = nc.jetstream()
         try:
             await ensure_notify_stream(js, self.stream, self.subject)
@@ -407,7 +504,7 @@ class BucketNotifier:
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), self.interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 try:
                     listing = await asyncio.to_thread(self._listing)
@@ -419,8 +516,11 @@ class BucketNotifier:
                     if known.get(key) == etag:
                         continue
                     record = minio_record(self.bucket, key, etag.strip('"'), obj.get("Size", 0))
-                    await js.publish(self.subject, json.dumps(record).encode(),
-                                     headers={"Nats-Msg-Id": f"{self.bucket}/{key}/{etag.strip(chr(34))}"})
+                    await js.publish(
+                        self.subject,
+                        json.dumps(record).encode(),
+                        headers={"Nats-Msg-Id": f"{self.bucket}/{key}/{etag.strip(chr(34))}"},
+                    )
                     known[key] = etag
                     self.published += 1
         finally:

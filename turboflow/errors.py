@@ -2,6 +2,7 @@
 
 Functions map these to `io.turboflow.video.failed` events; the CLI prints `error[code]: message`.
 """
+
 from __future__ import annotations
 
 
@@ -12,8 +13,9 @@ class TurboflowError(Exception):
     code = "internal_error"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None, field: str | None = None,
-                 retryable: bool | None = None):
+    def __init__(
+        self, message: str, *, code: str | None = None, field: str | None = None, retryable: bool | None = None
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -34,21 +36,25 @@ class TurboflowError(Exception):
 
 class InvalidRequestError(TurboflowError):
     """The request itself is wrong (bad steps, frames, resolution, ...). Never retryable."""
+
     code = "invalid_request"
 
 
 class ImageError(InvalidRequestError):
     """The I2V conditioning image cannot be read or is not an image."""
+
     code = "invalid_image"
 
 
 class UnsupportedOptionError(InvalidRequestError):
     """A recognised option this build or device cannot honour (e.g. sagesla without SpargeAttn)."""
+
     code = "unsupported_option"
 
 
 class ModelCacheError(TurboflowError):
     """The model cache directory is missing files, has a bad manifest or fails verification."""
+
     code = "model_cache_error"
 
 
@@ -58,19 +64,23 @@ class ChecksumMismatchError(ModelCacheError):
 
 class CheckpointError(TurboflowError):
     """A checkpoint file does not match the architecture (missing/unexpected keys, wrong shapes)."""
+
     code = "checkpoint_mismatch"
 
 
 class OutOfMemoryError(TurboflowError):
     """The device ran out of memory for this request; a smaller request may succeed."""
+
     code = "out_of_memory"
 
 
 class ConfigError(TurboflowError, ValueError):
     """A deployment setting (environment variable, load option) has a value the engine cannot use."""
+
     code = "invalid_config"
 
 
 class DeviceUnavailableError(ConfigError):
     """The device asked for (e.g. `cuda` on a CPU-only torch build, `cuda:3` on a one-GPU host) cannot be used."""
+
     code = "device_unavailable"

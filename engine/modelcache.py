@@ -9,6 +9,7 @@
 Loading checks presence and sizes (cheap, every cold start); `verify(checksums=True)` hashes every file
 (the pull job and `turboflow model verify` do this once).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from turboflow.engine.errors import ChecksumMismatchError, ModelCacheError
+from turboflow.errors import ChecksumMismatchError, ModelCacheError
 
 MANIFEST = "manifest.json"
 FORMAT = "turboflow-model-cache/1"
@@ -60,8 +61,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(model_dir: str | os.PathLike, *, name: str, kind: str, components: dict[str, str],
-                   defaults: dict | None = None, source: dict | None = None) -> Manifest:
+def write_manifest(
+    model_dir: str | os.PathLike,
+    *,
+    name: str,
+    kind: str,
+    components: dict[str, str],
+    defaults: dict | None = None,
+    source: dict | None = None,
+) -> Manifest:
     """Hash every file under the component directories and write manifest.json last (its presence
     means the cache is complete)."""
     root = Path(model_dir)
@@ -75,8 +83,14 @@ def write_manifest(model_dir: str | os.PathLike, *, name: str, kind: str, compon
         for p in sorted(base.rglob("*")):
             if p.is_file():
                 entries.append(FileEntry(str(p.relative_to(root)), p.stat().st_size, sha256_file(p)))
-    manifest = Manifest(name=name, kind=kind, components=dict(components), files=entries,
-                        defaults=dict(defaults or {}), source=dict(source or {}))
+    manifest = Manifest(
+        name=name,
+        kind=kind,
+        components=dict(components),
+        files=entries,
+        defaults=dict(defaults or {}),
+        source=dict(source or {}),
+    )
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(manifest.to_json())
     os.replace(tmp, root / MANIFEST)
@@ -89,13 +103,16 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     if not root.is_dir():
         raise ModelCacheError(f"model directory does not exist: {root}", code="model_cache_missing")
     if not path.is_file():
-        raise ModelCacheError(f"{path} not found: the model cache is incomplete (run `turboflow model import` "
-                              f"or the pull job)", code="model_cache_incomplete")
+        raise ModelCacheError(
+            f"{path} not found: the model cache is incomplete (run `turboflow model import` or the pull job)",
+            code="model_cache_incomplete",
+        )
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
-            raise ModelCacheError(f"{path}: unsupported format {raw.get('format')!r}, expected {FORMAT}",
-                                  code="model_cache_invalid")
+            raise ModelCacheError(
+                f"{path}: unsupported format {raw.get('format')!r}, expected {FORMAT}", code="model_cache_invalid"
+            )
         files = [FileEntry(**f) for f in raw.pop("files", [])]
         manifest = Manifest(files=files, **raw)
     except ModelCacheError:
@@ -114,15 +131,17 @@ def verify(model_dir: str | os.PathLike, *, checksums: bool = False) -> Manifest
     for entry in manifest.files:
         p = root / entry.path
         if not p.is_file():
-            raise ModelCacheError(f"model cache file missing: {entry.path} (in {root})",
-                                  code="model_cache_incomplete")
+            raise ModelCacheError(f"model cache file missing: {entry.path} (in {root})", code="model_cache_incomplete")
         size = p.stat().st_size
         if size != entry.size:
-            raise ModelCacheError(f"model cache file {entry.path} has {size} bytes, manifest says {entry.size}",
-                                  code="model_cache_incomplete")
+            raise ModelCacheError(
+                f"model cache file {entry.path} has {size} bytes, manifest says {entry.size}",
+                code="model_cache_incomplete",
+            )
         if checksums:
             digest = sha256_file(p)
             if digest != entry.sha256:
                 raise ChecksumMismatchError(
-                    f"sha256 of {entry.path} is {digest[:16]}..., manifest says {entry.sha256[:16]}...")
+                    f"sha256 of {entry.path} is {digest[:16]}..., manifest says {entry.sha256[:16]}..."
+                )
     return manifest
