@@ -239,7 +239,8 @@ def child(cache: str, mode: str) -> None:
 
     marks["torch"] = time.time()
     from turboflow.engine import loading  # noqa: F401
-    from turboflow.functions.common import VideoFunction
+    from turboflow.functions.slot import SlotState
+    from turboflow.functions.video import VideoFunction
 
     marks["turboflow"] = time.time()
     import accelerate  # noqa: F401
@@ -262,7 +263,7 @@ def child(cache: str, mode: str) -> None:
             ok, msg = fn.ready()
             if ok:
                 break
-            if fn._state == "failed":
+            if fn.slot.state is SlotState.FAILED:
                 raise SystemExit(f"load failed: {msg}")
             time.sleep(0.002)
         out["t_ready"] = time.time()
@@ -275,9 +276,14 @@ def child(cache: str, mode: str) -> None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         t = time.time()
+        from turboflow.engine.families import family
+        from turboflow.engine.modelcache import read_manifest
+
+        from .reference_loader import load_component
+
+        spec = family(read_manifest(cache).family)
         parts = {
-            r: loading._load_component(r, P(cache) / r, dtype)
-            for r in ("tokenizer", "text_encoder", "vae", "transformer")
+            r: load_component(spec, r, P(cache) / r, dtype) for r in ("tokenizer", "text_encoder", "vae", "transformer")
         }
         t_read = time.time()
         for r in ("text_encoder", "vae", "transformer"):

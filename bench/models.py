@@ -81,7 +81,7 @@ SPECS = {
 
 
 def tiny_specs() -> dict[str, Spec]:
-    from turboflow.engine.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE
+    from turboflow.engine.families.wan import TINY_T5, TINY_TRANSFORMER, TINY_VAE
 
     common = dict(
         resolution="480p",

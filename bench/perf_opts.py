@@ -230,7 +230,7 @@ def dit2(dev, tiny):
 def vae(dev, tiny):
     from diffusers import AutoencoderKLWan
 
-    from turboflow.engine.tiny import TINY_VAE
+    from turboflow.engine.families.wan import TINY_VAE
     from turboflow.engine.vae_decode import fast_decode, psnr, to_channels_last
 
     torch.manual_seed(0)

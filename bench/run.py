@@ -149,7 +149,7 @@ def _median(xs):
 
 
 def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Path) -> dict:
-    from turboflow.engine.request import FPS, GenerationRequest
+    from turboflow.engine.request import GenerationRequest
     from turboflow.engine.video import Mp4Stream
 
     w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).size()
@@ -180,7 +180,7 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     log(f"  ours: timed run ({spec.steps} step(s))")
     # as the functions do: each decoded chunk is encoded on a thread while the next one decodes
     mp4 = workdir / f"{spec.kind}-{spec.resolution}.mp4"
-    stream = Mp4Stream(mp4, w, h, fps=FPS, background=True)
+    stream = Mp4Stream(mp4, w, h, fps=pipe.fps, background=True)
     clock.sync()
     t0 = time.perf_counter()
     try:

@@ -227,7 +227,7 @@ def plot_sweep(out: Path, points: list[tuple[dict[str, str], Metrics]]) -> list[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'turboflow[sim]'") from None
+        raise ConfigError("plots need matplotlib (the project's `sim` extra): pip install matplotlib") from None
     keys = list(points[0][0])
     names = []
     for key in keys:

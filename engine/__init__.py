@@ -1,4 +1,8 @@
-"""Generation core: model loading, rCM sampler, attention, video encoding. Knows nothing of events or S3."""
+"""Generation core: model loading, rCM sampler, attention, video encoding. Knows nothing of events or S3.
+
+Architecture facts live in model-family specs (`engine/families`: wan2.1, wan2.2), named by the model cache's
+manifest; the rest of the engine is family-generic.
+"""
 
 from turboflow.errors import (  # noqa: F401
     CheckpointError,
@@ -11,4 +15,4 @@ from turboflow.errors import (  # noqa: F401
     UnsupportedOptionError,
 )
 
-from .request import FPS, RESOLUTIONS, GenerationRequest, GenerationResult  # noqa: F401
+from .request import RESOLUTIONS, GenerationRequest, GenerationResult  # noqa: F401

@@ -15,11 +15,12 @@ SLA projections: diffusers' WanTransformer3DModel has no place for `proj_l`, so 
 `transformer/sla/proj_l.safetensors` -- a subdirectory, so diffusers' loader and the cache's key check (which look at
 `transformer/*.safetensors` only) never see it, while the manifest still hashes it. `load_sla_proj_l()` reads it back.
 
-Key mapping is explicit and strict in both directions: any key no rule accounts for, any key the target model
+The DiT and umT5 key maps are the Wan family's (engine/families/wan.py); the VAE's depend on its config and live
+here. Key mapping is explicit and strict in both directions: any key no rule accounts for, any key the target model
 expects that the file lacks and any shape mismatch raise CheckpointError with counts and a short sample.
 The DiT and VAE rules agree with diffusers' own `convert_wan_transformer_to_diffusers` /
-`convert_wan_vae_to_diffusers` (tests check this); ours also run backwards (diffusers -> Wan), which tests and
-export need, and handle VAE configs other than the stock one.
+`convert_wan_vae_to_diffusers` (tests check this); ours also run backwards (diffusers -> Wan), which the tests'
+native exporter (tests/native_export.py) needs, and handle VAE configs other than the stock one.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ import torch
 
 from turboflow.errors import CheckpointError
 
+from .families.wan import DIT_KEYS, T5_KEYS, WAN_LATENT
 from .quant import INT8_STORAGE, INT8_SUFFIX, SCALE_SUFFIX, dequantize_state_dict, is_quantized
 
 log = logging.getLogger(__name__)
 
 NET_PREFIX = "net."
-PATCH = (1, 2, 2)
+PATCH = WAN_LATENT.patch
 SLA_FILE = "sla/proj_l.safetensors"  # relative to the transformer component directory
 _SAMPLE = 8
 
@@ -90,40 +92,8 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str = NET_PREFIX) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# explicit, reversible key maps
+# renaming with the Wan family's key maps (engine/families/wan.py: DIT_KEYS, T5_KEYS; the VAE's are below)
 # ---------------------------------------------------------------------------------------------------------------
-class KeyMap:
-    """Bidirectional template rules. `{i}`/`{j}` match integers, `{p}` a parameter leaf (weight|bias|gamma)."""
-
-    _SLOTS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "p": r"(?P<p>weight|bias|gamma)"}
-
-    def __init__(self, rules: list[tuple[str, str]]):
-        self.rules = rules
-        self._fwd = [(self._compile(a), b) for a, b in rules]
-        self._inv = [(self._compile(b), a) for a, b in rules]
-
-    @classmethod
-    def _compile(cls, template: str) -> re.Pattern:
-        pattern = re.escape(template)
-        for slot, rx in cls._SLOTS.items():
-            pattern = pattern.replace(re.escape("{" + slot + "}"), rx)
-        return re.compile(pattern + r"\Z")
-
-    @staticmethod
-    def _apply(table, key: str) -> str | None:
-        for rx, target in table:
-            m = rx.match(key)
-            if m:
-                return target.format(**m.groupdict())
-        return None
-
-    def forward(self, key: str) -> str | None:
-        return self._apply(self._fwd, key)
-
-    def inverse(self, key: str) -> str | None:
-        return self._apply(self._inv, key)
-
-
 def _rename(sd: dict, fn, what: str) -> dict:
     out, unmatched = {}, []
     for k, v in sd.items():
@@ -142,59 +112,7 @@ def _rename(sd: dict, fn, what: str) -> dict:
     return out
 
 
-_DIT_RULES: list[tuple[str, str]] = [
-    ("patch_embedding.{p}", "patch_embedding.{p}"),
-    ("text_embedding.0.{p}", "condition_embedder.text_embedder.linear_1.{p}"),
-    ("text_embedding.2.{p}", "condition_embedder.text_embedder.linear_2.{p}"),
-    ("time_embedding.0.{p}", "condition_embedder.time_embedder.linear_1.{p}"),
-    ("time_embedding.2.{p}", "condition_embedder.time_embedder.linear_2.{p}"),
-    ("time_projection.1.{p}", "condition_embedder.time_proj.{p}"),
-    ("img_emb.proj.0.{p}", "condition_embedder.image_embedder.norm1.{p}"),
-    ("img_emb.proj.1.{p}", "condition_embedder.image_embedder.ff.net.0.proj.{p}"),
-    ("img_emb.proj.3.{p}", "condition_embedder.image_embedder.ff.net.2.{p}"),
-    ("img_emb.proj.4.{p}", "condition_embedder.image_embedder.norm2.{p}"),
-    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
-    ("head.head.{p}", "proj_out.{p}"),
-    ("head.modulation", "scale_shift_table"),
-    ("blocks.{i}.modulation", "blocks.{i}.scale_shift_table"),
-    # Wan norm3 is the (affine) cross-attention norm = diffusers norm2; Wan norm1/norm2 have no parameters
-    ("blocks.{i}.norm3.{p}", "blocks.{i}.norm2.{p}"),
-    ("blocks.{i}.ffn.0.{p}", "blocks.{i}.ffn.net.0.proj.{p}"),
-    ("blocks.{i}.ffn.2.{p}", "blocks.{i}.ffn.net.2.{p}"),
-    *[
-        (f"blocks.{{i}}.{wan}.{a}.{{p}}", f"blocks.{{i}}.{dif}.{b}.{{p}}")
-        for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-        for a, b in (
-            ("q", "to_q"),
-            ("k", "to_k"),
-            ("v", "to_v"),
-            ("o", "to_out.0"),
-            ("norm_q", "norm_q"),
-            ("norm_k", "norm_k"),
-        )
-    ],
-    ("blocks.{i}.cross_attn.k_img.{p}", "blocks.{i}.attn2.add_k_proj.{p}"),
-    ("blocks.{i}.cross_attn.v_img.{p}", "blocks.{i}.attn2.add_v_proj.{p}"),
-    ("blocks.{i}.cross_attn.norm_k_img.{p}", "blocks.{i}.attn2.norm_added_k.{p}"),
-]
-DIT_KEYS = KeyMap(_DIT_RULES)
 _PROJ_L = re.compile(r"blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)\Z")
-
-_T5_RULES: list[tuple[str, str]] = [
-    ("token_embedding.weight", "shared.weight"),
-    ("norm.weight", "encoder.final_layer_norm.weight"),
-    ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
-    ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
-    *[(f"blocks.{{i}}.attn.{x}.weight", f"encoder.block.{{i}}.layer.0.SelfAttention.{x}.weight") for x in "qkvo"],
-    (
-        "blocks.{i}.pos_embedding.embedding.weight",
-        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
-    ),
-    ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight"),  # gelu(tanh) branch
-    ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight"),
-    ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight"),
-]
-T5_KEYS = KeyMap(_T5_RULES)
 
 
 # ---------------------------------------------------------------------------------------------------------------

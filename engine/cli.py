@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .families import families
 from .options import OFFLOAD_POLICIES
 from .request import ATTENTION_TYPES, RESOLUTIONS
 from .request import QUANT_LINEAR_MODES as QUANT_MODES
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--image", help="I2V conditioning image (path)")
     gen.add_argument("--resolution", default=None, choices=sorted(RESOLUTIONS), help="default: the model's (480p)")
     gen.add_argument("--aspect-ratio", default=None, help="default: the model's (16:9)")
-    gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps (default 81)")
+    gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps for Wan (default 81)")
     gen.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4 (default 4)")
     gen.add_argument(
         "--seed",
@@ -103,7 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub.required = True
     tiny = msub.add_parser("tiny", help="write a tiny random model of the real architecture (offline)")
     tiny.add_argument("dir")
-    tiny.add_argument("--kind", choices=("t2v", "i2v"), default="t2v")
+    tiny.add_argument("--kind", choices=("t2v", "i2v"), default="t2v", help="the task (default t2v)")
+    tiny.add_argument(
+        "--family", choices=families(), default=None, help="model family (default: wan2.1 for t2v, wan2.2 for i2v)"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny)
     verify = msub.add_parser("verify", help="check a model cache against its manifest")
@@ -141,10 +145,10 @@ class _StageBars:
 
 
 def _generate(args) -> int:
-    from turboflow.engine.modelcache import read_manifest
-
+    from .families import family
     from .loading import load_pipeline, resolve_device
-    from .request import FPS, GenerationRequest, model_request_defaults
+    from .modelcache import read_manifest
+    from .request import GenerationRequest, model_request_defaults
     from .video import Mp4Stream
 
     given = {
@@ -159,6 +163,7 @@ def _generate(args) -> int:
         ).items()
         if v is not None
     }
+    manifest = read_manifest(args.model)
     request = GenerationRequest(
         prompt=args.prompt,
         kind=args.kind,
@@ -168,8 +173,8 @@ def _generate(args) -> int:
         ode=args.ode,
         adaptive_resolution=args.adaptive_resolution,
         image=args.image,
-        **{**model_request_defaults(read_manifest(args.model).defaults), **given},
-    ).validated()  # fail before loading
+        **{**model_request_defaults(manifest.defaults), **given},
+    ).validated(family(manifest.family))  # fail before loading
     device = resolve_device(args.device)  # a missing GPU is a typed error here, not a traceback mid-load
     pipeline = load_pipeline(
         args.model,
@@ -182,8 +187,8 @@ def _generate(args) -> int:
         offload=args.offload,
         compile_warmup=[],
     )
-    width, height = request.size()
-    mp4 = Mp4Stream(args.out, width, height, fps=FPS, background=True)  # encodes while the VAE decodes
+    width, height = request.size(pipeline.family)
+    mp4 = Mp4Stream(args.out, width, height, fps=pipeline.fps, background=True)  # encodes while the VAE decodes
     bars = _StageBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = pipeline(request, frame_sink=mp4.put, stage_progress=bars)
@@ -204,7 +209,7 @@ def _generate(args) -> int:
 def _tiny(args) -> int:
     from .tiny import build_tiny
 
-    manifest = build_tiny(args.dir, kind=args.kind, seed=args.seed)
+    manifest = build_tiny(args.dir, kind=args.kind, seed=args.seed, family=args.family)
     print(
         f"wrote {manifest.name} ({manifest.kind}, {len(manifest.files)} files, "
         f"{manifest.total_bytes / 1e6:.1f} MB) to {Path(args.dir).resolve()}"
@@ -213,7 +218,7 @@ def _tiny(args) -> int:
 
 
 def _verify(args) -> int:
-    from turboflow.engine.modelcache import verify
+    from .modelcache import verify
 
     manifest = verify(args.dir, checksums=args.checksums)
     what = "sizes and sha256" if args.checksums else "sizes"

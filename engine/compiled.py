@@ -7,7 +7,8 @@ compiled block (FlexAttention traced by dynamo, fused with the block selection a
 Inductor's and Triton's caches go to `compile_cache_dir(...)` so a second process (a new pod with the same cache
 volume) reuses the compiled kernels instead of paying the compile again. The model cache volume is mounted read-only
 in deployment, so the default is a writable sibling: TURBOFLOW_COMPILE_CACHE, else `<model_dir>/.compile-cache`
-when writable, else ~/.cache/turboflow/compile/<model name>.
+when writable, else ~/.cache/turboflow/compile/<model name>. (The override is LoadOptions.compile_cache_dir, from
+TURBOFLOW_COMPILE_CACHE in a function: the engine reads no environment variable.)
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ DEFAULT_MODE = "default"  # "max-autotune-no-cudagraphs" tunes GEMMs too: minute
 def compile_cache_dir(model_dir: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
     if override:
         return Path(override)
-    env = os.environ.get("TURBOFLOW_COMPILE_CACHE")
-    if env:
-        return Path(env)
     model_dir = Path(model_dir)
     if os.access(model_dir, os.W_OK):
         return model_dir / ".compile-cache"
@@ -33,12 +31,17 @@ def compile_cache_dir(model_dir: str | os.PathLike, override: str | os.PathLike 
 
 
 def use_cache_dir(path: Path) -> None:
-    """Point Inductor's and Triton's on-disk caches at `path` (read when they are first used)."""
+    """Point Inductor's and Triton's on-disk caches at `path` and turn Inductor's persistent caches on. The one
+    place the engine writes the process environment: torch and Triton read these variables when they first compile
+    (called by load_pipeline when it compiles, never at import)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
 
 
 def compile_transformer(transformer, mode: str | None = None, *, backend: str = "inductor") -> None:

@@ -53,11 +53,11 @@ DTYPES = {
     "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }
 DEFAULT_CHUNK = 32 << 20
-DIFFUSERS_ROLES = ("transformer", "transformer_2", "vae")
 
 
 def default_threads() -> int:
-    return int(os.environ.get("TURBOFLOW_LOAD_THREADS") or max(2, min(16, os.cpu_count() or 4)))
+    """Reader threads when the caller names none (LoadOptions.load_threads): the CPU count, clamped to 2..16."""
+    return max(2, min(16, os.cpu_count() or 4))
 
 
 # ---- safetensors, by hand --------------------------------------------------------------------------------------
@@ -236,10 +236,6 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
-def file_bytes(directory: str | os.PathLike) -> int:
-    return sum(read_header(p).data_size for p in weight_files(directory))
-
-
 # ---- building modules without initialising them --------------------------------------------------------------------
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
@@ -252,25 +248,20 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def _model_class(role: str):
-    if role in DIFFUSERS_ROLES:
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+def _is_diffusers(cls) -> bool:
+    """diffusers models load by config dict and have their own fp32 rules; transformers models by config object."""
+    from diffusers import ModelMixin
 
-        return AutoencoderKLWan if role == "vae" else WanTransformer3DModel
-    if role == "text_encoder":
-        from transformers import UMT5EncoderModel
-
-        return UMT5EncoderModel
-    raise ValueError(f"no fast loader for component {role!r}")
+    return issubclass(cls, ModelMixin)
 
 
-def empty_model(role: str, path: Path, dtype: torch.dtype):
-    """The component's module with parameters on `meta` and real (CPU) buffers, as from_pretrained builds it."""
+def empty_model(cls, role: str, path: Path, dtype: torch.dtype):
+    """A `cls` (diffusers or transformers model class, the family's for `role`) with parameters on `meta` and real
+    (CPU) buffers, as from_pretrained builds it."""
     import accelerate
 
-    cls = _model_class(role)
     try:
-        if role in DIFFUSERS_ROLES:
+        if _is_diffusers(cls):
             from diffusers.models.modeling_utils import no_init_weights
 
             config = cls.load_config(path, local_files_only=True)
@@ -291,9 +282,9 @@ def empty_model(role: str, path: Path, dtype: torch.dtype):
     return model
 
 
-def _target_dtype(model, role: str, name: str, dtype: torch.dtype) -> torch.dtype:
+def _target_dtype(model, name: str, dtype: torch.dtype) -> torch.dtype:
     parts = name.split(".")
-    if role in DIFFUSERS_ROLES:
+    if _is_diffusers(type(model)):
         keep = type(model)._keep_in_fp32_modules or []
         return torch.float32 if any(m in parts for m in keep) else dtype
     keep = (
@@ -334,7 +325,7 @@ def fill_model(model, role: str, state: dict[str, torch.Tensor], dtype: torch.dt
     cast = {}
     for name, t in state.items():
         if name in expected and t.is_floating_point() and not _is_int8_scale(model, name):
-            t = t.to(_target_dtype(model, role, name, dtype))
+            t = t.to(_target_dtype(model, name, dtype))
         cast[name] = t
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict):
@@ -386,11 +377,13 @@ def load_models(
     dtype: torch.dtype,
     devices: dict[str, torch.device],
     *,
+    classes: dict[str, type],
     threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK,
     report: LoadReport | None = None,
 ) -> dict:
-    """Load several networks (role -> directory) concurrently; returns role -> module on devices[role]."""
+    """Load several networks (role -> directory, built as classes[role]: the family's component classes)
+    concurrently; returns role -> module on devices[role]."""
     start = time.perf_counter()
     report = report if report is not None else LoadReport()
     threads = threads or default_threads()
@@ -430,18 +423,17 @@ def load_models(
     with concurrent.futures.ThreadPoolExecutor(len(groups), thread_name_prefix="fastload-g") as pool:
         futures = [pool.submit(read, dev, group) for dev, group in groups.items()]
         t = time.perf_counter()
-        empties = {role: empty_model(role, Path(components[role]), dtype) for role in roles}
+        empties = {role: empty_model(classes[role], role, Path(components[role]), dtype) for role in roles}
         report.build_seconds = time.perf_counter() - t
         states = {}
         for fut in futures:
             states.update(fut.result())
     report.read_seconds = max(read_done.values()) - read_started
     t = time.perf_counter()
-    for role in roles:
-        if role.startswith("transformer"):  # a cache imported with --keep-int8: int8 layers load as they are
-            from .quant import use_stored_int8
+    from .quant import use_stored_int8
 
-            use_stored_int8(empties[role], states[role])
+    for role in roles:  # a DiT imported with --keep-int8: its int8 layers load as they are (no-op elsewhere)
+        use_stored_int8(empties[role], states[role])
     models = {role: fill_model(empties[role], role, states[role], dtype, devices[role]) for role in roles}
     for dev in {d for d in devices.values() if d.type == "cuda"}:
         torch.cuda.synchronize(dev)

@@ -1,4 +1,8 @@
-"""Build a pipeline from a model cache directory (storage.modelcache layout). Never touches a hub."""
+"""Build a pipeline from a model cache directory (engine/modelcache.py layout). Never touches a hub.
+
+The manifest names the model family (engine/families); its spec says which components to load with which classes,
+how many DiT experts there are and what the pipeline's latent geometry and conditioning are.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from turboflow.engine import modelcache
-from turboflow.errors import CheckpointError, ConfigError, DeviceUnavailableError, ModelCacheError
+from turboflow.errors import ConfigError, DeviceUnavailableError, ModelCacheError
 
-from . import fastload
+from . import fastload, modelcache
 from .checkpoint import load_sla_proj_l
+from .families import FamilySpec, family
+from .options import LoadOptions
 from .pipeline import TurboVideoPipeline
 from .quant import INT8_STORAGE
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load below is local
 
 
 def default_device() -> torch.device:
@@ -70,58 +74,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     )
 
 
-def _check_loading_info(role: str, info: dict) -> None:
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
-        raise CheckpointError(f"{role} weights do not match its config ({detail})")
-
-
-def _key_differences(model, path: Path) -> dict:
-    """diffusers only warns about key mismatches; compare the files' keys with the model's ourselves."""
-    from safetensors import safe_open
-
-    stored: set[str] = set()
-    for f in path.glob("*.safetensors"):
-        with safe_open(f, framework="pt") as fh:
-            stored.update(fh.keys())
-    expected = set(model.state_dict())
-    return {"missing_keys": expected - stored, "unexpected_keys": stored - expected}
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
+def load_tokenizer(path: Path, spec: FamilySpec):
+    """The family's tokenizer from its model-cache directory, offline."""
     if not path.is_dir():
         raise ModelCacheError(f"component 'tokenizer' missing: {path}", code="model_cache_incomplete")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return spec.components["tokenizer"].load_class().from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelCacheError(f"cannot load tokenizer from {path}: {e}", code="model_cache_invalid") from e
-
-
-def _load_component(role: str, path: Path, dtype: torch.dtype):
-    """One component the slow, library way (from_pretrained on the CPU); kept for comparison (bench, tests)."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5EncoderModel
-
-    if role == "tokenizer":
-        return _load_tokenizer(path)
-    if not path.is_dir():
-        raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
-    try:
-        if role == "text_encoder":
-            model, info = UMT5EncoderModel.from_pretrained(
-                path, dtype=dtype, local_files_only=True, output_loading_info=True
-            )
-        else:
-            cls = AutoencoderKLWan if role == "vae" else WanTransformer3DModel
-            model = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-            info = _key_differences(model, path)
-    except (OSError, ValueError) as e:
-        raise ModelCacheError(f"cannot load {role} from {path}: {e}", code="model_cache_invalid") from e
-    _check_loading_info(role, info)
-    return model
 
 
 def _weight_bytes(path: Path, dtype: torch.dtype) -> int:
@@ -144,14 +104,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype | None = None,
     verify_checksums: bool = False,
-    offload: str = "auto",
-    quant_linear: str | None = None,
-    compile: bool | str = False,
-    compile_cache_dir: str | os.PathLike | None = None,
-    fast_vae: bool = True,
-    vae_chunk: int | None = None,
-    compile_warmup: list[tuple[str, str, int]] | None = None,
-    sla_pooling: str = "input",
+    options: LoadOptions | None = None,
+    **option_overrides,
 ) -> TurboVideoPipeline:
     """Load every component named in the manifest onto `device` (default: CUDA if present).
 
@@ -169,25 +123,21 @@ def load_pipeline(
       per decoder call (default by frame size).
     sla_pooling: "input" (default) rounds SLA's block selection in the model dtype as upstream; "fp32" keeps it in
       fp32 (selects different blocks for a few % of query blocks in bf16; for comparisons, bench/sla_pooling.py).
-    engine/options.py reads all of these from TURBOFLOW_* environment variables (the functions' configuration).
+    load_threads: safetensors reader threads (default by CPU count); warmup: one tiny generation on CUDA.
+    All of these are the fields of `options` (engine/options.py LoadOptions, checked when built; the functions build
+    it from their Settings); keyword arguments named like its fields override them (`quant_linear="fp8"`).
     """
-    from .options import COMPILE_MODES
-    from .sla import POOLING_MODES
-
-    if isinstance(compile, str) and compile not in COMPILE_MODES:
-        raise ConfigError(f"compile mode must be one of {list(COMPILE_MODES)}, got {compile!r}", field="compile")
-    if sla_pooling not in POOLING_MODES:
-        raise ConfigError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}", field="sla_pooling")
+    opts = (options or LoadOptions()).replace(**option_overrides)
+    quant_linear, compile, vae_chunk, fast_vae = opts.quant_linear, opts.compile, opts.vae_chunk, opts.fast_vae
     from .linear import check_supported, quantize_transformer
 
     root = Path(model_dir)
     manifest = modelcache.verify(root, checksums=verify_checksums)
+    spec = family(manifest.family)
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     start = time.perf_counter()
-    required = {"tokenizer", "text_encoder", "vae", "transformer"} | (
-        {"transformer_2"} if manifest.kind == "i2v" else set()
-    )
+    required = {"tokenizer", "text_encoder", "vae", *spec.transformer_roles}
     missing = required - manifest.components.keys()
     if missing:
         raise ModelCacheError(f"manifest of {root} lacks components {sorted(missing)}", code="model_cache_invalid")
@@ -196,23 +146,23 @@ def load_pipeline(
         if not path.is_dir():
             raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
     check_supported(quant_linear, device)
-    if vae_chunk is not None and (not isinstance(vae_chunk, int) or vae_chunk < 1):
-        raise ConfigError(f"vae_chunk must be a positive number of latent frames, got {vae_chunk!r}", field="vae_chunk")
     _check_request_defaults(root, manifest)
     sizes = {r: _weight_bytes(p, dtype) for r, p in networks.items()}
     if quant_linear in ("fp8", "int8", "int8_weight_only"):
-        for r in ("transformer", "transformer_2"):
+        for r in spec.transformer_roles:
             stored_int8 = (manifest.source.get(r) or {}).get("stored") == INT8_STORAGE  # already 1 byte on disk
             if r in sizes and not stored_int8:  # the blocks' linears are ~all of a DiT's weights; 1 byte, not 2
                 sizes[r] = sizes[r] * 55 // 100
-    policy = _offload_policy(offload, manifest.kind, sizes, device)
+    policy = _offload_policy(opts.offload, spec, sizes, device)
     devices = {role: device for role in networks}
-    if policy == "experts" and "transformer_2" in devices:
-        devices["transformer_2"] = torch.device("cpu")
+    if policy == "experts":  # the experts after the first start parked on the host
+        for role in spec.transformer_roles[1:]:
+            devices[role] = torch.device("cpu")
     # every network streams from safetensors straight onto its device, text encoder and DiT concurrently
     report = fastload.LoadReport()
-    parts = fastload.load_models(networks, dtype, devices, report=report)
-    parts["tokenizer"] = _load_tokenizer(root / manifest.components["tokenizer"])
+    classes = {role: spec.components[role].load_class() for role in networks}
+    parts = fastload.load_models(networks, dtype, devices, classes=classes, report=report, threads=opts.load_threads)
+    parts["tokenizer"] = load_tokenizer(root / manifest.components["tokenizer"], spec)
     if vae_dtype is not None:
         parts["vae"].to(vae_dtype)
     if fast_vae and device.type == "cuda":
@@ -220,7 +170,7 @@ def load_pipeline(
 
         to_channels_last(parts["vae"])  # cuDNN's preferred conv layout for the fast decode (8% on H100)
     if quant_linear:
-        for role in ("transformer", "transformer_2"):
+        for role in spec.transformer_roles:
             if role in parts:
                 n = quantize_transformer(parts[role], quant_linear)
                 log.info("%s: %d linears -> %s", role, n, quant_linear)
@@ -230,20 +180,22 @@ def load_pipeline(
         from .compiled import compile_cache_dir as _cache_dir
         from .compiled import compile_transformer, use_cache_dir
 
-        use_cache_dir(_cache_dir(root, compile_cache_dir))
-        for role in ("transformer", "transformer_2"):
+        use_cache_dir(_cache_dir(root, opts.compile_cache_dir))
+        for role in spec.transformer_roles:
             if role in parts:
                 compile_transformer(parts[role], None if compile is True else str(compile))
     log.info(
-        "loaded %s (%s) on %s in %.2fs, offload=%s",
+        "loaded %s (%s, %s) on %s in %.2fs, offload=%s",
         manifest.name,
         manifest.kind,
+        spec.name,
         device,
         time.perf_counter() - start,
         policy,
     )
     pipeline = TurboVideoPipeline(
         kind=manifest.kind,
+        family=spec,
         transformer=parts["transformer"],
         transformer_2=parts.get("transformer_2"),
         vae=parts["vae"],
@@ -257,22 +209,22 @@ def load_pipeline(
         offload=policy,
         fast_vae=fast_vae,
         vae_chunk=vae_chunk,
-        sla_pooling=sla_pooling,
+        sla_pooling=opts.sla_pooling,
         sla_proj_l={
             role: load_sla_proj_l(root / manifest.components[role])
-            for role in ("transformer", "transformer_2")
+            for role in spec.transformer_roles
             if role in networks
         },
     )
     warmup_s = 0.0
-    if device.type == "cuda" and os.environ.get("TURBOFLOW_WARMUP", "1") != "0":
+    if device.type == "cuda" and opts.warmup:
         warm = time.perf_counter()
         warmup(pipeline)
         if compile:
             sizes = (
                 [(manifest.defaults.get("resolution", "480p"), "16:9", 81)]
-                if compile_warmup is None
-                else compile_warmup
+                if opts.compile_warmup is None
+                else list(opts.compile_warmup)
             )  # [] = none (the CLI's own request compiles its size)
             warm_compiled(pipeline, sizes)
         warmup_s = time.perf_counter() - warm
@@ -304,7 +256,7 @@ def _check_request_defaults(root: Path, manifest) -> None:
     try:
         GenerationRequest(
             prompt="x", kind=manifest.kind, **image, **model_request_defaults(manifest.defaults)
-        ).validated()
+        ).validated(family(manifest.family))
     except TurboflowError as e:
         raise ModelCacheError(
             f"manifest of {root} has an unusable request default: {e.message}", code="model_cache_invalid"
@@ -319,12 +271,11 @@ def warm_compiled(pipeline: TurboVideoPipeline, sizes: list[tuple[str, str, int]
     seconds = []
     for resolution, aspect_ratio, frames in sizes:
         start = time.perf_counter()
-        # I2V: 2 steps with boundary 0.95 (t = 0.995, 0.934) run one step on each expert
-        fields = (
-            {"image": Image.new("RGB", (64, 64)), "num_steps": 2, "boundary": 0.95, "adaptive_resolution": False}
-            if pipeline.kind == "i2v"
-            else {"num_steps": 1}
-        )
+        fields: dict = {"num_steps": 1}
+        if pipeline.kind == "i2v":
+            fields.update(image=Image.new("RGB", (64, 64)), adaptive_resolution=False)
+        if len(pipeline.family.experts) == 2:  # 2 steps with boundary 0.95 (t = 0.995, 0.934): one on each expert
+            fields.update(num_steps=2, boundary=0.95)
         pipeline(
             pipeline.request(
                 "warm up", resolution=resolution, aspect_ratio=aspect_ratio, num_frames=frames, seed=1, **fields
@@ -354,19 +305,21 @@ def warmup(pipeline: TurboVideoPipeline) -> None:
             return_dict=False,
         )
     pipeline.decode(torch.randn(1, c, 1, 4, 4, device=dev))
-    if pipeline.kind == "i2v":
+    if pipeline.family.conditioning is not None:
         from PIL import Image
 
         pipeline.encode_image(Image.new("RGB", (32, 32)), 32, 32, 1)
     torch.cuda.synchronize(dev)
 
 
-def _offload_policy(offload: str, kind: str, weight_bytes: dict, device: torch.device) -> str:
+def _offload_policy(offload: str, spec: FamilySpec, weight_bytes: dict, device: torch.device) -> str:
+    """ "auto": keep every expert resident when weights + activation headroom fit the free device memory, else park
+    the idle expert on the host ("experts"); a one-expert family has nothing to park."""
     if offload in ("none", "experts"):
         return offload
     if offload != "auto":
         raise ConfigError(f"offload must be auto, none or experts, got {offload!r}", field="offload")
-    if kind != "i2v" or device.type != "cuda":
+    if len(spec.experts) < 2 or device.type != "cuda":
         return "none"
     weights = sum(weight_bytes.values())
     free, _ = torch.cuda.mem_get_info(device)

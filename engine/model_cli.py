@@ -6,14 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from turboflow.engine import modelcache
-
+from . import modelcache
+from .families import families
 from .model_import import DTYPES, import_model, pull_model
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="output model cache directory")
-    p.add_argument("--kind", choices=modelcache.KINDS, required=True)
+    p.add_argument("--kind", choices=modelcache.KINDS, required=True, help="the task the model serves")
+    p.add_argument(
+        "--family", choices=families(), default=None, help="model family (default: wan2.1 for t2v, wan2.2 for i2v)"
+    )
     p.add_argument("--name", help="model name recorded in the manifest (default: from the DiT file name)")
     p.add_argument("--sigma-max", type=float, help="default sigma_max (default 80 t2v / 200 i2v)")
     p.add_argument("--boundary", type=float, help="I2V expert switch (default 0.9)")
@@ -71,6 +74,7 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
 def _import_kwargs(args) -> dict:
     return dict(
         kind=args.kind,
+        family=args.family,
         name=args.name,
         sigma_max=args.sigma_max,
         boundary=args.boundary,

@@ -1,6 +1,6 @@
 """`turboflow model import|pull`: turn downloaded TurboDiffusion / Wan files into a model cache directory.
 
-Output layout (storage.modelcache): diffusers-style component directories with config.json + safetensors,
+Output layout (engine/modelcache.py): diffusers-style component directories with config.json + safetensors,
 `manifest.json` written last (its presence marks the cache complete):
 
     OUT/transformer/        WanTransformer3DModel (I2V: the high-noise expert, used while t >= boundary)
@@ -13,7 +13,9 @@ Output layout (storage.modelcache): diffusers-style component directories with c
 Inputs per component: a Wan-native `.pth` file (TurboDiffusion DiT, its `-quant.pth`, `Wan2.1_VAE.pth`,
 `models_t5_umt5-xxl-enc-bf16.pth`) or an already-converted component directory (config.json + *.safetensors), or
 `diffusers_dir=` a diffusers pipeline directory supplying every component not given explicitly. Every component's
-keys and shapes are checked against its architecture; nothing mismatched is written silently.
+keys and shapes are checked against its architecture (the model family's component classes: `family=`, default
+the kind's, wan2.1 for t2v and wan2.2 for i2v); nothing mismatched is written silently. Wan-native `.pth` files are
+converted with engine/checkpoint.py (the Wan families' key maps).
 
 `pull_model` downloads named files with huggingface_hub's `hf_hub_download` (where the cluster has network), then
 runs the same import and a full sha256 verification of the result. The downloader is injectable; this repository's
@@ -31,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from turboflow.engine import modelcache
 from turboflow.errors import CheckpointError, TurboflowError
 
 from . import checkpoint as ck
+from . import families, modelcache
+from .families import FamilySpec
 from .quant import INT8_STORAGE, use_stored_int8
 
 log = logging.getLogger(__name__)
@@ -78,22 +81,19 @@ def _save_model(cls, config: dict, state_dict: dict, dest: Path, what: str, int8
     model.save_pretrained(dest, max_shard_size=MAX_SHARD, safe_serialization=True)
 
 
-def _expected_from_dir(role: str, src: Path) -> dict[str, tuple[int, ...]]:
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    if role == "text_encoder":
-        config = UMT5Config.from_pretrained(src, local_files_only=True)
+def _expected_from_dir(cls, src: Path) -> dict[str, tuple[int, ...]]:
+    config_class = getattr(cls, "config_class", None)  # transformers models take a config object
+    if config_class is not None:
+        config = config_class.from_pretrained(src, local_files_only=True)
         with torch.device("meta"):
-            model = UMT5EncoderModel(config)
+            model = cls(config)
     else:
-        cls = WanTransformer3DModel if role.startswith("transformer") else AutoencoderKLWan
         with torch.device("meta"):
             model = cls.from_config(cls.load_config(src, local_files_only=True))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
+def _copy_component_dir(cls, role: str, src: Path, dest: Path) -> None:
     """Copy an already-converted component directory after checking its tensor headers against its config."""
     from safetensors import safe_open
 
@@ -115,7 +115,7 @@ def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
                 shapes[k] = fh.get_slice(k).get_shape()
     fake = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     ignore = ("encoder.embed_tokens.weight",) if role == "text_encoder" else ()  # tied to shared.weight
-    ck.check_state_dict(f"{role} in {src}", fake, _expected_from_dir(role, src), ignore_missing=ignore)
+    ck.check_state_dict(f"{role} in {src}", fake, _expected_from_dir(cls, src), ignore_missing=ignore)
     dest.mkdir(parents=True)
     for p in sorted(src.iterdir()):
         if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name.endswith(".safetensors.index.json")):
@@ -126,16 +126,15 @@ def _copy_component_dir(role: str, src: Path, dest: Path) -> None:
         shutil.copyfile(sla, dest / ck.SLA_FILE)
 
 
-def _write_dit(src: Path, dest: Path, config: dict | None, dtype, keep_int8: bool = False) -> dict:
-    from diffusers import WanTransformer3DModel
+def _write_dit(cls, src: Path, dest: Path, config: dict | None, dtype, keep_int8: bool = False) -> dict:
     from safetensors.torch import save_file
 
     if not _is_native_file(src):
-        _copy_component_dir(dest.name, src, dest)
+        _copy_component_dir(cls, dest.name, src, dest)
         return {"file": src.name, "format": "diffusers"}
     conv = ck.load_dit_checkpoint(src, config, dtype=dtype, keep_int8=keep_int8)
     _save_model(
-        WanTransformer3DModel,
+        cls,
         conv.config,
         conv.state_dict,
         dest,
@@ -153,31 +152,25 @@ def _write_dit(src: Path, dest: Path, config: dict | None, dtype, keep_int8: boo
     }
 
 
-def _write_vae(src: Path, dest: Path, config: dict | None, dtype) -> dict:
-    from diffusers import AutoencoderKLWan
-
+def _write_vae(cls, src: Path, dest: Path, config: dict | None, dtype) -> dict:
     if not _is_native_file(src):
-        _copy_component_dir("vae", src, dest)
+        _copy_component_dir(cls, "vae", src, dest)
         return {"file": src.name, "format": "diffusers"}
     sd, cfg = ck.load_vae_checkpoint(src, config, dtype=dtype)
-    _save_model(AutoencoderKLWan, cfg, sd, dest, f"VAE {src}")
+    _save_model(cls, cfg, sd, dest, f"VAE {src}")
     return {"file": src.name, "format": "wan-native"}
 
 
-def _write_text_encoder(src: Path, dest: Path, config: dict | None, dtype) -> dict:
-    from transformers import UMT5EncoderModel
-
+def _write_text_encoder(cls, src: Path, dest: Path, config: dict | None, dtype) -> dict:
     if not _is_native_file(src):
-        _copy_component_dir("text_encoder", src, dest)
+        _copy_component_dir(cls, "text_encoder", src, dest)
         return {"file": src.name, "format": "transformers"}
     sd, cfg = ck.load_t5_checkpoint(src, config, dtype=dtype)
-    _save_model(UMT5EncoderModel, cfg, sd, dest, f"umT5 {src}")
+    _save_model(cls, cfg, sd, dest, f"umT5 {src}")
     return {"file": src.name, "format": "wan-native"}
 
 
-def _write_tokenizer(src: Path, dest: Path) -> dict:
-    from transformers import AutoTokenizer
-
+def _write_tokenizer(cls, src: Path, dest: Path) -> dict:
     if not src.is_dir():
         raise ModelImportError(
             f"tokenizer: {src} is not a directory (give the local umT5 tokenizer directory with "
@@ -190,7 +183,7 @@ def _write_tokenizer(src: Path, dest: Path) -> dict:
         if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES:
             shutil.copyfile(p, dest / p.name)
     try:
-        tok = AutoTokenizer.from_pretrained(dest, local_files_only=True)
+        tok = cls.from_pretrained(dest, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelImportError(f"tokenizer in {src} cannot be loaded offline: {e}") from e
     return {"dir": src.name, "class": type(tok).__name__, "vocab_size": len(tok)}
@@ -199,9 +192,11 @@ def _write_tokenizer(src: Path, dest: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # import
 # ---------------------------------------------------------------------------------------------------------------
-def default_defaults(kind: str, dit_name: str = "") -> dict:
-    resolution = "720p" if kind == "i2v" or "720" in dit_name else "480p"
-    return {"sigma_max": 80.0 if kind == "t2v" else 200.0, "boundary": 0.9, "resolution": resolution}
+def default_defaults(spec: FamilySpec, dit_name: str = "") -> dict:
+    """Request defaults of an imported model: the family's sigma_max and resolution (720p where the DiT's file
+    name says so), boundary 0.9."""
+    resolution = "720p" if "720" in dit_name else spec.default_resolution
+    return {"sigma_max": spec.default_sigma_max, "boundary": 0.9, "resolution": resolution}
 
 
 def _resolve(value, diffusers_dir: Path | None, sub: str) -> Path | None:
@@ -216,6 +211,7 @@ def import_model(
     out_dir: str | os.PathLike,
     *,
     kind: str,
+    family: str | None = None,
     dit=None,
     dit_low=None,
     vae=None,
@@ -235,9 +231,14 @@ def import_model(
     source: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> modelcache.Manifest:
-    """Convert/copy every component into `out_dir` and write its manifest. Returns the Manifest."""
+    """Convert/copy every component of a `family` model (default: the kind's) serving the task `kind` into
+    `out_dir` and write its manifest. `dit` is the first expert's DiT, `dit_low` the second's (two-expert families).
+    Returns the Manifest."""
     if kind not in modelcache.KINDS:
         raise ModelImportError(f"kind must be one of {modelcache.KINDS}, got {kind!r}")
+    spec = families.family(family) if family is not None else families.family_for_kind(kind)
+    if kind not in spec.tasks:
+        raise ModelImportError(f"family {spec.name} serves {'/'.join(spec.tasks)}, not --kind {kind}")
     if dtype not in DTYPES:
         raise ModelImportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -251,10 +252,12 @@ def import_model(
         "text_encoder": _resolve(text_encoder, ddir, "text_encoder"),
         "tokenizer": _resolve(tokenizer_dir, ddir, "tokenizer"),
     }
-    if kind == "i2v":
-        inputs["transformer_2"] = _resolve(dit_low, ddir, "transformer_2")
+    if len(spec.transformer_roles) == 2:
+        inputs[spec.transformer_roles[1]] = _resolve(dit_low, ddir, spec.transformer_roles[1])
     elif dit_low is not None:
-        raise ModelImportError("dit_low (the low-noise expert) only applies to --kind i2v")
+        raise ModelImportError(
+            f"dit_low (the low-noise expert) only applies to --kind i2v (a two-expert family); {spec.name} has one DiT"
+        )
     missing = [role for role, p in inputs.items() if p is None]
     if missing:
         raise ModelImportError(f"no input for {missing}: pass them explicitly or a diffusers directory that has them")
@@ -265,20 +268,20 @@ def import_model(
     root = Path(out_dir)
     _prepare_output(root, list(inputs), force)
     record: dict = {"importer": "turboflow.engine.model_import", **(source or {})}
+    classes = {role: spec.components[role].load_class() for role in inputs}
     writers = {
-        "transformer": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
-        "transformer_2": lambda s, d: _write_dit(s, d, dit_config, torch_dtype, keep_int8),
-        "vae": lambda s, d: _write_vae(s, d, vae_config, torch_dtype),
-        "text_encoder": lambda s, d: _write_text_encoder(s, d, t5_config, torch_dtype),
-        "tokenizer": lambda s, d: _write_tokenizer(s, d),
+        "vae": lambda s, d: _write_vae(classes["vae"], s, d, vae_config, torch_dtype),
+        "text_encoder": lambda s, d: _write_text_encoder(classes["text_encoder"], s, d, t5_config, torch_dtype),
+        "tokenizer": lambda s, d: _write_tokenizer(classes["tokenizer"], s, d),
     }
-    for role in ("tokenizer", "vae", "text_encoder", "transformer", "transformer_2"):
-        if role in inputs:
-            say(f"{role}: {inputs[role]}")
-            record[role] = writers[role](inputs[role], root / role)
-    _check_pairing(kind, root)
-    defaults = default_defaults(kind, inputs["transformer"].name)
-    if all((root / role / ck.SLA_FILE).is_file() for role in ("transformer", "transformer_2") if role in inputs):
+    for role in spec.transformer_roles:
+        writers[role] = lambda s, d, role=role: _write_dit(classes[role], s, d, dit_config, torch_dtype, keep_int8)
+    for role in ("tokenizer", "vae", "text_encoder", *spec.transformer_roles):
+        say(f"{role}: {inputs[role]}")
+        record[role] = writers[role](inputs[role], root / role)
+    _check_pairing(spec, kind, root)
+    defaults = default_defaults(spec, inputs["transformer"].name)
+    if all((root / role / ck.SLA_FILE).is_file() for role in spec.transformer_roles):
         # fine-tuned with SLA: serve it that way unless asked not to (upstream's default, SageSLA, is a quantized
         # variant with other blocks on Hopper that this build does not offer; 'sla' is what it was trained with)
         defaults.update(attention="sla", sla_topk=0.1)
@@ -291,7 +294,13 @@ def import_model(
     )
     name = name or _default_name(kind, inputs["transformer"])
     return modelcache.write_manifest(
-        root, name=name, kind=kind, components={r: r for r in inputs}, defaults=defaults, source=record
+        root,
+        name=name,
+        kind=kind,
+        family=spec.name,
+        components={r: r for r in inputs},
+        defaults=defaults,
+        source=record,
     )
 
 
@@ -311,61 +320,14 @@ def _prepare_output(root: Path, roles: list[str], force: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def _check_pairing(kind: str, root: Path) -> None:
-    for role in ("transformer", "transformer_2") if kind == "i2v" else ("transformer",):
+def _check_pairing(spec: FamilySpec, kind: str, root: Path) -> None:
+    for role in spec.transformer_roles:
         cfg = json.loads((root / role / "config.json").read_text())
-        want = 36 if kind == "i2v" else 16
-        if cfg.get("in_channels") != want:
+        if cfg.get("in_channels") != spec.in_channels:
             raise ModelImportError(
-                f"{role} has {cfg.get('in_channels')} input channels; a {kind} model needs {want} "
-                f"(is this the right checkpoint for --kind {kind}?)"
+                f"{role} has {cfg.get('in_channels')} input channels; a {spec.name} {kind} model needs "
+                f"{spec.in_channels} (is this the right checkpoint for --kind {kind}?)"
             )
-
-
-def export_native(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    net_prefix: bool = True,
-    quantize: bool = False,
-    proj_l: dict | None = None,
-) -> dict[str, Path]:
-    """Write a cache's components back as TurboDiffusion/Wan-native .pth files (the inverse of import).
-
-    DiTs get TurboDiffusion's layout (Linear patch embedding, `net.` prefix unless disabled, proj_l from
-    `transformer/sla/` or `proj_l`, int8 + scales when `quantize`). Used by tests to build realistic inputs.
-    """
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5EncoderModel
-
-    from .quant import quantize_state_dict
-
-    root, out = Path(model_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = modelcache.read_manifest(root)
-    written: dict[str, Path] = {}
-    for role, sub in manifest.components.items():
-        src = root / sub
-        if role.startswith("transformer"):
-            sd = WanTransformer3DModel.from_pretrained(src, local_files_only=True).state_dict()
-            wan = ck.diffusers_dit_to_wan(sd, proj_l=proj_l if proj_l is not None else ck.load_sla_proj_l(src))
-            if quantize:
-                wan = quantize_state_dict(wan)
-            path = out / f"{manifest.name}-{role}{'-quant' if quantize else ''}.pth"
-            torch.save({(ck.NET_PREFIX if net_prefix else "") + k: v for k, v in wan.items()}, path)
-        elif role == "vae":
-            model = AutoencoderKLWan.from_pretrained(src, local_files_only=True)
-            path = out / "Wan2.1_VAE.pth"
-            torch.save(ck.diffusers_vae_to_wan(model.state_dict(), dict(model.config)), path)
-        elif role == "text_encoder":
-            model = UMT5EncoderModel.from_pretrained(src, local_files_only=True)
-            path = out / "models_t5_umt5-xxl-enc.pth"
-            torch.save(ck.transformers_t5_to_wan(model.state_dict()), path)
-        else:
-            path = out / sub
-            shutil.copytree(src, path, dirs_exist_ok=True)
-        written[role] = path
-    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Model cache layout on the PVC: a diffusers-style directory plus `manifest.json`.
 
     MODEL_DIR/
-      manifest.json            format, name, kind (t2v|i2v), components, defaults, files[path,size,sha256]
+      manifest.json            format, name, kind (the task: t2v|i2v), family (wan2.1|wan2.2|...), components,
+                               defaults, files[path,size,sha256]
       transformer/             config.json + *.safetensors  (I2V: the high-noise expert)
       transformer_2/           I2V only: the low-noise expert
       vae/  text_encoder/  tokenizer/
+
+`family` names the registered model family (engine/families) whose spec loads the components. Manifests written
+before it was recorded have none and load as the family their kind implied (wan2.1 for t2v, wan2.2 for i2v).
 
 Loading checks presence and sizes (cheap, every cold start); `verify(checksums=True)` hashes every file
 (the pull job and `turboflow model verify` do this once).
@@ -21,9 +25,11 @@ from pathlib import Path
 
 from turboflow.errors import ChecksumMismatchError, ModelCacheError
 
+from . import families
+
 MANIFEST = "manifest.json"
 FORMAT = "turboflow-model-cache/1"
-KINDS = ("t2v", "i2v")
+KINDS = families.TASKS
 _CHUNK = 8 << 20
 
 
@@ -37,13 +43,18 @@ class FileEntry:
 @dataclass
 class Manifest:
     name: str
-    kind: str
+    kind: str  # the task it serves: t2v | i2v
     components: dict[str, str]  # role -> subdirectory
     files: list[FileEntry] = field(default_factory=list)
     defaults: dict = field(default_factory=dict)  # e.g. sigma_max, resolution, boundary
     source: dict = field(default_factory=dict)  # where the weights came from (checkpoint names, tiny seed)
     format: str = FORMAT
     created: float = field(default_factory=time.time)
+    family: str = ""  # "": written before families were recorded -> the family the kind implied
+
+    def __post_init__(self):
+        if not self.family and self.kind in KINDS:
+            self.family = families.family_for_kind(self.kind).name
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -67,14 +78,17 @@ def write_manifest(
     name: str,
     kind: str,
     components: dict[str, str],
+    family: str | None = None,
     defaults: dict | None = None,
     source: dict | None = None,
 ) -> Manifest:
     """Hash every file under the component directories and write manifest.json last (its presence
-    means the cache is complete)."""
+    means the cache is complete). `family` defaults to the one the kind implies (wan2.1 t2v, wan2.2 i2v)."""
     root = Path(model_dir)
     if kind not in KINDS:
         raise ModelCacheError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    spec = families.family(family) if family is not None else families.family_for_kind(kind)
+    _check_family_serves(spec, kind, root)
     entries = []
     for sub in sorted(set(components.values())):
         base = root / sub
@@ -86,6 +100,7 @@ def write_manifest(
     manifest = Manifest(
         name=name,
         kind=kind,
+        family=spec.name,
         components=dict(components),
         files=entries,
         defaults=dict(defaults or {}),
@@ -121,7 +136,19 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
         raise ModelCacheError(f"{path} is not a valid manifest: {e}", code="model_cache_invalid") from e
     if manifest.kind not in KINDS:
         raise ModelCacheError(f"{path}: unknown kind {manifest.kind!r}", code="model_cache_invalid")
+    try:
+        spec = families.family(manifest.family)
+    except families.UnknownFamilyError as e:
+        raise families.UnknownFamilyError(f"{path}: {e.message}", field="family") from None
+    _check_family_serves(spec, manifest.kind, path)
     return manifest
+
+
+def _check_family_serves(spec: families.FamilySpec, kind: str, where: Path) -> None:
+    if kind not in spec.tasks:
+        raise ModelCacheError(
+            f"{where}: model family {spec.name} serves {'/'.join(spec.tasks)}, not {kind}", code="model_cache_invalid"
+        )
 
 
 def verify(model_dir: str | os.PathLike, *, checksums: bool = False) -> Manifest:

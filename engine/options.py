@@ -1,109 +1,116 @@
-"""`load_pipeline` options from TURBOFLOW_* settings, so a Knative service (env) and the CLI (flags) configure the
-same performance switches. Bad values raise ConfigError naming the variable: a pod fails to become ready with that
-message instead of running with a silently ignored setting.
+"""`LoadOptions`: how `load_pipeline` loads and speeds up a model, one typed, checked, frozen object.
 
-    TURBOFLOW_QUANT_LINEAR    none | fp8 | int8 | int8_weight_only   DiT linears (default none: weights as shipped)
-    TURBOFLOW_COMPILE         0 | 1 | an inductor mode                torch.compile the DiT blocks (default 0)
-    TURBOFLOW_COMPILE_CACHE   directory                               persistent Inductor/Triton cache
-    TURBOFLOW_COMPILE_WARMUP  sizes, e.g. "480p:16:9:81,720p:16:9:81" compiled before ready (default: the model's
-                                                                      resolution, 16:9, 81 frames)
-    TURBOFLOW_FAST_VAE        1 | 0                                   chunked VAE decode (default 1)
-    TURBOFLOW_VAE_CHUNK       latent frames per decoder call          (default by frame size)
-    TURBOFLOW_OFFLOAD         auto | none | experts                   I2V expert placement (default auto)
+The functions build it from the process's `Settings` (`LoadOptions.from_settings`: the TURBOFLOW_* variables of
+turboflow/settings.py), the CLI from its flags (`LoadOptions(...)`): the same switches either way. The engine reads
+no environment variable; a bad value is a ConfigError naming the variable or option.
+
+    quant_linear       None | fp8 | int8 | int8_weight_only   DiT linears (None: weights as shipped)
+    compile            False | True | an inductor mode         torch.compile the DiT blocks
+    compile_cache_dir  directory                                persistent Inductor/Triton cache (engine/compiled.py)
+    compile_warmup     ((resolution, aspect, frames), ...)      compiled before ready (None: the model's resolution,
+                                                                16:9, 81 frames; (): none)
+    fast_vae           bool                                     chunked VAE decode (default on)
+    vae_chunk          latent frames per decoder call           (None: by frame size)
+    offload            auto | none | experts                    I2V expert placement
+    sla_pooling        input | fp32                             SLA block selection precision (engine/sla.py)
+    load_threads       threads reading safetensors              (None: CPU count, 2..16)
+    warmup             bool                                     one tiny generation on CUDA before returning
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from dataclasses import dataclass
 
 from turboflow.errors import ConfigError
+from turboflow.settings import COMPILE_MODES, OFFLOAD_POLICIES, QUANT_LINEAR_MODES, Settings
 
-from .request import MAX_FRAMES, QUANT_LINEAR_MODES, RESOLUTIONS
+from .request import MAX_FRAMES, RESOLUTIONS
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OFFLOAD_POLICIES = ("auto", "none", "experts")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+__all__ = ["COMPILE_MODES", "OFFLOAD_POLICIES", "LoadOptions", "check_sizes"]
 
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r}: expected 1 or 0", field=name)
+WarmupSizes = tuple[tuple[str, str, int], ...]
 
 
-def parse_sizes(raw: str, name: str = "TURBOFLOW_COMPILE_WARMUP") -> list[tuple[str, str, int]]:
-    """'480p:16:9:81,720p:9:16:49' -> [(resolution, aspect_ratio, frames), ...]."""
-    sizes = []
-    for item in (x.strip() for x in raw.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
+@dataclass(frozen=True)
+class LoadOptions:
+    quant_linear: str | None = None
+    compile: bool | str = False
+    compile_cache_dir: str | None = None
+    compile_warmup: WarmupSizes | None = None
+    fast_vae: bool = True
+    vae_chunk: int | None = None
+    offload: str = "auto"
+    sla_pooling: str = "input"
+    load_threads: int | None = None
+    warmup: bool = True
+
+    def __post_init__(self):
+        from .sla import POOLING_MODES
+
+        if self.quant_linear is not None and self.quant_linear not in QUANT_LINEAR_MODES:
+            raise ConfigError(
+                f"quant_linear must be None or one of {list(QUANT_LINEAR_MODES)}, got {self.quant_linear!r}",
+                field="quant_linear",
+            )
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"compile mode must be one of {list(COMPILE_MODES)}, got {self.compile!r}", field="compile"
+            )
+        if self.offload not in OFFLOAD_POLICIES:
+            raise ConfigError(f"offload must be one of {list(OFFLOAD_POLICIES)}, got {self.offload!r}", field="offload")
+        if self.sla_pooling not in POOLING_MODES:
+            raise ConfigError(
+                f"sla_pooling must be one of {list(POOLING_MODES)}, got {self.sla_pooling!r}", field="sla_pooling"
+            )
+        if self.vae_chunk is not None and (not isinstance(self.vae_chunk, int) or self.vae_chunk < 1):
+            raise ConfigError(
+                f"vae_chunk must be a positive number of latent frames, got {self.vae_chunk!r}", field="vae_chunk"
+            )
+        if self.load_threads is not None and (not isinstance(self.load_threads, int) or self.load_threads < 1):
+            raise ConfigError(
+                f"load_threads must be a positive integer, got {self.load_threads!r}", field="load_threads"
+            )
+        if self.compile_warmup is not None:
+            object.__setattr__(self, "compile_warmup", check_sizes(self.compile_warmup, "compile_warmup"))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LoadOptions:
+        """The load options of a function process (TURBOFLOW_QUANT_LINEAR, _COMPILE, ... in turboflow/settings.py)."""
+        sizes = settings.compile_warmup
+        return cls(
+            quant_linear=settings.quant_linear,
+            compile=settings.compile,
+            compile_cache_dir=settings.compile_cache,
+            compile_warmup=None if sizes is None else check_sizes(sizes, "TURBOFLOW_COMPILE_WARMUP"),
+            fast_vae=settings.fast_vae,
+            vae_chunk=settings.vae_chunk,
+            offload=settings.offload,
+            load_threads=settings.load_threads,
+            warmup=settings.warmup,
+        )
+
+    def replace(self, **changes) -> LoadOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def check_sizes(sizes, name: str) -> WarmupSizes:
+    """Warm-up sizes as a tuple of (resolution, aspect_ratio, frames), each a size this engine can generate
+    (a known resolution and aspect ratio, 4k+1 frames up to MAX_FRAMES); ConfigError naming `name` otherwise."""
+    checked = []
+    for size in sizes:
+        resolution, aspect, frames = size
         if (
-            len(parts) != 4
-            or parts[0] not in RESOLUTIONS
-            or f"{parts[1]}:{parts[2]}" not in RESOLUTIONS[parts[0]]
-            or not parts[3].isdigit()
-            or (int(parts[3]) - 1) % 4
-            or not 1 <= int(parts[3]) <= MAX_FRAMES
+            resolution not in RESOLUTIONS
+            or aspect not in RESOLUTIONS[resolution]
+            or not isinstance(frames, int)
+            or (frames - 1) % 4
+            or not 1 <= frames <= MAX_FRAMES
         ):
             raise ConfigError(
-                f"{name}: {item!r} is not RESOLUTION:W:H:FRAMES with a known resolution and aspect "
-                f"ratio and 4k+1 frames up to {MAX_FRAMES} (e.g. 480p:16:9:81)",
+                f"{name}: {resolution}:{aspect}:{frames} is not a known resolution and aspect ratio with 4k+1 frames "
+                f"up to {MAX_FRAMES} (e.g. 480p:16:9:81)",
                 field=name,
             )
-        sizes.append((parts[0], f"{parts[1]}:{parts[2]}", int(parts[3])))
-    return sizes
-
-
-def load_options(env: Mapping[str, str]) -> dict:
-    """Keyword arguments for `load_pipeline` from the TURBOFLOW_* settings in `env`."""
-    opts: dict = {}
-    quant = (env.get("TURBOFLOW_QUANT_LINEAR") or "").strip().lower()
-    if quant not in ("", "none", "off"):
-        if quant not in QUANT_LINEAR_MODES:
-            raise ConfigError(
-                f"TURBOFLOW_QUANT_LINEAR={quant!r}: expected none or one of {list(QUANT_LINEAR_MODES)}",
-                field="TURBOFLOW_QUANT_LINEAR",
-            )
-        opts["quant_linear"] = quant
-    compile_raw = (env.get("TURBOFLOW_COMPILE") or "").strip()
-    if compile_raw.lower() in _TRUE:
-        opts["compile"] = True
-    elif compile_raw in COMPILE_MODES:
-        opts["compile"] = compile_raw
-    elif compile_raw.lower() not in _FALSE:
-        raise ConfigError(
-            f"TURBOFLOW_COMPILE={compile_raw!r}: expected 0, 1 or one of {list(COMPILE_MODES)}",
-            field="TURBOFLOW_COMPILE",
-        )
-    if env.get("TURBOFLOW_COMPILE_CACHE"):
-        opts["compile_cache_dir"] = env["TURBOFLOW_COMPILE_CACHE"]
-    if env.get("TURBOFLOW_COMPILE_WARMUP"):
-        opts["compile_warmup"] = parse_sizes(env["TURBOFLOW_COMPILE_WARMUP"])
-        if "compile" not in opts:
-            raise ConfigError(
-                "TURBOFLOW_COMPILE_WARMUP is set but TURBOFLOW_COMPILE is off: nothing would be "
-                "compiled (set TURBOFLOW_COMPILE=1 or drop the warm-up sizes)",
-                field="TURBOFLOW_COMPILE_WARMUP",
-            )
-    opts["fast_vae"] = _flag(env, "TURBOFLOW_FAST_VAE", True)
-    chunk = (env.get("TURBOFLOW_VAE_CHUNK") or "").strip()
-    if chunk:
-        if not chunk.isdigit() or int(chunk) < 1:
-            raise ConfigError(
-                f"TURBOFLOW_VAE_CHUNK={chunk!r}: expected a positive integer", field="TURBOFLOW_VAE_CHUNK"
-            )
-        opts["vae_chunk"] = int(chunk)
-    offload = (env.get("TURBOFLOW_OFFLOAD") or "auto").strip().lower()
-    if offload not in OFFLOAD_POLICIES:
-        raise ConfigError(
-            f"TURBOFLOW_OFFLOAD={offload!r}: expected one of {list(OFFLOAD_POLICIES)}", field="TURBOFLOW_OFFLOAD"
-        )
-    opts["offload"] = offload
-    return opts
+        checked.append((resolution, aspect, frames))
+    return tuple(checked)

@@ -1,7 +1,9 @@
 """TurboDiffusion T2V / I2V on diffusers components: explicit parts in, one __call__ out.
 
 The pipeline owns no global state; `loading.load_pipeline` builds one from a model cache directory and a
-function keeps it for the life of its pod (text encoder, DiT and VAE stay loaded between requests).
+function keeps it for the life of its pod (text encoder, DiT and VAE stay loaded between requests). Architecture
+facts (latent geometry, experts, conditioning, fps, text length) come from the model family's spec
+(engine/families); `kind` is the task (t2v | i2v) the pipeline serves.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 
 from turboflow.errors import InvalidRequestError, OutOfMemoryError
 
+from . import families
+from .families import FamilySpec
 from .prompt import clean_prompt
-from .request import FPS, SEED_MAX, GenerationRequest, GenerationResult, model_request_defaults
+from .request import SEED_MAX, GenerationRequest, GenerationResult, model_request_defaults
 from .sampler import rcm_sample
 
-TEXT_LEN = 512  # umT5 context length used by Wan
 Progress = Callable[[int, int], None]  # (rCM steps done, steps)
 # (stage, done, total) for every stage: text_encode and vae_encode count 0..1, diffusion counts rCM steps,
 # vae_decode counts decoded video frames (it reports after each decoded chunk)
@@ -84,7 +87,8 @@ class _ExpertSwap:
 
 
 class TurboVideoPipeline:
-    """rCM few-step text/image-to-video. `transformer_2` (I2V low-noise expert) is used for steps with t < boundary.
+    """rCM few-step text/image-to-video. With a two-expert family (Wan2.2), `transformer_2` (the low-noise expert)
+    is used for steps with t < boundary.
 
     offload: "none" keeps every network on `device`; "experts" keeps only the expert in use on the device and moves
     the other to CPU (upstream TurboDiffusion's behaviour, for cards that cannot hold both A14B experts).
@@ -109,18 +113,33 @@ class TurboVideoPipeline:
         fast_vae: bool = False,
         vae_chunk: int | None = None,
         sla_pooling: str = "input",
+        family: str | FamilySpec | None = None,
     ):
-        if kind not in ("t2v", "i2v"):
+        if kind not in families.TASKS:
             raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
-        if kind == "i2v" and transformer.config.in_channels != 36:
-            raise ValueError(f"I2V transformer needs 36 input channels, has {transformer.config.in_channels}")
+        spec = (
+            family
+            if isinstance(family, FamilySpec)
+            else families.family(family)
+            if family is not None
+            else families.family_for_kind(kind)
+        )
+        if kind not in spec.tasks:
+            raise ValueError(f"family {spec.name} serves {'/'.join(spec.tasks)}, not {kind}")
+        for net in (transformer, transformer_2):
+            if net is not None and net.config.in_channels != spec.in_channels:
+                raise ValueError(
+                    f"{kind.upper()} transformer needs {spec.in_channels} input channels, has {net.config.in_channels}"
+                )
+        if (transformer_2 is not None) != (len(spec.experts) == 2):
+            raise ValueError(f"family {spec.name} runs {len(spec.experts)} DiT expert(s): {spec.transformer_roles}")
         if offload not in ("none", "experts"):
             raise ValueError(f"offload must be 'none' or 'experts', got {offload!r}")
         from .sla import POOLING_MODES
 
         if sla_pooling not in POOLING_MODES:
             raise ValueError(f"sla_pooling must be one of {list(POOLING_MODES)}, got {sla_pooling!r}")
-        self.kind, self.model_name, self.defaults = kind, model_name, dict(defaults or {})
+        self.kind, self.family, self.model_name, self.defaults = kind, spec, model_name, dict(defaults or {})
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.device, self.dtype = torch.device(device), dtype
@@ -133,9 +152,15 @@ class TurboVideoPipeline:
         self._attention: tuple = ("original", 0.0)
         # engine.vae_decode.fast_decode (chunked causal decode, fused padding/norm) instead of diffusers' per-frame loop
         self.fast_vae, self.vae_chunk = fast_vae, vae_chunk
-        self.spatial_factor = 2 ** len(vae.config.temperal_downsample)  # 8 for Wan2.1 VAE
-        self.temporal_factor = 2 ** sum(vae.config.temperal_downsample)  # 4
-        self.latent_channels = vae.config.z_dim
+        # the VAE must compress as the family says: stride (t, h, w) = (2^halvings in time, 2^stages, 2^stages)
+        vae_stride = (2 ** sum(vae.config.temperal_downsample), *(2 ** len(vae.config.temperal_downsample),) * 2)
+        if (vae.config.z_dim, vae_stride) != (spec.latent.channels, spec.latent.stride):
+            raise ValueError(
+                f"VAE has {vae.config.z_dim} latent channels and stride {vae_stride}; family {spec.name} "
+                f"needs {spec.latent.channels} and {spec.latent.stride}"
+            )
+        self.temporal_factor, self.spatial_factor = spec.latent.stride[:2]
+        self.latent_channels = spec.latent.channels
         self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         for m in self._networks():
@@ -145,14 +170,19 @@ class TurboVideoPipeline:
         return [m for m in (self.transformer, self.transformer_2, self.vae, self.text_encoder) if m is not None]
 
     # ---- stages -----------------------------------------------------------------------------------------
+    @property
+    def fps(self) -> int:
+        """Frames per second of the videos this model makes (its family's)."""
+        return self.family.fps
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """umT5 embeddings [1, 512, D] of the cleaned prompt (engine.prompt.clean_prompt, as upstream); positions
-        past the prompt's tokens are zero, as in Wan."""
+        """Text embeddings [1, L, D] of the cleaned prompt (engine.prompt.clean_prompt, as upstream), L the family's
+        text length (umT5's 512 for Wan); positions past the prompt's tokens are zero, as in Wan."""
         tokens = self.tokenizer(
             [clean_prompt(prompt)],
             padding="max_length",
-            max_length=TEXT_LEN,
+            max_length=self.family.text_len,
             truncation=True,
             add_special_tokens=True,
             return_attention_mask=True,
@@ -166,20 +196,10 @@ class TurboVideoPipeline:
 
     @torch.no_grad()
     def encode_image(self, image, width: int, height: int, num_frames: int) -> torch.Tensor:
-        """I2V condition [1, 20, T', H', W']: 4-channel first-frame mask + normalised VAE latent of
-        [image, zeros x (F-1)] (TurboDiffusion wan2.2_i2v_infer)."""
-        from PIL import Image
-
-        resized = image.resize((width, height), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3] in [-1, 1]
-        pixels = pixels.permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
-        video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-        video = video.to(self.device, self.vae_dtype)
-        latent = self.vae.encode(video).latent_dist.mode().float()
-        latent = (latent - self.latents_mean.to(latent.device)) / self.latents_std.to(latent.device)
-        mask = torch.zeros_like(latent[:, :4])
-        mask[:, :, 0] = 1.0
-        return torch.cat([mask, latent], dim=1).to(self.dtype)
+        """The family's image condition for the DiT input (Wan2.2: engine.families.wan.image_condition)."""
+        if self.family.conditioning is None:
+            raise ValueError(f"family {self.family.name} takes no image conditioning")
+        return self.family.conditioning(self, image, width, height, num_frames)
 
     @staticmethod
     def _to_frames(video: torch.Tensor) -> np.ndarray:
@@ -231,7 +251,9 @@ class TurboVideoPipeline:
     def _use(self, expert: str):
         """The network for this step, moved onto the device under the 'experts' offload policy."""
         net, other = (
-            (self.transformer, self.transformer_2) if expert != "low" else (self.transformer_2, self.transformer)
+            (self.transformer, self.transformer_2)
+            if self.family.role_of(expert) == "transformer"
+            else (self.transformer_2, self.transformer)
         )
         if self.offload == "experts" and self.device.type != "cpu":
             if other is not None:
@@ -254,7 +276,7 @@ class TurboVideoPipeline:
         stage_progress: StageProgress | None = None,
     ) -> GenerationResult:
         """Generate one video. `progress` gets the rCM steps; `stage_progress` gets every stage (StageProgress)."""
-        req = request.validated()
+        req = request.validated(self.family)
         if req.kind != self.kind:
             raise InvalidRequestError(
                 f"this is a {self.kind} model; it cannot serve a {req.kind} request",
@@ -280,17 +302,16 @@ class TurboVideoPipeline:
     ) -> GenerationResult:
         seed = pick_seed(req.seed)
         report = stage_progress or (lambda stage, done, total: None)
-        width, height = req.size()
+        width, height = req.size(self.family)
         clock = _Stopwatch(self.device)
-        latent_frames = (req.num_frames - 1) // self.temporal_factor + 1
-        shape = (1, self.latent_channels, latent_frames, height // self.spatial_factor, width // self.spatial_factor)
+        shape = self.family.latent.latent_shape(req.num_frames, width, height)
 
         report("text_encode", 0, 1)
         with clock.stage("text_encode"):
             context = self.encode_prompt(req.prompt)
         report("text_encode", 1, 1)
         condition = None
-        if self.kind == "i2v":
+        if self.family.conditioning is not None:
             report("vae_encode", 0, 1)
             with clock.stage("vae_encode"):
                 condition = self.encode_image(req.image, width, height, req.num_frames)
@@ -301,7 +322,7 @@ class TurboVideoPipeline:
         self._set_attention(req.attention, req.sla_topk)
 
         def denoise(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            expert = "dit" if self.kind == "t2v" else ("high" if t >= req.boundary else "low")
+            expert = self.family.expert_for(t, req.boundary)
             experts.append(expert)
             net = self._use(expert)
             model_in = x.to(self.dtype)
@@ -350,7 +371,7 @@ class TurboVideoPipeline:
             num_steps=req.num_steps,
             sigma_max=req.sigma_max,
             model=self.model_name,
-            fps=FPS,
+            fps=self.family.fps,
             timings=clock.timings,
             experts=experts,
             attention=req.attention,

@@ -12,11 +12,11 @@ import numpy as np
 
 from turboflow.errors import ImageError, InvalidRequestError, UnsupportedOptionError
 
+from .families import FamilySpec, family_for_kind
 from .prompt import clean_prompt
 
-FPS = 16
 MAX_PROMPT_CHARS = 4000
-MAX_FRAMES = 241  # 15 s at 16 fps; the models were trained on 81
+MAX_FRAMES = 241  # a service limit: 15 s at 16 fps; the models were trained on 81
 # Attention types a request may ask for: every one is implemented (engine/sla.py for "sla").
 ATTENTION_TYPES = ("original", "sla")
 # Upstream attention types this build does not offer, with the reason a request naming one is refused
@@ -37,7 +37,6 @@ RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
     "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (640, 640), "4:3": (640, 480), "3:4": (480, 640)},
     "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960), "4:3": (960, 720), "3:4": (720, 960)},
 }
-DEFAULT_SIGMA_MAX = {"t2v": 80.0, "i2v": 200.0}
 SEED_MAX = 2**63 - 1
 # request fields a model cache's manifest may default (e.g. a 720p checkpoint, or attention "sla" for a checkpoint
 # fine-tuned with SLA); a field the request sets always wins
@@ -68,7 +67,9 @@ def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
 
 
 def adaptive_frame_size(base: tuple[int, int], image_size: tuple[int, int], stride: int = 16) -> tuple[int, int]:
-    """Keep the base area and the image's aspect ratio, each side a multiple of `stride` (TurboDiffusion I2V)."""
+    """Keep the base area and the image's aspect ratio, each side a multiple of `stride` (TurboDiffusion I2V):
+    with A = w0 * h0 and a = h / w of the image, w = round(sqrt(A / a) / stride) * stride and
+    h = round(sqrt(A * a) / stride) * stride. `stride` is the family's `latent.pixel_multiple` (16 for Wan)."""
     area = base[0] * base[1]
     img_w, img_h = image_size
     aspect = img_h / img_w
@@ -113,7 +114,11 @@ def load_image(data: Any):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One video to generate. `validated()` returns a copy with defaults resolved or raises a typed error."""
+    """One video to generate. `validated(family)` returns a copy with defaults resolved or raises a typed error.
+
+    The family (engine/families) supplies the frame rule and the default sigma_max; without one, the family the
+    kind implies (wan2.1 for t2v, wan2.2 for i2v) does, which is what a request checked before any model is
+    loaded (the event contract, the CLI) is checked against."""
 
     prompt: str
     kind: Literal["t2v", "i2v"] = "t2v"
@@ -122,7 +127,7 @@ class GenerationRequest:
     num_frames: int = 81
     num_steps: int = 4
     seed: int | None = None  # None: pick a random seed (the one used is in the result); 0 is seed 0, as upstream
-    sigma_max: float | None = None  # None: 80 for T2V, 200 for I2V
+    sigma_max: float | None = None  # None: the family's (80 for Wan2.1 T2V, 200 for Wan2.2 I2V)
     attention: str = "original"
     sla_topk: float = 0.1
     ode: bool = False
@@ -133,7 +138,7 @@ class GenerationRequest:
     def replace(self, **changes) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
-    def validated(self) -> GenerationRequest:
+    def validated(self, family: FamilySpec | None = None) -> GenerationRequest:
         def bad(msg: str, code: str, fld: str):
             raise InvalidRequestError(msg, code=code, field=fld)
 
@@ -153,10 +158,13 @@ class GenerationRequest:
                 "invalid_prompt",
                 "prompt",
             )
+        spec = family or family_for_kind(self.kind)
         frame_size(self.resolution, self.aspect_ratio)
-        if not _is_int(self.num_frames) or self.num_frames < 1 or (self.num_frames - 1) % 4:
+        if not _is_int(self.num_frames) or not spec.latent.valid_num_frames(self.num_frames):
+            step = spec.latent.stride[0]
             bad(
-                f"num_frames must be 4k+1 (e.g. 17, 49, 81), got {self.num_frames!r}",
+                f"num_frames must be {step}k+1 (e.g. {step * 4 + 1}, {step * 12 + 1}, {step * 20 + 1}), "
+                f"got {self.num_frames!r}",
                 "invalid_num_frames",
                 "num_frames",
             )
@@ -170,7 +178,7 @@ class GenerationRequest:
                 "invalid_seed",
                 "seed",
             )
-        sigma_max = DEFAULT_SIGMA_MAX[self.kind] if self.sigma_max is None else self.sigma_max
+        sigma_max = spec.default_sigma_max if self.sigma_max is None else self.sigma_max
         if not _is_number(sigma_max) or not 0 < sigma_max <= 10000 or not math.isfinite(sigma_max):
             bad(f"sigma_max must be a number in (0, 10000], got {sigma_max!r}", "invalid_sigma_max", "sigma_max")
         if isinstance(self.attention, str) and self.attention in UNAVAILABLE_ATTENTION:
@@ -196,11 +204,13 @@ class GenerationRequest:
             bad("t2v takes no image", "unexpected_image", "image")
         return dataclasses.replace(self, sigma_max=float(sigma_max), image=image)
 
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the output video, after adaptive resolution for I2V."""
+    def size(self, family: FamilySpec | None = None) -> tuple[int, int]:
+        """(width, height) of the output video, after adaptive resolution for I2V (sides a multiple of the
+        family's pixel multiple; default family as in `validated`)."""
         base = frame_size(self.resolution, self.aspect_ratio)
         if self.kind == "i2v" and self.adaptive_resolution and self.image is not None:
-            return adaptive_frame_size(base, load_image(self.image).size)
+            stride = (family or family_for_kind(self.kind)).latent.pixel_multiple
+            return adaptive_frame_size(base, load_image(self.image).size, stride)
         return base
 
 
@@ -224,7 +234,7 @@ class GenerationResult:
     num_steps: int
     sigma_max: float
     model: str
-    fps: int = FPS
+    fps: int  # the family's frame rate
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     experts: list[str] = field(default_factory=list)  # which network ran each step ("high"/"low"/"dit")
     attention: str = "original"

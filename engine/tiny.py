@@ -1,8 +1,9 @@
 """Tiny, randomly initialised pipelines of the real architectures, built fully offline.
 
-Same classes as the real Wan2.1 / Wan2.2 models (WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel and a
-fast tokenizer), just narrow and shallow, written in the model-cache layout so tests and the demo go through the
-exact loading path real weights use.
+Same classes as a registered model family's real models (its spec's components, e.g. WanTransformer3DModel,
+AutoencoderKLWan, UMT5EncoderModel), narrow and shallow per the spec's `tiny` configs, plus a small word-level
+fast tokenizer, written in the model-cache layout so tests and the demo go through the exact loading path real
+weights use.
 """
 
 from __future__ import annotations
@@ -13,45 +14,10 @@ from pathlib import Path
 
 import torch
 
-from turboflow.engine.modelcache import Manifest, write_manifest
+from . import families
+from .families import FamilySpec
+from .modelcache import Manifest, write_manifest
 
-TEXT_DIM = 32
-TINY_TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    out_channels=16,
-    text_dim=TEXT_DIM,
-    freq_dim=32,
-    ffn_dim=48,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-TINY_VAE = dict(
-    base_dim=8,
-    z_dim=16,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=1,
-    attn_scales=[],
-    temperal_downsample=[False, True, True],
-)
-TINY_T5 = dict(
-    d_model=TEXT_DIM,
-    d_kv=8,
-    d_ff=64,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
 _WORDS = (
     "a an the of in on at with and cat dog fox bird fish city street night day sun moon sea river forest "
     "mountain snow rain car boat robot person woman man child running walking flying swimming red blue "
@@ -77,30 +43,45 @@ def _tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-def build_tiny(model_dir: str | os.PathLike, kind: str = "t2v", seed: int = 0) -> Manifest:
-    """Write a complete tiny T2V (Wan2.1-like) or I2V (Wan2.2-A14B-like, two experts) model cache."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+def _build(spec: FamilySpec, role: str, config: dict):
+    cls = spec.components[role].load_class()
+    config_class = getattr(cls, "config_class", None)  # transformers models take a config object
+    return cls(config_class(**config)) if config_class is not None else cls(**config)
 
+
+def build_tiny(
+    model_dir: str | os.PathLike, kind: str = "t2v", seed: int = 0, *, family: str | None = None
+) -> Manifest:
+    """Write a complete tiny model cache of `family` (default: the kind's, wan2.1 for t2v and wan2.2 for i2v,
+    the two-expert A14B layout) serving the task `kind`."""
     if kind not in ("t2v", "i2v"):
         raise ValueError(f"kind must be t2v or i2v, got {kind!r}")
+    spec = families.family(family) if family is not None else families.family_for_kind(kind)
+    if kind not in spec.tasks:
+        raise ValueError(f"family {spec.name} serves {'/'.join(spec.tasks)}, not {kind}")
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the build order below is part of what the seed reproduces
     vocab_size = _tokenizer(root / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **TINY_T5)).save_pretrained(root / "text_encoder")
-    AutoencoderKLWan(**TINY_VAE).save_pretrained(root / "vae")
-    in_channels = 16 if kind == "t2v" else 36  # I2V: 16 noise + 4 mask + 16 image latent, no CLIP
-    components = {"tokenizer": "tokenizer", "text_encoder": "text_encoder", "vae": "vae", "transformer": "transformer"}
-    for role in ("transformer", "transformer_2") if kind == "i2v" else ("transformer",):
-        model = WanTransformer3DModel(in_channels=in_channels, **TINY_TRANSFORMER)
+    _build(spec, "text_encoder", {"vocab_size": vocab_size, **spec.tiny.text_encoder}).save_pretrained(
+        root / "text_encoder"
+    )
+    _build(spec, "vae", dict(spec.tiny.vae)).save_pretrained(root / "vae")
+    components = {"tokenizer": "tokenizer", "text_encoder": "text_encoder", "vae": "vae"}
+    for role in spec.transformer_roles:
+        model = _build(spec, role, {"in_channels": spec.in_channels, **spec.tiny.transformer})
         # diffusers zero-inits nothing here, but make the output projection visibly non-trivial so
         # sampler behaviour (seeds, ODE vs SDE, experts) shows in the frames.
         torch.nn.init.normal_(model.proj_out.weight, std=0.5)
         model.save_pretrained(root / role)
         components[role] = role
-    defaults = {"sigma_max": 80.0 if kind == "t2v" else 200.0, "resolution": "480p", "boundary": 0.9}
-    name = "tiny-wan2.1-t2v" if kind == "t2v" else "tiny-wan2.2-i2v-a14b"
+    defaults = {"sigma_max": spec.default_sigma_max, "resolution": "480p", "boundary": 0.9}
     return write_manifest(
-        root, name=name, kind=kind, components=components, defaults=defaults, source={"tiny": True, "seed": seed}
+        root,
+        name=spec.tiny.name,
+        kind=kind,
+        family=spec.name,
+        components=components,
+        defaults=defaults,
+        source={"tiny": True, "seed": seed},
     )

@@ -119,13 +119,15 @@ def decode_chunks(vae, z: torch.Tensor, *, chunk: int | None = None, channels_la
                 start += n
     finally:
         vae.clear_cache()
-    if produced != decoded_frames(frames):
-        raise RuntimeError(f"VAE decode produced {produced} frames, expected {decoded_frames(frames)}")
+    expected = decoded_frames(vae, frames)
+    if produced != expected:
+        raise RuntimeError(f"VAE decode produced {produced} frames, expected {expected}")
 
 
-def decoded_frames(latent_frames: int) -> int:
-    """The first latent frame decodes to 1 frame, each later one to 4."""
-    return 1 + (latent_frames - 1) * 4
+def decoded_frames(vae, latent_frames: int) -> int:
+    """F = 1 + (T' - 1) * s_t: the first latent frame decodes to 1 frame, each later one to s_t = 2^(temporal
+    halvings) frames (4 for the Wan VAE)."""
+    return 1 + (latent_frames - 1) * 2 ** sum(vae.config.temperal_downsample)
 
 
 @torch.no_grad()
@@ -136,7 +138,7 @@ def fast_decode(vae, z: torch.Tensor, *, chunk: int | None = None, channels_last
     out, pos = None, 0
     for piece in decode_chunks(vae, z, chunk=chunk, channels_last=channels_last):
         if out is None:  # one preallocated output instead of re-concatenating
-            out = piece.new_empty(*piece.shape[:2], decoded_frames(z.shape[2]), *piece.shape[3:])
+            out = piece.new_empty(*piece.shape[:2], decoded_frames(vae, z.shape[2]), *piece.shape[3:])
         out[:, :, pos : pos + piece.shape[2]] = piece
         pos += piece.shape[2]
     return out.clamp_(-1.0, 1.0)

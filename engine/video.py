@@ -48,11 +48,12 @@ def _check_size(width: int, height: int) -> None:
 
 class Mp4Stream:
     """An H.264 (yuv420p) mp4 encoder fed in pieces: `put(frames)` as frames become available (e.g. per VAE decode
-    chunk), `finish()` for the VideoInfo. With `background=True` a thread encodes while the caller produces the next
-    piece, so encoding overlaps decoding; the file appears at `path` only when finished (written as `.part`)."""
+    chunk), `finish()` for the VideoInfo; `fps` is the model family's (`TurboVideoPipeline.fps`).
+    With `background=True` a thread encodes while the caller produces the next piece, so encoding overlaps
+    decoding; the file appears at `path` only when finished (written as `.part`)."""
 
     def __init__(
-        self, path: str | os.PathLike, width: int, height: int, fps: int = 16, crf: int = 18, background: bool = False
+        self, path: str | os.PathLike, width: int, height: int, *, fps: int, crf: int = 18, background: bool = False
     ):
         import av
 
@@ -158,8 +159,9 @@ class Mp4Stream:
             self._tmp.unlink()
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: int = 18) -> VideoInfo:
-    """Encode uint8 frames [F, H, W, 3] as H.264 yuv420p mp4 with exactly F frames at `fps`."""
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, *, fps: int, crf: int = 18) -> VideoInfo:
+    """Encode uint8 frames [F, H, W, 3] as H.264 yuv420p mp4 with exactly F frames at `fps` (the model family's:
+    `GenerationResult.fps`)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise InvalidRequestError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
     writer = Mp4Stream(path, frames.shape[2], frames.shape[1], fps=fps, crf=crf)

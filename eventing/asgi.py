@@ -1,6 +1,10 @@
-"""Small ASGI helpers shared by the broker ingress and the dead-letter sink (no web framework needed)."""
+"""Small ASGI helpers shared by the broker ingress and the dead-letter sink (no web framework needed), and the
+hypercorn runner that serves them."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 
 async def lifespan(receive, send) -> None:
@@ -60,3 +64,18 @@ async def respond_event(send, status: int, message) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def serve_asgi(app, host: str, port: int, stop: asyncio.Event, sock=None) -> None:
+    """Run an ASGI app under hypercorn until `stop` is set; on `sock` (a listening socket the caller bound, so
+    "ready" means this process owns the port) when given, else on host:port."""
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    cfg = hypercorn.config.Config()
+    # hypercorn owns (and closes) an fd:// socket: hand the descriptor over instead of sharing it
+    cfg.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{port}"]
+    cfg.graceful_timeout = 2
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)

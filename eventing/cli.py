@@ -310,8 +310,9 @@ def _submit(args) -> int:
 
 def _tail(args) -> int:
     from . import signing
-    from .broker import SUBJECT_PREFIX, is_reply_type, subject_for
     from .client import describe, reply_subscription
+    from .ingress import is_reply_type
+    from .jetstream import SUBJECT_PREFIX, subject_for
     from .nats_binding import from_nats, to_nats
 
     ep = _endpoints(args)
@@ -426,7 +427,7 @@ def _demo(args) -> int:
 
 
 def _deadletter(args) -> int:
-    from .broker import serve_asgi
+    from .asgi import serve_asgi
     from .deadletter import DeadLetterApp
 
     async def main(stop):

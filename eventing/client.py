@@ -16,7 +16,7 @@ import httpx
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 
 from . import signing
-from .broker import DUPLICATE_WINDOW_S, STREAM, SUBJECT_PREFIX, publish_event
+from .jetstream import DUPLICATE_WINDOW_S, STREAM, SUBJECT_PREFIX, publish_event
 from .nats_binding import ExactCloudEvent, from_nats
 from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
 

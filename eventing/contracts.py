@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 from turboflow.engine.request import GenerationRequest, model_request_defaults
 from turboflow.errors import TurboflowError
@@ -70,17 +71,30 @@ from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTE
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageRef:
-    """Where an I2V image comes from: an S3 object (fetched by the function) or inline bytes."""
+    """Where an I2V image comes from: an object in the output store (an S3 object, or a file under a local store's
+    directory: fetched by the function through the store) or inline bytes."""
 
-    scheme: str  # "s3" | "inline"
+    scheme: str  # "s3" | "file" | "inline"
     bucket: str | None = None
     key: str | None = None
     data: bytes | None = None
     media_type: str | None = None
 
     @property
+    def is_reference(self) -> bool:
+        """True when the bytes live in a store and are fetched later (not inline)."""
+        return self.scheme in REFERENCE_SCHEMES
+
+    @property
     def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else f"inline:{len(self.data or b'')}B"
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.key}"
+        if self.scheme == "file":
+            return "file://" + quote(self.key or "")
+        return f"inline:{len(self.data or b'')}B"
+
+
+REFERENCE_SCHEMES = ("s3", "file")
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,22 @@ def check_image_header(raw: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         )
 
 
+def parse_file_uri(uri: str) -> str:
+    """The absolute path of a `file:///path` (or `file://localhost/path`) image reference, percent-decoded; a
+    ContractError unless every segment is a plain name (no empty, `.` or `..` segment, no NUL). Whether the path
+    lies under the local store's directory, and under the tenant's prefix there, is the store's check."""
+    rest = uri[len("file://") :]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    path = unquote(rest)
+    segments = path.split("/")[1:]
+    if not path.startswith("/") or not segments or any(seg in ("", ".", "..") or "\0" in seg for seg in segments):
+        raise ContractError(
+            f"not a usable file:///path URI: {uri[:200]!r}", code="invalid_image_reference", field="image"
+        )
+    return path
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
@@ -249,12 +279,14 @@ def parse_request(
     max_inline_image_bytes: int = DEFAULT_MAX_INLINE_IMAGE_BYTES,
     model_defaults: dict | None = None,
     has_time: bool = True,
+    family=None,
 ) -> ParsedRequest:
     """Validate a request CloudEvent completely (attributes, schema, engine rules, inline image) without I/O.
 
     `model_defaults`: the serving model's manifest defaults; they fill the request fields the event leaves out.
     `has_time`: False when the request carried no `time` (the CloudEvents SDK fills one in when decoding; the
     function's HTTP guard knows better): the output key then has no date folders.
+    `family`: the serving model's family spec (engine/families): its frame rule and defaults apply.
 
     Raises ContractError / InvalidRequestError (both carry a stable `code`); the caller answers with
     `failed_event(...)`. An s3:// image is only syntax-checked here; fetching it (and the bucket allow-list) is
@@ -308,6 +340,9 @@ def parse_request(
             bucket, key = parse_s3_uri(uri)
             image_ref = ImageRef("s3", bucket=bucket, key=key)
             gen_image = _placeholder_image()
+        elif uri.startswith("file://"):
+            image_ref = ImageRef("file", key=parse_file_uri(uri))
+            gen_image = _placeholder_image()
         else:
             image_ref = decode_inline_image(uri, max_inline_image_bytes)
             check_image_header(image_ref.data)
@@ -333,8 +368,9 @@ def parse_request(
     fields = {**model_request_defaults(model_defaults), **fields}  # what the request leaves out, the model decides
     if "seed" not in data:  # "pick one": derived from the request id, so a redelivery reproduces the video
         fields["seed"] = derived_seed(request_id)
-    generation = GenerationRequest(kind=kind, image=gen_image, **fields).validated()
-    if image_ref is not None and image_ref.scheme == "s3":
+    # the serving model's family (engine/families) decides the frame rule and defaults; without one, the kind's
+    generation = GenerationRequest(kind=kind, image=gen_image, **fields).validated(family)
+    if image_ref is not None and image_ref.is_reference:
         generation = generation.replace(image=None)
     elif image_ref is not None:
         # keep the decoded bytes; the engine re-opens them (validated() already proved they decode)

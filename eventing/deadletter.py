@@ -34,7 +34,7 @@ from cloudevents.core.bindings.http import to_binary_event
 
 from . import signing
 from .asgi import HeaderEncodingError, lifespan, read_body, request_headers, respond, respond_event
-from .broker import ERROR_EXTENSION, INVALID_DATA, RETRYABLE_STATUS, UNDECODABLE, decode_error_data
+from .dispatcher import ERROR_EXTENSION, INVALID_DATA, RETRYABLE_STATUS, UNDECODABLE, decode_error_data
 from .nats_binding import is_cloudevent_http, parse_http
 from .types import REQUEST_TYPES
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import signing
-from .broker import Broker, serve_asgi
+from .asgi import serve_asgi
+from .broker import Broker
 from .deadletter import DeadLetterApp
 from .natsserver import NatsServer, bind_listener, free_port
 from .triggers import load_triggers
@@ -279,10 +280,10 @@ class DevStack:
 
     def _check_own_nats(self) -> None:
         """The broker must talk to the nats-server this stack started, not one that happened to answer."""
-        info = getattr(self.broker.nc, "_server_info", None) or {}
-        if info.get("server_name") != self.nats.server_name:
+        reached = self.broker.log.server_name
+        if reached != self.nats.server_name:
             raise RuntimeError(
-                f"the broker reached NATS server {info.get('server_name')!r} on {self.nats.url}, "
+                f"the broker reached NATS server {reached!r} on {self.nats.url}, "
                 f"not the one this stack started ({self.nats.server_name})"
             )
 

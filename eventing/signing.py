@@ -30,27 +30,18 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from turboflow.settings import Settings, current
+
 SIGNATURE_EXTENSION = "turboflowsig"
 SIGNING_KEY_VARIABLE = "TURBOFLOW_EVENT_SIGNING_KEY"
-MIN_KEY_BYTES = 16
 _VERSION = "v1="
 _PUBLIC_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # the id namespace before signing keys
 
 
-class SigningKeyError(ValueError):
-    """The configured signing key is unusable (too short)."""
-
-
-def signing_key(env: Mapping[str, str] | None = None) -> bytes | None:
-    """The deployment's signing key from TURBOFLOW_EVENT_SIGNING_KEY, or None when it is not set."""
-    env = os.environ if env is None else env
-    raw = (env.get(SIGNING_KEY_VARIABLE) or "").strip()
-    if not raw:
-        return None
-    key = raw.encode("utf-8")
-    if len(key) < MIN_KEY_BYTES:
-        raise SigningKeyError(f"{SIGNING_KEY_VARIABLE} must be at least {MIN_KEY_BYTES} bytes of secret")
-    return key
+def signing_key(settings: Settings | None = None) -> bytes | None:
+    """The deployment's signing key (TURBOFLOW_EVENT_SIGNING_KEY, checked by turboflow/settings.py), or None when it
+    is not set. Without `settings`, this process's settings (`turboflow.settings.current()`)."""
+    return (settings or current()).event_signing_key
 
 
 def new_signing_key() -> str:

@@ -1,11 +1,12 @@
-"""The ASGI application: func-python's CloudEvent middleware behind a request guard, plus GET /metrics.
+"""The function's ASGI application, by composition: `FunctionApp(function)` answers `GET /metrics` with
+prometheus_client's ASGI app, runs the request guard on every other HTTP request, and hands the rest (lifespan ->
+start/stop, /health/*, CloudEvents -> handle) to func-python's own `ASGIApplication`, unchanged.
 
 func-python routes every path except /health/* through CloudEvent decoding, so a Prometheus scrape (a plain GET)
-would get 400 before `handle` is ever called. `FunctionApp` subclasses its `ASGIApplication` and answers
-`/metrics` first; everything else (lifespan -> start/stop, health, CloudEvents) is func-python's own code.
+would get 400 before `handle` is ever called; hence the wrapper in front rather than a route inside.
 
 Before func-python sees a request, `request_problem` checks what its decoder does not, answering 400
-(`invalid_cloudevent`, JSON body) instead of a 500 or an accepted malformed event:
+(`invalid_cloudevent`, JSON body, functions/replies.py) instead of a 500 or an accepted malformed event:
 
 * header names and values must be UTF-8 (func-python decodes them and answers 500 otherwise);
 * a JSON body may nest at most MAX_JSON_DEPTH levels, checked by a linear scan before anything parses it (a body
@@ -17,23 +18,24 @@ Before func-python sees a request, `request_problem` checks what its decoder doe
 The SDK also invents a `time` for an event that has none; the guard records in the ASGI scope (TIME_PRESENT_KEY)
 whether the request really carried one, because the output key's date folders come from the request's own `time`.
 
-`install()` makes func-python's stock `serve(new)` (the Knative func scaffolding) build a FunctionApp too, so the
-image built by `func build` and `turboflow serve` expose the same endpoints.
+`serve(new)` is the drop-in for func-python's `serve(new)` that serves this composition (func-python's own
+`serve` always builds its bare `ASGIApplication`; nothing here rebinds a library global).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 
-import func_python.cloudevent as _ce
+from func_python.cloudevent import ASGIApplication
+from prometheus_client import make_asgi_app
 
 from turboflow.eventing.nats_binding import MAX_JSON_DEPTH, json_depth_exceeds
 
-from . import metrics
+from . import metrics, replies
+from .video import TIME_PRESENT_KEY, VideoFunction
 
-_Original = getattr(_ce.ASGIApplication, "_turboflow_original", _ce.ASGIApplication)
-
-TIME_PRESENT_KEY = "turboflow.time_present"  # scope key: did the request carry a `time` attribute?
 _HEALTH_PATHS = ("/health/liveness", "/health/readiness")
 
 
@@ -121,51 +123,52 @@ def _replaying(body: bytes, pending: list[dict], receive):
     return replay
 
 
-async def _bad_request(send, message: str) -> None:
-    payload = json.dumps({"error": "invalid_cloudevent", "message": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+class FunctionApp:
+    """func-python's ASGIApplication behind the request guard, plus `GET /metrics` (Prometheus text format)."""
 
-
-class FunctionApp(_Original):
-    """func_python.cloudevent.ASGIApplication + `GET /metrics` (Prometheus text format) + the request guard."""
-
-    _turboflow_original = _Original
+    def __init__(self, function):
+        self.function = function
+        self.inner = ASGIApplication(function)
+        self.metrics = make_asgi_app(registry=metrics.REGISTRY)
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") == "http" and scope.get("path") == "/metrics":
-            body, content_type = metrics.render()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
+            return await self.metrics(scope, receive, send)
         if scope.get("type") == "http" and scope.get("path") not in _HEALTH_PATHS:
             body, pending = await _read_body(receive)
             problem, time_present = inspect_request(scope.get("headers", []), body)
             if problem:
-                return await _bad_request(send, problem)
+                return await replies.send(replies.bad_request(problem), send)
             scope[TIME_PRESENT_KEY] = time_present
             receive = _replaying(body, pending, receive)
-        await super().__call__(scope, receive, send)
-
-
-def install() -> None:
-    """Point func-python's `serve` at FunctionApp (idempotent)."""
-    _ce.ASGIApplication = FunctionApp
+        await self.inner(scope, receive, send)
 
 
 def create_app(kind: str, **kwargs) -> FunctionApp:
-    from .common import VideoFunction
-
     return FunctionApp(VideoFunction(kind, **kwargs))
+
+
+async def run(app, bind: list[str], shutdown: asyncio.Event | None = None) -> None:
+    """Serve `app` under hypercorn until `shutdown` is set or SIGINT/SIGTERM arrives."""
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    cfg = hypercorn.config.Config()
+    cfg.bind = bind
+    cfg.graceful_timeout = 5
+    stop = shutdown or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
+            pass
+    await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)
+
+
+def serve(new) -> None:
+    """func-python's `serve(new)` contract (LISTEN_ADDRESS, SIGINT/SIGTERM) with FunctionApp in front, for the
+    func roots' `python -m turboflow.functions.<task>.function`."""
+    import func_python.sock
+
+    asyncio.run(run(FunctionApp(new()), func_python.sock.bind()))

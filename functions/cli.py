@@ -1,4 +1,9 @@
-"""`turboflow serve t2v|i2v --port P --model DIR`: the function's ASGI app under hypercorn, as in the cluster."""
+"""`turboflow serve t2v|i2v --port P --model DIR`: the function's ASGI app under hypercorn, as in the cluster.
+
+The settings are built here, once, from the environment plus the flags: a bad value stops the command before it
+serves anything (`error[invalid_config]: TURBOFLOW_MAX_QUEUE: ...`, exit status 2) instead of a pod that runs
+and never becomes ready.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,15 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
+
+from turboflow.settings import TASKS, Settings, prepare_process_environment
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the T2V or I2V function (CloudEvents over HTTP) locally")
-    p.add_argument("kind", choices=("t2v", "i2v"))
+    p.add_argument("kind", choices=TASKS)
     p.add_argument("--model", required=True, help="model cache directory (MODEL_DIR)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")
@@ -23,37 +29,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def settings_for(args, env) -> Settings:
+    """The process's settings: the environment, the flags over it. ConfigError names every bad variable."""
+    flags = {
+        "MODEL_DIR": str(args.model),
+        "TURBOFLOW_DEVICE": args.device,
+        "TURBOFLOW_BUCKET": args.bucket,
+        "S3_ENDPOINT_URL": args.s3_endpoint,
+    }
+    settings = Settings.from_env({**env, **{k: v for k, v in flags.items() if v}})
+    from turboflow.engine.options import LoadOptions
+
+    LoadOptions.from_settings(settings)  # the engine's own checks (warm-up sizes), before serving
+    return settings
+
+
 def _serve(args) -> int:
-    env = {"MODEL_DIR": str(args.model)}
-    if args.device:
-        env["TURBOFLOW_DEVICE"] = args.device
-    if args.bucket:
-        env["TURBOFLOW_BUCKET"] = args.bucket
-    if args.s3_endpoint:
-        env["S3_ENDPOINT_URL"] = args.s3_endpoint
-    os.environ.update(env)  # func-python passes os.environ to start(cfg)
-    asyncio.run(serve(args.kind, args.host, args.port))
+    prepare_process_environment()
+    settings = settings_for(args, os.environ)
+    asyncio.run(serve(args.kind, args.host, args.port, settings=settings))
     return 0
 
 
-async def serve(kind: str, host: str, port: int, shutdown: asyncio.Event | None = None, app=None) -> None:
-    import hypercorn.asyncio
-    import hypercorn.config
+async def serve(kind: str, host: str, port: int, shutdown: asyncio.Event | None = None, app=None, settings=None):
+    from .app import create_app, run
 
-    from .app import create_app
-
-    app = app or create_app(kind)
-    cfg = hypercorn.config.Config()
-    cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    cfg.graceful_timeout = 5
-    stop = shutdown or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    app = app or create_app(kind, settings=settings)
     log.info(
         "serving %s function on http://%s:%d (POST CloudEvents to /, health at /health/*, /metrics)", kind, host, port
     )
-    await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)
+    await run(app, [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"], shutdown)

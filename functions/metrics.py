@@ -77,15 +77,7 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def record_gpu_memory(kind: str, device) -> None:
-    """Update the GPU memory gauges (no-op on CPU)."""
-    try:
-        import torch
-
-        if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-            return
-        GPU_MEMORY.labels(kind, "allocated").set(torch.cuda.memory_allocated(device))
-        GPU_MEMORY.labels(kind, "reserved").set(torch.cuda.memory_reserved(device))
-        GPU_MEMORY.labels(kind, "peak").set(torch.cuda.max_memory_allocated(device))
-    except Exception:  # metrics must never fail a request
-        pass
+def record_gpu_memory(kind: str, readings: dict[str, int]) -> None:
+    """Set the GPU memory gauges from engine/device_memory.py's readings (empty on CPU: nothing to record)."""
+    for kind_of_memory, value in readings.items():
+        GPU_MEMORY.labels(kind, kind_of_memory).set(value)

@@ -11,8 +11,8 @@ import uuid
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 from cloudevents.core.v1.event import CloudEvent
 
-from turboflow.eventing.asgi import lifespan, read_body, request_headers, respond_event
-from turboflow.eventing.broker import Broker, serve_asgi
+from turboflow.eventing.asgi import lifespan, read_body, request_headers, respond_event, serve_asgi
+from turboflow.eventing.broker import Broker
 from turboflow.eventing.nats_binding import from_nats
 from turboflow.eventing.natsserver import free_port
 from turboflow.eventing.triggers import load_triggers

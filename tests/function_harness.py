@@ -27,7 +27,7 @@ class LiveFunction:
 
     def __init__(self, kind: str, config: dict, **kwargs):
         from turboflow.functions.app import FunctionApp
-        from turboflow.functions.common import VideoFunction
+        from turboflow.functions.video import VideoFunction
 
         self.fn = VideoFunction(kind, config=config, **kwargs)
         self.app = FunctionApp(self.fn)

@@ -10,11 +10,19 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file, save_file
 
+from bench.reference_loader import load_component
 from turboflow.engine import GenerationRequest, ModelCacheError, fastload
-from turboflow.engine.loading import _load_component, load_pipeline
+from turboflow.engine.families import family
+from turboflow.engine.loading import load_pipeline
 from turboflow.engine.modelcache import read_manifest
 from turboflow.engine.pipeline import TurboVideoPipeline
 from turboflow.errors import CheckpointError
+
+WAN21 = family("wan2.1")
+
+
+def _classes(role: str) -> dict:
+    return {role: WAN21.components[role].load_class()}
 
 
 def _mixed_state():
@@ -80,8 +88,10 @@ def test_truncated_and_garbage_files_are_cache_errors(tmp_path):
 def test_modules_equal_from_pretrained(tiny_t2v_dir, role, dtype):
     """Every parameter and buffer (non-persistent rotary tables too) with the same dtype and values, tied
     weights tied, for both diffusers' keep-in-fp32 rule and transformers' rules."""
-    ref = _load_component(role, tiny_t2v_dir / role, dtype)
-    got = fastload.load_models({role: tiny_t2v_dir / role}, dtype, {role: torch.device("cpu")})[role]
+    ref = load_component(WAN21, role, tiny_t2v_dir / role, dtype)
+    got = fastload.load_models({role: tiny_t2v_dir / role}, dtype, {role: torch.device("cpu")}, classes=_classes(role))[
+        role
+    ]
     ref_t = dict([*ref.named_parameters(remove_duplicate=False), *ref.named_buffers(remove_duplicate=False)])
     got_t = dict([*got.named_parameters(remove_duplicate=False), *got.named_buffers(remove_duplicate=False)])
     assert set(ref_t) == set(got_t)
@@ -105,22 +115,30 @@ def test_wrong_weights_are_checkpoint_errors(tmp_path, tiny_t2v_dir):
     state["extra.weight"] = torch.zeros(2)
     save_file(state, f)
     with pytest.raises(CheckpointError) as info:
-        fastload.load_models({"transformer": bad}, torch.float32, {"transformer": torch.device("cpu")})
+        fastload.load_models(
+            {"transformer": bad}, torch.float32, {"transformer": torch.device("cpu")}, classes=_classes("transformer")
+        )
     assert "proj_out.bias" in info.value.message and "extra.weight" in info.value.message
     state = load_file(tiny_t2v_dir / "transformer" / f.name)
     state["proj_out.bias"] = torch.zeros(3)
     save_file(state, f)
     with pytest.raises(CheckpointError) as info:
-        fastload.load_models({"transformer": bad}, torch.float32, {"transformer": torch.device("cpu")})
+        fastload.load_models(
+            {"transformer": bad}, torch.float32, {"transformer": torch.device("cpu")}, classes=_classes("transformer")
+        )
     assert "mismatched" in info.value.message
 
 
 def _library_pipeline(model_dir, fast_vae):
     """The pre-fastload path: from_pretrained per component on the CPU."""
     manifest = read_manifest(model_dir)
-    parts = {role: _load_component(role, model_dir / sub, torch.float32) for role, sub in manifest.components.items()}
+    spec = family(manifest.family)
+    parts = {
+        role: load_component(spec, role, model_dir / sub, torch.float32) for role, sub in manifest.components.items()
+    }
     return TurboVideoPipeline(
         kind=manifest.kind,
+        family=spec,
         transformer=parts["transformer"],
         transformer_2=parts.get("transformer_2"),
         vae=parts["vae"],

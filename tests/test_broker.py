@@ -11,8 +11,8 @@ import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from eventing_harness import Collector, Sink, data_of, event, free_port, running_broker, serve_asgi, wait_port
 
-from turboflow.eventing.broker import publish_event, subject_for
 from turboflow.eventing.deadletter import DeadLetterApp
+from turboflow.eventing.jetstream import publish_event, subject_for
 from turboflow.eventing.nats_binding import from_nats, msg_id, to_nats
 from turboflow.eventing.natsserver import NatsServer, find_nats_server
 from turboflow.eventing.triggers import load_triggers
@@ -78,6 +78,7 @@ async def test_ingress_routes_by_the_trigger_yaml_and_publishes_replies(nats_ser
         async with running_broker(
             nats_server.url, {"turboflow-t2v": t2v.url, "turboflow-i2v": i2v.url}, delivery=FAST
         ) as broker:
+            assert broker.log.server_name == nats_server.server_name  # what `turboflow dev` checks
             async with httpx.AsyncClient() as client:
                 a, b = event(T2V), event(I2V)
                 r1 = await client.post(
@@ -266,6 +267,30 @@ async def test_nats_server_restart_loses_no_accepted_event(nats_server):
                     break
                 await asyncio.sleep(0.05)
             assert want <= {e.get_id() for e in t2v.received}
+
+
+async def test_a_deleted_consumer_is_recreated_and_delivery_goes_on(nats_server):
+    """JetStream answers a pull on a deleted consumer with "no responders": the adapter recognises that by type
+    (ServiceUnavailableError, then NotFoundError from consumer_info) and subscribes again."""
+    async with Sink() as t2v:
+        addresses = {"turboflow-t2v": t2v.url, "turboflow-i2v": t2v.url}
+        async with running_broker(nats_server.url, addresses, delivery=FAST, ingress=False) as broker:
+            first = event(T2V)
+            await broker.accept(first)
+            for _ in range(200):
+                if t2v.received:
+                    break
+                await asyncio.sleep(0.05)
+            await broker.log.js.delete_consumer(broker.stream, "trigger-turboflow-turboflow-t2v")
+            second = event(T2V)
+            await broker.accept(second)
+            # the re-created consumer starts at the beginning of the stream: the first event may come again
+            # before the second, so wait for the second itself
+            for _ in range(300):
+                if second.get_id() in {e.get_id() for e in t2v.received}:
+                    break
+                await asyncio.sleep(0.05)
+            assert second.get_id() in {e.get_id() for e in t2v.received}
 
 
 def test_trigger_yaml_is_what_the_broker_routes():

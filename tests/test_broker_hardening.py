@@ -116,7 +116,7 @@ async def test_unreadable_stored_messages_become_failed_events_linked_to_the_req
         assert fn.received == []  # never handed to the function
         await asyncio.sleep(0.5)
         assert len(seen.of_type(FAILED)) == 4  # one failed per message although two Triggers consume the stream
-        info = await broker.js.consumer_info(broker.stream, "trigger-turboflow-turboflow-t2v")
+        info = await broker.log.js.consumer_info(broker.stream, "trigger-turboflow-turboflow-t2v")
         assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
@@ -163,7 +163,7 @@ async def test_no_time_is_added_to_what_the_producer_sent(nats_server):
                 break
             await asyncio.sleep(0.05)
         assert fn.raw_headers[0]["ce-id"] == "untimed-1" and "ce-time" not in fn.raw_headers[0]
-        stored = await broker.js.get_msg(broker.stream, 1)
+        stored = await broker.log.js.get_msg(broker.stream, 1)
         assert "ce-time" not in stored.headers
 
 
@@ -185,7 +185,7 @@ async def test_identity_is_source_plus_id_and_conflicting_duplicates_are_409(nat
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
         assert sorted(data_of(e)["prompt"] for e in fn.received) == ["a cat", "a dog"]
-        stored = await broker.js.get_msg(broker.stream, 1)
+        stored = await broker.log.js.get_msg(broker.stream, 1)
         assert stored.headers["Nats-Msg-Id"] == msg_id("/producer-a", "shared-id")
 
 
@@ -226,9 +226,9 @@ async def test_ingress_refuses_unsigned_turboflow_replies(nats_server):
 async def test_wait_for_reply_skips_forged_foreign_and_malformed_replies(nats_server):
     import nats
 
-    from turboflow.eventing.broker import ensure_stream, publish_event
     from turboflow.eventing.client import build_request, reply_subscription, wait_for_reply
     from turboflow.eventing.contracts import completed_event
+    from turboflow.eventing.jetstream import ensure_stream, publish_event
 
     request = build_request("t2v", "a cat", tenant="acme")
     rid = request.get_id()

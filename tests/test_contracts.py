@@ -255,3 +255,40 @@ def test_every_emitted_error_code_is_registered():
     missing = {code: where for code, where in found.items() if code not in ERROR_CODES}
     assert not missing, f"register these in eventing/event_schemas.py ERROR_CODES: {missing}"
     assert all(ERROR_CODES.values()), [c for c, text in ERROR_CODES.items() if not text]
+
+
+def _i2v_event(image: str):
+    return _event({"prompt": "the cat turns", "image": image}, type=I2V_REQUESTED)
+
+
+@pytest.mark.parametrize(
+    "uri, path",
+    [
+        ("file:///srv/turboflow/uploads/acme/cat.png", "/srv/turboflow/uploads/acme/cat.png"),
+        ("file://localhost/srv/uploads/acme/a%20b.png", "/srv/uploads/acme/a b.png"),
+    ],
+)
+def test_a_file_reference_is_parsed_for_a_local_store(uri, path):
+    req = parse_request(_i2v_event(uri))
+    assert req.image.scheme == "file" and req.image.is_reference
+    assert req.image.key == path and req.image.bucket is None
+    assert req.generation.image is None  # fetched later, through the store
+    assert parse_request(_i2v_event(uri)).input_sha256 == req.input_sha256
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///srv/uploads/../other/cat.png",
+        "file:///srv//uploads/cat.png",
+        "file:///srv/uploads/./cat.png",
+        "file:///srv/uploads/%2e%2e/cat.png",
+        "file:///srv/uploads/cat%00.png",
+        "file://example.com/srv/cat.png",
+        "file:///srv/uploads/cat.png\n",
+    ],
+)
+def test_a_file_reference_that_could_escape_is_refused(uri):
+    with pytest.raises(ContractError) as err:
+        parse_request(_i2v_event(uri))
+    assert err.value.code == "invalid_image_reference"

@@ -19,9 +19,9 @@ import pytest_asyncio
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from eventing_harness import Collector, data_of
 
-from turboflow.eventing.broker import publish_event
 from turboflow.eventing.client import build_request, download, reply_subscription
 from turboflow.eventing.devstack import DevConfig, DevStack
+from turboflow.eventing.jetstream import publish_event
 from turboflow.eventing.nats_binding import from_nats
 from turboflow.eventing.s3source import request_id_for
 from turboflow.eventing.types import COMPLETED, FAILED

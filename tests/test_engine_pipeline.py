@@ -308,8 +308,8 @@ def test_mp4_stream_rejects_bad_frames_and_cleans_up(tmp_path):
     from turboflow.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError):
-        Mp4Stream(tmp_path / "odd.mp4", 641, 480)
-    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, background=True)
+        Mp4Stream(tmp_path / "odd.mp4", 641, 480, fps=16)
+    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, fps=16, background=True)
     stream.put(np.zeros((2, 48, 64, 3), np.uint8))
     with pytest.raises(InvalidRequestError):
         stream.put(np.zeros((2, 48, 32, 3), np.uint8))
@@ -321,11 +321,11 @@ def test_mp4_stream_lifecycle_misuse_is_clear(tmp_path):
     from turboflow.engine.video import Mp4Stream, probe_video
     from turboflow.errors import InvalidRequestError
 
-    empty = Mp4Stream(tmp_path / "empty.mp4", 64, 48, background=True)
+    empty = Mp4Stream(tmp_path / "empty.mp4", 64, 48, fps=16, background=True)
     with pytest.raises(InvalidRequestError, match="no frames"):
         empty.finish()
     assert list(tmp_path.iterdir()) == []  # the failed finish removed the partial file
-    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, background=True)
+    stream = Mp4Stream(tmp_path / "v.mp4", 64, 48, fps=16, background=True)
     stream.put(np.full((3, 48, 64, 3), 128, np.uint8))
     info = stream.finish()
     assert probe_video(info.path).num_frames == 3

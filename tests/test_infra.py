@@ -1,4 +1,4 @@
-"""infra/: every kustomization renders (pure-Python renderer, turboflow.manifests), every object validates (Knative
+"""infra/: every kustomization renders (`kubectl kustomize`, tests/kustomized.py), every object validates (Knative
 kinds against the upstream CRD schemas copied in tests/data/knative-crds, core kinds against typed schemas below),
 and the deployment policy holds: GPU only in the gpu overlay, concurrency 1, scale-to-zero settings backed by the
 cluster config, ordered timeouts, probes, non-root, read-only model cache, consistent names and metrics."""
@@ -14,22 +14,11 @@ import pytest
 import yaml
 from crd_schemas import CRDS, crd_validators  # noqa: F401
 from jsonschema import Draft202012Validator
+from kustomized import INFRA, KUSTOMIZATIONS, kustomized, resource_id
 
 from turboflow.eventing.triggers import parse_duration as iso_seconds
-from turboflow.manifests import build, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
-INFRA = ROOT / "infra"
-KUSTOMIZATIONS = [
-    "base",
-    "knative",
-    "overlays/dev",
-    "overlays/gpu",
-    "model-cache",
-    "model-cache/warm",
-    "monitoring",
-    "eventing-auth",
-]
 OVERLAYS = ["overlays/dev", "overlays/gpu"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
 # COMMON.md's shared numbers
@@ -41,7 +30,7 @@ GPU_PRODUCTS = {"NVIDIA-H100-80GB-HBM3", "NVIDIA-H200", "NVIDIA-GeForce-RTX-5090
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {k: build(INFRA / k) for k in KUSTOMIZATIONS}
+    return {k: kustomized(k) for k in KUSTOMIZATIONS}
 
 
 def kind(docs, k, group=None):
@@ -368,7 +357,7 @@ def test_schemas_are_loaded_and_strict():
         ("sources.knative.dev/v1", "SinkBinding"),
     ]:
         assert key in CRD_VALIDATORS, key
-    svc = ksvc(build(INFRA / "overlays/gpu"), "turboflow-t2v")
+    svc = ksvc(kustomized("overlays/gpu"), "turboflow-t2v")
     typo = copy.deepcopy(svc)
     typo["spec"]["template"]["spec"]["containerConcurency"] = 1
     assert list(CRD_VALIDATORS[("serving.knative.dev/v1", "Service")].iter_errors(typo))
@@ -836,6 +825,7 @@ FUNC_YAML_SCHEMA = obj(
         "invoke": {"enum": ["http", "cloudevent"]},
         "run": obj(
             {
+                "startTimeout": {"type": "integer", "minimum": 1},  # nanoseconds (func's schema: a Go Duration)
                 "envs": {"type": "array", "items": obj({"name": STR, "value": STR}, ["name"])},
                 "volumes": {
                     "type": "array",
@@ -900,6 +890,30 @@ def test_func_yaml_mirrors_the_service(rendered, name):
     assert vol == {"persistentVolumeClaim": {"claimName": "turboflow-models", "readOnly": True}, "path": "/models"}
 
 
+def test_root_func_yaml_is_the_one_image_for_both_services(rendered):
+    """The repository root is a function project too: the image both Services run, the task chosen by a setting."""
+    fy = yaml.safe_load((ROOT / "func.yaml").read_text())
+    errors = list(Draft202012Validator(FUNC_YAML_SCHEMA).iter_errors(fy))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    assert (ROOT / "function" / "func.py").is_file()  # the root's func-python package (new() picks the task)
+    assert fy["name"] == "turboflow" and fy["invoke"] == "cloudevent"
+    envs = {e["name"]: e["value"] for e in fy["run"]["envs"]}
+    task = envs["TURBOFLOW_TASK"]
+    for name in FUNCTIONS:
+        svc = ksvc(rendered["overlays/gpu"], name)
+        c = container(svc)
+        assert fy["image"] == c["image"] and fy["namespace"] == svc["metadata"]["namespace"]
+        assert fy["deploy"]["healthEndpoints"] == {
+            "liveness": c["livenessProbe"]["httpGet"]["path"],
+            "readiness": c["readinessProbe"]["httpGet"]["path"],
+        }
+    # `func run` at the root runs the task it names, with that Service's model, like the task's own func.yaml
+    task_yaml = yaml.safe_load((ROOT / "functions" / task / "func.yaml").read_text())
+    assert {e["name"]: e["value"] for e in task_yaml["run"]["envs"]}.items() <= envs.items()
+    assert fy["run"]["volumes"] == task_yaml["run"]["volumes"]
+    assert fy["run"]["startTimeout"] == task_yaml["run"]["startTimeout"]
+
+
 def test_readme_walkthrough_applies_existing_kustomizations_in_order():
     text = (INFRA / "README.md").read_text()
     applied = re.findall(r"kubectl apply -k (infra/[\w/-]+)", text)
@@ -933,11 +947,12 @@ def test_every_container_is_non_root_and_unprivileged(rendered, kdir):
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/dev"])
 def test_function_settings_are_valid_engine_options(rendered, overlay):
-    from turboflow.engine.options import load_options
+    from turboflow.engine.options import LoadOptions
+    from turboflow.settings import Settings
 
     for name in FUNCTIONS:
         settings = {k: v for k, v in env(container(ksvc(rendered[overlay], name))).items() if isinstance(v, str)}
-        load_options(settings)  # raises ConfigError naming the variable on a value the pod would refuse
+        LoadOptions.from_settings(Settings.from_env(settings))  # ConfigError naming any value the pod would refuse
         # and every TURBOFLOW_* name is one the code reads (a misspelt switch would be silently ignored)
         assert {k for k in settings if k.startswith("TURBOFLOW_")} <= _settings_the_code_reads()
     if overlay == "overlays/gpu":

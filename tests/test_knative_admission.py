@@ -6,15 +6,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from knative_admission import RULES, ClusterConfig, admit, admit_all, go_duration_seconds, is_iso_period
+from kustomized import kustomized
 
 from turboflow.eventing.triggers import load_manifests
-from turboflow.manifests import build
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+# infra/knative is the cluster configuration the others are admitted under (OURS), not workload
 KUSTOMIZATIONS = [
     "base",
     "overlays/dev",
@@ -24,8 +23,8 @@ KUSTOMIZATIONS = [
     "monitoring",
     "eventing-auth",
 ]
-RENDERED = {k: build(INFRA / k) for k in KUSTOMIZATIONS}
-OURS = ClusterConfig.from_docs(build(INFRA / "knative"))
+RENDERED = {k: kustomized(k) for k in KUSTOMIZATIONS}
+OURS = ClusterConfig.from_docs(kustomized("knative"))
 # infra/eventing-auth is applied only after authentication-oidc is turned on (its kustomization says how)
 WITH_OIDC = OURS.with_eventing(**{"authentication-oidc": "enabled"})
 CONFIG_FOR = {k: (WITH_OIDC if k == "eventing-auth" else OURS) for k in KUSTOMIZATIONS}

@@ -2,8 +2,9 @@
 `load_pipeline` loads to the same frames as the model the files were written from.
 
 The files are the tiny session models exported to TurboDiffusion's own formats (`net.` prefix, Linear patch
-embedding, SLA proj_l, optional int8) by `export_native`. `pull` is exercised with an injected downloader that
-copies from a local directory laid out like the hub: the real huggingface_hub download is NOT exercised here.
+embedding, SLA proj_l, optional int8) by `export_native` (tests/native_export.py). `pull` is exercised with an
+injected downloader that copies from a local directory laid out like the hub: the real huggingface_hub
+download is NOT exercised here.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from native_export import export_native
 
 from turboflow.cli import main as main_cli
 from turboflow.engine import checkpoint as ck
 from turboflow.engine import modelcache
+from turboflow.engine.families.wan import TINY_T5, TINY_TRANSFORMER, TINY_VAE
 from turboflow.engine.model_import import (
     ModelImportError,
     classify_files,
-    export_native,
     import_model,
     parse_file_spec,
     pull_model,
 )
 from turboflow.engine.request import GenerationRequest
-from turboflow.engine.tiny import TINY_T5, TINY_TRANSFORMER, TINY_VAE
 from turboflow.errors import CheckpointError, ChecksumMismatchError
 
 FAST = dict(resolution="480p", aspect_ratio="4:3", num_frames=1)

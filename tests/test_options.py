@@ -1,6 +1,6 @@
-"""Performance switches from TURBOFLOW_* settings (engine/options.py), the model's own request defaults (attention
-"sla" for a checkpoint fine-tuned with SLA), and both reaching a real function: hypercorn on loopback, moto S3,
-the mp4 decoded."""
+"""Performance switches from TURBOFLOW_* settings (turboflow/settings.py -> engine/options.py LoadOptions), the
+model's own request defaults (attention "sla" for a checkpoint fine-tuned with SLA), and both reaching a real
+function: hypercorn on loopback, moto S3, the mp4 decoded."""
 
 from __future__ import annotations
 
@@ -12,20 +12,25 @@ import pytest
 from function_harness import LiveFunction, reply_event, request_event
 
 from turboflow.engine import modelcache
-from turboflow.engine.options import load_options, parse_sizes
+from turboflow.engine.options import LoadOptions
 from turboflow.engine.quant import BlockInt8Linear
 from turboflow.engine.video import probe_video
 from turboflow.errors import ConfigError
 from turboflow.eventing.contracts import validator
 from turboflow.eventing.types import COMPLETED
+from turboflow.settings import Settings, warmup_sizes
 
 BUCKET = "tf-options"
 SMALL = dict(resolution="480p", aspect_ratio="4:3", num_frames=1, num_steps=2)
 
 
+def _options(env: dict) -> LoadOptions:
+    return LoadOptions.from_settings(Settings.from_env(env))
+
+
 def test_defaults_and_valid_settings():
-    assert load_options({}) == {"fast_vae": True, "offload": "auto"}
-    opts = load_options(
+    assert _options({}) == LoadOptions() and LoadOptions().fast_vae and LoadOptions().offload == "auto"
+    opts = _options(
         {
             "TURBOFLOW_QUANT_LINEAR": "FP8",
             "TURBOFLOW_COMPILE": "max-autotune-no-cudagraphs",
@@ -34,19 +39,23 @@ def test_defaults_and_valid_settings():
             "TURBOFLOW_VAE_CHUNK": "2",
             "TURBOFLOW_OFFLOAD": "experts",
             "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81, 720p:9:16:49",
+            "TURBOFLOW_LOAD_THREADS": "3",
+            "TURBOFLOW_WARMUP": "0",
         }
     )
-    assert opts == {
-        "quant_linear": "fp8",
-        "compile": "max-autotune-no-cudagraphs",
-        "compile_cache_dir": "/cache/compile",
-        "fast_vae": False,
-        "vae_chunk": 2,
-        "offload": "experts",
-        "compile_warmup": [("480p", "16:9", 81), ("720p", "9:16", 49)],
-    }
-    assert load_options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_QUANT_LINEAR": "none"})["compile"] is True
-    assert "compile" not in load_options({"TURBOFLOW_COMPILE": "off"})
+    assert opts == LoadOptions(
+        quant_linear="fp8",
+        compile="max-autotune-no-cudagraphs",
+        compile_cache_dir="/cache/compile",
+        fast_vae=False,
+        vae_chunk=2,
+        offload="experts",
+        compile_warmup=(("480p", "16:9", 81), ("720p", "9:16", 49)),
+        load_threads=3,
+        warmup=False,
+    )
+    assert _options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_QUANT_LINEAR": "none"}).compile is True
+    assert _options({"TURBOFLOW_COMPILE": "off"}).compile is False
 
 
 @pytest.mark.parametrize(
@@ -57,21 +66,24 @@ def test_defaults_and_valid_settings():
         ({"TURBOFLOW_FAST_VAE": "maybe"}, "TURBOFLOW_FAST_VAE"),
         ({"TURBOFLOW_VAE_CHUNK": "0"}, "TURBOFLOW_VAE_CHUNK"),
         ({"TURBOFLOW_OFFLOAD": "disk"}, "TURBOFLOW_OFFLOAD"),
-        ({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:80"}, "TURBOFLOW_COMPILE_WARMUP"),
-        ({"TURBOFLOW_COMPILE_WARMUP": "1080p:16:9:81"}, "TURBOFLOW_COMPILE_WARMUP"),
+        ({"TURBOFLOW_LOAD_THREADS": "many"}, "TURBOFLOW_LOAD_THREADS"),
+        ({"TURBOFLOW_WARMUP": "sometimes"}, "TURBOFLOW_WARMUP"),
+        ({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:80"}, "TURBOFLOW_COMPILE_WARMUP"),
+        ({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_COMPILE_WARMUP": "1080p:16:9:81"}, "TURBOFLOW_COMPILE_WARMUP"),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_variable(env, field):
     with pytest.raises(ConfigError) as info:
-        load_options(env)
-    assert info.value.field == field and info.value.code == "invalid_config" and field in info.value.message
+        _options(env)
+    assert info.value.field == field and info.value.code == "invalid_config"
+    assert info.value.message.startswith(f"{field}: ")
 
 
 def test_warmup_sizes_need_compile_and_a_frame_count_in_range():
     with pytest.raises(ConfigError, match="TURBOFLOW_COMPILE is off"):
-        load_options({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81"})
+        _options({"TURBOFLOW_COMPILE_WARMUP": "480p:16:9:81"})
     with pytest.raises(ConfigError, match="up to"):
-        load_options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:245"})
+        _options({"TURBOFLOW_COMPILE": "1", "TURBOFLOW_COMPILE_WARMUP": "480p:16:9:245"})
 
 
 def test_a_manifest_default_that_makes_no_valid_request_is_a_model_cache_error(tiny_t2v_dir, tmp_path):
@@ -95,14 +107,14 @@ def test_a_manifest_default_that_makes_no_valid_request_is_a_model_cache_error(t
         load_pipeline(tiny_t2v_dir, device="cpu", vae_chunk=0)
 
 
-def test_parse_sizes_skips_blanks():
-    assert parse_sizes(" ,720p:16:9:81,") == [("720p", "16:9", 81)]
+def test_warmup_sizes_skip_blanks():
+    assert warmup_sizes(" ,720p:16:9:81,") == (("720p", "16:9", 81),)
 
 
 def test_load_pipeline_rejects_unknown_modes(tiny_t2v_dir):
     from turboflow.engine.loading import load_pipeline
 
-    for kwargs in ({"compile": "fastest"}, {"offload": "disk"}, {"quant_linear": "fp4"}):
+    for kwargs in ({"compile": "fastest"}, {"offload": "disk"}, {"quant_linear": "fp4"}, {"load_threads": 0}):
         with pytest.raises(ConfigError):
             load_pipeline(tiny_t2v_dir, device="cpu", **kwargs)
 

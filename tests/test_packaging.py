@@ -24,8 +24,16 @@ def test_every_package_directory_is_listed_in_pyproject():
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top)
             found.add(".".join([name, *rel.parts]))
+    found.add("function")  # the repository root's func-python package (func.yaml), not mapped
+    assert (ROOT / "function" / "__init__.py").is_file()
     assert found - listed == set(), "add these to [tool.setuptools] packages"
     assert listed - found == set(), "listed but no __init__.py"
+
+
+def test_the_version_is_the_projects():
+    from turboflow import __version__
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
 
 
 def test_cli_entry_point_resolves():

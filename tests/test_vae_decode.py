@@ -13,7 +13,7 @@ from turboflow.engine.vae_decode import default_chunk, fast_decode, psnr
 def vae():
     from diffusers import AutoencoderKLWan
 
-    from turboflow.engine.tiny import TINY_VAE
+    from turboflow.engine.families.wan import TINY_VAE
 
     torch.manual_seed(0)
     return AutoencoderKLWan(**TINY_VAE).eval()
@@ -89,6 +89,6 @@ def test_frame_sink_gets_every_frame_in_order_while_decoding(t2v_pipeline, tmp_p
     # the fast decode hands over the first latent frame alone, then chunks; the stock decode everything at once
     assert pieces == ([1, 8] if fast else [9]) and sum(pieces) == result.frames.shape[0]
     streamed = stream.finish()
-    whole = write_mp4(result.frames, tmp_path / "whole.mp4")
+    whole = write_mp4(result.frames, tmp_path / "whole.mp4", fps=result.fps)
     (_, a), (_, b) = probe_video(streamed.path, return_frames=True), probe_video(whole.path, return_frames=True)
     assert streamed.num_frames == 9 and np.array_equal(a, b)  # same encoder input, same pictures

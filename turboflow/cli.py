@@ -40,15 +40,10 @@ _CHATTY_LIBRARIES = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3tra
 
 
 def package_version() -> str:
-    """The installed distribution's version (the source tree's when not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """turboflow's version (the distribution is named `function` for Knative func; see pyproject.toml)."""
+    from turboflow import __version__
 
-    try:
-        return version("turboflow")
-    except PackageNotFoundError:
-        from turboflow import __version__
-
-        return __version__
+    return __version__
 
 
 def _epilog(verbs: list[str]) -> str:

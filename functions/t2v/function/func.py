@@ -1,17 +1,15 @@
 """Knative function (func-python, CloudEvents): T2V video generation.
 
-Build/deploy with the knative func Python template: the scaffolding calls `func_python.cloudevent.serve(new)`.
-Everything lives in turboflow.functions.common.VideoFunction; this file only picks the kind.
-Configuration (environment): MODEL_DIR (the model cache PVC mount), TURBOFLOW_BUCKET, S3_ENDPOINT_URL, AWS_*,
-see turboflow/functions/common.py and turboflow/storage/s3.py.
+func-python's contract: `new()` returns the function instance (start, stop, alive, ready, handle); everything
+lives in turboflow.functions (video.py wires settings.py, slot.py, job.py, replies.py). Served with /metrics and
+the request guard in front by `turboflow serve t2v` (the image's entry point) or
+`python -m turboflow.functions.t2v.function`; func-python's stock `serve(new)` serves it bare (no /metrics).
+Configuration: the environment, every variable in turboflow/settings.py (docs/functions.md).
 """
 
-from turboflow.functions.app import install
-from turboflow.functions.common import VideoFunction
-
-install()  # func-python's serve() then also answers GET /metrics on the same port
+from turboflow.functions.video import VideoFunction
 
 
 def new() -> VideoFunction:
-    """Called once per pod by func-python; start(cfg) loads the model in the background."""
+    """Called once per pod; start(cfg) builds the settings and loads the model in the background."""
     return VideoFunction("t2v")

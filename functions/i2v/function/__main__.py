@@ -1,0 +1,7 @@
+"""`python -m turboflow.functions.i2v.function`: func-python's serve(new) contract with /metrics and the guard."""
+
+from turboflow.functions.app import serve
+
+from .func import new
+
+serve(new)
