@@ -20,7 +20,7 @@ def run_baseline(pipe, spec: Spec, clock, prompt: str) -> dict:
     from turboflow.engine.request import GenerationRequest
 
     dev, dtype = clock.device, pipe.dtype
-    w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).size()
+    w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).validated().size
     vae = pipe.vae
     sf, tf = pipe.spatial_factor, pipe.temporal_factor
     lat_shape = (1, vae.config.z_dim, (spec.frames - 1) // tf + 1, h // sf, w // sf)

@@ -161,6 +161,42 @@ def loader_throughput(cache: Path, tiny: bool, log) -> list[dict]:
     return rows
 
 
+def run_child(argv: list[str], label: str, env: dict, log) -> dict:
+    """Start one child (`--child DIR MODE`), wait for its JSON line and turn its wall-clock marks into phases
+    counted from the moment the process was launched (interpreter start included)."""
+    launched = time.time()
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not line:
+        log(f"  {label}: FAILED\n{proc.stderr[-2000:]}")
+        return {"label": label, "error": (proc.stderr or proc.stdout)[-2000:]}
+    r = json.loads(line[-1])
+    r.update(label=label, interpreter_s=r["t_child_start"] - launched, imports_s=r["t_imports"] - launched)
+    if "t_ready" in r:
+        r["ready_s"] = r["t_ready"] - launched
+    log(f"  {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items() if k.startswith("import_")))
+    if "ready_s" in r:
+        log(
+            f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
+            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s)"
+        )
+    return r
+
+
+def child_env(tiny: bool) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if tiny:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def cold_starts(cache: Path, tiny: bool, log) -> list[dict]:
     runs = []
     plan = [
@@ -174,36 +210,8 @@ def cold_starts(cache: Path, tiny: bool, log) -> list[dict]:
             drop_page_cache(_files(cache))
         else:
             warm_page_cache(_files(cache))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if tiny:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        launched = time.time()
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.coldstart", "--child", str(cache), mode],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not line:
-            runs.append({"label": label, "error": (proc.stderr or proc.stdout)[-2000:]})
-            log(f"  {label}: FAILED\n{proc.stderr[-2000:]}")
-            continue
-        r = json.loads(line[-1])
-        r.update(
-            label=label,
-            ready_s=r["t_ready"] - launched,
-            imports_s=r["t_imports"] - launched,
-            interpreter_s=r["t_child_start"] - launched,
-        )
-        runs.append(r)
-        log(f"  {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items() if k.startswith("import_")))
-        log(
-            f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
-            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s)"
-        )
+        argv = [sys.executable, "-m", "bench.coldstart", "--child", str(cache), mode]
+        runs.append(run_child(argv, label, child_env(tiny), log))
     return runs
 
 
@@ -230,7 +238,16 @@ class _NullStore:
     """The function's S3 store is irrelevant to model loading; this keeps storage configuration out of it."""
 
 
+# Importable in the GPU machine's image but not in the serving image: the serving-only environment
+# (bench/serving_env.py) must hide them, and each child reports whether it did.
+NOT_SERVED = ("jax", "flax", "peft", "tensorflow", "torchvision", "pytest", "moto")
+
+
 def child(cache: str, mode: str) -> None:
+    """One cold start: imports in the order the costs are attributed (torch; diffusers' Wan model classes, which
+    pull in torch._dynamo; transformers' umT5; the function), then `start()` and `ready()` polled (mode `fast`),
+    or the previous from_pretrained loader (`library`), or nothing after the imports (`imports`, for -X importtime).
+    """
     t0 = time.time()
     from . import _ROOT  # noqa: F401
 
@@ -238,11 +255,6 @@ def child(cache: str, mode: str) -> None:
     import torch  # noqa: F401
 
     marks["torch"] = time.time()
-    from turboflow.engine import loading  # noqa: F401
-    from turboflow.functions.slot import SlotState
-    from turboflow.functions.video import VideoFunction
-
-    marks["turboflow"] = time.time()
     import accelerate  # noqa: F401
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
 
@@ -250,12 +262,21 @@ def child(cache: str, mode: str) -> None:
     from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
     marks["transformers"] = time.time()
+    from turboflow.engine import loading  # noqa: F401
+    from turboflow.functions.slot import SlotState
+    from turboflow.functions.video import VideoFunction
+
+    marks["turboflow"] = time.time()
     t_imports = time.time()
     prev, split = t0, {}
     for k, v in marks.items():
         split[f"import_{k}_s"] = v - prev
         prev = v
     out = {"t_child_start": t0, "t_imports": t_imports, **split}
+    if mode == "imports":
+        out.update(_environment_probe())
+        print(json.dumps(out), flush=True)
+        return
     if mode == "fast":
         fn = VideoFunction("t2v", store=_NullStore())
         fn.start({"MODEL_DIR": cache})
@@ -292,7 +313,31 @@ def child(cache: str, mode: str) -> None:
             torch.cuda.synchronize()
         out["t_ready"] = time.time()
         out.update(read_s=t_read - t, h2d_s=out["t_ready"] - t_read, warmup_s=0.0)
+    out.update(_environment_probe())
     print(json.dumps(out), flush=True)
+
+
+def _environment_probe() -> dict:
+    """What this process could import and from where, recorded after the timed part."""
+    import importlib.util
+
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "importable": {name: importlib.util.find_spec(name) is not None for name in NOT_SERVED},
+        "sys_path": list(sys.path),
+        "isolated": bool(sys.flags.isolated and sys.flags.no_site),
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def main() -> None:
         num_frames=args.frames,
         aspect_ratio="16:9",
         adaptive_resolution=False,
-    )
+    ).validated()  # Wan2.2's rules: the pipelines below are built on that family
     results = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

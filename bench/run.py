@@ -152,7 +152,7 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     from turboflow.engine.request import GenerationRequest
     from turboflow.engine.video import Mp4Stream
 
-    w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).size()
+    w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).validated().size
     base = dict(
         prompt=PROMPT,
         kind=spec.kind,
@@ -168,7 +168,10 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     if spec.kind == "i2v":
         base["image"] = _image(w, h)
     log(f"  ours: warm-up ({spec.warmup_steps} step(s))")
-    pipe(GenerationRequest(num_steps=spec.warmup_steps, **base))
+    # validated without the manifest's defaults: the spec and the variant decide every field (the image is
+    # decoded here, outside the timed run)
+    pipe(GenerationRequest(num_steps=spec.warmup_steps, **base).validated(pipe.family))
+    timed = GenerationRequest(num_steps=spec.steps, **base).validated(pipe.family)
     if clock.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(clock.device)
     marks = []
@@ -184,7 +187,7 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     clock.sync()
     t0 = time.perf_counter()
     try:
-        result = pipe(GenerationRequest(num_steps=spec.steps, **base), progress, frame_sink=stream.put)
+        result = pipe(timed, progress, frame_sink=stream.put)
     except BaseException:
         stream.abort()
         raise

@@ -15,4 +15,4 @@ from turboflow.errors import (  # noqa: F401
     UnsupportedOptionError,
 )
 
-from .request import RESOLUTIONS, GenerationRequest, GenerationResult  # noqa: F401
+from .request import RESOLUTIONS, GenerationRequest, GenerationResult, ValidatedRequest  # noqa: F401

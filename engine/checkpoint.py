@@ -16,11 +16,11 @@ SLA projections: diffusers' WanTransformer3DModel has no place for `proj_l`, so 
 `transformer/*.safetensors` only) never see it, while the manifest still hashes it. `load_sla_proj_l()` reads it back.
 
 The DiT and umT5 key maps are the Wan family's (engine/families/wan.py); the VAE's depend on its config and live
-here. Key mapping is explicit and strict in both directions: any key no rule accounts for, any key the target model
+here. Key mapping is explicit and strict: any key no rule accounts for, any key the target model
 expects that the file lacks and any shape mismatch raise CheckpointError with counts and a short sample.
 The DiT and VAE rules agree with diffusers' own `convert_wan_transformer_to_diffusers` /
-`convert_wan_vae_to_diffusers` (tests check this); ours also run backwards (diffusers -> Wan), which the tests'
-native exporter (tests/native_export.py) needs, and handle VAE configs other than the stock one.
+`convert_wan_vae_to_diffusers` (tests check this) and handle VAE configs other than the stock one. The reverse
+direction (diffusers -> Wan), which only the tests need to build importer inputs, is in tests/native_export.py.
 """
 
 from __future__ import annotations
@@ -286,24 +286,6 @@ def wan_dit_to_diffusers(
     return ConvertedDiT(out, cfg, proj_l, info)
 
 
-def diffusers_dit_to_wan(
-    sd: dict[str, torch.Tensor],
-    *,
-    proj_l: dict[str, torch.Tensor] | None = None,
-    linear_patch_embedding: bool = True,
-    prefix: str = "",
-) -> dict[str, torch.Tensor]:
-    """Inverse of `wan_dit_to_diffusers` (TurboDiffusion layout by default): tests and export."""
-    out = _rename(sd, DIT_KEYS.inverse, "diffusers DiT state dict")
-    if linear_patch_embedding:
-        pe = out["patch_embedding.weight"]
-        out["patch_embedding.weight"] = pe.reshape(pe.shape[0], -1)
-    for k, v in (proj_l or {}).items():
-        i, leaf = int(k.split(".")[1]), k.rsplit(".", 1)[1]
-        out[f"blocks.{i}.self_attn.attn_op.local_attn.proj_l.{leaf}"] = v
-    return {prefix + k: v for k, v in out.items()}
-
-
 def load_dit_checkpoint(
     path: str | os.PathLike, config: dict | None = None, *, dtype: torch.dtype | None = None, keep_int8: bool = False
 ) -> ConvertedDiT:
@@ -335,7 +317,6 @@ _RES = {
     "shortcut.weight": "conv_shortcut.weight",
     "shortcut.bias": "conv_shortcut.bias",
 }
-_RES_INV = {v: k for k, v in _RES.items()}
 _PASS = (
     "resample.1.weight",
     "resample.1.bias",
@@ -365,7 +346,6 @@ for _side in ("encoder", "decoder"):
     for _wan, _dif in (("0", "resnets.0"), ("2", "resnets.1")):
         _VAE_FIXED.update({f"{_side}.middle.{_wan}.{a}": f"{_side}.mid_block.{_dif}.{b}" for a, b in _RES.items()})
     _VAE_FIXED.update({f"{_side}.middle.1.{x}": f"{_side}.mid_block.attentions.0.{x}" for x in _PASS[4:]})
-_VAE_FIXED_INV = {v: k for k, v in _VAE_FIXED.items()}
 
 
 def _vae_key_to_diffusers(key: str, num_res_blocks: int) -> str | None:
@@ -382,22 +362,6 @@ def _vae_key_to_diffusers(key: str, num_res_blocks: int) -> str | None:
             return f"decoder.up_blocks.{stage}.resnets.{j}.{_RES[m.group(2)]}"
         if j == num_res_blocks + 1 and m.group(2) in _PASS[:4]:
             return f"decoder.up_blocks.{stage}.upsamplers.0.{m.group(2)}"
-    return None
-
-
-def _vae_key_to_wan(key: str, num_res_blocks: int) -> str | None:
-    if key in _VAE_FIXED_INV:
-        return _VAE_FIXED_INV[key]
-    m = re.match(r"encoder\.down_blocks\.(\d+)\.(.+)\Z", key)
-    if m:
-        leaf = _RES_INV.get(m.group(2), m.group(2) if m.group(2) in _PASS else None)
-        return None if leaf is None else f"encoder.downsamples.{m.group(1)}.{leaf}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)\Z", key)
-    if m and m.group(3) in _RES_INV:
-        return f"decoder.upsamples.{int(m.group(1)) * (num_res_blocks + 2) + int(m.group(2))}.{_RES_INV[m.group(3)]}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)\Z", key)
-    if m and m.group(2) in _PASS[:4]:
-        return f"decoder.upsamples.{int(m.group(1)) * (num_res_blocks + 2) + num_res_blocks + 1}.{m.group(2)}"
     return None
 
 
@@ -431,11 +395,6 @@ def wan_vae_to_diffusers(
     out = _cast(_rename(sd, lambda k: _vae_key_to_diffusers(k, cfg["num_res_blocks"]), what), dtype)
     check_state_dict(what, out, expected_shapes(AutoencoderKLWan, cfg))
     return out, cfg
-
-
-def diffusers_vae_to_wan(sd: dict[str, torch.Tensor], config: dict | None = None) -> dict[str, torch.Tensor]:
-    cfg = vae_config(config)
-    return _rename(sd, lambda k: _vae_key_to_wan(k, cfg["num_res_blocks"]), "diffusers VAE state dict")
 
 
 def load_vae_checkpoint(
@@ -494,14 +453,6 @@ def wan_t5_to_transformers(
     out["encoder.embed_tokens.weight"] = out["shared.weight"]  # the same embedding, referenced twice
     check_state_dict(what, out, expected_shapes(UMT5EncoderModel, cfg))
     return out, cfg
-
-
-def transformers_t5_to_wan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = dict(sd)
-    emb = sd.pop("encoder.embed_tokens.weight", None)
-    if "shared.weight" not in sd and emb is not None:
-        sd["shared.weight"] = emb
-    return _rename(sd, T5_KEYS.inverse, "transformers umT5 state dict")
 
 
 def load_t5_checkpoint(

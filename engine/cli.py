@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from .families import families
+from .fields import add_arguments, options_from_args
 from .options import OFFLOAD_POLICIES
-from .request import ATTENTION_TYPES, RESOLUTIONS
 from .request import QUANT_LINEAR_MODES as QUANT_MODES
 
 # progress labels per pipeline stage (engine.pipeline.StageProgress), with the unit each counts
@@ -34,33 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--model", required=True, help="model cache directory (see `turboflow model`)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", help="I2V conditioning image (path)")
-    gen.add_argument("--resolution", default=None, choices=sorted(RESOLUTIONS), help="default: the model's (480p)")
-    gen.add_argument("--aspect-ratio", default=None, help="default: the model's (16:9)")
-    gen.add_argument("--frames", type=int, default=81, help="4k+1 frames at 16 fps for Wan (default 81)")
-    gen.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4 (default 4)")
-    gen.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="random seed (default: a random one; the seed used is printed with the timings)",
-    )
-    gen.add_argument("--sigma-max", type=float, default=None, help="default 80 (t2v) / 200 (i2v)")
-    gen.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
-    gen.add_argument(
-        "--boundary",
-        type=float,
-        default=None,
-        help="I2V: high-noise expert while t >= boundary (default: the model's, 0.9)",
-    )
-    gen.add_argument("--no-adaptive-resolution", dest="adaptive_resolution", action="store_false")
-    # no argparse choices: an upstream name this build lacks (sagesla) gets unsupported_option with the reason
-    gen.add_argument(
-        "--attention",
-        default=None,
-        metavar="{" + ",".join(ATTENTION_TYPES) + "}",
-        help="default: the model's (sla for TurboDiffusion checkpoints with proj_l, else original)",
-    )
-    gen.add_argument("--sla-topk", type=float, default=None, help="fraction of K blocks kept by SLA (default 0.1)")
+    # the request options, from the one field table (engine/fields.py): --resolution, --frames/--num-frames, ...
+    add_arguments(gen, engine_only=True)
     perf = gen.add_argument_group("performance (see BENCHMARKS.md)")
     perf.add_argument(
         "--quant-linear",
@@ -148,33 +123,14 @@ def _generate(args) -> int:
     from .families import family
     from .loading import load_pipeline, resolve_device
     from .modelcache import read_manifest
-    from .request import GenerationRequest, model_request_defaults
+    from .request import GenerationRequest
     from .video import Mp4Stream
 
-    given = {
-        k: v
-        for k, v in dict(
-            resolution=args.resolution,
-            aspect_ratio=args.aspect_ratio,
-            sigma_max=args.sigma_max,
-            attention=args.attention,
-            sla_topk=args.sla_topk,
-            boundary=args.boundary,
-        ).items()
-        if v is not None
-    }
     manifest = read_manifest(args.model)
+    # the one validation step, before loading: model defaults filled, the image decoded, the size resolved
     request = GenerationRequest(
-        prompt=args.prompt,
-        kind=args.kind,
-        num_frames=args.frames,
-        num_steps=args.steps,
-        seed=args.seed,
-        ode=args.ode,
-        adaptive_resolution=args.adaptive_resolution,
-        image=args.image,
-        **{**model_request_defaults(manifest.defaults), **given},
-    ).validated(family(manifest.family))  # fail before loading
+        prompt=args.prompt, kind=args.kind, image=args.image, **options_from_args(args, engine_only=True)
+    ).validated(family(manifest.family), manifest.defaults)
     device = resolve_device(args.device)  # a missing GPU is a typed error here, not a traceback mid-load
     pipeline = load_pipeline(
         args.model,
@@ -187,7 +143,7 @@ def _generate(args) -> int:
         offload=args.offload,
         compile_warmup=[],
     )
-    width, height = request.size(pipeline.family)
+    width, height = request.size
     mp4 = Mp4Stream(args.out, width, height, fps=pipeline.fps, background=True)  # encodes while the VAE decodes
     bars = _StageBars(enabled=not args.quiet and sys.stderr.isatty())
     try:

@@ -364,8 +364,6 @@ class LoadReport:
     read_seconds: float = 0.0  # wall time of the parallel read + host->device copy of all components
     build_seconds: float = 0.0  # building the empty modules (overlaps the read)
     assign_seconds: float = 0.0
-    total_seconds: float = 0.0
-    per_component: dict = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -384,7 +382,6 @@ def load_models(
 ) -> dict:
     """Load several networks (role -> directory, built as classes[role]: the family's component classes)
     concurrently; returns role -> module on devices[role]."""
-    start = time.perf_counter()
     report = report if report is not None else LoadReport()
     threads = threads or default_threads()
     roles = list(components)
@@ -438,8 +435,4 @@ def load_models(
     for dev in {d for d in devices.values() if d.type == "cuda"}:
         torch.cuda.synchronize(dev)
     report.assign_seconds = time.perf_counter() - t
-    report.per_component = {
-        role: {"bytes": sum(h.data_size for h in headers[role]), "device": str(devices[role])} for role in roles
-    }
-    report.total_seconds = time.perf_counter() - start
     return models

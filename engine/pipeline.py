@@ -21,7 +21,7 @@ from turboflow.errors import InvalidRequestError, OutOfMemoryError
 from . import families
 from .families import FamilySpec
 from .prompt import clean_prompt
-from .request import SEED_MAX, GenerationRequest, GenerationResult, model_request_defaults
+from .request import SEED_MAX, GenerationRequest, GenerationResult, ValidatedRequest
 from .sampler import rcm_sample
 
 Progress = Callable[[int, int], None]  # (rCM steps done, steps)
@@ -262,47 +262,59 @@ class TurboVideoPipeline:
         return net
 
     # ---- the call -----------------------------------------------------------------------------------------
-    def request(self, prompt: str, **fields) -> GenerationRequest:
-        """A request for this model: its manifest defaults (resolution, attention, ...) under the given fields."""
-        return GenerationRequest(
-            prompt=prompt, **{"kind": self.kind, **model_request_defaults(self.defaults), **fields}
-        )
+    def request(self, prompt: str, **fields) -> ValidatedRequest:
+        """A validated request for this model: its kind, its manifest defaults (resolution, attention, ...) under
+        the given fields."""
+        return GenerationRequest(prompt=prompt, **{"kind": self.kind, **fields}).validated(self.family, self.defaults)
 
     def __call__(
         self,
-        request: GenerationRequest,
+        request: ValidatedRequest,
         progress: Progress | None = None,
         frame_sink: FrameSink | None = None,
         stage_progress: StageProgress | None = None,
     ) -> GenerationResult:
-        """Generate one video. `progress` gets the rCM steps; `stage_progress` gets every stage (StageProgress)."""
-        req = request.validated(self.family)
-        if req.kind != self.kind:
+        """Generate one video. `progress` gets the rCM steps; `stage_progress` gets every stage (StageProgress).
+
+        `request` comes from the one validation step (`GenerationRequest.validated`, `parse_request`,
+        `self.request`): nothing is checked or decoded again here."""
+        if not isinstance(request, ValidatedRequest):
+            raise TypeError(
+                "the pipeline takes a ValidatedRequest (from GenerationRequest.validated), "
+                f"not {type(request).__name__}"
+            )
+        if request.image_pending:
+            raise TypeError("the request's image is not fetched yet: complete it with with_image(bytes)")
+        if request.family.name != self.family.name:
+            raise TypeError(f"the request was validated for family {request.family.name}, this is {self.family.name}")
+        if request.request.kind != self.kind:
             raise InvalidRequestError(
-                f"this is a {self.kind} model; it cannot serve a {req.kind} request",
+                f"this is a {self.kind} model; it cannot serve a {request.request.kind} request",
                 code="wrong_model_kind",
                 field="kind",
             )
+        req = request
         try:
             return self._generate(req, progress, frame_sink, stage_progress)
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise OutOfMemoryError(
-                f"out of device memory for {req.resolution} x {req.num_frames} frames: {str(e).splitlines()[0]}"
+                f"out of device memory for {req.request.resolution} x {req.request.num_frames} frames: "
+                f"{str(e).splitlines()[0]}"
             ) from e
 
     @torch.no_grad()
     def _generate(
         self,
-        req: GenerationRequest,
+        validated: ValidatedRequest,
         progress: Progress | None,
         frame_sink: FrameSink | None = None,
         stage_progress: StageProgress | None = None,
     ) -> GenerationResult:
+        req, (width, height) = validated.request, validated.size
         seed = pick_seed(req.seed)
         report = stage_progress or (lambda stage, done, total: None)
-        width, height = req.size(self.family)
         clock = _Stopwatch(self.device)
         shape = self.family.latent.latent_shape(req.num_frames, width, height)
 

@@ -12,9 +12,9 @@ saturated to [-128, 127], scale = amax/128. Edge tiles are simply smaller (out-o
 The upstream GEMM multiplies the int32 accumulator by scale_x * scale_w, so the weight the network computes with is
 exactly `q * scale` -- dequantization multiplies, tile by tile.
 
-This module provides the exact dequantization (required: the default runtime path), the quantizer (tests build
-`-quant` style files with it) and an optional weight-only int8 module (`BlockInt8Linear`) that keeps int8 storage
-and dequantizes per forward. W8A8 / FP8 kernels belong to the performance work.
+This module provides the exact dequantization (required: the default runtime path), the block quantizer and an
+optional weight-only int8 module (`BlockInt8Linear`) that keeps int8 storage and dequantizes per forward. The W8A8 /
+FP8 linears are in engine/linear.py; tests/native_export.py builds `-quant` style files with the quantizer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ BLOCK = 128
 INT8_SUFFIX = ".int8_weight"
 SCALE_SUFFIX = ".scale"
 INT8_STORAGE = "int8-block128"  # manifest/source tag of a cache that stores `-quant` layers as int8
-SKIP_LAYER = "proj_l"  # SLA's linear-attention projection stays fp32 upstream
 
 
 def scale_shape(out_features: int, in_features: int, block: int = BLOCK) -> tuple[int, int]:
@@ -113,32 +112,6 @@ def dequantize_state_dict(
     return out
 
 
-def quantize_state_dict(
-    state_dict: dict[str, torch.Tensor], *, prefix: str = "blocks.", bias_dtype: torch.dtype = torch.bfloat16
-) -> dict[str, torch.Tensor]:
-    """Build a `-quant` style state dict from a Wan-native one (the inverse used by tests).
-
-    Linear layers are recognised as 2-D `.weight` tensors under `prefix` (in Wan blocks, norms are 1-D and
-    modulation is 3-D); `proj_l` is skipped, as upstream does.
-    """
-    out: dict[str, torch.Tensor] = {}
-    linears = {
-        k[: -len(".weight")]
-        for k, v in state_dict.items()
-        if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2 and SKIP_LAYER not in k
-    }
-    for k, v in state_dict.items():
-        layer, _, leaf = k.rpartition(".")
-        if layer in linears and leaf == "weight":
-            q, s = quantize_blockwise(v)
-            out[layer + INT8_SUFFIX], out[layer + SCALE_SUFFIX] = q, s
-        elif layer in linears and leaf == "bias":
-            out[k] = v.to(bias_dtype)
-        else:
-            out[k] = v
-    return out
-
-
 class BlockInt8Linear(torch.nn.Module):
     """Optional weight-only int8 Linear: int8 storage (half of bf16), dequantized per call.
 
@@ -191,11 +164,3 @@ def use_stored_int8(model: torch.nn.Module, keys) -> int:
             raise CheckpointError(f"{name}{INT8_SUFFIX}: {name} is not a Linear layer of this model")
         model.set_submodule(name, BlockInt8Linear.placeholder(lin.out_features, lin.in_features, lin.bias is not None))
     return len(layers)
-
-
-def quantize_linears(module: torch.nn.Module, *, skip: str = SKIP_LAYER) -> int:
-    """Swap every nn.Linear under `module` (except names containing `skip`) for BlockInt8Linear; returns the count."""
-    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and skip not in n]
-    for name, lin in targets:
-        module.set_submodule(name, BlockInt8Linear.from_linear(lin))
-    return len(targets)

@@ -1,4 +1,4 @@
-"""Generate `eventing/schemas/*.json` and `docs/events.asyncapi.yaml` from eventing/contracts.py.
+"""Generate `eventing/schemas/*.json` and `docs/events.asyncapi.yaml` from the contract (eventing/event_schemas.py).
 
 python -m turboflow.eventing.asyncapi --write    # regenerate (commit the result)
 python -m turboflow.eventing.asyncapi --check    # exit 1 when the committed files are stale (tests do this)
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .contracts import ERROR_CODES, SCHEMA_FILES, SCHEMAS, TENANT_PATTERN, TRACEPARENT_EXTENSION
+from .event_schemas import ERROR_CODES, SCHEMA_FILES, SCHEMAS, TENANT_PATTERN, TRACEPARENT_EXTENSION
 from .types import COMPLETED, DEFAULT_TENANT, FAILED, I2V_REQUESTED, T2V_REQUESTED, TENANT_EXTENSION
 
 PACKAGE_DIR = Path(__file__).resolve().parent

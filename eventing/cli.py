@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from turboflow.engine.fields import add_arguments, options_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -35,21 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=("t2v", "i2v"))
     p.add_argument("prompt")
     p.add_argument("--image", help="I2V: local file (uploaded to the dev bucket or sent inline), s3:// or data: URI")
-    for name, typ in (
-        ("resolution", str),
-        ("aspect-ratio", str),
-        ("num-frames", int),
-        ("num-steps", int),
-        ("seed", int),
-        ("sigma-max", float),
-        ("attention", str),
-        ("sla-topk", float),
-        ("boundary", float),
-        ("output-prefix", str),
-        ("model", str),
-    ):
-        p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--ode", action="store_true", default=None)
+    add_arguments(p)  # the request options, from the one field table (engine/fields.py)
     p.add_argument("--tenant", default=None)
     p.add_argument("--id", default=None, help="request id (default: a new UUID)")
     p.add_argument("--broker", default=None, help="broker ingress URL (default: $TURBOFLOW_BROKER_URL or `dev`)")
@@ -237,20 +225,7 @@ def _submit(args) -> int:
         )
     if args.kind == "i2v" and not args.image:
         raise TurboflowError("i2v needs --image", code="missing_field", field="image")
-    options = {
-        "resolution": args.resolution,
-        "aspect_ratio": args.aspect_ratio,
-        "num_frames": args.num_frames,
-        "num_steps": args.num_steps,
-        "seed": args.seed,
-        "sigma_max": args.sigma_max,
-        "attention": args.attention,
-        "sla_topk": args.sla_topk,
-        "boundary": args.boundary,
-        "output_prefix": args.output_prefix,
-        "model": args.model,
-        "ode": args.ode,
-    }
+    options = options_from_args(args)
     event = build_request(args.kind, args.prompt, options=options, tenant=args.tenant, request_id=args.id)
     if args.image:
         s3 = (

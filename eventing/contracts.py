@@ -30,7 +30,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
-from turboflow.engine.request import GenerationRequest, model_request_defaults
+from turboflow.engine.fields import ENGINE_FIELDS
+from turboflow.engine.request import GenerationRequest, ValidatedRequest
 from turboflow.errors import TurboflowError
 
 # schemas, patterns, error codes and validation live in event_schemas.py; this module re-exports them
@@ -105,7 +106,9 @@ class ParsedRequest:
     tenant: str
     output_prefix: str | None  # the request's optional sub-prefix (under the tenant)
     model: str | None  # the model the producer asked for, if any
-    generation: GenerationRequest  # validated; for an s3:// image, `image` is None until fetched
+    # the one validated request; for an s3:// or file:// image it is `image_pending` until the function fetches
+    # the bytes and completes it (`generation.with_image(raw)`)
+    generation: ValidatedRequest
     image: ImageRef | None
     time: datetime | None  # the request event's time (names the date folder), None when the event has none
     source: str
@@ -259,19 +262,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-_PLACEHOLDER_IMAGE = None
-
-
-def _placeholder_image():
-    """Stand-in for an s3:// image so every other field is validated before anything is fetched."""
-    global _PLACEHOLDER_IMAGE
-    if _PLACEHOLDER_IMAGE is None:
-        from PIL import Image
-
-        _PLACEHOLDER_IMAGE = Image.new("RGB", (64, 64))
-    return _PLACEHOLDER_IMAGE
-
-
 def parse_request(
     event,
     *,
@@ -287,6 +277,7 @@ def parse_request(
     `has_time`: False when the request carried no `time` (the CloudEvents SDK fills one in when decoding; the
     function's HTTP guard knows better): the output key then has no date folders.
     `family`: the serving model's family spec (engine/families): its frame rule and defaults apply.
+    An inline image is decoded here, once (`generation.request.image` is the RGB image the pipeline uses).
 
     Raises ContractError / InvalidRequestError (both carry a stable `code`); the caller answers with
     `failed_event(...)`. An s3:// image is only syntax-checked here; fetching it (and the bucket allow-list) is
@@ -333,48 +324,26 @@ def parse_request(
     when = parse_time(_attr(event, "time")) if has_time else None
 
     image_ref = None
-    gen_image = None
+    image = None
     if kind == "i2v":
         uri = data["image"]
         if uri.startswith("s3://"):
             bucket, key = parse_s3_uri(uri)
             image_ref = ImageRef("s3", bucket=bucket, key=key)
-            gen_image = _placeholder_image()
         elif uri.startswith("file://"):
             image_ref = ImageRef("file", key=parse_file_uri(uri))
-            gen_image = _placeholder_image()
         else:
             image_ref = decode_inline_image(uri, max_inline_image_bytes)
-            check_image_header(image_ref.data)
-            gen_image = image_ref.data
-    fields = {
-        k: data[k]
-        for k in (
-            "prompt",
-            "resolution",
-            "aspect_ratio",
-            "num_frames",
-            "num_steps",
-            "seed",
-            "sigma_max",
-            "attention",
-            "sla_topk",
-            "ode",
-            "boundary",
-            "adaptive_resolution",
-        )
-        if k in data
-    }
-    fields = {**model_request_defaults(model_defaults), **fields}  # what the request leaves out, the model decides
+            check_image_header(image_ref.data)  # a header peek: the one decode is the validation's
+            image = image_ref.data
+    fields = {name: data[name] for name in ENGINE_FIELDS if name in data and name != "image"}
     if "seed" not in data:  # "pick one": derived from the request id, so a redelivery reproduces the video
         fields["seed"] = derived_seed(request_id)
-    # the serving model's family (engine/families) decides the frame rule and defaults; without one, the kind's
-    generation = GenerationRequest(kind=kind, image=gen_image, **fields).validated(family)
-    if image_ref is not None and image_ref.is_reference:
-        generation = generation.replace(image=None)
-    elif image_ref is not None:
-        # keep the decoded bytes; the engine re-opens them (validated() already proved they decode)
-        generation = generation.replace(image=image_ref.data)
+    # the one validation step: the serving model's defaults fill what the request leaves out, its family
+    # (engine/families) decides the frame rule (without one, the kind's); a store image is completed later
+    generation = GenerationRequest(kind=kind, image=image, **fields).validated(
+        family, model_defaults, image_pending=image_ref is not None and image_ref.is_reference
+    )
     source = str(_attr(event, "source") or "")
     return ParsedRequest(
         request_id=request_id,

@@ -144,7 +144,6 @@ class DeadLetterApp:
     def __init__(self, sink: str | None = None, signing_key: bytes | None = None):
         self.sink = sink if sink is not None else os.environ.get("K_SINK") or None
         self.signing_key = signing_key if signing_key is not None else signing.signing_key()
-        self.received = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -166,7 +165,6 @@ class DeadLetterApp:
             event = parse_http(headers, body)
         except ValueError as e:
             return await respond(send, 400, f"not a valid CloudEvent: {e}".encode())
-        self.received += 1
         failed = failed_for(event, self.signing_key)
         if failed is None:
             log.warning(

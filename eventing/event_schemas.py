@@ -11,8 +11,19 @@ import re
 import uuid
 from typing import Any
 
-from turboflow.engine import request as _engine_request
-from turboflow.engine.request import ATTENTION_TYPES, MAX_FRAMES, MAX_PROMPT_CHARS, RESOLUTIONS, SEED_MAX
+from turboflow.engine.fields import (  # noqa: F401  (re-exported: the contract's patterns and limits)
+    ATTENTION_TYPES,
+    DATA_URI_PATTERN,
+    FILE_URI_PATTERN,
+    MAX_INLINE_IMAGE_CHARS,
+    MAX_PROMPT_CHARS,
+    MODEL_PATTERN,
+    OUTPUT_PREFIX_PATTERN,
+    PREFIX_SEGMENT,
+    S3_URI_PATTERN,
+    fields_for,
+)
+from turboflow.engine.request import UNAVAILABLE_ATTENTION  # noqa: F401
 from turboflow.errors import InvalidRequestError
 
 from .types import COMPLETED, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED
@@ -26,32 +37,14 @@ _ID_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # uuid5 names
 
 # Attention kinds the schema offers: what the engine implements. Names upstream knows but this build lacks are
 # refused with `unsupported_option` and the engine's reason (UNAVAILABLE_ATTENTION), not a generic enum error.
-IMPLEMENTED_ATTENTION: tuple[str, ...] = tuple(
-    getattr(_engine_request, "IMPLEMENTED_ATTENTION", None) or ATTENTION_TYPES
-)
-UNAVAILABLE_ATTENTION: dict[str, str] = dict(
-    getattr(_engine_request, "UNAVAILABLE_ATTENTION", None)
-    or {
-        name: f"attention {name!r} needs SpargeAttn (spas_sage_attn), which this build does not ship; use 'sla' "
-        "(same math, portable kernels) or 'original'"
-        for name in (*ATTENTION_TYPES, "sagesla")
-        if name not in IMPLEMENTED_ATTENTION
-    }
-)
+IMPLEMENTED_ATTENTION: tuple[str, ...] = ATTENTION_TYPES
 
 # Identifiers that end up in object keys. Conservative on purpose: keys never need escaping and can never
 # climb out of the tenant prefix ("..", "/", absolute paths, control characters are all impossible).
 TENANT_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-PREFIX_SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"  # no dots at all: "..", ".", hidden names impossible
-OUTPUT_PREFIX_PATTERN = rf"^{PREFIX_SEGMENT}(/{PREFIX_SEGMENT}){{0,3}}$"
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]{1,1024}$"
-DATA_URI_PATTERN = r"^data:image/(png|jpeg|jpg|webp|gif|bmp);base64,"
-FILE_URI_PATTERN = r"^file://(localhost)?/[^\s]{1,1024}$"  # a local-directory store (TURBOFLOW_STORE=local)
-# Inline images travel inside the event; JetStream's default message limit is 1 MB, so the schema caps the
-# string at 1 MiB and the function caps the decoded bytes (TURBOFLOW_MAX_INLINE_IMAGE_BYTES, default 512 KiB).
-MAX_INLINE_IMAGE_CHARS = 1 << 20
+# The routing fields' patterns and the image URI patterns are defined with the fields (engine/fields.py).
+# The function caps an inline image's decoded bytes (TURBOFLOW_MAX_INLINE_IMAGE_BYTES, default 512 KiB).
 DEFAULT_MAX_INLINE_IMAGE_BYTES = 512 << 10
 
 
@@ -64,114 +57,12 @@ class ContractError(InvalidRequestError):
 # ---------------------------------------------------------------------------------------------------------------
 # Schemas (data payloads)
 # ---------------------------------------------------------------------------------------------------------------
-_ASPECTS = sorted({a for table in RESOLUTIONS.values() for a in table})
-
-_COMMON_REQUEST_PROPERTIES: dict[str, dict] = {
-    "prompt": {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_PROMPT_CHARS,
-        "description": "What the video shows. umT5 reads at most 512 tokens.",
-    },
-    "model": {
-        "type": "string",
-        "pattern": MODEL_PATTERN,
-        "description": "Optional: the model the request was written for. The function serves one model; a "
-        "different name fails with `unknown_model` instead of silently using another.",
-    },
-    "resolution": {
-        "type": "string",
-        "enum": sorted(RESOLUTIONS),
-        "default": "480p",
-        "description": "Named resolution (TurboDiffusion table).",
-    },
-    "aspect_ratio": {"type": "string", "enum": _ASPECTS, "default": "16:9"},
-    "num_frames": {
-        "type": "integer",
-        "minimum": 1,
-        "maximum": MAX_FRAMES,
-        "default": 81,
-        "description": "4k+1 frames (17, 49, 81, ...) at 16 fps; other values fail with `invalid_num_frames`.",
-    },
-    "num_steps": {"type": "integer", "minimum": 1, "maximum": 4, "default": 4, "description": "rCM steps."},
-    "seed": {
-        "type": "integer",
-        "minimum": 0,
-        "maximum": SEED_MAX,
-        "description": "The noise seed; 0 is a seed like any other (as upstream TurboDiffusion's `--seed 0`). "
-        "Leave it out to let the function pick one, derived from the request id, "
-        "so a redelivered request that must be generated again reproduces the same video; the "
-        "seed used is in the completion.",
-    },
-    "sigma_max": {
-        "type": ["number", "null"],
-        "exclusiveMinimum": 0,
-        "maximum": 10000,
-        "description": "Initial TrigFlow sigma; default 80 (t2v) / 200 (i2v).",
-    },
-    "attention": {
-        "type": "string",
-        "enum": list(IMPLEMENTED_ATTENTION),
-        "description": "Self-attention kernel; default the model's (`sla` for checkpoints fine-tuned "
-        "with it, else `original`). Upstream names this build lacks (e.g. `sagesla`) fail "
-        "with `unsupported_option` and the reason.",
-    },
-    "sla_topk": {
-        "type": "number",
-        "exclusiveMinimum": 0,
-        "maximum": 1,
-        "default": 0.1,
-        "description": "SLA: fraction of key blocks each query block attends to exactly.",
-    },
-    "ode": {"type": "boolean", "default": False, "description": "Deterministic ODE steps instead of SDE."},
-    "output_prefix": {
-        "type": "string",
-        "pattern": OUTPUT_PREFIX_PATTERN,
-        "maxLength": 200,
-        "description": "Optional sub-folder under the tenant's prefix: the object key is "
-        "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{yyyy}/{mm}/{dd}/"
-        "{request-id}.mp4` when the request event has a `time` (its UTC date), "
-        "`{TURBOFLOW_OUTPUT_PREFIX}/{tenant}/{output_prefix}/{request-id}.mp4` "
-        "without one. 1-4 lowercase segments `[a-z0-9][a-z0-9_-]*`.",
-    },
-}
-
-_I2V_PROPERTIES: dict[str, dict] = {
-    "image": {
-        "type": "string",
-        "maxLength": MAX_INLINE_IMAGE_CHARS,
-        "anyOf": [{"pattern": S3_URI_PATTERN}, {"pattern": FILE_URI_PATTERN}, {"pattern": DATA_URI_PATTERN}],
-        "description": "Conditioning image: `s3://bucket/{TURBOFLOW_IMAGE_PREFIX}/{tenant}/key`, the "
-        "requesting tenant's upload prefix in a bucket the function may read "
-        "(TURBOFLOW_INPUT_BUCKETS, default the output bucket; TURBOFLOW_IMAGE_PREFIX default "
-        "`uploads`) or a prefix the deployment shares (TURBOFLOW_SHARED_IMAGE_PREFIXES); "
-        "anything else fails with `image_not_allowed`. With a local-directory store "
-        "(TURBOFLOW_STORE=local) the same rule applies to `file:///<store dir>/{TURBOFLOW_IMAGE_PREFIX}/"
-        "{tenant}/key`. Or an inline "
-        "`data:image/<png|jpeg|webp|...>;base64,...` URI (decoded size capped, default "
-        "512 KiB).",
-    },
-    "boundary": {
-        "type": "number",
-        "minimum": 0,
-        "maximum": 1,
-        "default": 0.9,
-        "description": "High-noise expert while t >= boundary, low-noise expert after.",
-    },
-    "adaptive_resolution": {
-        "type": "boolean",
-        "default": True,
-        "description": "Keep the resolution's area, follow the image's aspect ratio.",
-    },
-}
 
 
 def _request_schema(kind: str) -> dict:
-    props = copy.deepcopy(_COMMON_REQUEST_PROPERTIES)
-    required = ["prompt"]
-    if kind == "i2v":
-        props.update(copy.deepcopy(_I2V_PROPERTIES))
-        required.append("image")
+    """The data schema of a `kind` request: one property per field of engine/fields.py that the task takes."""
+    props = {f.name: copy.deepcopy(f.json_schema()) for f in fields_for(kind)}
+    required = ["prompt", "image"] if kind == "i2v" else ["prompt"]
     title = {"t2v": "Text-to-video request", "i2v": "Image-to-video request"}[kind]
     return {
         "$schema": SCHEMA_DIALECT,

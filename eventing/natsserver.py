@@ -97,7 +97,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class NatsServer:
     """nats-server -js on 127.0.0.1:<port> with its store in `store_dir` (a temp dir by default).
 
-    `restart()` keeps port and store: JetStream recovers every stored message, as a pod restart with a PVC would.
+    `stop()` then `start()` keeps port and store: JetStream recovers every stored message, as a pod restart with a
+    PVC would.
     Ready means *this* process listens: the server gets a unique name (`server_name`) and readiness reads the
     INFO line of whatever answers the port; a busy port is `error[port_in_use]`, never someone else's server.
     """
@@ -167,10 +168,6 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
-
-    def restart(self, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self.start()
 
     def close(self) -> None:
         self.stop()

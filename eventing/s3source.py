@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote_plus, unquote_plus
 
+from turboflow.engine.fields import FIELDS, WIRE_FIELDS
+
 log = logging.getLogger(__name__)
 
 NOTIFY_SUBJECT = "minio.turboflow.uploads"
@@ -55,22 +57,8 @@ DURABLE = "turboflow-s3source"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SIDECAR_SUFFIX = ".json"
 _ID_NAMESPACE = uuid.UUID("0c9b3a56-5f0e-5b86-a3e2-73337363e7a1")
-OPTION_FIELDS = (
-    "prompt",
-    "resolution",
-    "aspect_ratio",
-    "num_frames",
-    "num_steps",
-    "seed",
-    "sigma_max",
-    "attention",
-    "sla_topk",
-    "ode",
-    "boundary",
-    "adaptive_resolution",
-    "output_prefix",
-    "model",
-)
+# what an image's metadata or sidecar may set: every request field but the image itself (engine/fields.py)
+OPTION_FIELDS = tuple(name for name in WIRE_FIELDS if name != "image")
 
 
 REQUEST_METADATA = "turboflow-request"  # set on images uploaded for an existing request: not a new request
@@ -102,26 +90,23 @@ def records_of(payload: bytes | str | dict) -> list[dict]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Metadata values are strings: give them the schema's type."""
-    from turboflow.eventing.contracts import SCHEMAS
-    from turboflow.eventing.types import I2V_REQUESTED
-
+    """Metadata values are strings: give them the field's type (a value that does not convert is left for the
+    function's validation to refuse with the field's code)."""
     if not isinstance(value, str):
         return value
-    types = SCHEMAS[I2V_REQUESTED]["properties"].get(name, {}).get("type")
-    types = types if isinstance(types, list) else [types]
+    kind = FIELDS[name].type if name in FIELDS else str
     text = value.strip()
-    if "boolean" in types:
+    if kind is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-    if "integer" in types:
+    if kind is int:
         try:
             return int(text)
         except ValueError:
             pass
-    if "number" in types:
+    if kind is float:
         try:
             return float(text)
         except ValueError:

@@ -18,7 +18,6 @@ from urllib.parse import urljoin
 import yaml
 
 MANIFESTS_DIR = Path(__file__).resolve().parent / "manifests"
-TRIGGERS_FILE = MANIFESTS_DIR / "triggers.yaml"
 
 _ISO_DURATION = re.compile(
     r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"

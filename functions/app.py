@@ -5,7 +5,7 @@ start/stop, /health/*, CloudEvents -> handle) to func-python's own `ASGIApplicat
 func-python routes every path except /health/* through CloudEvent decoding, so a Prometheus scrape (a plain GET)
 would get 400 before `handle` is ever called; hence the wrapper in front rather than a route inside.
 
-Before func-python sees a request, `request_problem` checks what its decoder does not, answering 400
+Before func-python sees a request, `inspect_request` checks what its decoder does not, answering 400
 (`invalid_cloudevent`, JSON body, functions/replies.py) instead of a 500 or an accepted malformed event:
 
 * header names and values must be UTF-8 (func-python decodes them and answers 500 otherwise);
@@ -53,11 +53,6 @@ def _decoded_headers(raw_headers) -> tuple[dict[str, str] | None, str | None]:
 
 def _missing_attributes(present: set[str]) -> list[str]:
     return [name for name in ("id", "specversion") if name not in present]
-
-
-def request_problem(raw_headers, body: bytes) -> str | None:
-    """Why this POST cannot be a valid CloudEvent (a message for a 400), or None to hand it to func-python."""
-    return inspect_request(raw_headers, body)[0]
 
 
 def inspect_request(raw_headers, body: bytes) -> tuple[str | None, bool]:

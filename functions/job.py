@@ -23,7 +23,6 @@ from turboflow.eventing.contracts import (
     ParsedRequest,
     check_image_header,
     completed_event,
-    derived_seed,
     parse_request,
 )
 
@@ -152,20 +151,16 @@ class VideoJob:
 
         store, pipeline = self.store, self.slot.pipeline
         timings: dict[str, float] = {}
-        generation = req.generation
-        if req.image is not None and req.image.is_reference:  # s3:// or file://, read through the store
+        generation = req.generation  # validated once by parse_request; used as is
+        if generation.image_pending:  # s3:// or file://, read through the store
             t = time.perf_counter()
             raw = await asyncio.to_thread(store.read_image, req.image.bucket, req.image.key, req.tenant)
             timings["image_fetch"] = time.perf_counter() - t
             await asyncio.to_thread(check_image_header, raw)
-            generation = await asyncio.to_thread(generation.replace(image=raw).validated, pipeline.family)
-        if generation.seed is None:
-            # "pick one", but derived from the request id: a redelivery that has to generate again reproduces the
-            # same video (parse_request resolves an omitted seed already; this covers a request built elsewhere)
-            generation = generation.replace(seed=derived_seed(req.request_id))
+            generation = await asyncio.to_thread(generation.with_image, raw)  # the one decode
         with tempfile.TemporaryDirectory(prefix="turboflow-") as tmp:
             path = os.path.join(tmp, f"{req.request_id}.mp4")
-            width, height = await asyncio.to_thread(generation.size, pipeline.family)
+            width, height = generation.size
             # frames are encoded on another thread as each VAE chunk is decoded, overlapping decode and encode
             mp4 = Mp4Stream(path, width, height, fps=pipeline.fps, background=True)
             try:

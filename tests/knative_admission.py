@@ -221,9 +221,6 @@ class ClusterConfig:
     def with_eventing(self, **flags: str) -> ClusterConfig:
         return ClusterConfig(self.serving_features, {**self.eventing_features, **flags}, self.autoscaler, self.defaults)
 
-    def with_serving(self, **flags: str) -> ClusterConfig:
-        return ClusterConfig({**self.serving_features, **flags}, self.eventing_features, self.autoscaler, self.defaults)
-
     def serving_flag(self, key: str) -> str:
         """Enabled | Allowed | Disabled, parsed case-insensitively (serving config/features.go asFlag)."""
         raw = self.serving_features.get(key)

@@ -11,7 +11,7 @@ from conftest import FAST
 from safetensors.torch import load_file, save_file
 
 from bench.reference_loader import load_component
-from turboflow.engine import GenerationRequest, ModelCacheError, fastload
+from turboflow.engine import ModelCacheError, fastload
 from turboflow.engine.families import family
 from turboflow.engine.loading import load_pipeline
 from turboflow.engine.modelcache import read_manifest
@@ -154,7 +154,7 @@ def _library_pipeline(model_dir, fast_vae):
 
 def test_pipeline_through_fastload_gives_identical_frames(tiny_t2v_dir, t2v_pipeline):
     ref = _library_pipeline(tiny_t2v_dir, fast_vae=t2v_pipeline.fast_vae)  # same decode path: only loading differs
-    request = GenerationRequest(prompt="a red fox running in the snow", seed=7, **FAST)
+    request = t2v_pipeline.request("a red fox running in the snow", seed=7, **FAST)
     a, b = ref(request), t2v_pipeline(request)
     assert np.array_equal(a.frames, b.frames) and a.frames.std() > 0
 

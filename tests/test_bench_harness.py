@@ -128,3 +128,111 @@ def test_quantising_variants_run_after_the_bf16_baseline_and_i2v_experts_are_qua
 def test_plan_items_need_variants(tmp_path):
     with pytest.raises(SystemExit):
         bench_run.main(["--tiny", "--plan", "tiny-t2v", "--out", str(tmp_path)])
+
+
+# ---- bench/serving_env.py: the serving-only environment of the cold-start measurement ------------------------------
+def _dist(site, name, version, requires=(), files=()):
+    """A installed distribution as pip leaves it: NAME-VERSION.dist-info with METADATA and RECORD, plus its files."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"] + [f"Requires-Dist: {r}" for r in requires]
+    (info / "METADATA").write_text("\n".join(meta) + "\n")
+    for f in files:
+        (site / f).parent.mkdir(parents=True, exist_ok=True)
+        (site / f).write_text("VALUE = 1\n")
+    records = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD", "../../bin/a-script"]
+    (info / "RECORD").write_text("".join(f"{r},,\n" for r in records))
+
+
+def test_serving_site_holds_the_requirement_closure_and_nothing_else(tmp_path):
+    from bench.serving_env import build_site
+
+    image, carried = tmp_path / "image", tmp_path / "carried"
+    _dist(
+        image,
+        "app-core",
+        "1.0",
+        ["helper>=2", "extra-only; extra == 'fancy'", "py-old; python_version < '3'"],
+        ["app_core/__init__.py", "app_core/sub/mod.py"],
+    )
+    _dist(image, "helper", "1.5", ["ns-a"], ["helper.py"])  # below the required version: kept, reported
+    _dist(image, "ns-a", "1", [], ["ns/a/__init__.py"])
+    _dist(image, "ns-b", "1", [], ["ns/b/__init__.py"])  # shares the ns/ namespace, not required
+    _dist(image, "extra-only", "1", [], ["extra_only.py"])
+    _dist(image, "unrelated", "1", [], ["unrelated/__init__.py"])
+    _dist(image, "dup", "1", [], ["dup/__init__.py"])
+    _dist(carried, "dup", "2", ["ns-c"], ["dup/__init__.py"])  # the carried wheel wins over the image's copy
+    _dist(carried, "ns-c", "1", [], ["ns/c/__init__.py"])  # ns/ now has selected files from both sources
+    site = tmp_path / "site"
+    env = build_site(site, [carried, image], ["app-core", "dup", "absent>=1"])
+    assert set(env["distributions"]) == {"app-core", "helper", "ns-a", "dup", "ns-c"}
+    assert env["distributions"]["dup"] == {"version": "2", "from": str(carried)}
+    assert env["missing"] == ["absent"] and env["version_conflicts"] == ["helper>=2 (found 1.5)"]
+    # whole directories where one distribution owns them, a real directory where the namespace is shared
+    assert (site / "app_core").is_symlink() and (site / "helper.py").is_symlink()
+    assert not (site / "ns").is_symlink() and (site / "ns/a").is_symlink() and (site / "ns/c").is_symlink()
+    assert (site / "dup").resolve() == (carried / "dup").resolve()
+    for hidden in ("ns/b", "extra_only.py", "unrelated", "py_old"):
+        assert not (site / hidden).exists(), hidden
+    assert (site / "app_core/sub/mod.py").read_text() == "VALUE = 1\n"
+    assert not (tmp_path / "bin").exists()
+
+
+def test_containerfile_extras_and_roots_match_the_image():
+    from bench.serving_env import containerfile_extras, serving_roots
+
+    assert containerfile_extras('RUN pip install -c c.txt ".[pull,sim]" && x') == ["pull", "sim"]
+    roots, extras = serving_roots()
+    assert extras == ["pull"] and any(r.startswith("diffusers") for r in roots)
+    assert any(r.startswith("huggingface_hub") for r in roots) and not any(r.startswith("pytest") for r in roots)
+
+
+def test_importtime_summary():
+    from bench.serving_env import summarise_importtime
+
+    text = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       100 |        100 |   _abc\n"
+        "import time:      2000 |       2100 | abc\n"
+        "import time:      3000 |       3000 |     torch._C\n"
+        "import time:       500 |       3500 |   torch.version\n"
+        "import time:      1000 |       4500 | torch\n"
+    )
+    s = summarise_importtime(text, top=2)
+    assert s["top_level_cumulative_ms"] == [["torch", 4.5], ["abc", 2.1]]
+    assert s["top_cumulative_ms"] == [["torch", 4.5], ["torch.version", 3.5]]
+    assert s["self_ms_by_package"] == [["torch", 4.5], ["abc", 2.0]] and s["total_self_ms"] == 6.6
+
+
+def test_precompile_writes_bytecode_through_symlinked_directories(tmp_path):
+    from bench.serving_env import precompile
+
+    (tmp_path / "real/pkg").mkdir(parents=True)
+    (tmp_path / "real/pkg/m.py").write_text("X = 1\n")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site/pkg").symlink_to(tmp_path / "real/pkg")
+    assert precompile([tmp_path / "site"])["modules"] == 1
+    assert list((tmp_path / "real/pkg/__pycache__").glob("m.*.pyc"))
+
+
+def test_tiny_cold_start_in_the_serving_only_environment(tmp_path):
+    """The whole measurement on the CPU: the child runs isolated, sees the site and the repo only (pytest and moto,
+    installed in this venv, are not importable there), and reports every phase."""
+    from bench import serving_env
+
+    out = tmp_path / "out/coldstart.json"
+    argv = ["--tiny", "--no-compile", "--runs", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert serving_env.main([*argv, "--site", str(tmp_path / "site")]) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["links"] > 0 and "torch" in result["environment"]["distributions"]
+    assert "pytest" not in result["environment"]["distributions"]
+    assert [r["label"] for r in result["runs"]] == ["warm page cache #1", "cold page cache #1"]
+    for run in [result["importtime_child"], *result["runs"]]:
+        assert run["isolated"] and run["sys_path"][:2] == [str(tmp_path / "site"), str(serving_env.REPO)]
+        assert not any(run["importable"].values()), run["importable"]
+    for run in result["runs"]:
+        for phase in ("interpreter_s", "import_torch_s", "import_diffusers_s", "build_s", "read_s", "ready_s"):
+            assert run[phase] >= 0, phase
+        assert run["ready_s"] >= run["imports_s"] and run["compile_artifact_load_s"] == 0.0
+    assert dict(result["importtime"]["top_level_cumulative_ms"]).keys() >= {"torch", "diffusers"}
+    assert out.with_suffix(".importtime.txt").read_text().startswith("import time:")

@@ -248,12 +248,14 @@ async def test_nats_server_restart_loses_no_accepted_event(nats_server):
                     assert (
                         await client.post(broker.ingress_url, headers=msg.headers, content=msg.body)
                     ).status_code == 202
-        nats_server.restart(kill=True)  # SIGKILL: only what JetStream wrote to its file store survives
+        nats_server.stop(kill=True)  # SIGKILL: only what JetStream wrote to its file store survives
+        nats_server.start()
         async with running_broker(nats_server.url, addresses, delivery=FAST) as broker:
             later = [event(T2V) for _ in range(3)]
             for ev in later[:1]:
                 await broker.accept(ev)
-            nats_server.restart()  # restart under a running broker: it reconnects and carries on
+            nats_server.stop()  # restart under a running broker: it reconnects and carries on
+            nats_server.start()
             for ev in later[1:]:
                 for _ in range(100):
                     try:

@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from native_export import diffusers_dit_to_wan, diffusers_vae_to_wan, transformers_t5_to_wan
 
 from turboflow.engine import checkpoint as ck
 from turboflow.errors import CheckpointError
@@ -64,7 +65,7 @@ def _forward(model, in_channels=16, seed=0):
 
 
 def _native(model, proj_l=None, prefix="net."):
-    return ck.diffusers_dit_to_wan(model.state_dict(), proj_l=proj_l, prefix=prefix)
+    return diffusers_dit_to_wan(model.state_dict(), proj_l=proj_l, prefix=prefix)
 
 
 class NotATensor:  # pickled into a file to prove weights_only loading refuses arbitrary objects
@@ -272,7 +273,7 @@ def test_vae_round_trip_same_outputs(tmp_path, cfg):
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    native = ck.diffusers_vae_to_wan(vae.state_dict(), cfg)
+    native = diffusers_vae_to_wan(vae.state_dict(), cfg)
     assert "encoder.conv1.weight" in native and "decoder.head.2.weight" in native and "conv2.bias" in native
     path = tmp_path / "Wan2.1_VAE.pth"
     torch.save(native, path)
@@ -296,7 +297,7 @@ def test_vae_agrees_with_diffusers_converter_on_wan21_layout():
 
     cfg = VAE_CONFIGS[0]
     sd = AutoencoderKLWan(**cfg).state_dict()
-    native = ck.diffusers_vae_to_wan(sd, cfg)
+    native = diffusers_vae_to_wan(sd, cfg)
     # Wan's decoder: 3 resnets + a resample per stage; the stage-1 entry resnet has a shortcut (upsamples.4)
     assert "decoder.upsamples.4.shortcut.weight" in native and "decoder.upsamples.3.time_conv.weight" in native
     theirs = convert_wan_vae_to_diffusers(dict(native))
@@ -308,7 +309,7 @@ def test_vae_default_config_is_wan21_and_mismatch_raises(tmp_path):
     from diffusers import AutoencoderKLWan
 
     cfg = VAE_CONFIGS[1]
-    native = ck.diffusers_vae_to_wan(AutoencoderKLWan(**cfg).state_dict(), cfg)
+    native = diffusers_vae_to_wan(AutoencoderKLWan(**cfg).state_dict(), cfg)
     with pytest.raises(CheckpointError, match="VAE checkpoint"):  # tiny file against the default (real) config
         ck.wan_vae_to_diffusers(dict(native))
     native["decoder.upsamples.99.residual.0.gamma"] = torch.zeros(1)
@@ -411,7 +412,7 @@ def test_umt5_round_trip_and_key_errors():
             feed_forward_proj="gated-gelu",
         )
     )
-    native = ck.transformers_t5_to_wan(model.state_dict())
+    native = transformers_t5_to_wan(model.state_dict())
     assert "blocks.1.pos_embedding.embedding.weight" in native and "token_embedding.weight" in native
     back, _ = ck.wan_t5_to_transformers(dict(native))
     ref = model.state_dict()
@@ -453,7 +454,7 @@ def test_real_size_dit_key_sets(config, heads):
         for i in range(config["num_layers"])
         for leaf in ("weight", "bias")
     }
-    native = ck.diffusers_dit_to_wan(sd, proj_l=proj_l, prefix="net.")
+    native = diffusers_dit_to_wan(sd, proj_l=proj_l, prefix="net.")
     assert native["net.patch_embedding.weight"].shape == (128 * heads, config["in_channels"] * 4)
     conv = ck.wan_dit_to_diffusers(native)  # no config: everything inferred from the shapes
     assert {k: conv.config[k] for k in config} == config
@@ -478,9 +479,9 @@ def test_real_size_vae_and_umt5_key_sets():
                 feed_forward_proj="gated-gelu",
             )
         )
-    sd, cfg = ck.wan_vae_to_diffusers(ck.diffusers_vae_to_wan(vae.state_dict()))
+    sd, cfg = ck.wan_vae_to_diffusers(diffusers_vae_to_wan(vae.state_dict()))
     assert sd.keys() == vae.state_dict().keys() and cfg["base_dim"] == 96
-    native = ck.transformers_t5_to_wan(t5.state_dict())
+    native = transformers_t5_to_wan(t5.state_dict())
     assert len(native) == 2 + 24 * 10
     sd, cfg = ck.wan_t5_to_transformers(native)
     assert (cfg["num_heads"], cfg["d_kv"], cfg["num_layers"], cfg["d_ff"]) == (64, 64, 24, 10240)

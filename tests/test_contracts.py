@@ -76,14 +76,14 @@ def test_parse_request_in_both_http_modes():
             "promo",
             TP,
         )
-        assert req.generation.num_frames == 17 and req.generation.sigma_max == 80.0
+        assert req.generation.request.num_frames == 17 and req.generation.request.sigma_max == 80.0
         assert req.time == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def test_defaults_tenant_and_i2v_defaults():
     req = parse_request(_event({"prompt": "x", "image": "s3://bucket-a/in/cat.png"}, type=I2V_REQUESTED, tenant=None))
     assert req.tenant == "default" and req.image.bucket == "bucket-a" and req.image.key == "in/cat.png"
-    assert req.generation.sigma_max == 200.0 and req.generation.image is None
+    assert req.generation.request.sigma_max == 200.0 and req.generation.image_pending
 
 
 @pytest.mark.parametrize(
@@ -170,8 +170,8 @@ def test_schema_patterns_follow_ecma_semantics():
 def test_seed_zero_is_a_seed_and_an_omitted_seed_is_derived():
     from turboflow.eventing.contracts import derived_seed
 
-    assert parse_request(_event({"prompt": "x", "seed": 0})).generation.seed == 0
-    assert parse_request(_event({"prompt": "x"})).generation.seed == derived_seed("req-123")
+    assert parse_request(_event({"prompt": "x", "seed": 0})).generation.request.seed == 0
+    assert parse_request(_event({"prompt": "x"})).generation.request.seed == derived_seed("req-123")
     assert "default" not in SCHEMAS[T2V_REQUESTED]["properties"]["seed"]
 
 
@@ -272,7 +272,7 @@ def test_a_file_reference_is_parsed_for_a_local_store(uri, path):
     req = parse_request(_i2v_event(uri))
     assert req.image.scheme == "file" and req.image.is_reference
     assert req.image.key == path and req.image.bucket is None
-    assert req.generation.image is None  # fetched later, through the store
+    assert req.generation.image_pending  # fetched later, through the store
     assert parse_request(_i2v_event(uri)).input_sha256 == req.input_sha256
 
 

@@ -259,7 +259,8 @@ async def test_nats_server_killed_and_restarted_loses_no_accepted_request(stack,
     reqs = [build_request("t2v", f"a snowy mountain {i}", options=SMALL) for i in range(3)]
     for r in reqs:
         await http_post(stack, r)  # 202 = stored in JetStream's file store
-    stack.nats.restart(kill=True)  # SIGKILL while requests are queued / being delivered
+    stack.nats.stop(kill=True)  # SIGKILL while requests are queued / being delivered
+    stack.nats.start()  # same port and store
     more = build_request("t2v", "after the restart", options=SMALL)
     for _ in range(100):  # the ingress answers 503 until it has reconnected
         msg = to_binary_event(more)

@@ -112,7 +112,7 @@ def test_manifests_written_before_families_load_as_their_kinds_family(
     pipeline = load_pipeline(old, device="cpu")
     assert pipeline.family.name == name
     if kind == "t2v":  # and it is the same model: the same frames as the one with a recorded family
-        request = GenerationRequest(prompt="a red fox", seed=5, num_steps=1, **FAST)
+        request = t2v_pipeline.request("a red fox", seed=5, num_steps=1, **FAST)
         assert np.array_equal(pipeline(request).frames, t2v_pipeline(request).frames)
 
 
@@ -167,6 +167,6 @@ def test_a_third_family_registers_builds_loads_and_generates(toy_family, tmp_pat
     with pytest.raises(InvalidRequestError, match=r"4k\+1") as info:
         request.validated()
     assert info.value.code == "invalid_num_frames"
-    result = pipeline(request)
+    result = pipeline(request.validated(pipeline.family, pipeline.defaults))
     assert result.frames.shape == (3, 480, 640, 3) and (result.fps, result.sigma_max) == (12, 40.0)
     assert result.experts == ["dit"] and result.model == "tiny-toy-wan-2x"

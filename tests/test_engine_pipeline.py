@@ -32,9 +32,9 @@ def _image(w=400, h=300, seed=0):
 
 
 def test_same_seed_same_frames_different_seed_different(t2v_pipeline):
-    a = t2v_pipeline(GenerationRequest(prompt="a red fox", seed=11, **FAST))
-    b = t2v_pipeline(GenerationRequest(prompt="a red fox", seed=11, **FAST))
-    c = t2v_pipeline(GenerationRequest(prompt="a red fox", seed=12, **FAST))
+    a = t2v_pipeline(t2v_pipeline.request("a red fox", seed=11, **FAST))
+    b = t2v_pipeline(t2v_pipeline.request("a red fox", seed=11, **FAST))
+    c = t2v_pipeline(t2v_pipeline.request("a red fox", seed=12, **FAST))
     assert a.frames.shape == (1, 480, 640, 3) and a.frames.dtype == np.uint8
     assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(a.frames, c.frames)
@@ -42,10 +42,10 @@ def test_same_seed_same_frames_different_seed_different(t2v_pipeline):
 
 
 def test_no_seed_picks_a_seed_that_reproduces(t2v_pipeline):
-    first = t2v_pipeline(GenerationRequest(prompt="a boat", **FAST))
-    second = t2v_pipeline(GenerationRequest(prompt="a boat", seed=None, **FAST))
+    first = t2v_pipeline(t2v_pipeline.request("a boat", **FAST))
+    second = t2v_pipeline(t2v_pipeline.request("a boat", seed=None, **FAST))
     assert first.seed != second.seed  # two draws from 2^63 seeds
-    again = t2v_pipeline(GenerationRequest(prompt="a boat", seed=first.seed, **FAST))
+    again = t2v_pipeline(t2v_pipeline.request("a boat", seed=first.seed, **FAST))
     assert np.array_equal(first.frames, again.frames)
 
 
@@ -55,14 +55,14 @@ def test_seed_zero_is_seed_zero_like_upstream(t2v_pipeline):
         lambda m, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True
     )
     try:
-        result = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, num_steps=1, **FAST))
+        result = t2v_pipeline(t2v_pipeline.request("a boat", seed=0, num_steps=1, **FAST))
     finally:
         hook.remove()
     assert result.seed == 0
     # upstream: generator.manual_seed(seed), first noise randn(shape) * t0
     noise = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     assert torch.allclose(inputs[0], (noise.double() * rcm_timesteps(1, 80.0)[0]).float())
-    again = t2v_pipeline(GenerationRequest(prompt="a boat", seed=0, num_steps=1, **FAST))
+    again = t2v_pipeline(t2v_pipeline.request("a boat", seed=0, num_steps=1, **FAST))
     assert np.array_equal(result.frames, again.frames)
 
 
@@ -70,7 +70,7 @@ def test_stage_progress_reports_every_stage_and_each_decoded_chunk(t2v_pipeline,
     seen, sunk = [], []
     steps = []
     result = t2v_pipeline(
-        GenerationRequest(prompt="a boat", seed=1, num_steps=2, **{**FAST, "num_frames": 5}),
+        t2v_pipeline.request("a boat", seed=1, num_steps=2, **{**FAST, "num_frames": 5}),
         progress=lambda i, n: steps.append((i, n)),
         frame_sink=lambda f: sunk.append(len(f)),
         stage_progress=lambda *event: seen.append(event),
@@ -89,21 +89,21 @@ def test_stage_progress_reports_every_stage_and_each_decoded_chunk(t2v_pipeline,
     assert steps == [(1, 2), (2, 2)] and sunk == [1, 4]  # the chunked decode: first latent frame alone, then 4
     seen.clear()
     i2v_pipeline(
-        GenerationRequest(prompt="a boat", kind="i2v", image=_image(), seed=1, num_steps=1, **FAST),
+        i2v_pipeline.request("a boat", image=_image(), seed=1, num_steps=1, **FAST),
         stage_progress=lambda *event: seen.append(event),
     )
     assert [e for e in seen if e[0] == "vae_encode"] == [("vae_encode", 0, 1), ("vae_encode", 1, 1)]
 
 
 def test_prompt_changes_the_video(t2v_pipeline):
-    a = t2v_pipeline(GenerationRequest(prompt="a cat in the snow", seed=3, **FAST))
-    b = t2v_pipeline(GenerationRequest(prompt="a robot on the moon", seed=3, **FAST))
+    a = t2v_pipeline(t2v_pipeline.request("a cat in the snow", seed=3, **FAST))
+    b = t2v_pipeline(t2v_pipeline.request("a robot on the moon", seed=3, **FAST))
     assert not np.array_equal(a.frames, b.frames)
 
 
 def test_ode_and_sde_differ(t2v_pipeline):
-    sde = t2v_pipeline(GenerationRequest(prompt="a fish", seed=5, **FAST))
-    ode = t2v_pipeline(GenerationRequest(prompt="a fish", seed=5, ode=True, **FAST))
+    sde = t2v_pipeline(t2v_pipeline.request("a fish", seed=5, **FAST))
+    ode = t2v_pipeline(t2v_pipeline.request("a fish", seed=5, ode=True, **FAST))
     assert not np.array_equal(sde.frames, ode.frames)
 
 
@@ -113,7 +113,7 @@ def test_network_gets_t_times_1000_each_step(t2v_pipeline):
         lambda mod, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True
     )
     try:
-        t2v_pipeline(GenerationRequest(prompt="a dog", seed=1, num_steps=3, **FAST))
+        t2v_pipeline(t2v_pipeline.request("a dog", seed=1, num_steps=3, **FAST))
     finally:
         hook.remove()
     assert seen == pytest.approx([t * 1000 for t in rcm_timesteps(3, 80.0)[:-1].tolist()], rel=1e-6)
@@ -135,9 +135,7 @@ def test_i2v_expert_switch_at_boundary(i2v_pipeline, boundary, expected):
         i2v_pipeline.transformer_2.register_forward_pre_hook(lambda m, a: calls.append("low")),
     ]
     try:
-        result = i2v_pipeline(
-            GenerationRequest(prompt="a bird", kind="i2v", image=_image(), seed=2, boundary=boundary, **FAST)
-        )
+        result = i2v_pipeline(i2v_pipeline.request("a bird", image=_image(), seed=2, boundary=boundary, **FAST))
     finally:
         for h in hooks:
             h.remove()
@@ -154,9 +152,8 @@ def test_i2v_conditioning_layout_and_adaptive_size(i2v_pipeline):
     )
     try:
         result = i2v_pipeline(
-            GenerationRequest(
-                prompt="a car",
-                kind="i2v",
+            i2v_pipeline.request(
+                "a car",
                 image=_image(400, 300),
                 seed=4,
                 resolution="480p",
@@ -173,14 +170,14 @@ def test_i2v_conditioning_layout_and_adaptive_size(i2v_pipeline):
     mask = x[:, 16:20]
     assert bool((mask[:, :, 0] == 1).all()) and bool((mask[:, :, 1:] == 0).all())
     fixed = i2v_pipeline(
-        GenerationRequest(prompt="a car", kind="i2v", image=_image(400, 300), seed=4, adaptive_resolution=False, **FAST)
+        i2v_pipeline.request("a car", image=_image(400, 300), seed=4, adaptive_resolution=False, **FAST)
     )
     assert (fixed.width, fixed.height) == (640, 480)
 
 
 def test_i2v_image_changes_the_video(i2v_pipeline):
-    a = i2v_pipeline(GenerationRequest(prompt="a car", kind="i2v", image=_image(seed=1), seed=4, **FAST))
-    b = i2v_pipeline(GenerationRequest(prompt="a car", kind="i2v", image=_image(seed=2), seed=4, **FAST))
+    a = i2v_pipeline(i2v_pipeline.request("a car", kind="i2v", image=_image(seed=1), seed=4, **FAST))
+    b = i2v_pipeline(i2v_pipeline.request("a car", kind="i2v", image=_image(seed=2), seed=4, **FAST))
     assert not np.array_equal(a.frames, b.frames)
 
 
@@ -216,7 +213,7 @@ def test_bad_requests_raise_typed_errors(changes, error, code):
 
 def test_wrong_kind_for_model(t2v_pipeline):
     with pytest.raises(InvalidRequestError) as info:
-        t2v_pipeline(GenerationRequest(prompt="a cat", kind="i2v", image=_image(), **FAST))
+        t2v_pipeline(t2v_pipeline.request("a cat", kind="i2v", image=_image(), **FAST))
     assert info.value.code == "wrong_model_kind"
 
 
@@ -248,7 +245,7 @@ def test_manifest_describes_the_cache(tiny_i2v_dir):
 
 
 def test_mp4_has_requested_frames_size_and_fps(t2v_pipeline, tmp_path):
-    result = t2v_pipeline(GenerationRequest(prompt="a sunset", seed=9, aspect_ratio="4:3", num_frames=9))
+    result = t2v_pipeline(t2v_pipeline.request("a sunset", seed=9, aspect_ratio="4:3", num_frames=9))
     info = write_mp4(result.frames, tmp_path / "v.mp4", fps=result.fps)
     probed, frames = probe_video(info.path, return_frames=True)
     assert (probed.num_frames, probed.width, probed.height, probed.fps) == (9, 640, 480, 16.0)

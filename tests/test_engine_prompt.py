@@ -30,8 +30,8 @@ def test_clean_prompt_like_upstream(raw, clean):
 def test_prompts_differing_only_in_entities_and_whitespace_give_the_same_video(t2v_pipeline):
     plain, messy = "a red fox & a dog", "  &#97;  red\tfox &amp;amp; a\n dog "
     assert torch.equal(t2v_pipeline.encode_prompt(plain), t2v_pipeline.encode_prompt(messy))
-    a = t2v_pipeline(GenerationRequest(prompt=plain, seed=7, **FAST))
-    b = t2v_pipeline(GenerationRequest(prompt=messy, seed=7, **FAST))
+    a = t2v_pipeline(t2v_pipeline.request(plain, seed=7, **FAST))
+    b = t2v_pipeline(t2v_pipeline.request(messy, seed=7, **FAST))
     assert np.array_equal(a.frames, b.frames)
     # the tokenizer does see the difference between "a" and "&#97;": without cleaning the videos would differ
     raw = t2v_pipeline.tokenizer(["&#97; fox", "a fox"]).input_ids

@@ -17,9 +17,9 @@ def _encoded(fmt: str, size=(32, 32)) -> bytes:
 
 def test_seed_defaults_to_none_and_zero_is_a_seed():
     assert GenerationRequest(prompt="x").seed is None
-    assert GenerationRequest(prompt="x").validated().seed is None
-    assert GenerationRequest(prompt="x", seed=0).validated().seed == 0
-    assert GenerationRequest(prompt="x", seed=SEED_MAX).validated().seed == SEED_MAX
+    assert GenerationRequest(prompt="x").validated().request.seed is None
+    assert GenerationRequest(prompt="x", seed=0).validated().request.seed == 0
+    assert GenerationRequest(prompt="x", seed=SEED_MAX).validated().request.seed == SEED_MAX
 
 
 def test_attention_offers_only_what_is_implemented():

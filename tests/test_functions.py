@@ -256,7 +256,7 @@ def test_redelivery_during_generation_joins_the_running_job(t2v, buckets):
     real_job, calls = fn._gpu_job, []
 
     def gated(*args):
-        calls.append(args[0].seed)
+        calls.append(args[0].request.seed)
         entered.set()
         assert gate.wait(30)
         return real_job(*args)

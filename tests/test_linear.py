@@ -5,7 +5,6 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.engine import GenerationRequest
 from turboflow.engine.linear import FP8Linear, Int8Linear, check_supported, quantize_transformer
 from turboflow.engine.quant import BlockInt8Linear, dequantize_blockwise, quantize_blockwise
 
@@ -97,7 +96,7 @@ def test_pipeline_with_quantized_linears(tiny_t2v_dir, t2v_pipeline, mode):
     pipe = load_pipeline(tiny_t2v_dir, device="cpu", quant_linear=mode)
     kinds = {type(m).__name__ for m in pipe.transformer.blocks.modules()}
     assert {"FP8Linear", "Int8Linear", "BlockInt8Linear"} & kinds
-    req = GenerationRequest(prompt="a red fox", seed=5, **FAST)
+    req = t2v_pipeline.request("a red fox", seed=5, **FAST)
     out, ref = pipe(req), t2v_pipeline(req)
     assert out.frames.shape == ref.frames.shape
     # random tiny weights: the whole 4-step sample stays close to the float pipeline's

@@ -75,14 +75,17 @@ def imported_t2v(native_t2v, tiny_t2v_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_frames(t2v_pipeline):
     """What the tiny T2V model (the source of every exported file) generates for PROMPT / seed 7."""
-    return t2v_pipeline(GenerationRequest(prompt=PROMPT, seed=7, **FAST)).frames
+    return t2v_pipeline(t2v_pipeline.request(PROMPT, seed=7, **FAST)).frames
 
 
 def _frames(model_dir, **kw):
     from turboflow.engine.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, device="cpu")
-    return pipe(GenerationRequest(prompt=PROMPT, seed=7, **{**FAST, **kw})).frames
+    # validated without the manifest's defaults (an imported SLA checkpoint defaults to attention "sla"): the
+    # same request as the reference's
+    request = GenerationRequest(prompt=PROMPT, seed=7, **{"kind": pipe.kind, **FAST, **kw})
+    return pipe(request.validated(pipe.family)).frames
 
 
 def test_exported_files_look_like_turbodiffusion(native_t2v):
@@ -206,7 +209,7 @@ def test_import_whole_diffusers_dir_and_i2v_experts(tiny_i2v_dir, i2v_pipeline, 
     req = dict(kind="i2v", image=image)
     # the two experts differ, so equal frames also prove that high/low landed in the right roles
     assert not torch.equal(i2v_pipeline.transformer.proj_out.weight, i2v_pipeline.transformer_2.proj_out.weight)
-    want = i2v_pipeline(GenerationRequest(prompt=PROMPT, seed=7, **FAST, **req)).frames
+    want = i2v_pipeline(i2v_pipeline.request(PROMPT, seed=7, **FAST, **req)).frames
     assert np.array_equal(_frames(out, **req), want)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from native_export import diffusers_dit_to_wan, quantize_state_dict
 
 from turboflow.engine import checkpoint as ck
 from turboflow.engine import quant
@@ -109,8 +110,8 @@ def test_quant_file_layout_and_dequantized_model(tmp_path):
     from diffusers import WanTransformer3DModel
 
     model, proj_l = _wide_dit()
-    native = ck.diffusers_dit_to_wan(model.state_dict(), proj_l=proj_l)
-    qsd = quant.quantize_state_dict(native)
+    native = diffusers_dit_to_wan(model.state_dict(), proj_l=proj_l)
+    qsd = quantize_state_dict(native)
     # every Linear in blocks except proj_l is int8 + scale + bf16 bias; everything else is untouched
     assert qsd["blocks.0.self_attn.q.int8_weight"].dtype == torch.int8
     assert qsd["blocks.0.self_attn.q.scale"].shape == (2, 2)
@@ -155,14 +156,11 @@ def test_malformed_quant_state_dicts():
 
 def test_optional_int8_module_matches_dequantized_linear():
     torch.manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(200, 150), torch.nn.GELU(), torch.nn.Linear(150, 40))
-    block.add_module("proj_l", torch.nn.Linear(8, 8))
-    lin0 = block[0]
-    q, s = quant.quantize_blockwise(lin0.weight)
+    lin = torch.nn.Linear(200, 150)
+    q, s = quant.quantize_blockwise(lin.weight)
     x = torch.randn(3, 200)
-    want = torch.nn.functional.linear(x, quant.dequantize_blockwise(q, s, torch.float32), lin0.bias)
-    assert quant.quantize_linears(block) == 2  # proj_l skipped, like upstream
-    assert isinstance(block[0], quant.BlockInt8Linear) and isinstance(block.proj_l, torch.nn.Linear)
-    assert block[0].int8_weight.dtype == torch.int8
+    want = torch.nn.functional.linear(x, quant.dequantize_blockwise(q, s, torch.float32), lin.bias)
+    layer = quant.BlockInt8Linear.from_linear(lin)
+    assert layer.int8_weight.dtype == torch.int8 and torch.equal(layer.int8_weight, q)
     with torch.no_grad():
-        assert torch.equal(block[0](x), want)
+        assert torch.equal(layer(x), want)

@@ -15,9 +15,10 @@ from function_harness import LiveFunction
 
 from turboflow import settings as settings_module
 from turboflow.errors import ConfigError
-from turboflow.settings import BY_NAME, VARIABLES, Settings, render_docs
+from turboflow.settings import VARIABLES, Settings, render_docs
 
 ROOT = Path(__file__).resolve().parents[1]
+BY_NAME = {v.name: v for v in VARIABLES}
 SOURCE_PACKAGES = ("engine", "storage", "eventing", "functions", "billing", "turboflow")
 # a variable read: environ.get("X"), environ["X"] (not an assignment), getenv("X"), cfg.get("X"), env.get("X"),
 # environ.setdefault("X")

@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.engine import GenerationRequest
 from turboflow.engine.sla import select_blocks, sla_attention, sla_reference
 
 
@@ -63,9 +62,9 @@ def test_linear_branch_uses_all_tokens_through_proj_l():
 
 
 def test_pipeline_runs_sla_per_request(t2v_pipeline):
-    dense = t2v_pipeline(GenerationRequest(prompt="a fox", seed=4, **FAST))
-    sparse = t2v_pipeline(GenerationRequest(prompt="a fox", seed=4, attention="sla", sla_topk=0.1, **FAST))
-    again = t2v_pipeline(GenerationRequest(prompt="a fox", seed=4, **FAST))
+    dense = t2v_pipeline(t2v_pipeline.request("a fox", seed=4, **FAST))
+    sparse = t2v_pipeline(t2v_pipeline.request("a fox", seed=4, attention="sla", sla_topk=0.1, **FAST))
+    again = t2v_pipeline(t2v_pipeline.request("a fox", seed=4, **FAST))
     assert sparse.frames.shape == dense.frames.shape
     assert not np.array_equal(sparse.frames, dense.frames)
     assert np.array_equal(again.frames, dense.frames)  # the dense processor is restored for 'original'

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from conftest import FAST
 
-from turboflow.engine import GenerationRequest
 from turboflow.engine.compiled import compile_cache_dir, compile_transformer, use_cache_dir
 
 
@@ -19,7 +18,7 @@ def test_compiled_blocks_give_the_same_video(tiny_t2v_dir, t2v_pipeline, monkeyp
     compile_transformer(pipe.transformer, backend="aot_eager")
     assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in pipe.transformer.blocks)
     for attention in ("original", "sla"):
-        req = GenerationRequest(prompt="a fox", seed=11, attention=attention, **FAST)
+        req = t2v_pipeline.request("a fox", seed=11, attention=attention, **FAST)
         a, b = pipe(req), t2v_pipeline(req)
         assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 2, attention
     torch._dynamo.reset()

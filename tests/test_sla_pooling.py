@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.engine import GenerationRequest
 from turboflow.engine.loading import load_pipeline
 from turboflow.engine.sla import SLAProcessor, select_blocks, set_attention, sla_attention, sla_reference
 from turboflow.errors import ConfigError
@@ -64,7 +63,7 @@ def test_pooling_modes_agree_in_float64():
 
 def test_pipeline_passes_the_pooling_mode_to_every_sla_block(tiny_t2v_dir):
     pipeline = load_pipeline(tiny_t2v_dir, device="cpu", sla_pooling="fp32")
-    result = pipeline(GenerationRequest(prompt="a fox", seed=4, attention="sla", **FAST))
+    result = pipeline(pipeline.request("a fox", seed=4, attention="sla", **FAST))
     processors = [block.attn1.processor for block in pipeline.transformer.blocks]
     assert result.attention == "sla"
     assert all(isinstance(p, SLAProcessor) and p.pooling == "fp32" for p in processors)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.engine import GenerationRequest
 from turboflow.engine.vae_decode import default_chunk, fast_decode, psnr
 
 
@@ -58,7 +57,7 @@ def test_default_chunk_scales_with_frame_size():
 
 
 def test_pipeline_fast_and_stock_decode_agree(t2v_pipeline):
-    req = GenerationRequest(prompt="waves", seed=9, **dict(FAST, num_frames=9))
+    req = t2v_pipeline.request("waves", seed=9, **dict(FAST, num_frames=9))
     fast = t2v_pipeline(req)
     t2v_pipeline.fast_vae = False
     try:
@@ -73,7 +72,7 @@ def test_pipeline_fast_and_stock_decode_agree(t2v_pipeline):
 def test_frame_sink_gets_every_frame_in_order_while_decoding(t2v_pipeline, tmp_path, fast):
     from turboflow.engine.video import Mp4Stream, probe_video, write_mp4
 
-    req = GenerationRequest(prompt="waves", seed=9, **dict(FAST, num_frames=9))
+    req = t2v_pipeline.request("waves", seed=9, **dict(FAST, num_frames=9))
     pieces = []
     stream = Mp4Stream(tmp_path / "streamed.mp4", 640, 480, fps=16, background=True)
 

@@ -2,7 +2,8 @@
 
 (Developer note: the user-facing text of `turboflow --help` is DESCRIPTION and the epilog below, not this docstring.)
 
-Verbs: generate, model (engine); serve (functions); dev, submit, events, demo (eventing); manifests (infra).
+Verbs: generate, model (engine); model-cache (storage); serve (functions); dev, submit, events, demo, deadletter,
+s3source (eventing); simulate (billing); manifests (infra).
 A typed TurboflowError becomes `error[code]: message` and exit status 2, never a traceback.
 """
 

@@ -1,7 +1,8 @@
 """Every environment variable turboflow reads, in one table, and the one typed `Settings` object built from it.
 
 A process builds `Settings` once (`Settings.from_env(os.environ)` or from func-python's `cfg`) and hands typed
-values down: the engine, storage and eventing read no variable themselves. Each `Variable` names its parser, its
+values down: the engine and storage read no variable themselves (eventing's local tools read a few of their own,
+e.g. K_SINK, TURBOFLOW_DEV_STATE, NATS_SERVER_BIN, all in this table). Each `Variable` names its parser, its
 `Settings` field (whose dataclass default is the one default), a one-line doc and a group; `docs/functions.md`'s
 variable table is rendered from this table (`python -m turboflow.settings --write-docs`, checked by a test).
 
@@ -552,7 +553,6 @@ VARIABLES: tuple[Variable, ...] = (
     _v("TRITON_CACHE_DIR", "external", "Triton's kernel cache (set like `TORCHINDUCTOR_CACHE_DIR`)"),
     _v("HOME", "external", "the container user's home; default caches live under it"),
 )
-BY_NAME = {v.name: v for v in VARIABLES}
 
 
 @cache

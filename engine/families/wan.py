@@ -147,7 +147,7 @@ _SHARED = dict(
     checkpoint_keys={"transformer": DIT_KEYS, "text_encoder": T5_KEYS},
 )
 
-WAN21 = register(
+register(
     FamilySpec(
         name="wan2.1",
         description="Wan2.1 text-to-video (TurboWan2.1-T2V 1.3B / 14B): one DiT, text-only conditioning",
@@ -163,7 +163,7 @@ WAN21 = register(
     )
 )
 
-WAN22 = register(
+register(
     FamilySpec(
         name="wan2.2",
         description="Wan2.2 image-to-video A14B (TurboWan2.2-I2V): high- and low-noise experts split at a "
