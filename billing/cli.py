@@ -1,11 +1,17 @@
-"""`turboflow simulate`: replay a request trace through the KPA model and report latency, GPU-hours and cost."""
+"""`turboflow simulate`: replay a request trace through the KPA model and report latency, GPU-hours and cost.
+`turboflow billing record|report`: the usage ledger (billing/ledger.py) and its per-tenant report."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import logging
 import math
+import os
 import random
 import re
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -122,6 +128,152 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--slo-p95", default="120", help="P95 end-to-end latency objective in seconds (default 120)")
     p.add_argument("--out", metavar="DIR", help="write summary.md, results.json, trace.csv and sweep plots here")
     p.set_defaults(func=_simulate)
+    _register_billing(sub)
+
+
+LEDGER_EPILOG = """\
+examples:
+  turboflow billing record events.jsonl                # one structured-mode CloudEvent (JSON) per line
+  turboflow billing report --tenant acme --from 2026-11-01 --to 2026-11-30 --format csv
+  turboflow billing report --tenant acme --from 2026-11-01 --to 2026-11-30 --ledger postgresql+psycopg://u@db/ledger
+
+the ledger is TURBOFLOW_LEDGER_URL (default sqlite:///~/.cache/turboflow/ledger.db); prices per GPU-hour come from
+TURBOFLOW_GPU_PRICES (TYPE=USD,...) and --gpu-price; the attribution rule is in docs/billing.md.
+"""
+
+
+def _register_billing(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "billing",
+        help="usage ledger: record completion/failure events, report GPU-seconds and cost per tenant",
+        description="The usage ledger: an append-only record of CloudEvents and the per-tenant GPU-second report.",
+        epilog=LEDGER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="billing_command", metavar="VERB")
+    verbs.required = True
+    record = verbs.add_parser("record", help="store the events of a JSON-lines file (redelivered ones once)")
+    record.add_argument("file", help="JSON lines: one structured-mode CloudEvent per line; - for stdin")
+    record.add_argument("--ledger", metavar="URL", help="SQLAlchemy URL (default TURBOFLOW_LEDGER_URL or SQLite)")
+    record.add_argument(
+        "--skip-other-types",
+        action="store_true",
+        help="pass over event types the ledger does not record (requests, on a whole event stream) instead of failing",
+    )
+    record.set_defaults(func=_billing_record)
+    report = verbs.add_parser("report", help="GPU-seconds and cost per day and model for one tenant")
+    report.add_argument("--tenant", required=True)
+    report.add_argument("--from", dest="start", required=True, metavar="YYYY-MM-DD", help="first day (UTC)")
+    report.add_argument("--to", dest="end", required=True, metavar="YYYY-MM-DD", help="last day (UTC), included")
+    report.add_argument("--format", default="table", help="table | csv | json (default table)")
+    report.add_argument("--ledger", metavar="URL", help="SQLAlchemy URL (default TURBOFLOW_LEDGER_URL or SQLite)")
+    report.add_argument("--gpu", default="H200", help="GPU type priced (default H200)")
+    report.add_argument("--gpu-price", action="append", default=[], metavar="TYPE=USD", help="price per GPU-hour")
+    report.add_argument(
+        "--charge-load-to",
+        default="waited",
+        help="who pays a cold start's model load: waited (the request, only if it waited for it; default), "
+        "request, platform",
+    )
+    report.set_defaults(func=_billing_report)
+
+
+def _quiet_migrations(args) -> None:
+    """Alembic logs every plugin and migration step at INFO; a report's stderr shows them only with -v."""
+    if not getattr(args, "verbose", False):
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _billing_record(args) -> int:
+    """Store events as they are read, so `turboflow events tail --all --json | turboflow billing record -` follows
+    the stream; a bad line stops there, and running again stores only what is missing (the ledger is idempotent)."""
+    _quiet_migrations(args)
+    from .errors import InvalidUsageEventError
+    from .ledger import RECORDED_TYPES, open_ledger
+
+    try:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
+    ledger = open_ledger(args.ledger)
+    stored = repeated = 0
+    try:
+        with stream:
+            for number, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                    if args.skip_other_types and isinstance(event, dict) and event.get("type") not in RECORDED_TYPES:
+                        continue
+                    new = ledger.record(event)
+                except json.JSONDecodeError as e:
+                    raise InvalidUsageEventError(f"{args.file}:{number}: not JSON ({e.msg})") from None
+                except InvalidUsageEventError as e:
+                    raise InvalidUsageEventError(f"{args.file}:{number}: {e.message}", field=e.field) from None
+                stored, repeated = stored + new, repeated + (not new)
+    finally:
+        ledger.close()
+        print(f"recorded {stored} new event(s), {repeated} already in the ledger")
+    return 0
+
+
+def _billing_report(args) -> int:
+    _quiet_migrations(args)
+    from .attribution import LOAD_RULES, charges
+    from .ledger import open_ledger
+    from .usage_report import FORMATS, render, summarize
+
+    start, end = _day(args.start, "--from"), _day(args.end, "--to")
+    if end < start:
+        raise ConfigError(f"--to {args.end} is before --from {args.start}")
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
+    if args.charge_load_to not in LOAD_RULES:
+        raise ConfigError(f"--charge-load-to {args.charge_load_to!r} is not one of {', '.join(LOAD_RULES)}")
+    prices = gpu_prices(os.environ.get("TURBOFLOW_GPU_PRICES", ""), args.gpu_price)
+    if args.gpu not in prices:
+        raise ConfigError(f"no price for GPU {args.gpu!r}: pass --gpu-price {args.gpu}=USD")
+    ledger = open_ledger(args.ledger)
+    try:
+        facts = ledger.facts(
+            tenant=args.tenant,
+            start=datetime.datetime.combine(start, datetime.time()),
+            end=datetime.datetime.combine(end + datetime.timedelta(days=1), datetime.time()),
+        )
+    finally:
+        ledger.close()
+    rows = summarize(charges(facts, charge_load_to=args.charge_load_to), price_per_gpu_hour=prices[args.gpu])
+    meta = {
+        "tenant": args.tenant,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "gpu": args.gpu,
+        "price_per_gpu_hour": prices[args.gpu],
+        "charge_load_to": args.charge_load_to,
+    }
+    print(render(rows, args.format, meta=meta))
+    return 0
+
+
+def gpu_prices(setting: str, overrides: list[str]) -> dict[str, float]:
+    """The example price table, then TURBOFLOW_GPU_PRICES (`TYPE=USD,...`), then --gpu-price flags."""
+    prices = dict(EXAMPLE_GPU_PRICES)
+    items = [item for item in setting.split(",") if item.strip()]
+    prices.update({k: _number(v, f"GPU price {k}") for k, v in _pairs(items, "GPU price").items()})
+    prices.update({k: _number(v, f"--gpu-price {k}") for k, v in _pairs(overrides, "--gpu-price").items()})
+    return prices
+
+
+def _day(text: str, flag: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text) if len(text) == 10 else _not_a_day(text, flag)
+    except ValueError:
+        return _not_a_day(text, flag)
+
+
+def _not_a_day(text: str, flag: str):
+    raise ConfigError(f"{flag} {text!r} is not a date (YYYY-MM-DD)", field=flag)
 
 
 def _number(text: str, what: str, *, low: float = 0.0, integer: bool = False) -> float:

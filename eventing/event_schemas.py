@@ -267,6 +267,10 @@ ERROR_CODES: dict[str, str] = {
     # serving
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
     "internal_error": "unexpected failure",
+    # the usage ledger (`turboflow billing`)
+    "invalid_usage_event": "an event given to the usage ledger has no id/source, a type it does not record, or data "
+    "that is not a JSON object (or, for a completion, no usage.gpu_seconds)",
+    "ledger_unavailable": "the ledger database URL is malformed or the database cannot be reached or migrated",
     "undecodable_event": "the broker stored a message that is not a readable CloudEvent (published straight to "
     "NATS: no id/specversion, JSON nested too deep); emitted by the dead-letter sink",
     "delivery_failed": "the broker could not deliver the request (retries exhausted; emitted by the dead-letter sink)",

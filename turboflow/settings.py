@@ -537,6 +537,19 @@ VARIABLES: tuple[Variable, ...] = (
         shown_default="`~/.cache/turboflow/tiny`",
     ),
     _v("NATS_SERVER_BIN", "tools", "nats-server binary for `turboflow dev`", shown_default="the bundled one"),
+    _v(
+        "TURBOFLOW_LEDGER_URL",
+        "tools",
+        "`turboflow billing`: the usage ledger's SQLAlchemy URL (`sqlite:///PATH` or "
+        "`postgresql+psycopg://USER@HOST/DB`)",
+        shown_default="`sqlite:///~/.cache/turboflow/ledger.db`",
+    ),
+    _v(
+        "TURBOFLOW_GPU_PRICES",
+        "tools",
+        "`turboflow billing report`: USD per GPU-hour, `TYPE=USD,...`, over the example table",
+        shown_default="H200=3.5,H100=2.5,RTX5090=0.9 (placeholders)",
+    ),
     # -- external
     _v(
         "HF_HUB_OFFLINE",

@@ -1,0 +1,1 @@
+"""Alembic revisions of the usage ledger, oldest first (`down_revision` chains them)."""

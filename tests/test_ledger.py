@@ -1,0 +1,382 @@
+"""The usage ledger against real databases: a SQLite file and a PostgreSQL server started from Debian's binaries.
+
+Every ledger test runs on both (the `ledger_url` fixture is parametrized); the report goes through the real
+`turboflow billing` command line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from turboflow.billing.attribution import charge, charges
+from turboflow.billing.errors import InvalidUsageEventError, LedgerUnavailableError
+from turboflow.billing.ledger import open_ledger
+from turboflow.cli import main
+
+COMPLETED = "io.turboflow.video.completed"
+FAILED = "io.turboflow.video.failed"
+
+
+# ---- a real PostgreSQL server for the session -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """`postgresql+psycopg://postgres@127.0.0.1:PORT` of a throwaway cluster; FAILS (never skips) without binaries."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail(
+            "PostgreSQL binaries are missing (/usr/lib/postgresql/*/bin/initdb): `apt-get install postgresql` "
+            "(.ci/run does this on CI)"
+        )
+    bindir = Path(found[-1]).parent
+    # initdb refuses to run as root: run the server as the `postgres` user, in a directory it owns
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="turboflow-pg-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    if as_user:
+        shutil.chown(root, "postgres")
+        shutil.chown(sockets, "postgres")
+    port = _free_port()
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """A fresh, empty ledger database: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    server = request.getfixturevalue("postgres_server")
+    name = f"ledger_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**9}"
+    admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{server}/{name}"
+
+
+@pytest.fixture
+def ledger(ledger_url):
+    ledger = open_ledger(ledger_url)
+    yield ledger
+    ledger.close()
+
+
+# ---- events shaped like the functions' ----------------------------------------------------------------------------
+def completed(
+    event_id,
+    *,
+    tenant="acme",
+    model="Wan2.1-T2V-1.3B",
+    gpu_seconds=10.0,
+    cold_start=False,
+    load=8.1,
+    queue_wait=0.01,
+    at="2026-11-30T12:00:00Z",
+    source="/turboflow/t2v",
+):
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": source,
+        "type": COMPLETED,
+        "time": at,
+        "data": {
+            "request_id": event_id,
+            "tenant": tenant,
+            "kind": "t2v",
+            "model": model,
+            "timings": {"queue_wait": queue_wait, "total": gpu_seconds + queue_wait},
+            "usage": {
+                "gpu_seconds": gpu_seconds,
+                "cold_start": cold_start,
+                "model_load_seconds": load,
+                "device": "cuda:0",
+            },
+            "completed_at": at,
+        },
+    }
+
+
+def failed(event_id, *, tenant="acme", at="2026-11-30T13:00:00Z", usage=None):
+    data = {"request_id": event_id, "code": "out_of_memory", "message": "oom", "retryable": False, "tenant": tenant}
+    if usage is not None:
+        data["usage"] = usage
+    return {"specversion": "1.0", "id": event_id, "source": "/turboflow/t2v", "type": FAILED, "time": at, "data": data}
+
+
+# ---- the ledger -------------------------------------------------------------------------------------------------
+def test_a_redelivered_event_is_stored_once(ledger):
+    event = completed("r1")
+    assert ledger.record(event) is True
+    assert ledger.record(json.loads(json.dumps(event))) is False
+    assert ledger.count() == 1
+    # the identity is (source, id): the same id from another source is another event
+    assert ledger.record(completed("r1", source="/turboflow/i2v")) is True
+    assert ledger.count() == 2
+
+
+def test_concurrent_redeliveries_store_one_row(ledger):
+    """Two consumers handed the same event at once: the unique constraint, not a read-then-write, decides."""
+    event = completed("r-concurrent")
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(lambda _: ledger.record(event), range(12)))
+    assert outcomes.count(True) == 1
+    assert ledger.count() == 1
+
+
+def test_facts_keep_the_raw_data_and_do_not_depend_on_arrival_order(ledger_url):
+    events = [completed("a", gpu_seconds=5.0), failed("b"), completed("c", gpu_seconds=17.0, cold_start=True)]
+    results = []
+    for order in (events, list(reversed(events)), [events[1], events[0], events[1], events[2], events[0]]):
+        ledger = open_ledger(ledger_url)
+        with ledger.engine.begin() as connection:  # a fresh table per ordering
+            connection.execute(sa.text("DELETE FROM usage_facts"))
+        for event in order:
+            ledger.record(event)
+        facts = ledger.facts(tenant="acme")
+        results.append(sorted((f.event_id, f.type, json.dumps(f.data, sort_keys=True)) for f in facts))
+        billed = sorted((c.event_id, round(c.billed_s, 6)) for c in charges(facts))
+        assert billed == [("a", 5.0), ("b", 0.0), ("c", round(17.0 - 8.1, 6))]
+        ledger.close()
+    assert results[0] == results[1] == results[2]
+    assert json.loads(results[0][0][2]) == events[0]["data"]
+
+
+def test_reopening_runs_no_migration_twice_and_keeps_rows(ledger_url):
+    first = open_ledger(ledger_url)
+    first.record(completed("r1"))
+    first.close()
+    again = open_ledger(ledger_url)
+    assert again.count() == 1
+    with again.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "event,field",
+    [
+        ({"id": "x", "source": "s", "type": "io.turboflow.video.t2v.requested", "data": {}}, "type"),
+        ({"source": "s", "type": COMPLETED, "data": {}}, "id"),
+        ({"id": "x", "source": "s", "type": FAILED, "data": "not an object"}, "data"),
+        ({"id": "x", "source": "s", "type": COMPLETED, "data": {"tenant": "acme"}}, "usage"),
+        ({**completed("x"), "time": "yesterday", "data": {**completed("x")["data"], "completed_at": "noon"}}, "time"),
+    ],
+)
+def test_unusable_events_are_typed_errors_and_store_nothing(ledger, event, field):
+    with pytest.raises(InvalidUsageEventError) as caught:
+        ledger.record(event)
+    assert caught.value.code == "invalid_usage_event" and caught.value.field == field
+    assert ledger.count() == 0
+
+
+def test_future_lifecycle_types_are_kept_as_raw_facts(ledger):
+    ready = {"id": "p1", "source": "/pods/t2v-abc", "type": "io.turboflow.pod.ready", "data": {"load_seconds": 8.1}}
+    assert ledger.record(ready) is True
+    (fact,) = ledger.facts()
+    assert fact.data == {"load_seconds": 8.1}
+    assert charge(fact) is None  # no rule bills pod facts yet
+
+
+def test_a_bad_ledger_url_is_a_typed_error():
+    with pytest.raises(LedgerUnavailableError):
+        open_ledger("mysql://nobody@127.0.0.1/ledger")
+    with pytest.raises(LedgerUnavailableError):
+        open_ledger("not a url")
+
+
+# ---- attribution --------------------------------------------------------------------------------------------------
+def test_the_issue_case_a_load_finished_before_the_request_came_is_not_billed_to_it(ledger):
+    """Pod ready 22:54:55, request 22:55:31: billed 58.67 s = 50.6 s of work + 8.1 s of load. The rule: 50.6 s."""
+    ledger.record(
+        completed("issue15", gpu_seconds=58.67, cold_start=True, load=8.07, queue_wait=0.003, at="2026-11-30T22:56:22Z")
+    )
+    (fact,) = ledger.facts(tenant="acme")
+    billed = charge(fact)
+    assert round(billed.billed_s, 1) == 50.6
+    assert billed.request_load_s == 0.0 and billed.platform_load_s == pytest.approx(8.07)
+    # the other rules, for comparison: the function's own number, and never the load
+    assert charge(fact, charge_load_to="request").billed_s == pytest.approx(58.67)
+    assert charge(fact, charge_load_to="platform").billed_s == pytest.approx(58.67 - 8.07)
+
+
+def test_a_request_that_waited_for_the_load_pays_it(ledger):
+    ledger.record(completed("woke", gpu_seconds=58.67, cold_start=True, load=8.07, queue_wait=7.9))
+    (fact,) = ledger.facts()
+    assert charge(fact).billed_s == pytest.approx(58.67)
+    assert charge(fact, charge_load_to="platform").billed_s == pytest.approx(50.6)
+
+
+def test_failed_requests_pay_the_gpu_time_they_report(ledger):
+    ledger.record(failed("f0"))
+    ledger.record(failed("f1", usage={"gpu_seconds": 3.5, "cold_start": False, "model_load_seconds": 8.0}))
+    by_id = {c.event_id: c for c in charges(ledger.facts(tenant="acme"))}
+    assert by_id["f0"].billed_s == 0.0 and by_id["f0"].outcome == "failed"
+    assert by_id["f1"].billed_s == 3.5
+
+
+# ---- the report, through the command line --------------------------------------------------------------------
+def _record(ledger_url, tmp_path, events):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert main(["billing", "record", str(path), "--ledger", ledger_url]) == 0
+
+
+REPORT_EVENTS = [
+    completed("d1a", gpu_seconds=10.0, at="2026-11-29T08:00:00Z"),
+    completed("d1b", gpu_seconds=20.0, model="Wan2.1-T2V-14B", at="2026-11-29T09:00:00Z"),
+    completed("d2a", gpu_seconds=30.0, at="2026-11-30T10:00:00+01:00"),  # 09:00 UTC
+    completed("d2b", gpu_seconds=18.1, cold_start=True, load=8.1, at="2026-11-30T11:00:00Z"),  # 10 s billed
+    failed("d2c", at="2026-11-30T12:00:00Z", usage={"gpu_seconds": 2.0}),
+    completed("other", tenant="globex", gpu_seconds=99.0, at="2026-11-30T12:00:00Z"),
+    completed("late", gpu_seconds=99.0, at="2026-12-01T00:00:00Z"),  # after --to
+]
+SMALL = "Wan2.1-T2V-1.3B"
+BIG = "Wan2.1-T2V-14B"
+EXPECTED = {  # (scope, day, model) -> (requests, billed GPU-seconds)
+    ("line", "2026-11-29", SMALL): (1, 10.0),
+    ("line", "2026-11-29", BIG): (1, 20.0),
+    ("line", "2026-11-30", SMALL): (2, 40.0),
+    ("line", "2026-11-30", "unknown"): (1, 2.0),  # failed events carry no model
+    ("day", "2026-11-29", "*"): (2, 30.0),
+    ("day", "2026-11-30", "*"): (3, 42.0),
+    ("model", "*", SMALL): (3, 50.0),
+    ("model", "*", BIG): (1, 20.0),
+    ("model", "*", "unknown"): (1, 2.0),
+    ("total", "*", "*"): (5, 72.0),
+}
+
+
+def _report(ledger_url, capsys, fmt, *extra):
+    argv = ["billing", "report", "--tenant", "acme", "--from", "2026-11-29", "--to", "2026-11-30"]
+    assert main([*argv, "--format", fmt, "--ledger", ledger_url, "--gpu-price", "H200=3.6", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_report_totals_per_day_and_model_in_every_format(ledger_url, tmp_path, capsys):
+    _record(ledger_url, tmp_path, REPORT_EVENTS + REPORT_EVENTS[:2])  # the repeats are redeliveries
+    capsys.readouterr()
+
+    report = json.loads(_report(ledger_url, capsys, "json"))
+    assert report["tenant"] == "acme" and report["price_per_gpu_hour"] == 3.6
+    rows = {(r["scope"], r["day"], r["model"]): r for r in report["rows"]}
+    assert {k: (r["requests"], r["billed_gpu_s"]) for k, r in rows.items()} == EXPECTED
+    assert rows[("total", "*", "*")]["cost_usd"] == pytest.approx(72.0 / 3600 * 3.6)
+    assert rows[("line", "2026-11-30", SMALL)]["platform_load_s"] == pytest.approx(8.1)
+
+    table = list(csv.DictReader(io.StringIO(_report(ledger_url, capsys, "csv"))))
+    assert {(r["scope"], r["day"], r["model"]): (int(r["requests"]), float(r["billed_gpu_s"])) for r in table} == (
+        EXPECTED
+    )
+
+    text = _report(ledger_url, capsys, "table").splitlines()
+    assert text[0].startswith("tenant acme, from 2026-11-29, to 2026-11-30")
+    total = text[-1].split()
+    assert total[:4] == ["total", "*", "*", "5"] and float(total[4]) == 72.0
+
+    # the load rule re-runs over the same raw facts
+    reruled = json.loads(_report(ledger_url, capsys, "json", "--charge-load-to", "request"))
+    assert reruled["rows"][-1]["billed_gpu_s"] == pytest.approx(80.1)
+
+
+def test_report_of_an_empty_period_is_a_zero_total(ledger_url, capsys):
+    argv = ["billing", "report", "--tenant", "nobody", "--from", "2026-01-01", "--to", "2026-01-31"]
+    assert main([*argv, "--format", "json", "--ledger", ledger_url]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [
+        {
+            "scope": "total",
+            "day": "*",
+            "model": "*",
+            "requests": 0,
+            "billed_gpu_s": 0.0,
+            "load_charged_s": 0.0,
+            "platform_load_s": 0.0,
+            "cost_usd": 0.0,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--from", "2026-13-01", "--to", "2026-12-31"], "--from '2026-13-01' is not a date"),
+        (["--from", "yesterday", "--to", "2026-12-31"], "--from 'yesterday' is not a date"),
+        (["--from", "2026-12-02", "--to", "2026-12-01"], "is before --from"),
+        (["--from", "2026-12-01", "--to", "2026-12-01", "--format", "xml"], "--format 'xml'"),
+        (["--from", "2026-12-01", "--to", "2026-12-01", "--charge-load-to", "nobody"], "--charge-load-to"),
+        (["--from", "2026-12-01", "--to", "2026-12-01", "--gpu", "TPU"], "no price for GPU 'TPU'"),
+    ],
+)
+def test_bad_report_arguments_are_typed_errors(tmp_path, capsys, args, message):
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert main(["billing", "report", "--tenant", "acme", *args, "--ledger", ledger_url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error[invalid_config]: ") and message in err
+
+
+def test_record_of_a_bad_file_is_a_typed_error(tmp_path, capsys):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(completed("ok")) + "\n{not json\n")
+    ledger_url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert main(["billing", "record", str(path), "--ledger", ledger_url]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error[invalid_usage_event]: {path}:2: not JSON")
+    assert "recorded 1 new event(s), 0 already" in captured.out  # lines before the bad one are kept
+    path.write_text(json.dumps(completed("ok")) + "\n" + json.dumps({**completed("x"), "type": "io.example"}) + "\n")
+    assert main(["billing", "record", str(path), "--ledger", ledger_url]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error[invalid_usage_event]: {path}:2: event type 'io.example'")
+    assert "recorded 0 new event(s), 1 already" in captured.out
+    assert main(["billing", "record", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_record_reads_a_stream_from_stdin(ledger_url, monkeypatch, capsys):
+    lines = "".join(json.dumps(e) + "\n" for e in [completed("s1"), completed("s2"), completed("s1")])
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["billing", "record", "-", "--ledger", ledger_url]) == 0
+    assert "recorded 2 new event(s), 1 already in the ledger" in capsys.readouterr().out
+    # a whole event stream also carries requests: skipped on request, an error otherwise
+    request = {"id": "q1", "source": "/cli", "type": "io.turboflow.video.t2v.requested", "data": {}}
+    stream = json.dumps(request) + "\n" + json.dumps(completed("s3")) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(stream))
+    assert main(["billing", "record", "--skip-other-types", "-", "--ledger", ledger_url]) == 0
+    assert "recorded 1 new event(s), 0 already in the ledger" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(stream))
+    assert main(["billing", "record", "-", "--ledger", ledger_url]) == 2
+    assert "error[invalid_usage_event]: -:1: event type 'io.turboflow.video.t2v.requested'" in capsys.readouterr().err
