@@ -36,7 +36,6 @@ from turboflow.errors import TurboflowError
 
 # schemas, patterns, error codes and validation live in event_schemas.py; this module re-exports them
 from .event_schemas import (  # noqa: F401
-    _ID_NAMESPACE,
     COMPLETED_SCHEMA,
     DATA_URI_PATTERN,
     DEFAULT_MAX_INLINE_IMAGE_BYTES,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import uuid
 from typing import Any
 
 from turboflow.engine.fields import (  # noqa: F401  (re-exported: the contract's patterns and limits)
@@ -33,7 +32,6 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TRACEPARENT_EXTENSION = "traceparent"
 TRACESTATE_EXTENSION = "tracestate"
 DEFAULT_SOURCES = {"t2v": "/turboflow/functions/t2v", "i2v": "/turboflow/functions/i2v"}
-_ID_NAMESPACE = uuid.UUID("6f1c6d4e-2b0a-5c1e-9d7a-7475726266c6")  # uuid5 namespace for reply ids
 
 # Attention kinds the schema offers: what the engine implements. Names upstream knows but this build lacks are
 # refused with `unsupported_option` and the engine's reason (UNAVAILABLE_ATTENTION), not a generic enum error.
