@@ -15,7 +15,17 @@ from pathlib import Path
 import yaml
 
 from .event_schemas import ERROR_CODES, SCHEMA_FILES, SCHEMAS, TENANT_PATTERN, TRACEPARENT_EXTENSION
-from .types import COMPLETED, DEFAULT_TENANT, FAILED, I2V_REQUESTED, T2V_REQUESTED, TENANT_EXTENSION
+from .types import (
+    CANCELLED,
+    COMPLETED,
+    DEFAULT_TENANT,
+    FAILED,
+    I2V_REQUESTED,
+    PROGRESS,
+    STARTED,
+    T2V_REQUESTED,
+    TENANT_EXTENSION,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -27,12 +37,18 @@ _NAMES = {
     I2V_REQUESTED: "i2vRequested",
     COMPLETED: "videoCompleted",
     FAILED: "videoFailed",
+    STARTED: "videoStarted",
+    PROGRESS: "videoProgress",
+    CANCELLED: "videoCancelled",
 }
 _SUMMARIES = {
     T2V_REQUESTED: "Generate a video from a text prompt (Wan2.1 T2V, rCM few-step sampling).",
     I2V_REQUESTED: "Generate a video from an image and a prompt (Wan2.2 I2V A14B, two experts).",
     COMPLETED: "A video was generated and published to S3 (reply to a request).",
     FAILED: "A request cannot be served (reply to a request, or emitted after retries ran out).",
+    STARTED: "A function took the request onto its device (sent to the function's K_SINK).",
+    PROGRESS: "A running request's stage and step (sent to the function's K_SINK, at most ~2 per second).",
+    CANCELLED: "The request was cancelled (reply to a request, or from the gateway for a queued request).",
 }
 
 
@@ -127,6 +143,11 @@ mode). The HTTP response is the reply event, which the broker publishes:
 - **400** (JSON `{{error: invalid_cloudevent, message}}`): the body is not a valid CloudEvent (no `id` or
   `specversion`, header values that are not UTF-8, JSON nested too deeply).
 
+While a request runs the function also sends, to its `K_SINK` (the Broker, through a SinkBinding),
+`{STARTED}` when it takes the request onto the device and `{PROGRESS}` (stage, step, elapsed, eta; at most about
+two per second). A cancelled request (the gateway's cancel, seen in the request-state bucket) is answered with
+**200 + `{CANCELLED}`** (terminal; nothing uploaded).
+
 Authenticity: with `TURBOFLOW_EVENT_SIGNING_KEY` set, replies carry the `turboflowsig` extension (HMAC-SHA256, see
 eventing/signing.py) and their ids are derived with the key.
 
@@ -148,7 +169,7 @@ Failure codes (`data.code` of `{FAILED}`):
 """
     channels, operations, messages, schemas = {}, {}, {}, {}
     for event_type, name in _NAMES.items():
-        reply = event_type in (COMPLETED, FAILED)
+        reply = event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED)
         schemas[name] = _payload(event_type)
         messages[name] = {
             "name": event_type,
@@ -177,12 +198,15 @@ Failure codes (`data.code` of `{FAILED}`):
                 "messages": [{"$ref": "#/channels/videoCompleted/messages/videoCompleted"}],
             },
         }
-    for event_type in (COMPLETED, FAILED):
+    for event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED):
         name = _NAMES[event_type]
+        lifecycle = event_type in (STARTED, PROGRESS)
         operations[f"publish{name[0].upper()}{name[1:]}"] = {
             "action": "send",
             "title": f"publish {event_type}",
-            "summary": "Replies of both functions, re-published by the broker for downstream consumers.",
+            "summary": "Sent by the functions to their K_SINK (the Broker) while a request runs."
+            if lifecycle
+            else "Replies of both functions, re-published by the broker for downstream consumers.",
             "channel": {"$ref": f"#/channels/{name}"},
             "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}],
         }

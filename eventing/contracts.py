@@ -63,7 +63,7 @@ from .event_schemas import (  # noqa: F401
     validator,
 )
 from .signing import canonical_json, derive_id, sign_attributes
-from .types import COMPLETED, DEFAULT_TENANT, FAILED, REQUEST_TYPES, TENANT_EXTENSION
+from .types import COMPLETED, DEFAULT_TENANT, FAILED, LIFECYCLE_TYPES, REQUEST_TYPES, TENANT_EXTENSION
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,3 +498,54 @@ def failed_from_error(error: BaseException, ctx: dict, *, source: str | None = N
         request_source=ctx.get("request_source"),
         signing_key=signing_key,
     )
+
+
+def lifecycle_event(
+    event_type: str,
+    request,
+    data: dict,
+    *,
+    source: str,
+    signing_key: bytes | None = None,
+    sequence: str = "",
+    time: datetime | None = None,
+):
+    """A lifecycle event (started, progress, cancelled; also usable for completed/failed) about `request`: a
+    ParsedRequest, or a context dict with request_id, tenant, kind and optionally traceparent, request_source.
+
+    `data` gets request_id, tenant and kind filled in from the request. The id is derived from the request's
+    (source, id), the type and `sequence` (e.g. a progress event's stage/step), so a redelivered request sends
+    events with the same ids and the broker drops the copies; with `signing_key` the event is signed."""
+    if event_type not in LIFECYCLE_TYPES:
+        raise ValueError(f"{event_type!r} is not a lifecycle event type")
+    if isinstance(request, ParsedRequest):
+        ctx = {
+            "request_id": request.request_id,
+            "tenant": request.tenant,
+            "kind": request.kind,
+            "traceparent": request.traceparent,
+            "request_source": request.source,
+        }
+    else:
+        ctx = dict(request)
+    body = {"request_id": ctx["request_id"], "tenant": ctx["tenant"], "kind": ctx["kind"], **data}
+    event_id = reply_id(
+        ctx["request_id"],
+        event_type,
+        source,
+        sequence,
+        request_source=ctx.get("request_source") or "",
+        signing_key=signing_key,
+    )
+    attrs = {
+        "type": event_type,
+        "source": source,
+        "id": event_id,
+        "subject": ctx["request_id"],
+        "datacontenttype": "application/json",
+        "dataschema": SCHEMAS[event_type]["$id"],
+        "time": time or datetime.now(UTC),
+        TENANT_EXTENSION: ctx["tenant"],
+        TRACEPARENT_EXTENSION: ctx.get("traceparent"),
+    }
+    return _signed_cloudevent(attrs, body, signing_key)

@@ -25,7 +25,17 @@ from turboflow.engine.fields import (  # noqa: F401  (re-exported: the contract'
 from turboflow.engine.request import UNAVAILABLE_ATTENTION  # noqa: F401
 from turboflow.errors import InvalidRequestError
 
-from .types import COMPLETED, FAILED, I2V_REQUESTED, REQUEST_TYPES, T2V_REQUESTED
+from .types import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    I2V_REQUESTED,
+    PROGRESS,
+    PROGRESS_STAGES,
+    REQUEST_TYPES,
+    STARTED,
+    T2V_REQUESTED,
+)
 
 SCHEMA_BASE = "https://turboflow.io/schemas/events"
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -206,17 +216,90 @@ FAILED_SCHEMA: dict = {
     },
 }
 
+
+def _lifecycle_schema(name: str, event_type: str, title: str, description: str, properties: dict) -> dict:
+    """A lifecycle event's data: the request it is about (request_id, tenant, kind) plus its own fields."""
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": f"{SCHEMA_BASE}/{name}.json",
+        "title": title,
+        "description": f"data of `{event_type}`. {description}",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["request_id", "tenant", "kind", *properties],
+        "properties": {
+            "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+            "tenant": {"type": "string", "pattern": TENANT_PATTERN},
+            "kind": {"type": "string", "enum": ["t2v", "i2v"]},
+            "input_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            **properties,
+        },
+    }
+
+
+STARTED_SCHEMA = _lifecycle_schema(
+    "started",
+    STARTED,
+    "Video started",
+    "A function took the request onto its device. Sent once per delivery that reaches the device "
+    "(a retried delivery may send it again, with the same id).",
+    {
+        "pod": {"type": "string", "description": "The pod (host) running it."},
+        "cold_start": {"type": "boolean", "description": "The pod loaded its model for this request."},
+        "model_load_seconds": _NUM,
+        "queue_wait": {**_NUM, "description": "Seconds it waited in the pod for the device."},
+        "started_at": {"type": "string", "format": "date-time"},
+    },
+)
+PROGRESS_SCHEMA = _lifecycle_schema(
+    "progress",
+    PROGRESS,
+    "Video progress",
+    "Where a running request is: `step` of `of` in `stage` (stages in order: "
+    + ", ".join(PROGRESS_STAGES)
+    + "). At most about two per second per request; the last step of each stage is always sent.",
+    {
+        "stage": {"enum": list(PROGRESS_STAGES)},
+        "step": {"type": "integer", "minimum": 0},
+        "of": {"type": "integer", "minimum": 0},
+        "elapsed": {**_NUM, "description": "Seconds since the request started on the device."},
+        "eta": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Estimated seconds until completion (null until there is a rate to go by).",
+        },
+    },
+)
+CANCELLED_SCHEMA = _lifecycle_schema(
+    "cancelled",
+    CANCELLED,
+    "Video cancelled",
+    "Terminal. The request was cancelled while queued (no device time used) or while running (it stopped at "
+    "the next step boundary; nothing was uploaded).",
+    {
+        "while": {"enum": ["queued", "running"]},
+        "gpu_seconds": {**_NUM, "description": "Device time used before it stopped."},
+        "cancelled_at": {"type": "string", "format": "date-time"},
+    },
+)
+
 SCHEMAS: dict[str, dict] = {
     T2V_REQUESTED: _request_schema("t2v"),
     I2V_REQUESTED: _request_schema("i2v"),
     COMPLETED: COMPLETED_SCHEMA,
     FAILED: FAILED_SCHEMA,
+    STARTED: STARTED_SCHEMA,
+    PROGRESS: PROGRESS_SCHEMA,
+    CANCELLED: CANCELLED_SCHEMA,
 }
 SCHEMA_FILES: dict[str, str] = {
     T2V_REQUESTED: "t2v.requested.json",
     I2V_REQUESTED: "i2v.requested.json",
     COMPLETED: "completed.json",
     FAILED: "failed.json",
+    STARTED: "started.json",
+    PROGRESS: "progress.json",
+    CANCELLED: "cancelled.json",
 }
 
 # Stable failure codes (documented in the AsyncAPI document). Every code the packages emit is listed here
@@ -263,6 +346,7 @@ ERROR_CODES: dict[str, str] = {
     "image_not_found": "the referenced image (under the tenant's own prefix) does not exist",
     "invalid_image": "the bytes are not a decodable image",
     # serving
+    "cancelled": "the request was cancelled (answered with `io.turboflow.video.cancelled`, not a failure)",
     "out_of_memory": "the device ran out of memory for this request (a smaller one may fit)",
     "internal_error": "unexpected failure",
     # the usage ledger (`turboflow billing`)
@@ -275,6 +359,7 @@ ERROR_CODES: dict[str, str] = {
     "not_ready": "retryable (HTTP 503): the model is still loading or the function is stopping",
     "device_busy": "retryable (HTTP 503): the device queue is full",
     "storage_unavailable": "retryable (HTTP 503): S3 is unreachable, throttling or refused the transfer",
+    "state_unavailable": "retryable (HTTP 503): the request-state bucket (NATS JetStream key-value) is unreachable",
     "storage_misconfigured": "retryable (HTTP 503): the storage settings are wrong (bucket, credentials)",
     "invalid_cloudevent": "HTTP 400: the body is not a valid CloudEvent (missing id or specversion, bad headers, "
     "JSON nested too deeply)",

@@ -12,6 +12,7 @@ MAPPED = {
     "eventing": "turboflow.eventing",
     "functions": "turboflow.functions",
     "billing": "turboflow.billing",
+    "gateway": "turboflow.gateway",
 }
 
 

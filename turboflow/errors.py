@@ -84,3 +84,10 @@ class DeviceUnavailableError(ConfigError):
     """The device asked for (e.g. `cuda` on a CPU-only torch build, `cuda:3` on a one-GPU host) cannot be used."""
 
     code = "device_unavailable"
+
+
+class RequestCancelled(TurboflowError):
+    """The request was cancelled (before it reached the device, or at a step boundary while it ran). Not a
+    failure: the function answers with an `io.turboflow.video.cancelled` event."""
+
+    code = "cancelled"

@@ -42,6 +42,7 @@ GROUPS = {
     "function": "the video functions",
     "storage": "output store and I2V images",
     "engine": "model loading and speed",
+    "gateway": "the gateway (front door, request state, webhooks, console)",
     "tools": "command-line tools and the local dev stack (read as defaults of their flags)",
     "external": "read by libraries (boto3, huggingface_hub, torch) or the container, listed so none is a surprise",
 }
@@ -181,6 +182,52 @@ def shared_prefixes(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def http_url(raw: str) -> str:
+    """An absolute http(s) URL (no credentials in it: they would end up in logs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (user:password@)")
+    return raw
+
+
+def nats_url(raw: str) -> str:
+    """A NATS server URL (nats://, tls://, ws:// or wss://); a comma list of servers is allowed."""
+    for item in (x.strip() for x in raw.split(",")):
+        if not re.fullmatch(r"(nats|tls|ws|wss)://[^\s/]+/?", item):
+            raise ValueError(f"expected nats://HOST:PORT (or tls://, ws://, wss://), got {item!r}")
+    return raw
+
+
+def duration_seconds(raw: str) -> float:
+    """`30d`, `12h`, `90m`, `45s` or plain seconds -> seconds (> 0)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", raw.strip().lower())
+    if not match:
+        raise ValueError(f"expected a duration like 30d, 12h, 90m, 45s, got {raw!r}")
+    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"expected a duration > 0, got {raw!r}")
+    return value
+
+
+def webhook_secret(raw: str) -> str:
+    """A Standard Webhooks secret: `whsec_` + base64 of at least 24 random bytes."""
+    import base64
+    import binascii
+
+    body = raw.removeprefix("whsec_")
+    try:
+        decoded = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("expected whsec_<base64>, e.g. from `turboflow keys webhook-secret`") from None
+    if len(decoded) < 24:
+        raise ValueError("must hold at least 24 bytes of secret (base64 after whsec_)")
+    return raw
+
+
 def signing_key(raw: str) -> bytes:
     key = raw.encode("utf-8")
     if len(key) < MIN_SIGNING_KEY_BYTES:
@@ -240,6 +287,18 @@ class Settings:
     offload: str = "auto"
     load_threads: int | None = None
     warmup: bool = True
+    # -- events and request state (functions and gateway)
+    sink_url: str | None = None
+    nats_url: str | None = None
+    pod_name: str | None = None
+    # -- gateway
+    gateway_database_url: str | None = None
+    gateway_public_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_allow_private: bool = False
+    tenant_max_active: int = 8
+    request_retention_seconds: float = 30 * 86400.0
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -508,6 +567,68 @@ VARIABLES: tuple[Variable, ...] = (
         "warmup",
         "1",
     ),
+    _v(
+        "HOSTNAME",
+        "function",
+        "the pod's name, reported in `started` events (Kubernetes sets it)",
+        field="pod_name",
+        shown_default="the host name",
+    ),
+    # -- gateway
+    _v(
+        "TURBOFLOW_GATEWAY_DATABASE_URL",
+        "gateway",
+        "SQLAlchemy URL of the gateway's API keys and usage ledger (`sqlite:///PATH` or "
+        "`postgresql+psycopg://USER@HOST/DB`)",
+        field="gateway_database_url",
+        shown_default="`sqlite:///~/.cache/turboflow/gateway.db`",
+    ),
+    _v(
+        "TURBOFLOW_GATEWAY_PUBLIC_URL",
+        "gateway",
+        "base URL of the gateway as clients reach it (links in responses)",
+        http_url,
+        "gateway_public_url",
+        "the request's own base URL",
+    ),
+    _v(
+        "TURBOFLOW_WEBHOOK_SECRET",
+        "gateway",
+        "Standard Webhooks signing secret (`whsec_<base64>`) for webhook deliveries",
+        webhook_secret,
+        "webhook_secret",
+        "(none: webhooks refused)",
+    ),
+    _v(
+        "TURBOFLOW_WEBHOOK_ALLOW_PRIVATE",
+        "gateway",
+        "allow webhook URLs on loopback, private and link-local addresses (the dev stack)",
+        flag,
+        "webhook_allow_private",
+    ),
+    _v(
+        "TURBOFLOW_TENANT_MAX_ACTIVE",
+        "gateway",
+        "unfinished requests a tenant may have before new ones get 429",
+        whole(1),
+        "tenant_max_active",
+    ),
+    _v(
+        "TURBOFLOW_REQUEST_RETENTION",
+        "gateway",
+        "how long request state is kept (`30d`, `12h`, ...)",
+        duration_seconds,
+        "request_retention_seconds",
+        "30d",
+    ),
+    _v(
+        "TURBOFLOW_API_KEY",
+        "tools",
+        "`turboflow submit`: API key for the gateway",
+        field="api_key",
+        shown_default="`turboflow dev`'s",
+    ),
+    _v("TURBOFLOW_GATEWAY_URL", "tools", "`turboflow submit`: the gateway's URL", shown_default="`turboflow dev`'s"),
     # -- tools (the CLI and the dev stack read these as defaults of their flags)
     _v(
         "NATS_URL",
@@ -515,7 +636,15 @@ VARIABLES: tuple[Variable, ...] = (
         "`turboflow s3source`: NATS server with the bucket notifications",
         shown_default="nats://127.0.0.1:4222",
     ),
-    _v("K_SINK", "tools", "where `s3source` and `deadletter` POST their events (Knative SinkBinding sets it)"),
+    _v(
+        "K_SINK",
+        "tools",
+        "where the functions (started, progress, cancelled), the gateway (requests), `s3source` and `deadletter` "
+        "POST their events (a Knative SinkBinding sets it)",
+        http_url,
+        "sink_url",
+        "(none: no lifecycle events)",
+    ),
     _v(
         "TURBOFLOW_S3SOURCE_TENANT",
         "tools",
@@ -523,7 +652,15 @@ VARIABLES: tuple[Variable, ...] = (
         shown_default="from the key",
     ),
     _v("TURBOFLOW_BROKER_URL", "tools", "`turboflow submit/events`: broker ingress", shown_default="`turboflow dev`'s"),
-    _v("TURBOFLOW_NATS_URL", "tools", "`turboflow submit/events`: NATS URL", shown_default="`turboflow dev`'s"),
+    _v(
+        "TURBOFLOW_NATS_URL",
+        "tools",
+        "NATS with the request-state bucket: the gateway keeps request state there, the functions watch it for "
+        "cancels (unset: no cancel checks); `turboflow submit/events` read events from it",
+        nats_url,
+        "nats_url",
+        "`turboflow dev`'s",
+    ),
     _v(
         "TURBOFLOW_DEV_STATE",
         "tools",
