@@ -19,7 +19,8 @@ request buffered by Knative's activator until the pod turned ready waited too, b
 (queue_wait near 0), so under "waited" that load is billed to the platform. Once pod.ready events carry the ready
 time, `waited` becomes `arrival (completed_at - timings.total) < ready_at`.
 
-Failed and cancelled requests pay the GPU time they report (`usage.gpu_seconds`, 0 when absent) by the same rule.
+Failed and cancelled requests pay the GPU time they report (`usage.gpu_seconds`; a cancelled event's top-level
+`gpu_seconds`; 0 when absent) by the same rule.
 Other facts (started, pod.ready, pod.stopped) produce no charge yet.
 """
 
@@ -28,10 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from turboflow.eventing.types import COMPLETED, FAILED
+from turboflow.eventing.types import CANCELLED, COMPLETED, FAILED
 
 from .errors import ConfigError
-from .ledger import CANCELLED, Fact
+from .ledger import Fact
 
 LOAD_RULES = ("waited", "request", "platform")
 DEFAULT_WAIT_THRESHOLD_S = 0.5  # below this a queue wait is scheduling noise, not a load being waited for
@@ -66,7 +67,8 @@ def charge(
     if fact.type not in CHARGED_TYPES:
         return None
     usage = fact.data.get("usage") if isinstance(fact.data.get("usage"), dict) else {}
-    gpu_seconds = _seconds(usage.get("gpu_seconds"))
+    # a cancelled event reports the device time it used at the top level (it has no usage section)
+    gpu_seconds = _seconds(usage.get("gpu_seconds") if usage else fact.data.get("gpu_seconds"))
     cold = usage.get("cold_start") is True
     load = _seconds(usage.get("model_load_seconds")) if cold else 0.0
     timings = fact.data.get("timings") if isinstance(fact.data.get("timings"), dict) else {}

@@ -161,6 +161,22 @@ def _register_billing(sub: argparse._SubParsersAction) -> None:
         help="pass over event types the ledger does not record (requests, on a whole event stream) instead of failing",
     )
     record.set_defaults(func=_billing_record)
+    consume = verbs.add_parser(
+        "consume",
+        help="store the broker stream's usage events as they come (signatures checked; each event once)",
+        description="The metering consumer (billing/consumer.py): a durable JetStream consumer on the broker's "
+        "event stream that stores completed, failed, cancelled, started and pod events in the ledger, each once.",
+    )
+    consume.add_argument("--nats", metavar="URL", help="NATS with the broker's stream (default TURBOFLOW_NATS_URL)")
+    consume.add_argument("--ledger", metavar="URL", help="SQLAlchemy URL (default TURBOFLOW_LEDGER_URL or SQLite)")
+    consume.add_argument("--durable", default="turboflow-billing", help="consumer name (default turboflow-billing)")
+    consume.add_argument("--once", action="store_true", help="store what is there now, then exit")
+    consume.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="without TURBOFLOW_EVENT_SIGNING_KEY, store unsigned events too (a development stack only)",
+    )
+    consume.set_defaults(func=_billing_consume)
     report = verbs.add_parser("report", help="GPU-seconds and cost per day and model for one tenant")
     report.add_argument("--tenant", required=True)
     report.add_argument("--from", dest="start", required=True, metavar="YYYY-MM-DD", help="first day (UTC)")
@@ -215,6 +231,59 @@ def _billing_record(args) -> int:
     finally:
         ledger.close()
         print(f"recorded {stored} new event(s), {repeated} already in the ledger")
+    return 0
+
+
+def _billing_consume(args) -> int:
+    _quiet_migrations(args)
+    import asyncio
+    import signal
+
+    from turboflow.errors import TurboflowError
+    from turboflow.settings import current
+
+    from .consumer import LedgerConsumer
+    from .ledger import open_ledger
+
+    settings = current()
+    nats_url = args.nats or settings.nats_url
+    if not nats_url:
+        raise ConfigError("no NATS URL: pass --nats URL or set TURBOFLOW_NATS_URL")
+    key = settings.event_signing_key
+    if key is None and not args.accept_unsigned:
+        raise ConfigError(
+            "no TURBOFLOW_EVENT_SIGNING_KEY: without it forged usage events cannot be told apart "
+            "(pass --accept-unsigned on a development stack)"
+        )
+    ledger = open_ledger(args.ledger)
+
+    async def main() -> None:
+        consumer = LedgerConsumer(nats_url, ledger, signing_key=key, durable=args.durable)
+        try:
+            await asyncio.wait_for(consumer.connect(), 10)
+        except Exception as e:  # noqa: BLE001 - nats-py raises many kinds; all mean "not reachable"
+            await consumer.close()
+            raise TurboflowError(
+                f"cannot reach NATS at {nats_url} or its event stream ({type(e).__name__}: {e or 'no answer'})",
+                code="no_nats",
+            ) from None
+        try:
+            if args.once:
+                await consumer.consume_available(timeout=1.0)
+            else:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await consumer.run(stop)
+        finally:
+            await consumer.close()
+            print(consumer.stats.line())
+
+    try:
+        asyncio.run(main())
+    finally:
+        ledger.close()
     return 0
 
 

@@ -26,16 +26,13 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
 
-from turboflow.eventing.types import COMPLETED, FAILED, TENANT_EXTENSION
+from turboflow.eventing.types import CANCELLED, COMPLETED, FAILED, STARTED, TENANT_EXTENSION
 
 from .errors import InvalidUsageEventError, LedgerUnavailableError
 
-STARTED = "io.turboflow.video.started"
-CANCELLED = "io.turboflow.video.cancelled"
 POD_READY = "io.turboflow.pod.ready"
 POD_STOPPED = "io.turboflow.pod.stopped"
-# Types the ledger stores. Only completed/failed are emitted today; the others are named by issue 15 and are kept
-# as raw facts already so the rules can use them once the functions emit them.
+# Types the ledger stores (the pod events are named by issue 15; kept as raw facts once the functions emit them).
 RECORDED_TYPES = (COMPLETED, FAILED, STARTED, CANCELLED, POD_READY, POD_STOPPED)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 LEDGER_URL_VARIABLE = "TURBOFLOW_LEDGER_URL"
@@ -162,7 +159,7 @@ def fact_row(event: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(usage, dict) or not _is_number(usage.get("gpu_seconds")):
             raise InvalidUsageEventError(f"completed event {event['id']!r} has no usage.gpu_seconds", field="usage")
     tenant = data.get("tenant") or event.get(TENANT_EXTENSION)
-    occurred = data.get("completed_at") or event.get("time")
+    occurred = data.get("completed_at") or data.get("cancelled_at") or event.get("time")
     return {
         "source": event["source"],
         "event_id": event["id"],

@@ -380,3 +380,99 @@ def test_record_reads_a_stream_from_stdin(ledger_url, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(stream))
     assert main(["billing", "record", "-", "--ledger", ledger_url]) == 2
     assert "error[invalid_usage_event]: -:1: event type 'io.turboflow.video.t2v.requested'" in capsys.readouterr().err
+
+
+# ---- the metering consumer: the broker's stream -> the ledger, signatures checked ---------------------------------
+SIGNING_KEY = b"metering-test-key-0123456789"
+
+
+def _signed_completed(request_id: str, gpu_seconds: float, *, key: bytes | None = SIGNING_KEY):
+    from cloudevents.core.v1.event import CloudEvent
+
+    from turboflow.eventing.contracts import completed_event
+
+    request = CloudEvent(attributes={"type": "x", "source": "/producer", "id": request_id, "tenant": "acme"})
+    data = completed(request_id, gpu_seconds=gpu_seconds)["data"]
+    return completed_event(request, data, source="/turboflow/functions/t2v", signing_key=key)
+
+
+def _cancelled(request_id: str, gpu_seconds: float):
+    from turboflow.eventing.contracts import lifecycle_event
+    from turboflow.eventing.types import CANCELLED
+
+    ctx = {"request_id": request_id, "tenant": "acme", "kind": "t2v", "request_source": "/producer"}
+    data = {"while": "running", "gpu_seconds": gpu_seconds, "cancelled_at": "2026-11-30T14:00:00Z"}
+    return lifecycle_event(CANCELLED, ctx, data, source="/turboflow/functions/t2v", signing_key=SIGNING_KEY)
+
+
+async def test_the_metering_consumer_stores_signed_facts_once_and_refuses_forged_ones(ledger_url):
+    import nats
+
+    from turboflow.billing.attribution import charges
+    from turboflow.billing.consumer import LedgerConsumer
+    from turboflow.eventing.jetstream import ensure_stream, publish_event
+    from turboflow.eventing.natsserver import NatsServer
+
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await ensure_stream(js)
+        for event in (
+            _signed_completed("r1", 10.0),
+            _signed_completed("r2", 4.0),
+            _cancelled("r3", 1.5),
+            _signed_completed("forged", 9999.0, key=b"someone-elses-key-0123456"),  # signed with another key
+            _signed_completed("unsigned", 9999.0, key=None),
+        ):
+            await publish_event(js, event)
+        await nc.close()
+
+        ledger = open_ledger(ledger_url)
+        try:
+            first = LedgerConsumer(server.url, ledger, signing_key=SIGNING_KEY, durable="billing-a")
+            await first.connect()
+            stats = await first.consume_available(timeout=0.5)
+            await first.close()
+            assert (stats.stored, stats.unsigned, stats.repeated) == (3, 2, 0)
+            # a second consumer reading the whole stream again (a redelivery of everything) stores nothing new
+            again = LedgerConsumer(server.url, ledger, signing_key=SIGNING_KEY, durable="billing-b")
+            await again.connect()
+            stats = await again.consume_available(timeout=0.5)
+            await again.close()
+            assert (stats.stored, stats.repeated) == (0, 3)
+            assert ledger.count() == 3
+            billed = sorted(c.billed_s for c in charges(ledger.facts(tenant="acme")))
+            assert billed == [1.5, 4.0, 10.0]  # the cancelled request pays the device time it used
+        finally:
+            ledger.close()
+
+
+# ---- monthly quotas ---------------------------------------------------------------------------------------------
+def test_month_windows_roll_over_the_year():
+    from datetime import UTC, datetime
+
+    from turboflow.billing.quotas import month_window
+
+    assert month_window(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert month_window(datetime(2026, 2, 1, tzinfo=UTC))[1] == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def test_monthly_budgets_count_this_months_billed_seconds_only(ledger):
+    from datetime import UTC, datetime
+
+    from turboflow.billing.quotas import check_monthly
+
+    ledger.record(completed("old", gpu_seconds=500.0, at="2026-10-31T23:59:59Z"))  # last month: not counted
+    ledger.record(completed("a", gpu_seconds=30.0, at="2026-11-02T10:00:00Z"))
+    ledger.record(completed("b", gpu_seconds=20.0, at="2026-11-20T10:00:00Z"))
+    ledger.record(completed("c", gpu_seconds=99.0, tenant="other", at="2026-11-20T10:00:00Z"))
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    verdict = check_monthly(ledger, "acme", {"acme": 50.0, "*": 10.0}, now)
+    assert verdict.used == 50.0 and verdict.exceeded and verdict.resets_at == datetime(2026, 12, 1, tzinfo=UTC)
+    assert verdict.seconds_until_reset(now) == 6 * 86400
+    assert not check_monthly(ledger, "acme", {"acme": 50.01}, now).exceeded
+    assert check_monthly(ledger, "newcomer", {"*": 10.0}, now).used == 0.0  # `*` covers unnamed tenants
+    assert check_monthly(ledger, "acme", {"other": 1.0}, now) is None  # no budget: unlimited

@@ -228,6 +228,26 @@ def webhook_secret(raw: str) -> str:
     return raw
 
 
+def tenant_budgets(raw: str) -> tuple[tuple[str, float], ...]:
+    """'acme=36000,*=3600' -> (('acme', 36000.0), ('*', 3600.0)): GPU-seconds per tenant (`*`: the others)."""
+    out = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        tenant, _, amount = item.partition("=")
+        tenant = tenant.strip()
+        if tenant != "*" and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", tenant):
+            raise ValueError(f"entry {item!r}: {tenant!r} is neither a tenant (a DNS label) nor *")
+        try:
+            seconds = float(amount)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(f"entry {item!r}: expected TENANT=SECONDS with SECONDS >= 0")
+        out.append((tenant, seconds))
+    return tuple(out)
+
+
 def signing_key(raw: str) -> bytes:
     key = raw.encode("utf-8")
     if len(key) < MIN_SIGNING_KEY_BYTES:
@@ -297,6 +317,7 @@ class Settings:
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_allow_private: bool = False
     tenant_max_active: int = 8
+    tenant_monthly_gpu_seconds: tuple[tuple[str, float], ...] = ()
     request_retention_seconds: float = 30 * 86400.0
     api_key: str | None = field(default=None, repr=False)
 
@@ -612,6 +633,15 @@ VARIABLES: tuple[Variable, ...] = (
         "unfinished requests a tenant may have before new ones get 429",
         whole(1),
         "tenant_max_active",
+    ),
+    _v(
+        "TURBOFLOW_TENANT_MONTHLY_GPU_SECONDS",
+        "gateway",
+        "monthly GPU-second budgets, `TENANT=SECONDS,...` (`*`: every other tenant); a tenant over its budget gets "
+        "429 `quota_exceeded` until the month ends (UTC)",
+        tenant_budgets,
+        "tenant_monthly_gpu_seconds",
+        "(none: unlimited)",
     ),
     _v(
         "TURBOFLOW_REQUEST_RETENTION",
