@@ -183,9 +183,16 @@ def run_child(argv: list[str], label: str, env: dict, log) -> dict:
         r["ready_s"] = r["t_ready"] - launched
     log(f"  {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items() if k.startswith("import_")))
     if "ready_s" in r:
+        art = r.get("compile_artifact") or {}
         log(
             f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
-            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s)"
+            f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s"
+            + (
+                f", artifact {art.get('artifact')} in {art.get('load_s', 0):.2f}s, "
+                f"jit compiles {art.get('jit_compiles')}, saved {bool(art.get('saved'))})"
+                if art
+                else ")"
+            )
         )
     return r
 
@@ -247,6 +254,9 @@ def child(cache: str, mode: str) -> None:
     """One cold start: imports in the order the costs are attributed (torch; diffusers' Wan model classes, which
     pull in torch._dynamo; transformers' umT5; the function), then `start()` and `ready()` polled (mode `fast`),
     or the previous from_pretrained loader (`library`), or nothing after the imports (`imports`, for -X importtime).
+    Mode `lean` imports only torch and the function, as a serving process does (the import diet: load_pipeline
+    imports the model classes while the weights stream); its TURBOFLOW_* environment picks compile, FP8 and the
+    compile cache (bench/serving_env.py's artifact phases).
     """
     t0 = time.time()
     from . import _ROOT  # noqa: F401
@@ -255,13 +265,14 @@ def child(cache: str, mode: str) -> None:
     import torch  # noqa: F401
 
     marks["torch"] = time.time()
-    import accelerate  # noqa: F401
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+    if mode != "lean":  # lean: what a serving process imports; diffusers then loads inside start(), beside the read
+        import accelerate  # noqa: F401
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
 
-    marks["diffusers"] = time.time()
-    from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+        marks["diffusers"] = time.time()
+        from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
 
-    marks["transformers"] = time.time()
+        marks["transformers"] = time.time()
     from turboflow.engine import loading  # noqa: F401
     from turboflow.functions.slot import SlotState
     from turboflow.functions.video import VideoFunction
@@ -277,9 +288,10 @@ def child(cache: str, mode: str) -> None:
         out.update(_environment_probe())
         print(json.dumps(out), flush=True)
         return
-    if mode == "fast":
+    if mode in ("fast", "lean"):
         fn = VideoFunction("t2v", store=_NullStore())
-        fn.start({"MODEL_DIR": cache})
+        # the function's configuration is the mapping start() gets (func passes the environment): TURBOFLOW_*
+        fn.start({**{k: v for k, v in os.environ.items() if k.startswith("TURBOFLOW_")}, "MODEL_DIR": cache})
         while True:
             ok, msg = fn.ready()
             if ok:

@@ -16,7 +16,9 @@ cold-start child of `bench/coldstart.py` inside it:
    module, `sys.path` = [SITE, REPO] + the standard library.
 
 Then: one `-X importtime` child (summarised), the cold start twice with a warm page cache and twice with a dropped one
-(`vm.drop_caches`, else `POSIX_FADV_DONTNEED` on the weights and every file of the site). On the GPU machine:
+(`vm.drop_caches`, else `POSIX_FADV_DONTNEED` on the weights and every file of the site), then the artifact phases
+(`artifact_phases`: the serving import path with compile off, a JIT compile + FP8 start that saves the compile
+artifact, fresh pods that load it). On the GPU machine:
 
     python -m bench.serving_env --wheels .whl-bench --cache-dir /tmp/cache --out $OUT/coldstart-serving.json
 """
@@ -350,9 +352,37 @@ def measure(
                 how = "weights read once before"
             argv = child_argv(site, "bench.coldstart", "--child", str(cache), "fast")
             r = run_child(argv, label, child, log)
-            r.update(page_cache=how, compile_artifact_load_s=0.0, compile_artifacts="not implemented (issue 14, 2)")
+            r.update(page_cache=how, mode="fast (diffusers imported before start)")
             result["runs"].append(r)
+    result["runs"] += artifact_phases(cache, site, tiny, runs, child, log)
     return result, importtime
+
+
+def artifact_phases(cache: Path, site: Path, tiny: bool, runs: int, env: dict, log) -> list[dict]:
+    """Warm page cache, the serving import path (`lean`: torch + the function; diffusers loads beside the read):
+    compile off; then compile + FP8 with an empty compile cache (the JIT compile a pod without artifacts pays; it
+    saves the artifact); then `runs` fresh pods, each with an empty compile cache holding only that artifact in
+    artifacts/ and TURBOFLOW_COMPILE_REQUIRE_ARTIFACTS=1 (no compile at start: a missing artifact runs eager)."""
+    root = site.parent / (site.name + "-compile")
+    shutil.rmtree(root, ignore_errors=True)
+    fast = {"TURBOFLOW_COMPILE": "1"} if tiny else {"TURBOFLOW_COMPILE": "1", "TURBOFLOW_QUANT_LINEAR": "fp8"}
+    plan = [(f"lean, compile off #{i}", {}, None) for i in range(1, runs + 1)]
+    plan.append(("lean, compile+fp8, JIT (empty compile cache)", {**fast}, root / "jit"))
+    required = {**fast, "TURBOFLOW_COMPILE_REQUIRE_ARTIFACTS": "1"}
+    plan += [(f"lean, compile+fp8, artifact loaded #{i}", dict(required), root / f"p{i}") for i in range(1, runs + 1)]
+    out = []
+    for label, extra, compile_cache in plan:
+        if compile_cache is not None:
+            compile_cache.mkdir(parents=True)
+            extra["TURBOFLOW_COMPILE_CACHE"] = str(compile_cache)
+            saved = root / "jit" / "artifacts"  # none on the CPU: there is no warm-up there to compile
+            if compile_cache.name != "jit" and saved.is_dir():  # a new pod: only the artifacts the first one saved
+                shutil.copytree(root / "jit" / "artifacts", compile_cache / "artifacts", dirs_exist_ok=True)
+        warm_page_cache(_files(cache))
+        r = run_child(child_argv(site, "bench.coldstart", "--child", str(cache), "lean"), label, {**env, **extra}, log)
+        r.update(page_cache="weights read once before", mode="lean", env=extra)
+        out.append(r)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

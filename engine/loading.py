@@ -6,6 +6,7 @@ how many DiT experts there are and what the pipeline's latent geometry and condi
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ import torch
 
 from turboflow.errors import ConfigError, DeviceUnavailableError, ModelCacheError
 
-from . import fastload, modelcache
+from . import compile_artifacts, fastload, modelcache
 from .checkpoint import load_sla_proj_l
 from .families import FamilySpec, family
 from .options import LoadOptions
@@ -160,8 +161,18 @@ def load_pipeline(
             devices[role] = torch.device("cpu")
     # every network streams from safetensors straight onto its device, text encoder and DiT concurrently
     report = fastload.LoadReport()
-    classes = {role: spec.components[role].load_class() for role in networks}
-    parts = fastload.load_models(networks, dtype, devices, classes=classes, report=report, threads=opts.load_threads)
+    # import diet: the weights start streaming at once; the model classes (diffusers, ~2.5 s with torch._dynamo)
+    # are imported meanwhile on one background thread, then the compile artifact is loaded there (dynamo/inductor
+    # imports, cache files written). One thread does all of these imports, in order: never two importers at once.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-prepare") as pool:
+        classes = _LazyClasses(pool.submit(lambda: {role: spec.components[role].load_class() for role in networks}))
+        artifact_future = (
+            pool.submit(_load_compile_artifact, root, manifest, spec, device, dtype, opts) if compile else None
+        )
+        parts = fastload.load_models(
+            networks, dtype, devices, classes=classes, report=report, threads=opts.load_threads
+        )
+        artifact = artifact_future.result() if artifact_future is not None else None
     parts["tokenizer"] = load_tokenizer(root / manifest.components["tokenizer"], spec)
     if vae_dtype is not None:
         parts["vae"].to(vae_dtype)
@@ -176,14 +187,8 @@ def load_pipeline(
                 log.info("%s: %d linears -> %s", role, n, quant_linear)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if compile:
-        from .compiled import compile_cache_dir as _cache_dir
-        from .compiled import compile_transformer, use_cache_dir
-
-        use_cache_dir(_cache_dir(root, opts.compile_cache_dir))
-        for role in spec.transformer_roles:
-            if role in parts:
-                compile_transformer(parts[role], None if compile is True else str(compile))
+    if artifact is not None:
+        compile = _compile_dit(artifact, spec, opts, parts)  # False: artifacts required and absent, DiT runs eager
     log.info(
         "loaded %s (%s, %s) on %s in %.2fs, offload=%s",
         manifest.name,
@@ -216,17 +221,17 @@ def load_pipeline(
             if role in networks
         },
     )
+    pipeline.compile_artifact = artifact  # ArtifactReport | None (save_compile_artifacts, the load report)
     warmup_s = 0.0
     if device.type == "cuda" and opts.warmup:
         warm = time.perf_counter()
         warmup(pipeline)
         if compile:
-            sizes = (
-                [(manifest.defaults.get("resolution", "480p"), "16:9", 81)]
-                if opts.compile_warmup is None
-                else list(opts.compile_warmup)
-            )  # [] = none (the CLI's own request compiles its size)
-            warm_compiled(pipeline, sizes)
+            misses = compile_artifacts.fx_graph_cache_misses()
+            warm_compiled(pipeline, warmup_sizes(opts, manifest))  # [] = none (the CLI's request compiles its size)
+            artifact.jit_compiles = compile_artifacts.fx_graph_cache_misses() - misses
+            if artifact.jit_compiles and opts.compile_save_artifacts:
+                save_compile_artifacts(pipeline)  # the first pod that compiled spares the next ones
         warmup_s = time.perf_counter() - warm
         log.info("warm-up in %.2fs", warmup_s)
     # where the load time went (bench/coldstart.py and the function's metrics read this)
@@ -238,8 +243,105 @@ def load_pipeline(
         "assign_s": report.assign_seconds,
         "warmup_s": warmup_s,
         "total_s": time.perf_counter() - start,
+        # {"artifact": loaded|missing|mismatch|corrupt, "key": ..., "load_s", "jit_compiles", ...}; None: no compile
+        "compile_artifact": None if artifact is None else artifact.to_dict(),
+        "compile_artifact_load_s": 0.0 if artifact is None else artifact.load_s,
     }
     return pipeline
+
+
+def warmup_sizes(opts: LoadOptions, manifest) -> list[tuple[str, str, int]]:
+    """The sizes compiled before ready: LoadOptions.compile_warmup, else the model's resolution at 16:9, 81 frames."""
+    if opts.compile_warmup is None:
+        return [(manifest.defaults.get("resolution", "480p"), "16:9", 81)]
+    return list(opts.compile_warmup)
+
+
+def compile_artifact_inputs(root: Path, manifest, spec: FamilySpec, device, dtype, opts: LoadOptions) -> dict:
+    """What the compile artifact of this load is keyed by (engine/compile_artifacts.py key_inputs): the platform,
+    the model, the warm-up sizes, and the options that change the compiled graph, the attention and SLA top-k
+    being the model's defaults (what the warm-up requests use)."""
+    from .compiled import DEFAULT_MODE
+    from .request import GenerationRequest
+
+    warm = GenerationRequest(prompt="warm up", kind=manifest.kind)
+    warm = warm.validated(spec, manifest.defaults, image_pending=True)
+    return compile_artifacts.key_inputs(
+        platform=compile_artifacts.platform_inputs(device),
+        model_name=manifest.name,
+        manifest_sha256=compile_artifacts.manifest_digest(root),
+        sizes=warmup_sizes(opts, manifest),
+        quant_linear=opts.quant_linear,
+        attention=warm.request.attention,
+        sla_topk=warm.request.sla_topk,
+        sla_pooling=opts.sla_pooling,
+        compile_mode=DEFAULT_MODE if opts.compile is True else str(opts.compile),
+        backend=opts.compile_backend,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+class _LazyClasses(dict):
+    """role -> model class, from a future: fastload looks the classes up after its read threads started, so the
+    import that yields them overlaps the weight read."""
+
+    def __init__(self, pending: concurrent.futures.Future):
+        super().__init__()
+        self.pending = pending
+
+    def __missing__(self, role: str) -> type:
+        self.update(self.pending.result())
+        return dict.__getitem__(self, role)
+
+
+def _load_compile_artifact(root: Path, manifest, spec: FamilySpec, device, dtype, opts: LoadOptions):
+    """Point torch at the compile cache and load the matching compile artifact into it, BEFORE anything compiles
+    (runs beside the weight read: it imports dynamo/inductor and writes the cache files). The ArtifactReport, with
+    its store and inputs kept on it for save_compile_artifacts."""
+    from .compiled import compile_cache_dir, use_cache_dir
+
+    use_cache_dir(compile_cache_dir(root, opts.compile_cache_dir))
+    inputs = compile_artifact_inputs(root, manifest, spec, device, dtype, opts)
+    key = compile_artifacts.artifact_key(inputs)
+    store = compile_artifacts.ArtifactStore.for_model(root, opts.compile_cache_dir)
+    report = compile_artifacts.load(store, key, inputs)
+    report.store, report.inputs = store, inputs  # not part of to_dict(): for saving after the warm-up
+    return report
+
+
+def _compile_dit(report, spec: FamilySpec, opts: LoadOptions, parts: dict) -> bool:
+    """Mark the DiT blocks for compilation; with `compile_require_artifacts` and no usable artifact leave them eager
+    (no compile at start, ever) and say so. Whether the DiT is compiled."""
+    from .compiled import compile_transformer
+
+    if report.artifact != "loaded" and opts.compile_require_artifacts:
+        log.warning(
+            "no usable compile artifact (%s) and compile_require_artifacts is set: the DiT runs eager, not compiled "
+            "(build one with `turboflow model compile-artifacts`)",
+            report.artifact,
+        )
+        report.compiled = False
+        return False
+    mode = None if opts.compile is True else str(opts.compile)
+    for role in spec.transformer_roles:
+        if role in parts:
+            compile_transformer(parts[role], mode, backend=opts.compile_backend)
+    return True
+
+
+def save_compile_artifacts(pipeline: TurboVideoPipeline) -> str | None:
+    """Save what this process compiled as the compile artifact of its load (atomically, into the first writable
+    artifact directory); the path, or None (nothing recorded, no compile, or the store unwritable: a warning)."""
+    report = getattr(pipeline, "compile_artifact", None)
+    if report is None or not report.compiled:
+        return None
+    try:
+        path = compile_artifacts.save(report.store, report.key, report.inputs)
+    except OSError as e:
+        log.warning("compile artifact %s not saved: %s", report.key[:12], e)
+        return None
+    report.saved = None if path is None else str(path)
+    return report.saved
 
 
 def _check_request_defaults(root: Path, manifest) -> None:

@@ -1,4 +1,4 @@
-"""`turboflow model import ...` and `turboflow model pull ...` (engine/cli.py calls add_model_parsers)."""
+"""`turboflow model import|pull|compile-artifacts ...` (engine/cli.py calls add_model_parsers)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from turboflow.errors import ModelCacheError
+from turboflow.settings import COMPILE_MODES, QUANT_LINEAR_MODES, warmup_sizes
+
 from . import modelcache
 from .families import families
 from .model_import import DTYPES, import_model, pull_model
+from .options import COMPILE_BACKENDS, check_sizes
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +74,31 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
     pull.add_argument("--delete-downloads", action="store_true")
     pull.set_defaults(func=_cmd_pull)
 
+    art = msub.add_parser(
+        "compile-artifacts",
+        help="compile the DiT for the served sizes and store torch.compile's artifacts beside the weights",
+        description="Loads the model with compile on, runs one 1-step request per size (the warm-up a pod runs), "
+        "and saves the compiled graphs and kernels atomically as <compile cache>/artifacts/<key>.bin + .json, "
+        "keyed like a serving pod with the same options looks them up (engine/compile_artifacts.py). Run it on a "
+        "node with the serving GPU architecture.",
+    )
+    art.add_argument("--model-dir", required=True, help="the model cache directory")
+    art.add_argument(
+        "--sizes",
+        default=None,
+        help="comma list RESOLUTION:W:H:FRAMES, as TURBOFLOW_COMPILE_WARMUP (default: the model's resolution:16:9:81)",
+    )
+    art.add_argument("--quant-linear", default=None, choices=QUANT_LINEAR_MODES, help="as TURBOFLOW_QUANT_LINEAR")
+    art.add_argument("--compile", default="default", choices=COMPILE_MODES, help="inductor mode (TURBOFLOW_COMPILE)")
+    art.add_argument(
+        "--compile-cache",
+        default=None,
+        help="compile cache dir, artifacts go to its artifacts/ (default: MODEL_DIR/.compile-cache when writable)",
+    )
+    art.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    art.add_argument("--backend", default="inductor", choices=COMPILE_BACKENDS, help=argparse.SUPPRESS)
+    art.set_defaults(func=_cmd_compile_artifacts)
+
 
 def _import_kwargs(args) -> dict:
     return dict(
@@ -124,3 +153,38 @@ def _cmd_pull(args) -> int:
         **_import_kwargs(args),
     )
     return _report(manifest, args.dir)
+
+
+def _cmd_compile_artifacts(args) -> int:
+    from .loading import load_pipeline, save_compile_artifacts, warm_compiled
+
+    try:
+        sizes = None if args.sizes is None else check_sizes(warmup_sizes(args.sizes), "--sizes")
+    except ValueError as e:
+        raise ModelCacheError(f"--sizes: {e}", code="invalid_sizes") from e
+    pipeline = load_pipeline(
+        args.model_dir,
+        device=args.device,
+        quant_linear=args.quant_linear,
+        compile=args.compile,
+        compile_backend=args.backend,
+        compile_cache_dir=args.compile_cache,
+        compile_warmup=sizes,
+        warmup=False,  # the sizes below are the warm-up
+        compile_save_artifacts=False,
+    )
+    report = pipeline.compile_artifact
+    # exactly the sizes the key covers (a pod with the same TURBOFLOW_COMPILE_WARMUP computes the same key)
+    seconds = warm_compiled(pipeline, [(r, a, f) for r, a, f in report.inputs["sizes"]])
+    path = save_compile_artifacts(pipeline)
+    if path is None:
+        raise ModelCacheError(
+            f"no compile artifact written for key {report.key} (nothing compiled, or the store is not writable)",
+            code="compile_artifact_not_saved",
+        )
+    print(
+        json.dumps(
+            {"key": report.key, "path": path, "before": report.artifact, "compile_s": seconds, "inputs": report.inputs}
+        )
+    )
+    return 0

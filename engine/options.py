@@ -9,6 +9,10 @@ no environment variable; a bad value is a ConfigError naming the variable or opt
     compile_cache_dir  directory                                persistent Inductor/Triton cache (engine/compiled.py)
     compile_warmup     ((resolution, aspect, frames), ...)      compiled before ready (None: the model's resolution,
                                                                 16:9, 81 frames; (): none)
+    compile_require_artifacts  bool                             no compile at start: without a matching compile
+                                                                artifact (engine/compile_artifacts.py) run eager
+    compile_save_artifacts     bool                             save the artifact after a start that compiled
+    compile_backend    inductor | aot_eager                     torch.compile backend (aot_eager: CPU tests)
     fast_vae           bool                                     chunked VAE decode (default on)
     vae_chunk          latent frames per decoder call           (None: by frame size)
     offload            auto | none | experts                    I2V expert placement
@@ -30,6 +34,7 @@ from .request import MAX_FRAMES, RESOLUTIONS
 __all__ = ["COMPILE_MODES", "OFFLOAD_POLICIES", "LoadOptions", "check_sizes"]
 
 WarmupSizes = tuple[tuple[str, str, int], ...]
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without a compiler (CPU tests)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class LoadOptions:
     compile: bool | str = False
     compile_cache_dir: str | None = None
     compile_warmup: WarmupSizes | None = None
+    compile_require_artifacts: bool = False
+    compile_save_artifacts: bool = True
+    compile_backend: str = "inductor"
     fast_vae: bool = True
     vae_chunk: int | None = None
     offload: str = "auto"
@@ -56,6 +64,11 @@ class LoadOptions:
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
             raise ConfigError(
                 f"compile mode must be one of {list(COMPILE_MODES)}, got {self.compile!r}", field="compile"
+            )
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(
+                f"compile_backend must be one of {list(COMPILE_BACKENDS)}, got {self.compile_backend!r}",
+                field="compile_backend",
             )
         if self.offload not in OFFLOAD_POLICIES:
             raise ConfigError(f"offload must be one of {list(OFFLOAD_POLICIES)}, got {self.offload!r}", field="offload")
@@ -88,6 +101,8 @@ class LoadOptions:
             offload=settings.offload,
             load_threads=settings.load_threads,
             warmup=settings.warmup,
+            compile_require_artifacts=settings.compile_require_artifacts,
+            compile_save_artifacts=settings.compile_save_artifacts,
         )
 
     def replace(self, **changes) -> LoadOptions:

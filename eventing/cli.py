@@ -1,4 +1,6 @@
-"""Eventing verbs: `turboflow dev`, `submit`, `events tail`, `demo`, `deadletter`, `s3source`."""
+"""Eventing verbs: `turboflow events tail`, `deadletter`, `s3source`; and the raw broker path of `turboflow submit`
+(`--via http|nats`: a CloudEvent straight to the broker ingress or JetStream), which turboflow.gateway.devcli
+calls. `dev`, `demo` and `submit` themselves live in gateway/devcli.py: they start or use the gateway."""
 
 from __future__ import annotations
 
@@ -9,47 +11,13 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
-from turboflow.engine.fields import add_arguments, options_from_args
+from turboflow.engine.fields import options_from_args
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dev", help="run NATS + S3 (moto) + both functions + the broker locally")
-    p.add_argument("--port", type=int, default=8080, help="broker ingress port (0: any free port)")
-    p.add_argument("--nats-port", type=int, default=4222, help="NATS port (0: any free port)")
-    p.add_argument("--s3-endpoint", default=None, help="use this S3 (e.g. MinIO) instead of an embedded moto")
-    p.add_argument("--bucket", default="turboflow")
-    p.add_argument(
-        "--upload-prefix",
-        default="uploads/",
-        help="images uploaded under <prefix><tenant>/ trigger I2V for that tenant",
-    )
-    p.add_argument("--t2v-model", default=None, help="model cache dir (default: a tiny model)")
-    p.add_argument("--i2v-model", default=None, help="model cache dir (default: a tiny model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-dir", default=None, help="JetStream store and logs (default: a temp dir)")
-    p.set_defaults(func=_dev)
-
-    p = sub.add_parser("submit", help="send a T2V/I2V request; --wait for the video")
-    p.add_argument("kind", choices=("t2v", "i2v"))
-    p.add_argument("prompt")
-    p.add_argument("--image", help="I2V: local file (uploaded to the dev bucket or sent inline), s3:// or data: URI")
-    add_arguments(p)  # the request options, from the one field table (engine/fields.py)
-    p.add_argument("--tenant", default=None)
-    p.add_argument("--id", default=None, help="request id (default: a new UUID)")
-    p.add_argument("--broker", default=None, help="broker ingress URL (default: $TURBOFLOW_BROKER_URL or `dev`)")
-    p.add_argument("--nats", default=None, help="NATS URL (default: $TURBOFLOW_NATS_URL or `dev`)")
-    p.add_argument("--via", choices=("http", "nats"), default="http", help="HTTP ingress or direct NATS publish")
-    p.add_argument("--wait", action="store_true", help="wait for the completion and download the mp4")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default="out", help="download directory (with --wait)")
-    p.add_argument("--json", action="store_true", help="print the reply event as JSON (with the presigned URL)")
-    p.add_argument("--show-url", action="store_true", help="also print the video's presigned URL (a credential)")
-    p.set_defaults(func=_submit)
-
     p = sub.add_parser("events", help="watch the event stream")
     esub = p.add_subparsers(dest="events_cmd", metavar="tail")
     esub.required = True
@@ -60,12 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--json", action="store_true", help="one structured CloudEvent JSON per line")
     t.add_argument("-n", "--count", type=int, default=0, help="exit after this many events")
     t.set_defaults(func=_tail)
-
-    p = sub.add_parser("demo", help="start the stack, run one T2V and one I2V request, save the mp4s under ./out")
-    p.add_argument("--out", default="out")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--timeout", type=float, default=600)
-    p.set_defaults(func=_demo)
 
     p = sub.add_parser("deadletter", help="serve the dead-letter sink (undeliverable request -> failed event)")
     p.add_argument("--host", default="127.0.0.1")
@@ -86,16 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Per-request INFO lines of moto's werkzeug, httpx and hypercorn drown the stack's own output."""
     if logging.getLogger().level > logging.DEBUG:
         for name in ("werkzeug", "httpx", "hypercorn.error", "hypercorn.access", "botocore", "nats"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _run_until_signal(main) -> int:
+def run_until_signal(main) -> int:
     """asyncio.run(main(stop)) with SIGINT/SIGTERM setting `stop` (clean shutdown on Ctrl-C)."""
-    _quiet_libraries()
+    quiet_libraries()
 
     async def runner():
         stop = asyncio.Event()
@@ -110,65 +72,11 @@ def _run_until_signal(main) -> int:
     return int(asyncio.run(runner()) or 0)
 
 
-def _dev(args) -> int:
-    from .devstack import DevConfig, DevStack, default_state_file
+def broker_endpoints(args) -> dict:
+    """The broker, NATS, S3 and signing key to use: flags, then TURBOFLOW_* variables, then `turboflow dev`'s."""
+    from .devstack import read_state
 
-    cfg = DevConfig(
-        ingress_port=args.port or None,
-        nats_port=args.nats_port or None,
-        s3_endpoint=args.s3_endpoint,
-        bucket=args.bucket,
-        upload_prefix=args.upload_prefix,
-        models={"t2v": args.t2v_model, "i2v": args.i2v_model},
-        device=args.device,
-        state_file=default_state_file(),
-        log_dir=Path(args.data_dir) if args.data_dir else None,
-    )
-
-    async def main(stop):
-        stack = DevStack(cfg)
-        print("starting nats-server, S3, functions, broker ...", flush=True)
-        async with stack:
-            e = stack.endpoints()
-            print(
-                f"""
-turboflow dev is running (Ctrl-C stops everything)
-  broker ingress   POST {e["broker"]}    (CloudEvents, binary or structured)
-  NATS             {e["nats"]}   stream {e["stream"]}, subjects {e["subjects"]}
-                   completions: turboflow.events.io.turboflow.video.completed (failed: ...video.failed)
-  S3               {e["s3_endpoint"]}   bucket {e["bucket"]}  (credentials turboflow-dev/turboflow-dev)
-  upload -> I2V    put an image under {e["upload_prefix"]} with metadata `prompt` or a <key>.json sidecar
-                   (the tenant is the key segment after {e["upload_prefix"].rsplit("<tenant>", 1)[0]})
-  functions        t2v {e["functions"].get("t2v")}   i2v {e["functions"].get("i2v")}
-  logs             {e["logs"]}
-try: turboflow submit t2v "a red fox running in the snow" --num-frames 5 --wait
-     turboflow events tail
-""",
-                flush=True,
-            )
-            try:
-                await stack.wait_ready(timeout=600)
-                print("functions ready", flush=True)
-            except TimeoutError as err:
-                print(f"warning: {err}", file=sys.stderr)
-            await stop.wait()
-            print("stopping ...", flush=True)
-        print("stopped", flush=True)
-        return 0
-
-    return _run_until_signal(main)
-
-
-def _endpoints(args) -> dict:
-    from .devstack import default_state_file
-
-    state = {}
-    path = default_state_file()
-    if path.exists():
-        try:
-            state = json.loads(path.read_text())
-        except ValueError:
-            state = {}
+    state = read_state()
     return {
         "broker": getattr(args, "broker", None) or os.environ.get("TURBOFLOW_BROKER_URL") or state.get("broker"),
         "nats": getattr(args, "nats", None) or os.environ.get("TURBOFLOW_NATS_URL") or state.get("nats"),
@@ -188,7 +96,7 @@ def _signing_key(state: dict) -> bytes | None:
     return key
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -207,14 +115,14 @@ def _s3_client(endpoint: str | None, dev: bool = True):
     )
 
 
-def _submit(args) -> int:
+def submit_via_broker(args) -> int:
     from turboflow.errors import TurboflowError
 
     from .client import build_request, describe, download, event_data, image_reference, send, submit_and_wait
     from .types import COMPLETED
 
-    _quiet_libraries()  # httpx/botocore INFO lines carry presigned URLs and credential sources
-    ep = _endpoints(args)
+    quiet_libraries()  # httpx/botocore INFO lines carry presigned URLs and credential sources
+    ep = broker_endpoints(args)
     if args.via == "http" and not ep["broker"]:
         raise TurboflowError(
             "no broker: start `turboflow dev`, or pass --broker URL / set TURBOFLOW_BROKER_URL", code="no_broker"
@@ -254,7 +162,7 @@ def _submit(args) -> int:
         return 0
     print(f"submitting {event.get_type()} id={event.get_id()} via {args.via}", file=sys.stderr)
     if ep["signing_key"] is None:
-        _warn("no signing key (TURBOFLOW_EVENT_SIGNING_KEY or `turboflow dev`): replies cannot be verified")
+        warn("no signing key (TURBOFLOW_EVENT_SIGNING_KEY or `turboflow dev`): replies cannot be verified")
     reply = asyncio.run(
         submit_and_wait(
             event,
@@ -264,7 +172,7 @@ def _submit(args) -> int:
             timeout=args.timeout,
             tick=tick,
             signing_key=ep["signing_key"],
-            warn=_warn,
+            warn=warn,
         )
     )
     if tty:
@@ -290,7 +198,7 @@ def _tail(args) -> int:
     from .jetstream import SUBJECT_PREFIX, subject_for
     from .nats_binding import from_nats, to_nats
 
-    ep = _endpoints(args)
+    ep = broker_endpoints(args)
     if not ep["nats"]:
         from turboflow.errors import TurboflowError
 
@@ -327,78 +235,7 @@ def _tail(args) -> int:
             await nc.close()
         return 0
 
-    return _run_until_signal(main)
-
-
-def _demo(args) -> int:
-    from turboflow.engine.video import probe_video
-
-    from .client import IMAGE_PREFIX, REQUEST_METADATA, build_request, describe, download, event_data, submit_and_wait
-    from .devstack import DevConfig, DevStack
-    from .types import COMPLETED, DEFAULT_TENANT
-
-    async def main(stop):
-        import io
-
-        from PIL import Image
-
-        small = {"resolution": "480p", "aspect_ratio": "4:3", "num_frames": 5, "num_steps": 4}
-        print("starting the stack (nats-server, moto S3, t2v + i2v functions on tiny models, broker) ...", flush=True)
-        async with DevStack(DevConfig(device=args.device)) as stack:
-            e = stack.endpoints()
-            print(f"  broker {e['broker']}  NATS {e['nats']}  S3 {e['s3_endpoint']}/{e['bucket']}", flush=True)
-            # a conditioning image for I2V, uploaded where the function may read it
-            img = Image.new("RGB", (320, 240))
-            img.paste((200, 80, 30), (0, 0, 160, 240))
-            img.paste((30, 90, 200), (160, 0, 320, 240))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            image_key = f"{IMAGE_PREFIX}/{DEFAULT_TENANT}/demo.png"  # the default tenant's image area
-            stack.s3_client().put_object(
-                Bucket=e["bucket"],
-                Key=image_key,
-                Body=buf.getvalue(),
-                ContentType="image/png",
-                Metadata={REQUEST_METADATA: "demo"},
-            )
-            requests = [
-                build_request("t2v", "a red fox running through snow, cinematic", options=small),
-                build_request(
-                    "i2v", "the sun rises over the sea", options=small, image=f"s3://{e['bucket']}/{image_key}"
-                ),
-            ]
-            key = stack.signing_key.encode()
-            replies = await asyncio.gather(
-                *(
-                    submit_and_wait(
-                        r, nats_url=e["nats"], broker_url=e["broker"], timeout=args.timeout, signing_key=key, warn=_warn
-                    )
-                    for r in requests
-                )
-            )
-            ok = True
-            for req, reply in zip(requests, replies):
-                data = event_data(reply)
-                print(f"\n{req.get_type()} {req.get_id()}\n  -> {describe(reply)}")
-                video = {k: v for k, v in (data.get("video") or {}).items() if k != "url"}
-                shown = {**data, "video": video} if video else data  # a presigned URL is a credential: not shown
-                print(
-                    json.dumps(
-                        {"type": reply.get_type(), "id": reply.get_id(), "subject": reply.get_subject(), "data": shown},
-                        indent=2,
-                    )
-                )
-                if reply.get_type() != COMPLETED:
-                    ok = False
-                    continue
-                path = download(data, args.out, s3_client=stack.s3_client())
-                info = probe_video(path)
-                print(f"  mp4: {path.resolve()} ({info.width}x{info.height}, {info.num_frames} frames decoded)")
-                ok = ok and info.num_frames == data["num_frames"]
-        print("\nstack stopped;", "both videos decoded" if ok else "FAILED", flush=True)
-        return 0 if ok else 1
-
-    return _run_until_signal(main)
+    return run_until_signal(main)
 
 
 def _deadletter(args) -> int:
@@ -409,7 +246,7 @@ def _deadletter(args) -> int:
         await serve_asgi(DeadLetterApp(), args.host, args.port, stop)
         return 0
 
-    return _run_until_signal(main)
+    return run_until_signal(main)
 
 
 def _s3source(args) -> int:
@@ -438,4 +275,4 @@ def _s3source(args) -> int:
         )
         return 0
 
-    return _run_until_signal(main)
+    return run_until_signal(main)

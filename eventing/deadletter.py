@@ -102,6 +102,18 @@ def _broker_failure(event, ctx: dict, signing_key: bytes | None):
     )
 
 
+OBSERVER_PATHS = ("/internal/events",)  # the gateway's Trigger: it watches requests, it does not serve them
+
+
+def _to_an_observer(destination: object) -> bool:
+    """Whether a dead-lettered delivery went to an observer of requests (the gateway) rather than their function:
+    the request reached its function through its own Trigger, so it has not failed (a `failed` would race its
+    genuine `completed`, and the first terminal event wins)."""
+    from urllib.parse import urlsplit
+
+    return isinstance(destination, str) and urlsplit(destination).path.rstrip("/").endswith(OBSERVER_PATHS)
+
+
 def failed_for(event, signing_key: bytes | None = None):
     """The `failed` event for an undeliverable request (or unreadable stored message), or None for other events."""
     from .contracts import TENANT_PATTERN, failed_event, full_match, request_context
@@ -113,6 +125,13 @@ def failed_for(event, signing_key: bytes | None = None):
     if attrs.get(ERROR_EXTENSION) in BROKER_CODES:
         return _broker_failure(event, ctx, signing_key)
     if attrs.get("type") not in REQUEST_TYPES.values():
+        return None
+    if _to_an_observer(attrs.get("knativeerrordest")):
+        log.warning(
+            "request %s could not be delivered to %s (an observer, not its function): not failed",
+            ctx.get("request_id"),
+            attrs.get("knativeerrordest"),
+        )
         return None
     status = attrs.get("knativeerrorcode")
     dest = attrs.get("knativeerrordest") or "the subscriber"

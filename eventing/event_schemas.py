@@ -377,6 +377,9 @@ ERROR_CODES: dict[str, str] = {
     "checksum_mismatch": "a model file fails its checksum",
     "checkpoint_mismatch": "a checkpoint does not fit the architecture",
     "model_import_error": "a published checkpoint cannot be imported",
+    "invalid_sizes": "CLI: `turboflow model compile-artifacts --sizes` is not a list of RESOLUTION:W:H:FRAMES",
+    "compile_artifact_not_saved": "CLI: `turboflow model compile-artifacts` compiled nothing it could save (compile "
+    "off, or torch cannot export its cache)",
     "no_broker": "CLI: no broker ingress reachable",
     "no_nats": "CLI: no NATS server reachable",
     "no_sink": "CLI: no event sink configured",

@@ -25,6 +25,7 @@ broker) get a record too.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import hashlib
@@ -307,15 +308,29 @@ class RequestStates:
 
     @classmethod
     async def connect(
-        cls, nats_url: str, *, retention_seconds: float = 30 * 86400.0, bucket: str = BUCKET, name: str = "turboflow"
+        cls,
+        nats_url: str,
+        *,
+        retention_seconds: float = 30 * 86400.0,
+        bucket: str = BUCKET,
+        name: str = "turboflow",
+        timeout: float = 10.0,
     ) -> RequestStates:
         """Connect and open the bucket, creating it (history 1, entries kept `retention_seconds`) if missing."""
         import nats
         from nats.js.api import KeyValueConfig
         from nats.js.errors import BucketNotFoundError
 
+        async def quiet(error: Exception) -> None:  # nats-py logs a traceback per failed attempt by default
+            log.debug("request-state NATS: %s", error)
+
+        # reconnects forever once connected (a NATS restart must not end the process), but the first connection
+        # is bounded: an unreachable server is StateUnavailableError within `timeout`, not a hang
         try:
-            nc = await nats.connect(nats_url, name=name, connect_timeout=5, max_reconnect_attempts=-1)
+            nc = await asyncio.wait_for(
+                nats.connect(nats_url, name=name, connect_timeout=2, max_reconnect_attempts=-1, error_cb=quiet),
+                timeout,
+            )
         except Exception as e:  # noqa: BLE001 - nats raises a zoo of errors on connect
             raise _unavailable(e) from e
         try:
@@ -391,6 +406,16 @@ class RequestStates:
                 continue  # created meanwhile: apply to that one
             return await self._cas(tenant, request_id, lambda rec: apply(rec, event), current)
         raise StateUnavailableError(f"request {request_id}: too many concurrent updates")
+
+    async def discard(self, tenant: str, request_id: str) -> None:
+        """Forget a request that was never accepted (the broker refused it): its record and its `active` entry go,
+        so the same id (or Idempotency-Key) can be submitted again. Events about it, should any come after all,
+        create a fresh record as for any request first heard of through an event."""
+        try:
+            await self._kv.delete(record_key(tenant, request_id))
+            await self._kv.delete(active_key(tenant, request_id))
+        except Exception as e:
+            raise _unavailable(e) from e
 
     async def request_cancel(self, tenant: str, request_id: str) -> tuple[RequestRecord | None, list[str]]:
         """Ask to cancel: see `request_cancel_transition`. Returns (the record now, ["cancelled"] or [])."""

@@ -1,7 +1,9 @@
 """The video job: one request CloudEvent -> the completion data, or a typed error (functions/replies.py answers).
 
-    parse + validate (eventing/contracts.py) -> ready? model served here? -> replay a stored completion, or join
-    the same request already running here -> generate on the slot's device worker while the mp4 is encoded ->
+    parse + validate (eventing/contracts.py) -> cancelled while queued? (functions/cancel.py: reply `cancelled`,
+    no device) -> ready? model served here? -> replay a stored completion, or join the same request already
+    running here -> generate on the slot's device worker while the mp4 is encoded (`started` and
+    `progress` events to K_SINK, functions/lifecycle.py; a cancel stops it at the next step boundary) ->
     re-check for a completion written by another replica -> upload video, presign -> write the completion sidecar
 
 Idempotency: the output key comes from the request alone (tenant, output_prefix, id, time), and the sidecar is
@@ -18,7 +20,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 
-from turboflow.errors import InvalidRequestError
+from turboflow.errors import InvalidRequestError, RequestCancelled
 from turboflow.eventing.contracts import (
     ParsedRequest,
     check_image_header,
@@ -27,6 +29,9 @@ from turboflow.eventing.contracts import (
 )
 
 from . import metrics
+from .cancel import CancelWatch
+from .lifecycle import LifecycleEmitter, stage_units
+from .replies import cancelled_event
 from .slot import ModelSlot, NotReadyError
 
 log = logging.getLogger(__name__)
@@ -68,10 +73,16 @@ class VideoJob:
         source: str,
         signing_key: bytes | None,
         max_inline_image_bytes: int,
+        lifecycle: LifecycleEmitter | None = None,
+        cancels: CancelWatch | None = None,
     ):
+        """lifecycle: where `started` / `progress` go (default: nowhere); cancels: the request-state view
+        (default: no cancel checks)."""
         self.kind, self.slot, self.store = kind, slot, store
         self.source, self.signing_key = source, signing_key
         self.max_inline_image_bytes = max_inline_image_bytes
+        self.lifecycle = lifecycle or LifecycleEmitter(None, source=source, signing_key=signing_key, kind=kind)
+        self.cancels = cancels or CancelWatch(None, kind=kind)
         # video key -> (input hash, completion data future) of the job generating it
         self._running: dict[str, tuple[str, asyncio.Future]] = {}
 
@@ -90,6 +101,10 @@ class VideoJob:
             family=getattr(pipeline, "family", None),
         )
         ctx["tenant"] = req.tenant
+        # before readiness: a cancelled request is answered even by a pod still loading its model (no retries)
+        if await self.cancels.cancelled_before_start(req.tenant, req.request_id):
+            log.info("request %s was cancelled before it ran; answering cancelled (no device used)", req.request_id)
+            raise self._cancelled(req, "queued", 0.0)
         is_ready, message = (ready or self.slot.ready)()
         if not is_ready:
             raise NotReadyError(message)
@@ -146,8 +161,59 @@ class VideoJob:
     def _completed(self, req: ParsedRequest, data: dict):
         return completed_event(req, data, source=self.source, signing_key=self.signing_key)
 
+    def _cancelled(self, req: ParsedRequest, while_: str, gpu_seconds: float) -> RequestCancelled:
+        """The RequestCancelled this request ends with, carrying its reply event (functions/replies.py)."""
+        error = RequestCancelled(f"request {req.request_id!r} was cancelled while {while_}")
+        error.while_, error.gpu_seconds = while_, gpu_seconds
+        error.event = cancelled_event(
+            req,
+            while_=while_,
+            gpu_seconds=gpu_seconds,
+            source=self.source,
+            signing_key=self.signing_key,
+            input_sha256=req.input_sha256,
+        )
+        if gpu_seconds:
+            metrics.GPU_SECONDS.labels(self.kind).inc(gpu_seconds)  # device time used is billed, cancelled or not
+        return error
+
+    def _progress_callbacks(self, req: ParsedRequest, cancel_flag):
+        """(stage_progress, on_start, reporter) for one generation. Both callbacks run on the device worker: they
+        only read a flag, store a tuple and hand off to the loop (call_soon_threadsafe), never wait."""
+        loop = asyncio.get_running_loop()
+        request = req.generation.request
+        units = stage_units(request.num_steps, request.num_frames, image=req.kind == "i2v")
+        reporter = self.lifecycle.reporter(req, units, loop)
+
+        def stage_progress(stage: str, done: int, total: int) -> None:
+            if cancel_flag.is_set():  # a step boundary: stop here, nothing more runs on the device
+                raise RequestCancelled(f"request {req.request_id!r} was cancelled while running")
+            reporter(stage, done, total)
+
+        def on_start(queue_wait: float, cold_start: bool) -> None:
+            if self.lifecycle.enabled:
+                loop.call_soon_threadsafe(
+                    lambda: self.lifecycle.started(
+                        req, cold_start=cold_start, model_load_seconds=self.slot.load_seconds, queue_wait=queue_wait
+                    )
+                )
+
+        return stage_progress, on_start, reporter
+
     async def _generate_and_publish(self, req: ParsedRequest, key: str, arrived: float) -> dict:
+        async with self.cancels.watching(req.tenant, req.request_id) as cancel_flag:
+            callbacks = self._progress_callbacks(req, cancel_flag)
+            try:
+                return await self._generate_and_publish_watched(req, key, arrived, cancel_flag, callbacks)
+            finally:
+                callbacks[2].close()  # stage finals still pending go out; nothing after the request ended
+
+    async def _generate_and_publish_watched(
+        self, req: ParsedRequest, key: str, arrived: float, cancel_flag, callbacks
+    ) -> dict:
         from turboflow.engine.video import Mp4Stream
+
+        stage_progress, on_start, reporter = callbacks
 
         store, pipeline = self.store, self.slot.pipeline
         timings: dict[str, float] = {}
@@ -164,10 +230,18 @@ class VideoJob:
             # frames are encoded on another thread as each VAE chunk is decoded, overlapping decode and encode
             mp4 = Mp4Stream(path, width, height, fps=pipeline.fps, background=True)
             try:
-                result, held, queue_wait = await self.slot.generate(generation, mp4.put)
-            except BaseException:
+                result, held, queue_wait = await self.slot.generate(
+                    generation, mp4.put, stage_progress=stage_progress, on_start=on_start
+                )
+                if cancel_flag.is_set():  # asked after the last step: still nothing is uploaded
+                    late = RequestCancelled("cancelled after the last step")
+                    late.gpu_seconds = held
+                    raise late
+            except BaseException as e:
                 # joins the encoder thread: off the event loop, and not skipped by a second cancellation
                 await asyncio.shield(asyncio.to_thread(mp4.abort))
+                if isinstance(e, RequestCancelled):
+                    raise self._cancelled(req, "running", getattr(e, "gpu_seconds", 0.0)) from None
                 raise
             timings["queue_wait"] = queue_wait
             timings.update(result.timings)
@@ -191,8 +265,12 @@ class VideoJob:
                     raise id_conflict(req)
                 log.info("request %s was completed elsewhere meanwhile; replaying that completion", req.request_id)
                 return await asyncio.to_thread(store.refresh_url, other)
+            if cancel_flag.is_set():  # the last cancel check: asked while the mp4 was finished, nothing uploaded
+                raise self._cancelled(req, "running", held)
+            reporter("upload", 0, 1)
             uploaded = await asyncio.to_thread(store.put_video, path, key, meta)
             url, expires_at = await asyncio.to_thread(store.presign, key)
+            reporter("upload", 1, 1)  # progress only: once uploaded, the request completes
             timings["upload"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - arrived
         cold = self.slot.take_cold_start()

@@ -2,7 +2,7 @@
 
 One registry per process (a pod serves one function). Names:
 
-    turboflow_requests_total{kind,outcome,code}      outcome: completed | replayed | failed | retry
+    turboflow_requests_total{kind,outcome,code}      outcome: completed | replayed | failed | cancelled | retry
     turboflow_stage_seconds{kind,stage}              queue_wait, image_fetch, text_encode, vae_encode, diffusion,
                                                      vae_decode, mp4_encode, upload, total
     turboflow_queue_wait_seconds{kind}               time from arrival to the GPU worker picking the job up
@@ -11,6 +11,8 @@ One registry per process (a pod serves one function). Names:
     turboflow_model_ready{kind}                      1 once weights are on the device
     turboflow_model_load_seconds{kind}               how long the last successful load took
     turboflow_gpu_memory_bytes{kind,type}            allocated | reserved | peak (peak of the last request)
+    turboflow_lifecycle_events_total{kind,type,outcome}  started | progress, sent | dropped (K_SINK down or full)
+    turboflow_cancel_checks_total{kind,outcome}      look-ups at delivery: cancelled | proceed | unavailable (no KV)
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ GPU_MEMORY = Gauge(
     "turboflow_gpu_memory_bytes",
     "CUDA memory: allocated, reserved, peak of the last request",
     ["kind", "type"],
+    registry=REGISTRY,
+)
+
+LIFECYCLE_EVENTS = Counter(
+    "turboflow_lifecycle_events",
+    "Lifecycle events (started, progress) sent to K_SINK or dropped",
+    ["kind", "type", "outcome"],
+    registry=REGISTRY,
+)
+CANCEL_CHECKS = Counter(
+    "turboflow_cancel_checks",
+    "Request-state look-ups at delivery: cancelled (dropped before the device), proceed, unavailable (no KV)",
+    ["kind", "outcome"],
     registry=REGISTRY,
 )
 

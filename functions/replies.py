@@ -2,6 +2,8 @@
 
     outcome                                             status  body                                     broker
     completed (or a replayed completion)                200     io.turboflow.video.completed             publishes
+    cancelled (RequestCancelled: before the device, or  200     io.turboflow.video.cancelled             publishes
+      at a step boundary while running; terminal)
     TurboflowError, not retryable, or out_of_memory     200     io.turboflow.video.failed                publishes
     TurboflowError, retryable (not_ready, device_busy,  503     JSON {error, message, retryable,         retries
       storage_unavailable, storage_misconfigured)               request_id} + Retry-After
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from turboflow.errors import OutOfMemoryError, TurboflowError
-from turboflow.eventing.contracts import failed_from_error
+from turboflow.errors import OutOfMemoryError, RequestCancelled, TurboflowError
+from turboflow.eventing.contracts import failed_from_error, lifecycle_event
+from turboflow.eventing.types import CANCELLED
 
 RETRY_AFTER_SECONDS = 5
 
@@ -28,7 +32,7 @@ class Reply:
     event: object | None = None  # a CloudEvent, sent in the request's mode
     body: dict | None = None  # a JSON body instead of an event
     retry_after: int | None = None
-    outcome: str = "completed"  # the metrics label: completed | replayed | failed | retry
+    outcome: str = "completed"  # the metrics label: completed | replayed | failed | cancelled | retry
     code: str = ""
 
 
@@ -42,8 +46,39 @@ def retries(error: TurboflowError) -> bool:
     return error.retryable and not isinstance(error, OutOfMemoryError)
 
 
+def cancelled_event(
+    request, *, while_: str, gpu_seconds: float, source: str, signing_key: bytes | None, input_sha256: str = ""
+):
+    """The signed `io.turboflow.video.cancelled` event about `request` (a ParsedRequest or a request context).
+    One id per request (sequence ""): a redelivery cancelled again answers the same event."""
+    data = {
+        "while": while_,
+        "gpu_seconds": round(max(gpu_seconds, 0.0), 6),
+        "cancelled_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+    }
+    if input_sha256:
+        data["input_sha256"] = input_sha256
+    return lifecycle_event(CANCELLED, request, data, source=source, signing_key=signing_key)
+
+
+def cancelled(error: RequestCancelled, ctx: dict, *, source: str, signing_key: bytes | None) -> Reply:
+    """The reply to a cancelled request: the event the job attached, or one built from the request context."""
+    event = getattr(error, "event", None)
+    if event is None:
+        event = cancelled_event(
+            ctx,
+            while_=getattr(error, "while_", "queued"),
+            gpu_seconds=getattr(error, "gpu_seconds", 0.0),
+            source=source,
+            signing_key=signing_key,
+        )
+    return Reply(200, event=event, outcome="cancelled")
+
+
 def for_error(error: BaseException, ctx: dict, *, source: str, signing_key: bytes | None) -> Reply:
     """The reply to a request that raised `error` (ctx: request_context of the event)."""
+    if isinstance(error, RequestCancelled):
+        return cancelled(error, ctx, source=source, signing_key=signing_key)
     if isinstance(error, TurboflowError):
         if retries(error):
             request_id = ctx.get("request_id")

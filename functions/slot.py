@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from turboflow.engine.options import LoadOptions
-from turboflow.errors import ModelCacheError, TurboflowError
+from turboflow.errors import ModelCacheError, RequestCancelled, TurboflowError
 
 from . import metrics
 
@@ -152,8 +152,14 @@ class ModelSlot:
         return False, f"not ready: {self.state.value}"
 
     # ---- the device worker --------------------------------------------------------------------------------
-    async def generate(self, generation, frame_sink=None):
-        """Run `generation` on the single device worker: (result, seconds holding the device, queue_wait)."""
+    async def generate(self, generation, frame_sink=None, stage_progress=None, on_start=None):
+        """Run `generation` on the single device worker: (result, seconds holding the device, queue_wait).
+
+        `frame_sink` and `stage_progress` go to the pipeline (engine/pipeline.py: decoded frames; every stage step,
+        where a RequestCancelled raised by the callback stops the generation at that step boundary).
+        `on_start(queue_wait, cold_start)` is called on the worker when the job gets the device: it must only hand
+        off (call_soon_threadsafe), never wait. A cancelled job raises RequestCancelled carrying `gpu_seconds`
+        (the device time it used); it is not a failure."""
         with self._lock:
             if self._inflight > self.max_queue:  # one running + max_queue waiting
                 raise DeviceBusyError(
@@ -165,7 +171,9 @@ class ModelSlot:
         try:
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(self._worker, self._gpu_job, generation, submitted, frame_sink)
+                return await loop.run_in_executor(
+                    self._worker, self._gpu_job, generation, submitted, frame_sink, stage_progress, on_start
+                )
             except RuntimeError as e:  # executor shut down (pod stopping)
                 if "shutdown" in str(e):
                     raise NotReadyError("function is stopping") from e
@@ -175,17 +183,22 @@ class ModelSlot:
                 self._inflight -= 1
                 metrics.INFLIGHT.labels(self.kind).set(self._inflight)
 
-    def _gpu_job(self, generation, submitted: float, frame_sink=None):
+    def _gpu_job(self, generation, submitted: float, frame_sink=None, stage_progress=None, on_start=None):
         """Runs on the device worker thread: the only place device work happens."""
         from turboflow.engine.device_memory import memory_bytes, reset_peak
 
         started = time.perf_counter()
         queue_wait = started - submitted
         metrics.QUEUE_WAIT.labels(self.kind).observe(queue_wait)
+        if on_start is not None:
+            on_start(queue_wait, self._cold_start_pending)
         device = self.pipeline.device
         reset_peak(device)
         try:
-            result = self.pipeline(generation, frame_sink=frame_sink)
+            result = self.pipeline(generation, frame_sink=frame_sink, stage_progress=stage_progress)
+        except RequestCancelled as e:
+            e.gpu_seconds = time.perf_counter() - started  # billed like any device time
+            raise
         finally:
             metrics.record_gpu_memory(self.kind, memory_bytes(device))
         return result, time.perf_counter() - started, queue_wait

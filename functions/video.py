@@ -4,16 +4,20 @@ It only wires the parts together:
 
     start(cfg)  Settings from `cfg` (func-python passes the environment; `turboflow serve` builds them first and
                 passes them in), the output store they select (TURBOFLOW_STORE: s3 | local), the model slot
-                (functions/slot.py: background load, readiness) and the video job (functions/job.py). A bad setting
-                is never fatal to the process: readiness answers `not ready: invalid_config: VARIABLE: ...` forever
-                and the log says it once.
+                (functions/slot.py: background load, readiness), the lifecycle emitter (functions/lifecycle.py:
+                `started` / `progress` to K_SINK), the cancel watch (functions/cancel.py: TURBOFLOW_NATS_URL) and
+                the video job (functions/job.py). A bad setting is never fatal to the process: readiness answers
+                `not ready: invalid_config: VARIABLE: ...` forever and the log says it once.
     handle()    one request CloudEvent -> VideoJob -> functions/replies.py's table -> the HTTP answer.
-    stop()      stops loading, refuses new work, lets the running job finish in the background.
+    stop()      stops loading, refuses new work, lets the running job finish in the background; queued lifecycle
+                events get a short drain, the NATS connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
 from collections.abc import Mapping
 
@@ -22,7 +26,9 @@ from turboflow.eventing.contracts import DEFAULT_SOURCES, request_context
 from turboflow.settings import TASKS, Settings, prepare_process_environment
 
 from . import metrics, replies
+from .cancel import CancelWatch
 from .job import VideoJob
+from .lifecycle import LifecycleEmitter
 from .slot import ModelSlot, SlotState
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ class VideoFunction:
         self.store = store
         self.slot = ModelSlot(kind)
         self.job: VideoJob | None = None
+        self._closing: asyncio.Task | None = None  # the emitter drain and NATS close scheduled by stop()
         self._injected_pipeline = pipeline
         self._config_error: str | None = None  # settings or store unusable: never ready
 
@@ -98,13 +105,24 @@ class VideoFunction:
             except TurboflowError as e:
                 self._config_error = f"storage misconfigured: {e.message}"
                 log.error("storage misconfigured: %s; the function will never become ready", e.message)
+        source = settings.event_source or DEFAULT_SOURCES[self.kind]
         self.job = VideoJob(
             self.kind,
             self.slot,
             self.store,
-            source=settings.event_source or DEFAULT_SOURCES[self.kind],
+            source=source,
             signing_key=settings.event_signing_key,
             max_inline_image_bytes=settings.max_inline_image_bytes,
+            lifecycle=LifecycleEmitter(
+                settings.sink_url,
+                source=source,
+                signing_key=settings.event_signing_key,
+                kind=self.kind,
+                pod=settings.pod_name or socket.gethostname(),
+            ),
+            cancels=CancelWatch(
+                settings.nats_url, kind=self.kind, retention_seconds=settings.request_retention_seconds
+            ),
         )
         if self._injected_pipeline is not None:
             self.slot.loaded(self._injected_pipeline, 0.0)
@@ -115,6 +133,18 @@ class VideoFunction:
 
     def stop(self) -> None:
         self.slot.stop()
+        if self.job is not None:
+            try:
+                loop = asyncio.get_running_loop()  # func-python calls stop() on the server's loop
+            except RuntimeError:
+                return
+            # best effort: the server may close its loop before these finish; terminal events travel as replies
+            self._closing = loop.create_task(self._close_background(self.job))
+
+    @staticmethod
+    async def _close_background(job: VideoJob) -> None:
+        await job.lifecycle.stop()
+        await job.cancels.close()
 
     def alive(self) -> tuple[bool, str]:
         return self.slot.alive()
@@ -156,6 +186,8 @@ class VideoFunction:
             log.error("request %s: unexpected error", request_id, exc_info=error)
         elif reply.status == 503:
             log.warning("request %s: %s (%s): answering 503 so the broker retries", request_id, reply.code, error)
+        elif reply.outcome == "cancelled":
+            log.info("request %s cancelled", request_id)
         else:
             log.info("request %s failed: %s: %s", request_id, reply.code, error)
 

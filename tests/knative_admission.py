@@ -120,6 +120,9 @@ RULES: dict[str, str] = {
     "eventing.source.ce-overrides": "knative/pkg apis/duck/v1/source_types.go CloudEventOverrides.Validate",
     "eventing.sinkbinding.subject": "eventing pkg/apis/sources/v1/sinkbinding_validation.go; knative/pkg "
     "tracker/interface.go Reference.Validate",
+    "eventing.sinkbinding.sink": "eventing pkg/apis/sources/v1/sinkbinding_validation.go SinkBindingSpec.Validate "
+    "(Sink.Validate on a non-pointer Destination: a sink is required) -> knative/pkg apis/duck/v1/destination.go "
+    "ValidateDestination",
     "eventing.eventpolicy.oidc-flag": "eventing pkg/apis/eventing/v1alpha1/eventpolicy_validation.go "
     "EventPolicy.Validate (authentication-oidc must be enabled)",
     "eventing.eventpolicy.from": "eventing pkg/apis/eventing/v1alpha1/eventpolicy_validation.go "
@@ -1295,7 +1298,10 @@ def _sink_binding(a: Admission, binding: dict) -> None:
         a.fail(rule, path, "expected exactly one of: name, selector")
     elif has_name and not is_dns1123_label(subject["name"]):
         a.fail(rule, f"{path}.name", f"invalid value: {subject['name']}")
-    _destination(a, spec.get("sink"), "spec.sink")
+    sink = spec.get("sink")
+    if not sink:  # SourceSpec.Sink is a struct, not a pointer: an absent sink is validated as an empty Destination
+        a.fail("eventing.sinkbinding.sink", "spec.sink", "expected at least one, got none: ref, uri")
+    _destination(a, sink, "spec.sink")
     _ce_overrides(a, spec.get("ceOverrides"), "spec.ceOverrides")
 
 

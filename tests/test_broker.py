@@ -297,9 +297,12 @@ async def test_a_deleted_consumer_is_recreated_and_delivery_goes_on(nats_server)
 
 def test_trigger_yaml_is_what_the_broker_routes():
     triggers = {t.name: t for t in load_triggers()}
-    assert set(triggers) == {"turboflow-t2v", "turboflow-i2v"}
+    assert set(triggers) == {"turboflow-t2v", "turboflow-i2v", "turboflow-gateway"}
     t2v = triggers["turboflow-t2v"]
     assert t2v.matches({"type": T2V}) and not t2v.matches({"type": I2V})
+    gateway = triggers["turboflow-gateway"]  # every request and lifecycle event, nothing else
+    assert all(gateway.matches({"type": t}) for t in (T2V, I2V, "io.turboflow.video.progress"))
+    assert not gateway.matches({"type": "io.turboflow.pod.ready"}) and not gateway.matches({"type": "com.example"})
     assert t2v.delivery.timeout == 600 and t2v.delivery.retry == 7
     assert t2v.delivery.backoff_policy == "exponential" and t2v.delivery.backoff(3) == 20.0
     budget = sum(t2v.delivery.backoff(n) for n in range(1, t2v.delivery.retry + 1))

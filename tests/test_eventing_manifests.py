@@ -87,7 +87,12 @@ def test_triggers_route_requests_with_long_timeouts_and_a_dead_letter_sink():
         "turboflow-t2v": "io.turboflow.video.t2v.requested",
         "turboflow-i2v": "io.turboflow.video.i2v.requested",
     }
-    assert set(triggers) == set(expected)
+    # the third one feeds the gateway (its Service lives in infra/base; tests/test_infra_gateway.py checks it)
+    assert set(triggers) == {*expected, "turboflow-gateway"}
+    gateway = triggers["turboflow-gateway"]["spec"]
+    assert gateway["broker"] == broker["metadata"]["name"]
+    assert gateway["filters"] == [{"prefix": {"type": "io.turboflow.video."}}]
+    assert gateway["delivery"]["deadLetterSink"] == triggers["turboflow-t2v"]["spec"]["delivery"]["deadLetterSink"]
     for name, etype in expected.items():
         spec = triggers[name]["spec"]
         assert spec["broker"] == broker["metadata"]["name"]
@@ -128,9 +133,47 @@ def test_config_nats_and_sources():
     assert container["command"] == ["turboflow"] and container["args"][0] == "s3source"
     assert "--subject" in container["args"] and "--stream" in container["args"]
     assert src["spec"]["sink"]["ref"]["kind"] == "Broker"
-    (binding,) = by_kind("SinkBinding")
-    assert binding["spec"]["subject"]["name"] == "turboflow-deadletter"
+    bindings = {b["metadata"]["name"]: b["spec"]["subject"]["name"] for b in by_kind("SinkBinding")}
+    assert bindings == {
+        "turboflow-deadletter-sink": "turboflow-deadletter",
+        "turboflow-t2v-sink": "turboflow-t2v",
+        "turboflow-i2v-sink": "turboflow-i2v",
+        "turboflow-gateway-sink": "turboflow-gateway",
+    }
 
 
 def test_manifests_ship_with_the_package():
     assert MANIFESTS_DIR.is_dir() and len(list(MANIFESTS_DIR.glob("*.yaml"))) >= 5
+
+
+def _dead_lettered(event_type: str, subscriber_url: str):
+    """A request as the broker sends it to the dead-letter sink after the retries to `subscriber_url` failed."""
+    from cloudevents.core.v1.event import CloudEvent
+
+    attributes = {
+        "type": event_type,
+        "source": "/turboflow/gateway",
+        "id": "req-dead-1",
+        "specversion": "1.0",
+        "tenant": "default",
+        "knativeerrorcode": "503",
+        "knativeerrordest": subscriber_url,
+    }
+    return CloudEvent(attributes=attributes, data={"prompt": "a fox"})
+
+
+def test_the_dead_letter_sink_fails_a_request_its_function_never_got():
+    from turboflow.eventing.deadletter import failed_for
+
+    failed = failed_for(_dead_lettered("io.turboflow.video.t2v.requested", "http://turboflow-t2v.turboflow.svc/"))
+    assert failed is not None and failed.get_data()["code"] == "delivery_failed"
+
+
+def test_a_request_that_only_missed_the_gateway_is_not_failed():
+    """Trigger turboflow-gateway dead-letters into the same sink as the functions' Triggers (a Trigger without one
+    inherits the Broker's, the same sink). A request the gateway could not take must not become `delivery_failed`:
+    its function got it, and a `failed` would race the genuine `completed` (the first terminal event wins)."""
+    from turboflow.eventing.deadletter import failed_for
+
+    url = "http://turboflow-gateway.turboflow.svc.cluster.local/internal/events"
+    assert failed_for(_dead_lettered("io.turboflow.video.t2v.requested", url)) is None

@@ -21,6 +21,7 @@ from turboflow.eventing.triggers import parse_duration as iso_seconds
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ["overlays/dev", "overlays/gpu"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
+GATEWAY = "turboflow-gateway"
 # COMMON.md's shared numbers
 REVISION_TIMEOUT = {"turboflow-t2v": 600, "turboflow-i2v": 900}
 MAX_REVISION_TIMEOUT = 1800
@@ -514,7 +515,9 @@ def test_timeouts_are_ordered(rendered, overlay):
     assert max_timeout == MAX_REVISION_TIMEOUT
     assert int(defaults["revision-timeout-seconds"]) <= max_timeout
     triggers = {t["spec"]["subscriber"]["ref"]["name"]: t for t in kind(docs, "Trigger")}
-    assert set(triggers) == set(FUNCTIONS)
+    assert set(triggers) == {*FUNCTIONS, GATEWAY}
+    # the gateway applies an event in milliseconds; its own delivery is checked in test_eventing_manifests.py
+    triggers.pop(GATEWAY)
     for name in FUNCTIONS:
         svc = ksvc(docs, name)
         revision = svc["spec"]["template"]["spec"]["timeoutSeconds"]
@@ -563,7 +566,7 @@ def test_probes(rendered, overlay):
 def _owned(docs):
     """turboflow's own workloads (the eventing helper's sinks/sources are checked by their own tests)."""
     for d, pod, c in all_containers(docs):
-        if d["kind"] in ("Job", "DaemonSet") or d["metadata"]["name"] in FUNCTIONS:
+        if d["kind"] in ("Job", "DaemonSet") or d["metadata"]["name"] in {*FUNCTIONS, GATEWAY}:
             yield d, pod, c
 
 
@@ -583,8 +586,9 @@ def test_workloads_run_non_root_without_privileges(rendered, kdir):
         assert pod.get("automountServiceAccountToken") is False or d["kind"] == "Service"
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     assert seen
-    (sa,) = kind(rendered["base"], "ServiceAccount")
-    assert sa["automountServiceAccountToken"] is False
+    accounts = kind(rendered["base"], "ServiceAccount")
+    assert {sa["metadata"]["name"] for sa in accounts} == {"turboflow-functions", "turboflow-gateway"}
+    assert all(sa["automountServiceAccountToken"] is False for sa in accounts)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -715,18 +719,23 @@ def test_triggers_and_dead_letter_refs_resolve(rendered):
 # monitoring
 # ---------------------------------------------------------------------------------------------------------------
 def _exported_metric_names() -> set[str]:
+    """Every series name the functions' and the gateway's /metrics can expose."""
     from turboflow.functions import metrics
+    from turboflow.gateway import metrics as gateway_metrics
 
     names = set()
-    for family in metrics.REGISTRY.collect():
-        for sample_suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
-            names.add(family.name + sample_suffix)
+    for registry in (metrics.REGISTRY, gateway_metrics.REGISTRY):
+        for family in registry.collect():
+            for sample_suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
+                names.add(family.name + sample_suffix)
     return names
 
 
 def test_monitoring_matches_the_functions(rendered):
     docs = rendered["monitoring"]
-    (pm,) = kind(docs, "PodMonitor")
+    monitors = {m["metadata"]["name"]: m for m in kind(docs, "PodMonitor")}
+    assert set(monitors) == {"turboflow-functions", "turboflow-gateway"}
+    pm = monitors["turboflow-functions"]
     exprs = {e["key"]: set(e["values"]) for e in pm["spec"]["selector"]["matchExpressions"]}
     for overlay in OVERLAYS:
         for name in FUNCTIONS:
@@ -735,6 +744,14 @@ def test_monitoring_matches_the_functions(rendered):
     assert exprs["app.kubernetes.io/component"] == set(FUNCTIONS.values())
     (ep,) = pm["spec"]["podMetricsEndpoints"]
     assert ep["path"] == "/metrics" and ep["port"] == "user-port"
+    # the gateway's monitor selects the gateway's pods, and only them
+    selector = monitors["turboflow-gateway"]["spec"]["selector"]["matchLabels"]
+    for overlay in OVERLAYS:
+        for svc in kind(rendered[overlay], "Service", "serving.knative.dev"):
+            labels = svc["spec"]["template"]["metadata"].get("labels", {})
+            assert (selector.items() <= labels.items()) == (svc["metadata"]["name"] == GATEWAY), svc["metadata"]["name"]
+    (gateway_ep,) = monitors["turboflow-gateway"]["spec"]["podMetricsEndpoints"]
+    assert gateway_ep["path"] == "/metrics" and gateway_ep["port"] == "user-port"
 
     (rule,) = kind(docs, "PrometheusRule")
     rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
@@ -760,7 +777,7 @@ def test_monitoring_matches_the_functions(rendered):
     assert "DCGM_FI_DEV_GPU_TEMP" in alerts["TurboflowGPUTemperatureHigh"]["expr"]
     assert "> 85" in alerts["TurboflowGPUTemperatureHigh"]["expr"]
     assert "histogram_quantile(0.95" in " ".join(r["expr"] for r in rules)
-    assert {"TurboflowGenerationSlowT2V", "TurboflowGenerationSlowI2V", "TurboflowPodRestarting"} <= set(alerts)
+    assert {"TurboflowRequestSlowT2V", "TurboflowRequestSlowI2V", "TurboflowPodRestarting"} <= set(alerts)
     # the dashboard shipped in the repo is the one in the ConfigMap
     assert (INFRA / "monitoring/dashboards/turboflow.json").read_text() == cm["data"]["turboflow.json"]
 
@@ -990,21 +1007,24 @@ def test_every_event_emitter_gets_the_signing_key_from_the_secret(rendered, over
     for d in docs:
         if d["kind"] in ("Service", "ContainerSource") and d["apiVersion"].split("/")[0].endswith("knative.dev"):
             emitters[d["metadata"]["name"]] = container(d)
-    # the functions and the dead-letter sink sign what they emit; the S3 source derives its request ids with it
-    assert set(emitters) == {*FUNCTIONS, "turboflow-deadletter", "turboflow-s3-uploads"}
+    # the functions and the dead-letter sink sign what they emit; the S3 source derives its request ids with it;
+    # the gateway verifies the lifecycle events it applies and signs its own cancels
+    assert set(emitters) == {*FUNCTIONS, GATEWAY, "turboflow-deadletter", "turboflow-s3-uploads"}
     for name, c in emitters.items():
         assert env(c).get("TURBOFLOW_EVENT_SIGNING_KEY") == SIGNING_KEY, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_no_knative_service_is_public(rendered, overlay):
-    """Everything is reached through the broker: no Service gets an external route."""
+def test_only_the_gateway_is_public(rendered, overlay):
+    """Clients reach the gateway; everything else is reached through the broker and gets no external route."""
     services = kind(rendered[overlay], "Service", "serving.knative.dev")
-    assert {s["metadata"]["name"] for s in services} == {*FUNCTIONS, "turboflow-deadletter"}
+    assert {s["metadata"]["name"] for s in services} == {*FUNCTIONS, GATEWAY, "turboflow-deadletter"}
     for svc in services:
-        assert svc["metadata"]["labels"].get("networking.knative.dev/visibility") == "cluster-local", svc["metadata"][
-            "name"
-        ]
+        visibility = svc["metadata"]["labels"].get("networking.knative.dev/visibility")
+        if svc["metadata"]["name"] == GATEWAY:
+            assert visibility is None
+        else:
+            assert visibility == "cluster-local", svc["metadata"]["name"]
 
 
 def test_sender_identity_is_off_while_the_channel_cannot_carry_it(rendered):
@@ -1027,13 +1047,13 @@ def test_sender_identity_is_off_while_the_channel_cannot_carry_it(rendered):
             assert key not in senders, key  # the ingress applies the first policy naming a subject
             senders[key] = policy["metadata"]["name"]
     gpu = rendered["overlays/gpu"]
-    expected = {("Trigger", t["metadata"]["name"]) for t in kind(gpu, "Trigger")}
-    expected |= {
-        ("SinkBinding", "turboflow-deadletter-sink"),
-        ("ContainerSource", "turboflow-s3-uploads"),
-        "system:serviceaccount:turboflow:turboflow-producer",
-    }
+    # a Trigger's identity posts its subscriber's replies; the gateway's Trigger has none (202, no reply event)
+    expected = {("Trigger", t["metadata"]["name"]) for t in kind(gpu, "Trigger") if t["metadata"]["name"] != GATEWAY}
+    # every SinkBinding is an identity its Service posts with, and so is the S3 source
+    expected |= {("SinkBinding", b["metadata"]["name"]) for b in kind(gpu, "SinkBinding")}
+    expected |= {("ContainerSource", "turboflow-s3-uploads"), "system:serviceaccount:turboflow:turboflow-producer"}
     assert set(senders) == expected
+    assert ("SinkBinding", "turboflow-gateway-sink") in expected
     producers = policies[senders["system:serviceaccount:turboflow:turboflow-producer"]]
     allowed = {f["exact"]["type"] for f in producers["spec"]["filters"][0]["any"]}
     assert allowed == {"io.turboflow.video.t2v.requested", "io.turboflow.video.i2v.requested"}

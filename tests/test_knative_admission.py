@@ -140,6 +140,9 @@ BROKER = ("overlays/gpu", "Broker", "default")
 TRIGGER = ("overlays/gpu", "Trigger", "turboflow-t2v")
 SOURCE = ("overlays/gpu", "ContainerSource", "turboflow-s3-uploads")
 BINDING = ("overlays/gpu", "SinkBinding", "turboflow-deadletter-sink")
+GATEWAY_BINDING = ("overlays/gpu", "SinkBinding", "turboflow-gateway-sink")
+GATEWAY_TRIGGER = ("overlays/gpu", "Trigger", "turboflow-gateway")
+GATEWAY = ("overlays/gpu", "Service", "turboflow-gateway")
 PRODUCERS = ("eventing-auth", "EventPolicy", "turboflow-producers")
 AUTO = "autoscaling.knative.dev/"
 
@@ -253,6 +256,27 @@ CASES = [
         lambda d: d["spec"].update(ceOverrides={"extensions": {"tenant-id": "default"}}),
     ),
     Case("eventing.sinkbinding.subject", BINDING, lambda d: d["spec"]["subject"].update(namespace="default")),
+    # a subject needs exactly one of name and selector
+    Case(
+        "eventing.sinkbinding.subject",
+        GATEWAY_BINDING,
+        lambda d: d["spec"]["subject"].update(selector={"matchLabels": {"app.kubernetes.io/component": "gateway"}}),
+    ),
+    Case("eventing.sinkbinding.sink", GATEWAY_BINDING, lambda d: d["spec"].pop("sink")),
+    # ref + uri: the uri must be relative to the ref (the gateway's path), never a second absolute address
+    Case(
+        "eventing.destination",
+        GATEWAY_TRIGGER,
+        lambda d: d["spec"]["subscriber"].update(uri="http://turboflow-gateway.example.com/internal/events"),
+    ),
+    # a relative uri needs the ref it is relative to
+    Case("eventing.destination", GATEWAY_BINDING, lambda d: d["spec"].update(sink={"uri": "/turboflow/default"})),
+    # the gateway's readiness probe is aggressive too: no timeoutSeconds
+    Case(
+        "serving.probe.readiness-period-zero",
+        GATEWAY,
+        lambda d: _container(d)["readinessProbe"].update(timeoutSeconds=1),
+    ),
     Case("eventing.eventpolicy.oidc-flag", PRODUCERS, lambda d: None),
     Case(
         "eventing.eventpolicy.from",

@@ -2,8 +2,8 @@
 
 (Developer note: the user-facing text of `turboflow --help` is DESCRIPTION and the epilog below, not this docstring.)
 
-Verbs: generate, model (engine); model-cache (storage); serve (functions); dev, submit, events, demo, deadletter,
-s3source (eventing); simulate (billing); manifests (infra).
+Verbs: generate, model (engine); model-cache (storage); serve (functions); events, deadletter, s3source (eventing);
+dev, submit, demo, gateway, keys (gateway); simulate, billing (billing); manifests (infra).
 A typed TurboflowError becomes `error[code]: message` and exit status 2, never a traceback.
 """
 
@@ -22,6 +22,8 @@ _REGISTRARS = (
     "turboflow.storage.cli",
     "turboflow.manifests",
     "turboflow.billing.cli",
+    "turboflow.gateway.devcli",  # dev, submit, demo: they start or go through the gateway
+    "turboflow.gateway.cli",  # gateway serve, keys
 )
 
 
@@ -34,7 +36,9 @@ DESCRIPTION = (
 _VERB_GROUPS = (
     ("make videos here", ("model", "generate")),
     ("the event flow on this machine", ("dev", "submit", "events", "demo")),
+    ("the front door", ("gateway", "keys")),
     ("cluster roles", ("serve", "deadletter", "s3source", "model-cache", "manifests")),
+    ("usage and capacity", ("billing", "simulate")),
 )
 # libraries that log request URLs (presigned, with credentials in the query) and credential lookups at INFO
 _CHATTY_LIBRARIES = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer")

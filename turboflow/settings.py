@@ -302,6 +302,8 @@ class Settings:
     compile: bool | str = False
     compile_cache: str | None = None
     compile_warmup: tuple[tuple[str, str, int], ...] | None = None
+    compile_require_artifacts: bool = False
+    compile_save_artifacts: bool = True
     fast_vae: bool = True
     vae_chunk: int | None = None
     offload: str = "auto"
@@ -547,6 +549,21 @@ VARIABLES: tuple[Variable, ...] = (
         warmup_sizes,
         "compile_warmup",
         "`<model resolution>:16:9:81`",
+    ),
+    _v(
+        "TURBOFLOW_COMPILE_REQUIRE_ARTIFACTS",
+        "engine",
+        "never compile during start: without a matching compile artifact (`turboflow model compile-artifacts`) the "
+        "DiT runs eager, with a warning",
+        flag,
+        "compile_require_artifacts",
+    ),
+    _v(
+        "TURBOFLOW_COMPILE_SAVE_ARTIFACTS",
+        "engine",
+        "after a start that compiled, save the compile artifact beside the weights for the next pods",
+        flag,
+        "compile_save_artifacts",
     ),
     _v(
         "TURBOFLOW_FAST_VAE",

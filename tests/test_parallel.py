@@ -1,0 +1,159 @@
+"""Context-parallel DiT (engine/parallel.py) on CPU: two real processes on gloo against the single-process model.
+
+The DiT test spawns two ranks that run the sharded model and save their outputs; this process computes the
+reference with an unsharded copy built from the same seed. The pipeline test drives a real worker process through
+`ParallelPipeline` and compares the frames with the session's single-process pipeline, then kills the worker in
+the middle of a request: the call must end in WorkerLostError (bounded by the collective timeout), never hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+
+from turboflow.errors import ConfigError
+
+# latent [C, F', H', W'] with the 1x2x2 patch: 3 x 8 x 13 = 312 tokens (even), 3 x 7 x 13 = 273 (odd: padded)
+LATENTS = {"even": (16, 3, 16, 26), "odd": (16, 3, 14, 26)}
+ATTENTIONS = ("original", "sla")
+SLA_TOPK = 0.5  # of 5 key blocks per 128-token query block: 2 selected, so the sparse path really selects
+
+
+def _tiny_dit(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    from turboflow.engine.families.wan import TINY_TRANSFORMER
+
+    torch.manual_seed(seed)
+    net = WanTransformer3DModel(in_channels=16, **TINY_TRANSFORMER)
+    torch.nn.init.normal_(net.proj_out.weight, std=0.5)
+    head_dim = TINY_TRANSFORMER["attention_head_dim"]
+    # SLA's linear branch projection (zero in a checkpoint without it): random, so that branch counts too
+    proj_l = {}
+    for i in range(len(net.blocks)):
+        proj_l[f"blocks.{i}.proj_l.weight"] = torch.randn(head_dim, head_dim) * 0.3
+        proj_l[f"blocks.{i}.proj_l.bias"] = torch.randn(head_dim) * 0.1
+    return net.eval().requires_grad_(False), proj_l
+
+
+def _inputs(latent: tuple[int, ...]):
+    g = torch.Generator().manual_seed(123)
+    return dict(
+        hidden_states=torch.randn(1, *latent, generator=g),
+        timestep=torch.tensor([870.0]),
+        encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+    )
+
+
+@torch.no_grad()
+def _forward_all(net, proj_l) -> dict[str, torch.Tensor]:
+    from turboflow.engine.sla import set_attention
+
+    out = {}
+    for attention in ATTENTIONS:
+        set_attention(net, attention, topk=SLA_TOPK, proj_l=proj_l)
+        for name, latent in LATENTS.items():
+            out[f"{attention}-{name}"] = net(**_inputs(latent), return_dict=False)[0]
+    return out
+
+
+def _dit_rank(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from turboflow.engine.parallel import enable_context_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        net, proj_l = _tiny_dit()
+        handle = enable_context_parallel(net)
+        torch.save(_forward_all(net, proj_l), f"{out_dir}/rank{rank}.pt")
+        handle.remove()
+    finally:
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_context_parallel_dit_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dit_rank, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    reference = _forward_all(*_tiny_dit())
+    assert reference["sla-even"].abs().max() > 0 and not torch.equal(reference["sla-even"], reference["original-even"])
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == reference.keys()
+        for case, want in reference.items():
+            assert got[case].shape == want.shape, case
+            error = (got[case] - want).abs().max() / want.abs().max()
+            assert error < 1e-5, f"rank {rank}, {case}: relative error {error:.2e}"
+
+
+def test_unshardable_models_are_refused_clearly():
+    from turboflow.engine.parallel import ParallelPipeline, check_shardable, enable_context_parallel, padded_length
+
+    net, _ = _tiny_dit()
+    check_shardable(net, 2)
+    with pytest.raises(ConfigError, match="2 attention heads, which 3 ranks cannot share"):
+        check_shardable(net, 3)
+    with pytest.raises(ConfigError, match="process group"):
+        enable_context_parallel(net)
+    with pytest.raises(ConfigError, match="at least 2 ranks"):
+        ParallelPipeline("/nonexistent", world_size=1)
+    with pytest.raises(ConfigError, match="2 ranks need 2 devices"):
+        ParallelPipeline("/nonexistent", world_size=2, devices=["cpu"])
+    assert [padded_length(n, 2) for n in (312, 273, 1)] == [312, 274, 2]
+
+
+def test_parallel_pipeline_frames_equal_single_process_and_a_dead_worker_fails_fast(tiny_t2v_dir, t2v_pipeline):
+    from turboflow.engine.parallel import ParallelPipeline, WorkerLostError
+
+    requests = [
+        dict(seed=5, num_steps=2, **FAST),
+        dict(seed=5, num_steps=2, attention="sla", sla_topk=0.3, **FAST),
+    ]
+    with ParallelPipeline(tiny_t2v_dir, world_size=2, devices=["cpu", "cpu"], timeout_s=60) as parallel:
+        assert parallel.healthy and parallel.kind == "t2v"
+        for fields in requests:
+            want = t2v_pipeline(t2v_pipeline.request("a red fox", **fields))
+            got = parallel(parallel.request("a red fox", **fields))
+            assert got.frames.shape == want.frames.shape and got.seed == want.seed
+            # float32 throughout: the sharded matmuls round differently in the last bits, which may move a pixel
+            # across a rounding boundary, never further
+            diff = np.abs(got.frames.astype(int) - want.frames.astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (fields, diff.max(), (diff > 0).mean())
+        unseeded = parallel(parallel.request("a boat", num_steps=1, **FAST))  # rank 0 fixes the seed for all
+        assert unseeded.seed is not None
+        # a refused request is refused on every rank, and the pipeline stays usable
+        with pytest.raises(TypeError):
+            parallel("not a validated request")
+        assert parallel.healthy
+
+        worker = parallel._workers[0][0]
+
+        def kill_worker_mid_request(stage, done, total):
+            if stage == "diffusion" and done == 1:
+                worker.kill()
+
+        with pytest.raises(WorkerLostError) as lost:
+            parallel(parallel.request("a boat", seed=1, num_steps=2, **FAST), stage_progress=kill_worker_mid_request)
+        assert lost.value.retryable and lost.value.code == "device_unavailable"
+        assert not parallel.healthy
+        with pytest.raises(WorkerLostError, match="unusable"):  # refused at once, before any collective
+            parallel(parallel.request("a boat", seed=1, num_steps=1, **FAST))
