@@ -309,6 +309,9 @@ class Settings:
     offload: str = "auto"
     load_threads: int | None = None
     warmup: bool = True
+    gpus: int = 1
+    collective_timeout_seconds: float = 300.0
+    gpu_type: str | None = None
     # -- events and request state (functions and gateway)
     sink_url: str | None = None
     nats_url: str | None = None
@@ -604,6 +607,28 @@ VARIABLES: tuple[Variable, ...] = (
         flag,
         "warmup",
         "1",
+    ),
+    _v(
+        "TURBOFLOW_GPUS",
+        "engine",
+        "GPUs one request runs across (context parallelism, one worker process per extra GPU; 1: one GPU)",
+        whole(1, 8),
+        "gpus",
+    ),
+    _v(
+        "TURBOFLOW_COLLECTIVE_TIMEOUT_SECONDS",
+        "engine",
+        "with TURBOFLOW_GPUS > 1: a collective (a worker) slower than this takes the pod to not-ready",
+        positive_seconds,
+        "collective_timeout_seconds",
+        "300",
+    ),
+    _v(
+        "TURBOFLOW_GPU_TYPE",
+        "function",
+        "the GPU type named in usage and pod events (the price table's key, e.g. H200)",
+        field="gpu_type",
+        shown_default="from the device name",
     ),
     _v(
         "HOSTNAME",
