@@ -177,8 +177,17 @@ def _register_billing(sub: argparse._SubParsersAction) -> None:
         help="without TURBOFLOW_EVENT_SIGNING_KEY, store unsigned events too (a development stack only)",
     )
     consume.set_defaults(func=_billing_consume)
-    report = verbs.add_parser("report", help="GPU-seconds and cost per day and model for one tenant")
-    report.add_argument("--tenant", required=True)
+    report = verbs.add_parser(
+        "report",
+        help="GPU-seconds and cost per day and model for one tenant (--platform: the overhead no request pays)",
+    )
+    report.add_argument("--tenant", help="the tenant billed (required unless --platform)")
+    report.add_argument(
+        "--platform",
+        action="store_true",
+        help="platform overhead per model and GPU type instead: model loads no request paid and warm idle time "
+        "(pod.ready / pod.stopped facts of every tenant's pods), priced per GPU type",
+    )
     report.add_argument("--from", dest="start", required=True, metavar="YYYY-MM-DD", help="first day (UTC)")
     report.add_argument("--to", dest="end", required=True, metavar="YYYY-MM-DD", help="last day (UTC), included")
     report.add_argument("--format", default="table", help="table | csv | json (default table)")
@@ -289,7 +298,9 @@ def _billing_consume(args) -> int:
 
 def _billing_report(args) -> int:
     _quiet_migrations(args)
-    from .attribution import LOAD_RULES, charges
+    from turboflow.eventing.types import POD_READY
+
+    from .attribution import LOAD_RULES, charges, platform_overhead
     from .ledger import open_ledger
     from .usage_report import FORMATS, render, summarize
 
@@ -303,16 +314,35 @@ def _billing_report(args) -> int:
     prices = gpu_prices(os.environ.get("TURBOFLOW_GPU_PRICES", ""), args.gpu_price)
     if args.gpu not in prices:
         raise ConfigError(f"no price for GPU {args.gpu!r}: pass --gpu-price {args.gpu}=USD")
+    if not args.platform and not args.tenant:
+        raise ConfigError("pass --tenant TENANT (a tenant's bill) or --platform (the overhead no request pays)")
+    period = (
+        datetime.datetime.combine(start, datetime.time()),
+        datetime.datetime.combine(end + datetime.timedelta(days=1), datetime.time()),
+    )
     ledger = open_ledger(args.ledger)
     try:
-        facts = ledger.facts(
-            tenant=args.tenant,
-            start=datetime.datetime.combine(start, datetime.time()),
-            end=datetime.datetime.combine(end + datetime.timedelta(days=1), datetime.time()),
-        )
+        facts = ledger.facts(tenant=None if args.platform else args.tenant, start=period[0], end=period[1])
+        # the pods that served the period's first requests may have turned ready a while before it began
+        pod_facts = ledger.facts(start=period[0] - POD_READY_LOOKBACK, end=period[1], types=(POD_READY,))
     finally:
         ledger.close()
-    rows = summarize(charges(facts, charge_load_to=args.charge_load_to), price_per_gpu_hour=prices[args.gpu])
+    request_charges = charges(facts, pod_facts=pod_facts, charge_load_to=args.charge_load_to)
+    if args.platform:
+        from .usage_report import render_platform, summarize_platform
+
+        overhead = platform_overhead(facts, request_charges)
+        rows = summarize_platform(overhead, prices=prices, default_gpu=args.gpu)
+        meta = {
+            "scope": "platform",
+            "from": start.isoformat(),
+            "to": end.isoformat(),
+            "default_gpu": args.gpu,
+            "charge_load_to": args.charge_load_to,
+        }
+        print(render_platform(rows, args.format, meta=meta))
+        return 0
+    rows = summarize(request_charges, price_per_gpu_hour=prices[args.gpu])
     meta = {
         "tenant": args.tenant,
         "from": start.isoformat(),
@@ -323,6 +353,9 @@ def _billing_report(args) -> int:
     }
     print(render(rows, args.format, meta=meta))
     return 0
+
+
+POD_READY_LOOKBACK = datetime.timedelta(days=2)  # pods live hours, not days: a ready this old cannot matter
 
 
 def gpu_prices(setting: str, overrides: list[str]) -> dict[str, float]:

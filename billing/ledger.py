@@ -26,13 +26,20 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
 
-from turboflow.eventing.types import CANCELLED, COMPLETED, FAILED, STARTED, TENANT_EXTENSION
+from turboflow.eventing.types import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    POD_READY,
+    POD_STOPPED,
+    STARTED,
+    TENANT_EXTENSION,
+)
 
 from .errors import InvalidUsageEventError, LedgerUnavailableError
 
-POD_READY = "io.turboflow.pod.ready"
-POD_STOPPED = "io.turboflow.pod.stopped"
-# Types the ledger stores (the pod events are named by issue 15; kept as raw facts once the functions emit them).
+# Types the ledger stores: what requests used (terminal events, started) and what pods cost (pod.ready: the model
+# load; pod.stopped: warm idle time), all as raw facts.
 RECORDED_TYPES = (COMPLETED, FAILED, STARTED, CANCELLED, POD_READY, POD_STOPPED)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 LEDGER_URL_VARIABLE = "TURBOFLOW_LEDGER_URL"
@@ -117,9 +124,18 @@ class Ledger:
         with self.engine.begin() as connection:
             return connection.execute(statement).first() is not None
 
-    def facts(self, *, tenant: str | None = None, start: datetime | None = None, end: datetime | None = None):
-        """Stored facts with start <= occurred_at < end (naive UTC), oldest first."""
+    def facts(
+        self,
+        *,
+        tenant: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        types: tuple[str, ...] | None = None,
+    ):
+        """Stored facts with start <= occurred_at < end (naive UTC), of `types` if given, oldest first."""
         query = sa.select(usage_facts).order_by(usage_facts.c.occurred_at, usage_facts.c.id)
+        if types is not None:
+            query = query.where(usage_facts.c.type.in_(types))
         if tenant is not None:
             query = query.where(usage_facts.c.tenant == tenant)
         if start is not None:
@@ -138,6 +154,12 @@ class Ledger:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def fact_of(event: Mapping[str, Any]) -> Fact:
+    """The Fact one CloudEvent would be stored as (without storing it): charges of a single event, live."""
+    row = fact_row(event)
+    return Fact(**{name: row[name] for name in Fact.__dataclass_fields__})
 
 
 def fact_row(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,13 +181,19 @@ def fact_row(event: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(usage, dict) or not _is_number(usage.get("gpu_seconds")):
             raise InvalidUsageEventError(f"completed event {event['id']!r} has no usage.gpu_seconds", field="usage")
     tenant = data.get("tenant") or event.get(TENANT_EXTENSION)
-    occurred = data.get("completed_at") or data.get("cancelled_at") or event.get("time")
+    occurred = (
+        data.get("completed_at")
+        or data.get("cancelled_at")
+        or (data.get("ready_at") if event["type"] == POD_READY else None)
+        or (data.get("stopped_at") if event["type"] == POD_STOPPED else None)
+        or event.get("time")
+    )
     return {
         "source": event["source"],
         "event_id": event["id"],
         "type": event["type"],
         "tenant": str(tenant) if tenant else None,
-        "model": str(data["model"]) if data.get("model") else None,
+        "model": str(data["model"]) if data.get("model") else None,  # pod events: the model the pod serves
         "occurred_at": _utc(occurred, event["id"]) if occurred else _utc_now(),
         "recorded_at": _utc_now(),
         "data": data,

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from .attribution import Charge
+from .attribution import Charge, Overhead
 from .errors import ConfigError
 
 FORMATS = ("table", "csv", "json")
@@ -61,19 +61,65 @@ def summarize(charges: list[Charge], *, price_per_gpu_hour: float) -> list[Row]:
     return rows
 
 
-def render(rows: list[Row], fmt: str, *, meta: dict) -> str:
+PLATFORM_COLUMNS = (
+    "scope", "model", "gpu_type", "pods", "platform_load_s", "warm_idle_s", "overhead_s", "price_per_gpu_hour",
+    "cost_usd",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlatformRow:
+    scope: str  # line (one model on one GPU type) | total
+    model: str
+    gpu_type: str
+    pods: int
+    platform_load_s: float
+    warm_idle_s: float
+    overhead_s: float
+    price_per_gpu_hour: float | None  # None on the total (mixed GPU types)
+    cost_usd: float
+
+
+def summarize_platform(overhead: list[Overhead], *, prices: dict[str, float], default_gpu: str) -> list[PlatformRow]:
+    """One line per (model, GPU type), priced at that GPU type's price (`default_gpu`'s when the type has none:
+    cpu, unknown), then the total. cost = overhead_s / 3600 x price."""
+    rows = []
+    for o in overhead:
+        price = prices.get(o.gpu_type, prices[default_gpu])
+        cost = o.overhead_s / 3600 * price
+        rows.append(
+            PlatformRow(
+                "line", o.model, o.gpu_type, o.pods, round(o.platform_load_s, 3), round(o.warm_idle_s, 3),
+                round(o.overhead_s, 3), price, round(cost, 6),
+            )
+        )  # fmt: skip
+    rows.append(
+        PlatformRow(
+            "total", "*", "*", sum(r.pods for r in rows), round(sum(r.platform_load_s for r in rows), 3),
+            round(sum(r.warm_idle_s for r in rows), 3), round(sum(r.overhead_s for r in rows), 3), None,
+            round(sum(r.cost_usd for r in rows), 6),
+        )
+    )  # fmt: skip
+    return rows
+
+
+def render_platform(rows: list[PlatformRow], fmt: str, *, meta: dict) -> str:
+    return render(rows, fmt, meta=meta, columns=PLATFORM_COLUMNS)
+
+
+def render(rows: list, fmt: str, *, meta: dict, columns: tuple[str, ...] = COLUMNS) -> str:
     """`rows` as `fmt`; JSON also carries `meta` (tenant, period, GPU, price, rule)."""
     if fmt == "json":
         return json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows([getattr(r, c) for c in COLUMNS] for r in rows)
+        writer.writerow(columns)
+        writer.writerows([_csv(getattr(r, c)) for c in columns] for r in rows)
         return out.getvalue().rstrip("\n")
     if fmt == "table":
-        cells = [COLUMNS] + [tuple(_cell(getattr(r, c)) for c in COLUMNS) for r in rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        cells = [columns] + [tuple(_cell(getattr(r, c)) for c in columns) for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
         lines = [
             "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells
         ]
@@ -83,4 +129,10 @@ def render(rows: list[Row], fmt: str, *, meta: dict) -> str:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _csv(value):
+    return "" if value is None else value

@@ -1,4 +1,5 @@
-"""Device memory readings for the functions' metrics, so no layer above the engine calls torch itself."""
+"""Device readings for the functions' metrics and events (memory, the device's name), so no layer above the engine
+calls torch itself."""
 
 from __future__ import annotations
 
@@ -20,3 +21,14 @@ def memory_bytes(device: torch.device) -> dict[str, int]:
         "reserved": torch.cuda.memory_reserved(device),
         "peak": torch.cuda.max_memory_allocated(device),
     }
+
+
+def device_name(device) -> str | None:
+    """The CUDA device's product name (e.g. "NVIDIA H200"); None for other devices or when it cannot be read."""
+    try:
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_name(device)
+    except Exception:  # a device that cannot be named must not stop the pod from serving
+        return None

@@ -19,6 +19,10 @@ no environment variable; a bad value is a ConfigError naming the variable or opt
     sla_pooling        input | fp32                             SLA block selection precision (engine/sla.py)
     load_threads       threads reading safetensors              (None: CPU count, 2..16)
     warmup             bool                                     one tiny generation on CUDA before returning
+    gpus               devices one pipeline spans (1..8)        > 1: engine/parallel.py ParallelPipeline, one
+                                                                worker process per extra device
+    collective_timeout_s  seconds                               the longest any collective (or a worker's answer)
+                                                                may take before the pipeline counts it lost
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .request import MAX_FRAMES, RESOLUTIONS
 __all__ = ["COMPILE_MODES", "OFFLOAD_POLICIES", "LoadOptions", "check_sizes"]
 
 WarmupSizes = tuple[tuple[str, str, int], ...]
+MAX_GPUS = 8  # one host's GPUs (TURBOFLOW_GPUS allows the same range)
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo + AOTAutograd without a compiler (CPU tests)
 
 
@@ -52,6 +57,8 @@ class LoadOptions:
     sla_pooling: str = "input"
     load_threads: int | None = None
     warmup: bool = True
+    gpus: int = 1
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self):
         from .sla import POOLING_MODES
@@ -84,6 +91,13 @@ class LoadOptions:
             raise ConfigError(
                 f"load_threads must be a positive integer, got {self.load_threads!r}", field="load_threads"
             )
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not 1 <= self.gpus <= MAX_GPUS:
+            raise ConfigError(f"gpus must be an integer from 1 to {MAX_GPUS}, got {self.gpus!r}", field="gpus")
+        if not isinstance(self.collective_timeout_s, (int, float)) or not self.collective_timeout_s > 0:
+            raise ConfigError(
+                f"collective_timeout_s must be a positive number of seconds, got {self.collective_timeout_s!r}",
+                field="collective_timeout_s",
+            )
         if self.compile_warmup is not None:
             object.__setattr__(self, "compile_warmup", check_sizes(self.compile_warmup, "compile_warmup"))
 
@@ -103,6 +117,8 @@ class LoadOptions:
             warmup=settings.warmup,
             compile_require_artifacts=settings.compile_require_artifacts,
             compile_save_artifacts=settings.compile_save_artifacts,
+            gpus=settings.gpus,
+            collective_timeout_s=settings.collective_timeout_seconds,
         )
 
     def replace(self, **changes) -> LoadOptions:

@@ -37,7 +37,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from turboflow.errors import ConfigError, TurboflowError
+from turboflow.errors import ConfigError, TurboflowError, WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,6 @@ __all__ = [
     "check_shardable",
     "enable_context_parallel",
 ]
-
-
-class WorkerLostError(TurboflowError):
-    """A worker process of a multi-GPU pipeline died, failed or stopped answering (a collective timed out). The
-    pipeline is unusable from then on (`ParallelPipeline.healthy` is False: the pod goes not-ready and restarts);
-    the request itself may succeed on another pod, so it is retryable."""
-
-    code = "device_unavailable"
-    retryable = True
 
 
 def padded_length(length: int, world_size: int) -> int:
@@ -277,6 +268,60 @@ def _collective_failure(e: BaseException) -> bool:
     return any(word in text for word in ("gloo", "nccl", "connection closed", "connection reset", "timed out"))
 
 
+# Stages whose reports every rank makes at the same point of the same code path, before or between the DiT's
+# collectives: at each one rank 0 tells the workers whether to go on (its callback may have cancelled the request).
+# vae_decode is rank 0's alone (the workers skip the decode) and comes after the last collective.
+_AGREED_STAGES = frozenset({"text_encode", "vae_encode", "diffusion"})
+
+
+class _StoppedByRank0(TurboflowError):
+    """A worker's side of a request that rank 0 stopped at a step boundary (cancelled, or its callback failed)."""
+
+    code = "cancelled"
+
+
+def _broadcast_stop(stop: bool, device: torch.device) -> torch.Tensor:
+    """Rank 0's decision at a step boundary, broadcast to every rank (one int: 1 means stop here). One tiny
+    collective, bounded by the group's timeout like the others; only the workers read it back (a device sync),
+    rank 0 knows its own decision and keeps queueing work."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return flag
+
+
+def _following_rank0(device: torch.device):
+    """A worker's stage_progress: at every agreed boundary, stop where rank 0 stopped."""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage in _AGREED_STAGES and _broadcast_stop(False, device).item():
+            raise _StoppedByRank0(f"rank 0 stopped the request at {stage} {done}/{total}")
+
+    return report
+
+
+def _leading(stage_progress, device: torch.device):
+    """Rank 0's stage_progress: the caller's callback (which may raise RequestCancelled at a step boundary), then
+    the decision broadcast to the workers, so that every rank leaves the sampler at the same boundary instead of
+    the workers waiting in the next step's all-to-all until the collective timeout."""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in _AGREED_STAGES:
+            if stage_progress is not None:
+                stage_progress(stage, done, total)
+            return
+        try:
+            if stage_progress is not None:
+                stage_progress(stage, done, total)
+        except BaseException:
+            _broadcast_stop(True, device)
+            raise
+        _broadcast_stop(False, device)
+
+    return report
+
+
 def _no_decode(latents, frame_sink=None):
     """A worker's decode: rank 0 alone runs the VAE on the (identical) final latents."""
     return torch.zeros(0, dtype=torch.uint8).numpy()
@@ -312,7 +357,7 @@ def _worker_main(rank, world_size, init_method, backend, device, model_dir, load
             if command == "stop":
                 break
             try:
-                pipeline(request)
+                pipeline(request, stage_progress=_following_rank0(pipeline.device))
                 conn.send(("done", None))
             except (TurboflowError, TypeError) as e:
                 # refused before any collective, identically on rank 0 (the request is the same): keep serving
@@ -442,6 +487,24 @@ class ParallelPipeline:
                 self._broken = f"worker(s) {', '.join(dead)} exited"
         return self._broken is None
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids, rank 1 first (for logs and for checking that none outlives the pipeline)."""
+        return [proc.pid for proc, _ in self._workers]
+
+    @property
+    def problem(self) -> str | None:
+        """Why the pipeline is unusable (a worker exited, failed, stopped answering; closed), None while healthy;
+        names every worker found dead since (a collective usually notices a crash before the process table)."""
+        if self.healthy:
+            return None
+        dead = [
+            f"{p.name} exited with code {p.exitcode}"
+            for p, _ in self._workers
+            if not p.is_alive() and p.name not in self._broken
+        ]
+        return "; ".join([self._broken, *dead])
+
     def _lost(self, why: str) -> WorkerLostError:
         self._broken = self._broken or why
         return WorkerLostError(f"multi-device pipeline unusable: {why}")
@@ -489,18 +552,25 @@ class ParallelPipeline:
             except OSError as e:
                 raise self._lost(f"{proc.name} cannot be reached ({e})") from e
         try:
-            result = self.pipeline(request, progress=progress, frame_sink=frame_sink, stage_progress=stage_progress)
-        except (TurboflowError, TypeError):
-            # a refused request (validated identically on every rank) or a device error here: the workers
-            # answer too (or are lost, which _collect says) before the error goes up
-            self._collect("done", "failed")
-            raise
+            result = self.pipeline(
+                request,
+                progress=progress,
+                frame_sink=frame_sink,
+                stage_progress=_leading(stage_progress, self.pipeline.device),
+            )
         except dist.DistError as e:  # a collective failed or timed out: a worker is gone or stuck
             raise self._lost(f"a collective failed: {str(e).splitlines()[0]}") from e
         except RuntimeError as e:
-            if self.healthy and not _collective_failure(e):
-                raise
-            raise self._lost(f"a collective failed: {str(e).splitlines()[0]}") from e
+            if not self.healthy or _collective_failure(e):
+                raise self._lost(f"a collective failed: {str(e).splitlines()[0]}") from e
+            self._collect("done", "failed")
+            raise
+        except BaseException:
+            # a refused request (validated identically on every rank), a cancel at a step boundary (every rank
+            # stopped there), a device error here: the workers answer too (or are lost, which _collect says)
+            # before the error goes up, so the next request starts with empty pipes
+            self._collect("done", "failed")
+            raise
         self._collect("done")
         return result
 
@@ -508,6 +578,7 @@ class ParallelPipeline:
         """Stop the workers (a stop command, then terminate after a grace period) and leave the group."""
         import torch.distributed as dist
 
+        self._broken = self._broken or "closed"  # from now on: refused, and readiness says why
         for _, conn in self._workers:
             try:
                 conn.send(("stop", None))
@@ -520,7 +591,6 @@ class ParallelPipeline:
                 proc.join(timeout=5)
             conn.close()
         self._workers = []
-        self._broken = self._broken or "closed"
         if dist.is_initialized():
             dist.destroy_process_group()
 

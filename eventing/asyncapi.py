@@ -21,6 +21,8 @@ from .types import (
     DEFAULT_TENANT,
     FAILED,
     I2V_REQUESTED,
+    POD_READY,
+    POD_STOPPED,
     PROGRESS,
     STARTED,
     T2V_REQUESTED,
@@ -40,6 +42,8 @@ _NAMES = {
     STARTED: "videoStarted",
     PROGRESS: "videoProgress",
     CANCELLED: "videoCancelled",
+    POD_READY: "podReady",
+    POD_STOPPED: "podStopped",
 }
 _SUMMARIES = {
     T2V_REQUESTED: "Generate a video from a text prompt (Wan2.1 T2V, rCM few-step sampling).",
@@ -49,6 +53,8 @@ _SUMMARIES = {
     STARTED: "A function took the request onto its device (sent to the function's K_SINK).",
     PROGRESS: "A running request's stage and step (sent to the function's K_SINK, at most ~2 per second).",
     CANCELLED: "The request was cancelled (reply to a request, or from the gateway for a queued request).",
+    POD_READY: "A function's model is loaded: the pod's cold start (sent to the function's K_SINK once).",
+    POD_STOPPED: "A function stops: its warm idle and busy seconds (sent to the function's K_SINK).",
 }
 
 
@@ -106,7 +112,8 @@ def _headers(event_type: str, reply: bool) -> dict:
         "content-type": {"const": "application/json"},
     }
     if reply:
-        props["ce-subject"] = {"type": "string", "description": "The request id"}
+        pod = event_type in (POD_READY, POD_STOPPED)
+        props["ce-subject"] = {"type": "string", "description": "The pod" if pod else "The request id"}
         props["ce-turboflowsig"] = {
             "type": "string",
             "description": "HMAC-SHA256 signature (eventing/signing.py) "
@@ -145,7 +152,10 @@ mode). The HTTP response is the reply event, which the broker publishes:
 
 While a request runs the function also sends, to its `K_SINK` (the Broker, through a SinkBinding),
 `{STARTED}` when it takes the request onto the device and `{PROGRESS}` (stage, step, elapsed, eta; at most about
-two per second). A cancelled request (the gateway's cancel, seen in the request-state bucket) is answered with
+two per second). Each pod also reports itself: `{POD_READY}` once its model is loaded (load seconds, ready time:
+the cold start, billed by docs/billing.md's rule) and `{POD_STOPPED}` when it stops (warm idle and busy seconds,
+requests served); their subject is the pod, their id derived from the pod, its process start and the type.
+A cancelled request (the gateway's cancel, seen in the request-state bucket) is answered with
 **200 + `{CANCELLED}`** (terminal; nothing uploaded).
 
 Authenticity: with `TURBOFLOW_EVENT_SIGNING_KEY` set, replies carry the `turboflowsig` extension (HMAC-SHA256, see
@@ -169,7 +179,7 @@ Failure codes (`data.code` of `{FAILED}`):
 """
     channels, operations, messages, schemas = {}, {}, {}, {}
     for event_type, name in _NAMES.items():
-        reply = event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED)
+        reply = event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED, POD_READY, POD_STOPPED)
         schemas[name] = _payload(event_type)
         messages[name] = {
             "name": event_type,
@@ -198,13 +208,17 @@ Failure codes (`data.code` of `{FAILED}`):
                 "messages": [{"$ref": "#/channels/videoCompleted/messages/videoCompleted"}],
             },
         }
-    for event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED):
+    for event_type in (COMPLETED, FAILED, STARTED, PROGRESS, CANCELLED, POD_READY, POD_STOPPED):
         name = _NAMES[event_type]
-        lifecycle = event_type in (STARTED, PROGRESS)
+        lifecycle = event_type in (STARTED, PROGRESS, POD_READY, POD_STOPPED)
         operations[f"publish{name[0].upper()}{name[1:]}"] = {
             "action": "send",
             "title": f"publish {event_type}",
-            "summary": "Sent by the functions to their K_SINK (the Broker) while a request runs."
+            "summary": (
+                "Sent by the functions to their K_SINK (the Broker) when the pod turns ready and when it stops."
+                if event_type in (POD_READY, POD_STOPPED)
+                else "Sent by the functions to their K_SINK (the Broker) while a request runs."
+            )
             if lifecycle
             else "Replies of both functions, re-published by the broker for downstream consumers.",
             "channel": {"$ref": f"#/channels/{name}"},

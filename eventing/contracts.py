@@ -63,7 +63,7 @@ from .event_schemas import (  # noqa: F401
     validator,
 )
 from .signing import canonical_json, derive_id, sign_attributes
-from .types import COMPLETED, DEFAULT_TENANT, FAILED, LIFECYCLE_TYPES, REQUEST_TYPES, TENANT_EXTENSION
+from .types import COMPLETED, DEFAULT_TENANT, FAILED, LIFECYCLE_TYPES, POD_TYPES, REQUEST_TYPES, TENANT_EXTENSION
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -549,3 +549,33 @@ def lifecycle_event(
         TRACEPARENT_EXTENSION: ctx.get("traceparent"),
     }
     return _signed_cloudevent(attrs, body, signing_key)
+
+
+def pod_event(
+    event_type: str,
+    data: dict,
+    *,
+    source: str,
+    signing_key: bytes | None = None,
+    time: datetime | None = None,
+):
+    """A pod event (`io.turboflow.pod.ready` / `.stopped`) about the pod `data["pod"]`, whose process started at
+    `data["process_started_at"]`. The id is derived from (source, pod, process start, type): a re-send from the
+    same process has the same id (the broker drops the copy), while a restarted container (same pod name, new
+    process) reports a new load under a new id. No tenant: a pod serves every tenant."""
+    if event_type not in POD_TYPES:
+        raise ValueError(f"{event_type!r} is not a pod event type")
+    pod = str(data.get("pod") or "")
+    if not pod:
+        raise ValueError("a pod event needs data['pod']")
+    event_id = derive_id(signing_key, "pod", source, pod, str(data.get("process_started_at") or ""), event_type)
+    attrs = {
+        "type": event_type,
+        "source": source,
+        "id": event_id,
+        "subject": pod,
+        "datacontenttype": "application/json",
+        "dataschema": SCHEMAS[event_type]["$id"],
+        "time": time or datetime.now(UTC),
+    }
+    return _signed_cloudevent(attrs, data, signing_key)

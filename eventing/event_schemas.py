@@ -30,6 +30,8 @@ from .types import (
     COMPLETED,
     FAILED,
     I2V_REQUESTED,
+    POD_READY,
+    POD_STOPPED,
     PROGRESS,
     PROGRESS_STAGES,
     REQUEST_TYPES,
@@ -178,6 +180,21 @@ COMPLETED_SCHEMA: dict = {
                 "cold_start": {"type": "boolean"},
                 "model_load_seconds": {**_NUM, "description": "Included in gpu_seconds only when cold_start."},
                 "device": {"type": "string"},
+                "gpu_type": {
+                    "type": "string",
+                    "description": "The GPU model priced (TURBOFLOW_GPU_TYPE, else from the device name, e.g. "
+                    "H200; `cpu` on CPU).",
+                },
+                "pod": {
+                    "type": "string",
+                    "description": "The pod that ran it: links a cold start to that pod's `io.turboflow.pod.ready`.",
+                },
+                "requested_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "The request event's `time`: a cold start is billed to the request only when "
+                    "it was made before the pod's `ready_at` (it waited for the load).",
+                },
             },
         },
         "completed_at": {"type": "string", "format": "date-time"},
@@ -283,6 +300,59 @@ CANCELLED_SCHEMA = _lifecycle_schema(
     },
 )
 
+
+def _pod_schema(name: str, event_type: str, title: str, description: str, required: list[str], properties: dict):
+    """A pod event's data: which pod (name, task, model, GPU) plus its own fields."""
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": f"{SCHEMA_BASE}/{name}.json",
+        "title": title,
+        "description": f"data of `{event_type}`. {description}",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["pod", "kind", "model", "gpu_type", "device", *required],
+        "properties": {
+            "pod": {"type": "string", "minLength": 1, "description": "The pod (HOSTNAME)."},
+            "kind": {"type": "string", "enum": ["t2v", "i2v"]},
+            "model": {"type": "string"},
+            "gpu_type": {"type": "string", "description": "e.g. H200 (TURBOFLOW_GPU_TYPE or the device name); cpu"},
+            "device": {"type": "string"},
+            "process_started_at": {"type": "string", "format": "date-time"},
+            **properties,
+        },
+    }
+
+
+POD_READY_SCHEMA = _pod_schema(
+    "pod.ready",
+    POD_READY,
+    "Pod ready",
+    "The function's model is loaded: the pod's cold start, reported once per process (not added to a request). "
+    "Billing charges the load to the first request only if it arrived before `ready_at` (docs/billing.md).",
+    ["load_seconds", "ready_at", "start_to_ready_seconds"],
+    {
+        "load_seconds": {**_NUM, "description": "Seconds the model load took (weights, build, warm-up)."},
+        "start_to_ready_seconds": {**_NUM, "description": "Seconds from process start to ready."},
+        "ready_at": {"type": "string", "format": "date-time"},
+    },
+)
+POD_STOPPED_SCHEMA = _pod_schema(
+    "pod.stopped",
+    POD_STOPPED,
+    "Pod stopped",
+    "The function is stopping. `warm_idle_seconds` (ready and not holding the device for a request) is platform "
+    "overhead per model and GPU type; `busy_seconds` is the device time billed to requests.",
+    ["ready_seconds", "busy_seconds", "warm_idle_seconds", "requests_served", "stopped_at"],
+    {
+        "ready_seconds": {**_NUM, "description": "Seconds from ready to stop."},
+        "busy_seconds": {**_NUM, "description": "Device seconds requests held (completed and cancelled)."},
+        "warm_idle_seconds": {**_NUM, "description": "ready_seconds - busy_seconds."},
+        "requests_served": {"type": "integer", "minimum": 0, "description": "Requests that held the device."},
+        "ready_at": {"type": "string", "format": "date-time"},
+        "stopped_at": {"type": "string", "format": "date-time"},
+    },
+)
+
 SCHEMAS: dict[str, dict] = {
     T2V_REQUESTED: _request_schema("t2v"),
     I2V_REQUESTED: _request_schema("i2v"),
@@ -291,6 +361,8 @@ SCHEMAS: dict[str, dict] = {
     STARTED: STARTED_SCHEMA,
     PROGRESS: PROGRESS_SCHEMA,
     CANCELLED: CANCELLED_SCHEMA,
+    POD_READY: POD_READY_SCHEMA,
+    POD_STOPPED: POD_STOPPED_SCHEMA,
 }
 SCHEMA_FILES: dict[str, str] = {
     T2V_REQUESTED: "t2v.requested.json",
@@ -300,6 +372,8 @@ SCHEMA_FILES: dict[str, str] = {
     STARTED: "started.json",
     PROGRESS: "progress.json",
     CANCELLED: "cancelled.json",
+    POD_READY: "pod.ready.json",
+    POD_STOPPED: "pod.stopped.json",
 }
 
 # Stable failure codes (documented in the AsyncAPI document). Every code the packages emit is listed here

@@ -43,6 +43,7 @@ from .types import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    GATEWAY_SOURCE,
     PROGRESS,
     PROGRESS_STAGES,
     REQUEST_TYPES,
@@ -61,6 +62,9 @@ _STAGE_ORDER = {stage: index for index, stage in enumerate(PROGRESS_STAGES)}
 _TERMINAL_BY_TYPE = {COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}
 _KIND_BY_REQUEST_TYPE = {event_type: kind for kind, event_type in REQUEST_TYPES.items()}
 MAX_WEBHOOK_ATTEMPTS_KEPT = 20
+# a watch's server-side consumer is removed this long after its watcher stops (nats-py's default is 5 minutes: every
+# listing, SSE stream and cancel watch would leave one behind that long)
+WATCH_INACTIVE_S = 2.0
 
 
 class StateUnavailableError(TurboflowError):
@@ -132,6 +136,11 @@ class RequestRecord:
     cancelled: dict | None = None  # while, gpu_seconds, cancelled_at
     webhook: dict | None = None  # url, events, attempts (shown only to the record's tenant)
     events: list[str] = field(default_factory=list)  # lifecycle names applied, in order; progress once
+    # False while the gateway has stored the record but not yet handed the request to the broker: a retry of the
+    # same submission sends it again (the broker de-duplicates), a refused one is discarded. Any event about the
+    # request proves the broker has it.
+    accepted: bool = True
+    base_url: str | None = None  # the gateway URL the client used (links in webhooks)
 
     @property
     def terminal(self) -> bool:
@@ -223,7 +232,13 @@ def apply(record: RequestRecord | None, event) -> tuple[RequestRecord | None, li
         if event_type in _KIND_BY_REQUEST_TYPE:
             return None, []  # a request never changes an existing record (redelivery, or someone else's id)
         record = record.copy()
+    original = None if changes else record.copy()
+    if _other_input(record, data):
+        return None, []  # about another request that reused this id (it gets `id_conflict` from the function)
+    record.accepted = True
     if record.terminal:
+        if _supersedes_provisional_cancel(record, event):
+            return _settle_provisional_cancel(record, event, data, when)
         return None, []
     if record.task is None and data.get("kind") in REQUEST_TYPES:
         record.task = data["kind"]
@@ -261,12 +276,39 @@ def apply(record: RequestRecord | None, event) -> tuple[RequestRecord | None, li
             record.finished_at = data.get("cancelled_at") or when
         changes.append(status)
     else:
-        return (record, changes) if changes else (None, [])
-    if not changes:
-        return None, []
+        return (record, changes) if changes or record != original else (None, [])
+    if not changes:  # e.g. `started` after a progress event: nothing to announce, details still worth keeping
+        return (record, []) if record != original else (None, [])
     record.updated_at = when
     record.events = record.events + [c for c in changes if c not in ("queued", "progress") or c not in record.events]
     return record, changes
+
+
+def _other_input(record: RequestRecord, data: dict) -> bool:
+    """An event whose input hash differs from the record's is about another request with the same id."""
+    theirs = data.get("input_sha256")
+    return bool(theirs and record.input_sha256 and theirs != record.input_sha256)
+
+
+def _supersedes_provisional_cancel(record: RequestRecord, event) -> bool:
+    """The gateway cancels a queued request at once, but only the function knows whether it had in fact started:
+    its own terminal event (completed, or cancelled while running) replaces that provisional cancel."""
+    provisional = record.status == "cancelled" and (record.cancelled or {}).get("by") == "gateway"
+    return provisional and event.get_type() in (COMPLETED, CANCELLED) and event.get_source() != GATEWAY_SOURCE
+
+
+def _settle_provisional_cancel(record: RequestRecord, event, data: dict, when: str):
+    if event.get_type() == COMPLETED:  # it ran to the end before it saw the cancel: the video exists and is paid
+        record.status, record.cancelled = "completed", None
+        record.result = copy.deepcopy(data)
+        record.result.get("video", {}).pop("url", None)
+        record.result.get("video", {}).pop("url_expires_at", None)
+        record.finished_at, record.updated_at = data.get("completed_at") or when, when
+        record.events = [e for e in record.events if e != "cancelled"] + ["completed"]
+        return record, ["completed"]
+    record.cancelled = {k: data[k] for k in ("while", "gpu_seconds", "cancelled_at") if k in data}
+    record.updated_at = when
+    return record, []  # still cancelled (announced already); now with the device time it really used
 
 
 def _advances(current: dict | None, data: dict) -> bool:
@@ -289,7 +331,7 @@ def request_cancel_transition(record: RequestRecord, when: str | None = None) ->
     new.cancel_requested, new.updated_at = True, when
     if new.status == QUEUED:
         new.status, new.finished_at = "cancelled", when
-        new.cancelled = {"while": "queued", "gpu_seconds": 0.0, "cancelled_at": when}
+        new.cancelled = {"while": "queued", "gpu_seconds": 0.0, "cancelled_at": when, "by": "gateway"}
         new.events = new.events + ["cancelled"]
         return new, ["cancelled"]
     return new, []
@@ -407,15 +449,26 @@ class RequestStates:
             return await self._cas(tenant, request_id, lambda rec: apply(rec, event), current)
         raise StateUnavailableError(f"request {request_id}: too many concurrent updates")
 
-    async def discard(self, tenant: str, request_id: str) -> None:
-        """Forget a request that was never accepted (the broker refused it): its record and its `active` entry go,
-        so the same id (or Idempotency-Key) can be submitted again. Events about it, should any come after all,
-        create a fresh record as for any request first heard of through an event."""
+    async def discard(self, tenant: str, request_id: str) -> bool:
+        """Forget a request the broker never accepted (`accepted` still False): its record and `active` entry go,
+        so the same id (or Idempotency-Key) can be submitted again. Compare-and-delete: a record that an event or a
+        retried submission has marked accepted meanwhile stays. True when it was removed."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        current = await self.get(tenant, request_id)
+        if current is None or current[0].accepted:
+            return False
         try:
-            await self._kv.delete(record_key(tenant, request_id))
+            await self._kv.delete(record_key(tenant, request_id), last=current[1])
+        except KeyWrongLastSequenceError:
+            return False
+        except Exception as e:
+            raise _unavailable(e) from e
+        try:
             await self._kv.delete(active_key(tenant, request_id))
         except Exception as e:
             raise _unavailable(e) from e
+        return True
 
     async def request_cancel(self, tenant: str, request_id: str) -> tuple[RequestRecord | None, list[str]]:
         """Ask to cancel: see `request_cancel_transition`. Returns (the record now, ["cancelled"] or [])."""
@@ -451,7 +504,12 @@ class RequestStates:
             if record.terminal:
                 await self._kv.delete(key)
             else:
-                value = {"task": record.task, "status": record.status, "created_at": record.created_at}
+                value = {
+                    "task": record.task,
+                    "status": record.status,
+                    "created_at": record.created_at,
+                    "source": record.source,
+                }
                 await self._kv.put(key, json.dumps(value).encode())
         except Exception as e:
             raise _unavailable(e) from e
@@ -460,7 +518,7 @@ class RequestStates:
     async def _values(self, pattern: str) -> dict[str, bytes]:
         """key -> value of every live key matching `pattern` (NATS subject wildcards)."""
         try:
-            watcher = await self._kv.watch(pattern, ignore_deletes=True)
+            watcher = await self._kv.watch(pattern, ignore_deletes=True, inactive_threshold=WATCH_INACTIVE_S)
         except Exception as e:
             raise _unavailable(e) from e
         found: dict[str, bytes] = {}
@@ -486,11 +544,14 @@ class RequestStates:
             records = [r for r in records if r.status == status]
         return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
 
-    async def count_active(self, tenant: str) -> int:
-        """Unfinished requests of `tenant`. An `active` key whose record is finished or gone (a writer died
-        between the two writes) is removed here, so it never counts against the tenant for long."""
+    async def count_active(self, tenant: str, source: str | None = None) -> int:
+        """Unfinished requests of `tenant` (only those sent by `source`, when given: the gateway limits what it
+        accepted, not what producers on the broker sent). An `active` key whose record is finished or gone (a
+        writer died between the two writes) is removed here, so it never counts against the tenant for long."""
         count = 0
-        for key in await self._values(f"active.{tenant}.>"):
+        for key, raw in (await self._values(f"active.{tenant}.>")).items():
+            if source is not None and json.loads(raw).get("source") != source:
+                continue
             request_id = request_id_of(key.split(".", 2)[2])
             current = await self.get(tenant, request_id)
             if current is None or current[0].terminal:
@@ -506,24 +567,36 @@ class RequestStates:
         """1 + the queued requests of the same task (any tenant) accepted before `record`; None unless queued.
 
         Order is (created_at, tenant, id): a total order every gateway replica computes alike."""
-        if record.status != QUEUED:
-            return None
-        mine = (record.created_at, record.tenant, record.id)
-        ahead = 0
+        return (await self.queue_positions([record]))[0]
+
+    async def queue_positions(self, records: list[RequestRecord]) -> list[int | None]:
+        """`queue_position` of each record, from one scan of the `active` index (a listing's page at once)."""
+        if not any(r.status == QUEUED for r in records):
+            return [None] * len(records)
+        queued: dict[str | None, list[tuple]] = {}
         for key, raw in (await self._values("active.>")).items():
             _, tenant, token = key.split(".", 2)
             value = json.loads(raw)
-            if value.get("status") == QUEUED and value.get("task") == record.task:
-                if (value.get("created_at") or "", tenant, request_id_of(token)) < mine:
-                    ahead += 1
-        return ahead + 1
+            if value.get("status") == QUEUED:
+                order = (value.get("created_at") or "", tenant, request_id_of(token))
+                queued.setdefault(value.get("task"), []).append(order)
+        positions: list[int | None] = []
+        for record in records:
+            if record.status != QUEUED:
+                positions.append(None)
+                continue
+            mine = (record.created_at, record.tenant, record.id)
+            positions.append(1 + sum(order < mine for order in queued.get(record.task, ())))
+        return positions
 
     async def watch(self, tenant: str, request_id: str) -> AsyncIterator[RequestRecord]:
         """The record now (when there is one), then each new version, until the caller stops iterating."""
         if not valid_ids(tenant, request_id):
             return
         try:
-            watcher = await self._kv.watch(record_key(tenant, request_id), ignore_deletes=True)
+            watcher = await self._kv.watch(
+                record_key(tenant, request_id), ignore_deletes=True, inactive_threshold=WATCH_INACTIVE_S
+            )
         except Exception as e:
             raise _unavailable(e) from e
         try:

@@ -159,6 +159,9 @@ async def run(app, bind: list[str], shutdown: asyncio.Event | None = None) -> No
         except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
             pass
     await hypercorn.asyncio.serve(app, cfg, shutdown_trigger=stop.wait)
+    wait_closed = getattr(getattr(app, "function", None), "wait_closed", None)
+    if wait_closed is not None:  # pod.stopped and queued lifecycle events go out before asyncio.run cancels them
+        await wait_closed()
 
 
 def serve(new) -> None:

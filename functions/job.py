@@ -57,6 +57,12 @@ def same_input(req: ParsedRequest, stored: dict) -> bool:
     return digest is None or digest == req.input_sha256
 
 
+def _rfc3339(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _now_rfc3339() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -75,6 +81,7 @@ class VideoJob:
         max_inline_image_bytes: int,
         lifecycle: LifecycleEmitter | None = None,
         cancels: CancelWatch | None = None,
+        pod=None,
     ):
         """lifecycle: where `started` / `progress` go (default: nowhere); cancels: the request-state view
         (default: no cancel checks)."""
@@ -83,6 +90,7 @@ class VideoJob:
         self.max_inline_image_bytes = max_inline_image_bytes
         self.lifecycle = lifecycle or LifecycleEmitter(None, source=source, signing_key=signing_key, kind=kind)
         self.cancels = cancels or CancelWatch(None, kind=kind)
+        self.pod = pod  # functions/pod.py PodClock: names the pod and GPU type in usage (None in bare tests)
         # video key -> (input hash, completion data future) of the job generating it
         self._running: dict[str, tuple[str, asyncio.Future]] = {}
 
@@ -191,6 +199,10 @@ class VideoJob:
             reporter(stage, done, total)
 
         def on_start(queue_wait: float, cold_start: bool) -> None:
+            if cancel_flag.is_set():  # cancelled while it waited for the device: it never starts
+                cancelled = RequestCancelled(f"request {req.request_id!r} was cancelled while queued")
+                cancelled.gpu_seconds, cancelled.while_ = 0.0, "queued"
+                raise cancelled
             if self.lifecycle.enabled:
                 loop.call_soon_threadsafe(
                     lambda: self.lifecycle.started(
@@ -241,7 +253,8 @@ class VideoJob:
                 # joins the encoder thread: off the event loop, and not skipped by a second cancellation
                 await asyncio.shield(asyncio.to_thread(mp4.abort))
                 if isinstance(e, RequestCancelled):
-                    raise self._cancelled(req, "running", getattr(e, "gpu_seconds", 0.0)) from None
+                    where = getattr(e, "while_", "running")
+                    raise self._cancelled(req, where, getattr(e, "gpu_seconds", 0.0)) from None
                 raise
             timings["queue_wait"] = queue_wait
             timings.update(result.timings)
@@ -307,6 +320,9 @@ class VideoJob:
                 "cold_start": cold,
                 "model_load_seconds": round(self.slot.load_seconds, 6),
                 "device": str(self.slot.pipeline.device),
+                **({"gpu_type": self.pod.gpu_type, "pod": self.pod.pod} if self.pod and self.pod.gpu_type else {}),
+                # when the request was made (its event's time): billing compares it with the pod's ready time
+                **({"requested_at": _rfc3339(req.time)} if req.time is not None else {}),
             },
             "completed_at": _now_rfc3339(),
         }

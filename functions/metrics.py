@@ -11,7 +11,9 @@ One registry per process (a pod serves one function). Names:
     turboflow_model_ready{kind}                      1 once weights are on the device
     turboflow_model_load_seconds{kind}               how long the last successful load took
     turboflow_gpu_memory_bytes{kind,type}            allocated | reserved | peak (peak of the last request)
-    turboflow_lifecycle_events_total{kind,type,outcome}  started | progress, sent | dropped (K_SINK down or full)
+    turboflow_lifecycle_events_total{kind,type,outcome}  started | progress | ready | stopped, sent | dropped
+    turboflow_pod_start_to_ready_seconds{kind}       the pod's cold start: process start -> model ready
+    turboflow_pod_busy_seconds_total{kind}           device seconds requests held (warm idle = ready time - this)
     turboflow_cancel_checks_total{kind,outcome}      look-ups at delivery: cancelled | proceed | unavailable (no KV)
 """
 
@@ -84,6 +86,18 @@ CANCEL_CHECKS = Counter(
     "turboflow_cancel_checks",
     "Request-state look-ups at delivery: cancelled (dropped before the device), proceed, unavailable (no KV)",
     ["kind", "outcome"],
+    registry=REGISTRY,
+)
+POD_START_TO_READY = Gauge(
+    "turboflow_pod_start_to_ready_seconds",
+    "The pod's cold start: seconds from process start to the model being ready",
+    ["kind"],
+    registry=REGISTRY,
+)
+POD_BUSY_SECONDS = Counter(
+    "turboflow_pod_busy_seconds",
+    "Device seconds requests held on this pod (completed, and cancelled while running)",
+    ["kind"],
     registry=REGISTRY,
 )
 

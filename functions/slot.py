@@ -9,7 +9,14 @@ States (SlotState) and what the health endpoints say:
     LOADING -> FAILED      wrong weights, wrong task, CUDA failure: final (readiness says why)
     any     -> STOPPING    stop(): no new work, the running job finishes in the background
 
-Liveness is false only when the loader thread died while LOADING. All device work runs in ONE worker thread
+With TURBOFLOW_GPUS > 1 the model is a ParallelPipeline (engine/parallel.py): this process is rank 0 and drives one
+worker process per extra GPU. A worker that dies or stops answering ends the running request in WorkerLostError
+(device_unavailable, 503: the broker retries it elsewhere) within the collective timeout, and the pipeline never
+recovers: readiness says "device_unavailable: <why>", liveness fails once no job holds the device (Kubernetes
+restarts the container), and stop() closes the workers after the running job (no orphan processes).
+
+Liveness is false only when the loader thread died while LOADING or a multi-device pipeline lost a worker. All
+device work runs in ONE worker thread
 (a single-thread executor), so the event loop keeps answering health checks and /metrics during a generation; at
 most `max_queue` jobs wait behind the running one, beyond that DeviceBusyError (503, the broker retries later).
 """
@@ -25,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from turboflow.engine.options import LoadOptions
-from turboflow.errors import ModelCacheError, RequestCancelled, TurboflowError
+from turboflow.errors import ConfigError, ModelCacheError, RequestCancelled, TurboflowError
 
 from . import metrics
 
@@ -51,7 +58,34 @@ class SlotState(enum.Enum):
     STOPPING = "stopping"
 
 
+def parallel_devices(device: str | None, gpus: int) -> list[str] | None:
+    """The devices of a `gpus`-device pipeline for TURBOFLOW_DEVICE `device`: None (ParallelPipeline's default,
+    cuda:0..N-1 when CUDA is present, else CPU) when unset or "cuda", N times "cpu" for "cpu" (tests on gloo).
+    One indexed device ("cuda:1") cannot hold N ranks: ConfigError."""
+    if device in (None, "", "cuda"):
+        return None
+    if device == "cpu":
+        return ["cpu"] * gpus
+    raise ConfigError(
+        f"TURBOFLOW_DEVICE={device} names one device; with TURBOFLOW_GPUS={gpus} set it to cuda (or leave it unset) "
+        f"and the pod's devices cuda:0..{gpus - 1} are used",
+        field="TURBOFLOW_DEVICE",
+    )
+
+
 def _load(model_dir: str, device: str | None, options: LoadOptions):
+    """One pipeline for the slot: on one device, or with `options.gpus` > 1 across that many (one worker process
+    per extra device, engine/parallel.py), which rank 0 (this process) calls like the single-device one."""
+    if options.gpus > 1:
+        from turboflow.engine.parallel import ParallelPipeline
+
+        return ParallelPipeline(
+            model_dir,
+            world_size=options.gpus,
+            devices=parallel_devices(device, options.gpus),
+            timeout_s=options.collective_timeout_s,
+            options=options,
+        )
     from turboflow.engine.loading import load_pipeline
 
     return load_pipeline(model_dir, device=device, options=options)
@@ -77,6 +111,9 @@ class ModelSlot:
         self._lock = threading.Lock()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{kind}-gpu")
         self._started_at = time.monotonic()
+        self.on_ready: Callable | None = None  # called with (pipeline, load seconds) once the model is ready
+        self._unhealthy_since: float | None = None  # when a multi-device pipeline was first seen unhealthy
+        self._closer: threading.Thread | None = None
 
     # ---- loading ------------------------------------------------------------------------------------------
     def fail(self, problem: str) -> None:
@@ -108,8 +145,13 @@ class ModelSlot:
                 self.problem, self.state = f"{getattr(e, 'code', type(e).__name__)}: {e}", SlotState.FAILED
                 log.exception("model load failed")
                 return
+            if self._stop.is_set() and hasattr(pipeline, "close"):  # stopped while loading: no worker outlives it
+                pipeline.close()
+                return
             if pipeline.kind != self.kind:
                 held = f"{model_dir} holds a {pipeline.kind} model"
+                if hasattr(pipeline, "close"):
+                    pipeline.close()
                 self.fail(f"wrong_model_kind: {held}; this is the {self.kind} function")
                 return
             self.loaded(pipeline, time.perf_counter() - start)
@@ -128,21 +170,57 @@ class ModelSlot:
         metrics.MODEL_LOAD_SECONDS.labels(self.kind).set(seconds)
         metrics.record_gpu_memory(self.kind, memory_bytes(pipeline.device))
         log.info("%s model %s ready on %s (load %.2fs)", self.kind, pipeline.model_name, pipeline.device, seconds)
+        if self.on_ready is not None:  # functions/pod.py: pod.ready (hands off to the loop, never waits)
+            self.on_ready(pipeline, seconds)
 
     def stop(self) -> None:
         self._stop.set()
         self.state = SlotState.STOPPING
         self._worker.shutdown(wait=False, cancel_futures=True)
         metrics.MODEL_READY.labels(self.kind).set(0)
+        if hasattr(self.pipeline, "close"):  # a multi-device pipeline: its worker processes go with the function
+            # after the running job (if any) has finished on the device worker; not a daemon thread, so the
+            # interpreter waits for it at exit and no worker process outlives the function
+            self._closer = threading.Thread(target=self._close_pipeline, name=f"{self.kind}-close", daemon=False)
+            self._closer.start()
+
+    def _close_pipeline(self) -> None:
+        self._worker.shutdown(wait=True)
+        try:
+            self.pipeline.close()
+        except Exception:  # noqa: BLE001  (stopping anyway: say why in the log)
+            log.exception("stopping the multi-device pipeline's workers failed")
 
     # ---- health -------------------------------------------------------------------------------------------
+    def _lost_devices(self) -> str | None:
+        """Why the loaded pipeline can no longer serve (a multi-device pipeline whose worker died or stuck), else
+        None. Such a pipeline never recovers: readiness says so and, once no job holds it, liveness fails too so
+        that Kubernetes restarts the container."""
+        pipeline = self.pipeline
+        if pipeline is None or getattr(pipeline, "healthy", True):
+            return None
+        if self._unhealthy_since is None:
+            self._unhealthy_since = time.monotonic()
+            metrics.MODEL_READY.labels(self.kind).set(0)
+            log.error("%s function lost a device worker: %s", self.kind, pipeline.problem)
+        return str(getattr(pipeline, "problem", None) or "a device worker was lost")
+
     def alive(self) -> tuple[bool, str]:
         if self._loader is not None and self.state is SlotState.LOADING and not self._loader.is_alive():
             return False, "model loader thread died"
+        lost = self._lost_devices() if self.state is SlotState.READY else None
+        if lost is not None:
+            # the running job ends within the collective timeout (it answers 503 first); then restart
+            bound = float(getattr(self.pipeline, "timeout_s", 300.0)) + 30.0
+            if self._inflight == 0 or time.monotonic() - self._unhealthy_since > bound:
+                return False, f"device_unavailable: {lost}"
         return True, f"alive: {self.state.value}"
 
     def ready(self) -> tuple[bool, str]:
         if self.state is SlotState.READY and self.pipeline is not None:
+            lost = self._lost_devices()
+            if lost is not None:
+                return False, f"not ready: device_unavailable: {lost}"
             return True, f"ready: {self.pipeline.model_name} on {self.pipeline.device}"
         if self.state is SlotState.LOADING:
             waited = time.monotonic() - self._started_at

@@ -5,12 +5,13 @@ It only wires the parts together:
     start(cfg)  Settings from `cfg` (func-python passes the environment; `turboflow serve` builds them first and
                 passes them in), the output store they select (TURBOFLOW_STORE: s3 | local), the model slot
                 (functions/slot.py: background load, readiness), the lifecycle emitter (functions/lifecycle.py:
-                `started` / `progress` to K_SINK), the cancel watch (functions/cancel.py: TURBOFLOW_NATS_URL) and
+                `started` / `progress` to K_SINK), the pod clock (functions/pod.py: `pod.ready` once the model is
+                loaded, `pod.stopped` at stop), the cancel watch (functions/cancel.py: TURBOFLOW_NATS_URL) and
                 the video job (functions/job.py). A bad setting is never fatal to the process: readiness answers
                 `not ready: invalid_config: VARIABLE: ...` forever and the log says it once.
     handle()    one request CloudEvent -> VideoJob -> functions/replies.py's table -> the HTTP answer.
-    stop()      stops loading, refuses new work, lets the running job finish in the background; queued lifecycle
-                events get a short drain, the NATS connection is closed.
+    stop()      stops loading, refuses new work, lets the running job finish in the background; sends `pod.stopped`;
+                queued lifecycle events get a short drain, the NATS connection is closed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import time
 from collections.abc import Mapping
 
-from turboflow.errors import ConfigError, TurboflowError
+from turboflow.errors import ConfigError, RequestCancelled, TurboflowError
 from turboflow.eventing.contracts import DEFAULT_SOURCES, request_context
 from turboflow.settings import TASKS, Settings, prepare_process_environment
 
@@ -29,6 +30,7 @@ from . import metrics, replies
 from .cancel import CancelWatch
 from .job import VideoJob
 from .lifecycle import LifecycleEmitter
+from .pod import PodClock
 from .slot import ModelSlot, SlotState
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,13 @@ def build_store(settings: Settings):
     return S3Store.from_settings(settings)
 
 
+def held_seconds(completed: Mapping) -> float:
+    """Device seconds a completed request held: usage.gpu_seconds less the model load it carries when cold_start."""
+    usage = completed.get("usage") or {}
+    load = float(usage.get("model_load_seconds") or 0.0) if usage.get("cold_start") else 0.0
+    return max(float(usage.get("gpu_seconds") or 0.0) - load, 0.0)
+
+
 class VideoFunction:
     """A Knative function instance serving one model of task `kind` (t2v or i2v)."""
 
@@ -76,6 +85,7 @@ class VideoFunction:
         self.store = store
         self.slot = ModelSlot(kind)
         self.job: VideoJob | None = None
+        self.pod: PodClock | None = None  # built in start() with the emitter it sends through
         self._closing: asyncio.Task | None = None  # the emitter drain and NATS close scheduled by stop()
         self._injected_pipeline = pipeline
         self._config_error: str | None = None  # settings or store unusable: never ready
@@ -106,6 +116,16 @@ class VideoFunction:
                 self._config_error = f"storage misconfigured: {e.message}"
                 log.error("storage misconfigured: %s; the function will never become ready", e.message)
         source = settings.event_source or DEFAULT_SOURCES[self.kind]
+        pod_name = settings.pod_name or socket.gethostname()
+        lifecycle = LifecycleEmitter(
+            settings.sink_url, source=source, signing_key=settings.event_signing_key, kind=self.kind, pod=pod_name
+        )
+        self.pod = PodClock(lifecycle, kind=self.kind, pod=pod_name, gpu_type=settings.gpu_type)
+        try:
+            self.pod.bind(asyncio.get_running_loop())  # func-python calls start() on the server's loop
+        except RuntimeError:
+            pass  # no loop (a direct call in tests): pod events are not sent
+        self.slot.on_ready = self.pod.ready
         self.job = VideoJob(
             self.kind,
             self.slot,
@@ -113,13 +133,8 @@ class VideoFunction:
             source=source,
             signing_key=settings.event_signing_key,
             max_inline_image_bytes=settings.max_inline_image_bytes,
-            lifecycle=LifecycleEmitter(
-                settings.sink_url,
-                source=source,
-                signing_key=settings.event_signing_key,
-                kind=self.kind,
-                pod=settings.pod_name or socket.gethostname(),
-            ),
+            lifecycle=lifecycle,
+            pod=self.pod,
             cancels=CancelWatch(
                 settings.nats_url, kind=self.kind, retention_seconds=settings.request_retention_seconds
             ),
@@ -133,6 +148,8 @@ class VideoFunction:
 
     def stop(self) -> None:
         self.slot.stop()
+        if self.pod is not None:
+            self.pod.stopped()  # queued before the emitter's drain below
         if self.job is not None:
             try:
                 loop = asyncio.get_running_loop()  # func-python calls stop() on the server's loop
@@ -140,6 +157,12 @@ class VideoFunction:
                 return
             # best effort: the server may close its loop before these finish; terminal events travel as replies
             self._closing = loop.create_task(self._close_background(self.job))
+
+    async def wait_closed(self, timeout: float = 3.0) -> None:
+        """Give the close scheduled by stop() (pod.stopped, queued lifecycle events, NATS) `timeout` seconds to
+        finish: functions/app.py `run` awaits it after the server stops, before the loop is torn down."""
+        if self._closing is not None and not self._closing.done():
+            await asyncio.wait({self._closing}, timeout=timeout)
 
     @staticmethod
     async def _close_background(job: VideoJob) -> None:
@@ -171,7 +194,11 @@ class VideoFunction:
                 raise NotReadyError(self.ready()[1])
             event_out, replayed = await self.job.run(event, ctx, arrived, has_time, ready=self.ready)
             reply = replies.completed(event_out, replayed)
+            if not replayed and self.pod is not None:
+                self.pod.request_done(held_seconds(event_out.get_data()))
         except Exception as e:
+            if self.pod is not None and isinstance(e, RequestCancelled):
+                self.pod.request_done(float(getattr(e, "gpu_seconds", 0.0) or 0.0))
             reply = replies.for_error(e, ctx, source=source, signing_key=self.job.signing_key if self.job else None)
             self._log_failure(e, reply, ctx)
         finally:

@@ -10,7 +10,8 @@ For one event, in this order (each step idempotent, so a redelivery after a fail
 3. the usage ledger: completed/failed/cancelled are recorded (once per CloudEvents source + id);
 4. the request state: `RequestStates.apply_event` (monotone, first terminal wins, creates the record if this is
    the first news of the request);
-5. on the transition to terminal: `turboflow_gateway_request_seconds{task,status}` observes accepted -> terminal;
+5. on the transition to terminal: `turboflow_gateway_request_seconds{task,status}` observes accepted -> terminal,
+   and the per-tenant counters count the outcome and the GPU-seconds the event bills (billing/attribution.py);
 6. webhooks: a job per produced change the request's webhook subscribes to. A redelivered terminal event produces
    no change but enqueues its terminal name again: the outbox's Nats-Msg-Id drops it unless the first enqueue was
    lost (the gateway stopped between steps 4 and 6).
@@ -76,6 +77,18 @@ def accepted_to_terminal_seconds(record) -> float | None:
     return (finished - created).total_seconds()
 
 
+def billed_gpu_seconds(event) -> float:
+    """GPU-seconds a terminal event bills its tenant by the default rule; 0 when it carries nothing billable."""
+    from turboflow.billing.attribution import charge
+    from turboflow.billing.ledger import fact_of
+
+    try:
+        billed = charge(fact_of(structured(event)))
+    except InvalidUsageEventError:
+        return 0.0
+    return billed.billed_s if billed is not None else 0.0
+
+
 def structured(event) -> dict:
     """The event in the JSON event format, as a dict (what the ledger stores)."""
     return json.loads(JSONFormat().write(event))
@@ -120,11 +133,16 @@ class LifecycleConsumer:
             seconds = accepted_to_terminal_seconds(record)
             if seconds is not None:
                 metrics.observe_request_seconds(record.task, record.status, seconds)
+            if event_type in TERMINAL_TYPES and record.status == TERMINAL_NAME[event_type]:
+                metrics.count_terminal(record.tenant, record.status, billed_gpu_seconds(event))
         names = list(changes)
         if not names and event_type in TERMINAL_TYPES and record.status == TERMINAL_NAME[event_type]:
             names = [record.status]  # redelivery: re-enqueue; the outbox drops it unless the first one was lost
         if names:
-            await self._tell(record, names, base_url)
+            # links in webhooks: the configured public URL, else the one the client used to submit (not the
+            # cluster-internal name the Trigger called)
+            links = self.service.settings.gateway_public_url or record.base_url or base_url
+            await self._tell(record, names, links)
         return self._count(event_type, outcome)
 
     async def _tell(self, record, names: list[str], base_url: str | None) -> None:
@@ -153,7 +171,9 @@ class LifecycleConsumer:
 
     @staticmethod
     def _count(event_type: str, outcome: Outcome) -> Outcome:
-        metrics.LIFECYCLE_EVENTS.labels(event_type, outcome.outcome).inc()
+        known = event_type in LIFECYCLE_TYPES or event_type in REQUESTED_TYPES
+        # anyone may post any type: a label per unknown type would grow /metrics without bound
+        metrics.LIFECYCLE_EVENTS.labels(event_type if known else "other", outcome.outcome).inc()
         return outcome
 
 

@@ -13,6 +13,15 @@ gateway in tests never mixes series. Names:
                                                        ignored_unsigned | ignored_type | malformed
     turboflow_gateway_webhook_attempts_total{event,outcome}
                                                        webhook POSTs: delivered | failed | refused | gave_up
+    turboflow_gateway_tenant_requests_total{tenant,outcome}
+                                                       requests that turned terminal: completed | failed | cancelled
+    turboflow_gateway_tenant_gpu_seconds_total{tenant} GPU-seconds billed to the tenant by the default rule
+                                                       (billing/attribution.py; pod.ready facts are not consulted
+                                                       here, so a load the activator made a request wait for is
+                                                       left out: the ledger's report is the bill)
+
+`tenant` is a label: one series per tenant (and outcome), bounded by the tenants that hold API keys; see
+docs/billing.md on cardinality.
 """
 
 from __future__ import annotations
@@ -64,6 +73,24 @@ WEBHOOK_ATTEMPTS = Counter(
     ["event", "outcome"],
     registry=REGISTRY,
 )
+TENANT_REQUESTS = Counter(
+    "turboflow_gateway_tenant_requests",
+    "Requests that reached a terminal state, by tenant and outcome",
+    ["tenant", "outcome"],
+    registry=REGISTRY,
+)
+TENANT_GPU_SECONDS = Counter(
+    "turboflow_gateway_tenant_gpu_seconds",
+    "GPU-seconds billed to each tenant (the ledger's default attribution rule)",
+    ["tenant"],
+    registry=REGISTRY,
+)
+
+
+def count_terminal(tenant: str, outcome: str, billed_gpu_seconds: float) -> None:
+    """One request turned terminal: its outcome and the GPU-seconds it is billed (never negative)."""
+    TENANT_REQUESTS.labels(tenant or "unknown", outcome).inc()
+    TENANT_GPU_SECONDS.labels(tenant or "unknown").inc(max(float(billed_gpu_seconds), 0.0))
 
 
 def observe_request_seconds(task: str, status: str, seconds: float) -> None:

@@ -37,6 +37,7 @@ CODES: dict[str, tuple[int, str]] = {
     "id_conflict": (409, "the request id was already used for a different input"),
     "idempotency_conflict": (409, "the Idempotency-Key was already used for a different input"),
     "not_cancellable": (409, "the request already completed or failed"),
+    "length_required": (411, "a multipart upload must declare its Content-Length"),
     "payload_too_large": (413, "the body or the uploaded image is over the limit"),
     "unsupported_media_type": (415, "the body is neither application/json nor multipart/form-data"),
     "invalid_request": (422, "the request is invalid; `errors` lists every field at fault"),

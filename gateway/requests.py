@@ -31,13 +31,13 @@ from turboflow.eventing.event_schemas import (
     validator,
 )
 from turboflow.eventing.nats_binding import ExactCloudEvent
-from turboflow.eventing.types import REQUEST_TYPES, TENANT_EXTENSION
+from turboflow.eventing.types import GATEWAY_SOURCE, REQUEST_TYPES, TENANT_EXTENSION
 from turboflow.settings import Settings
 from turboflow.storage import keys as storage_keys
 
 from .problems import ApiProblem
 
-SOURCE = "/turboflow/gateway"
+SOURCE = GATEWAY_SOURCE
 WEBHOOK_EVENTS = ("queued", "started", "progress", "completed", "failed", "cancelled")
 DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "cancelled")
 MAX_WEBHOOK_URL_CHARS = 2048

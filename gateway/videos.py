@@ -121,9 +121,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _json(raw: bytes | str) -> object:
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
+        value = json.loads(raw)
+        # JSON may spell a lone surrogate (\ud800), which no UTF-8 text holds: refuse it here, not in a hash later
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise ApiProblem("invalid_json", "the body is not valid JSON (UTF-8)", status=400) from None
+    return value
 
 
 async def _read_submission(request: Request, service: GatewayService, tenant: str):
@@ -136,7 +139,11 @@ async def _read_submission(request: Request, service: GatewayService, tenant: st
     if content_type == "multipart/form-data":
         limit = settings.max_image_bytes + MAX_FORM_OVERHEAD_BYTES
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        # the form parser spools file parts without a cap: only a declared length (which the HTTP server holds the
+        # body to) bounds an upload before it is read
+        if not (declared and declared.isdigit()):
+            raise ApiProblem("length_required", "a multipart upload needs a Content-Length header")
+        if int(declared) > limit:
             raise ApiProblem("payload_too_large", f"the body is over the {limit}-byte limit")
         try:
             form = await request.form(max_files=1, max_fields=4)
@@ -161,31 +168,42 @@ async def _read_submission(request: Request, service: GatewayService, tenant: st
     )
 
 
-async def _existing(service, request, tenant, request_id, input_sha256, conflict_code, what) -> JSONResponse | None:
-    """200 with the existing request when it has the same input; 409 when another; None when there is none."""
+async def _existing(service, request, tenant, request_id, submission, conflict_code) -> JSONResponse | None:
+    """200 with the existing request when it has the same input; 409 when another (or one the gateway did not
+    take: a record made from a producer's event has no input hash to compare); None when there is none. A record
+    stored but not yet handed to the broker (its first submission failed or is still in flight) is sent again."""
     found = await service.states.get(tenant, request_id)
     if found is None:
         return None
     record = found[0]
-    if record.input_sha256 and record.input_sha256 != input_sha256:
+    if record.input_sha256 != submission.input_sha256:
+        what = "this Idempotency-Key's request" if conflict_code == "idempotency_conflict" else f"id {request_id!r}"
         raise ApiProblem(conflict_code, f"{what} was already used for a different input; use a new one")
+    if not record.accepted:
+        await _hand_to_broker(service, record, submission)
     return JSONResponse(await _resource(service, request, record), status_code=200)
 
 
-async def _check_limits(service, tenant: str) -> None:
-    """429 when the tenant has its maximum of unfinished requests, or has spent its monthly GPU-second budget
-    (billing/quotas.py, from the ledger): the problem says which limit and when it frees up."""
-    from turboflow.billing.quotas import check_monthly
-
-    active = await service.states.count_active(tenant)
-    if active >= service.settings.tenant_max_active:
+async def _check_concurrency(service, tenant: str, request_id: str) -> None:
+    """429 when, with this one, the tenant has more unfinished requests submitted here than it may (producers on
+    the broker are not counted: they are not this gateway's to limit). This one is then discarded."""
+    active = await service.states.count_active(tenant, source=submissions.SOURCE)
+    limit = service.settings.tenant_max_active
+    if active > limit:
+        await service.states.discard(tenant, request_id)
         raise ApiProblem(
             "too_many_requests",
-            f"{active} requests of this tenant are unfinished (the limit is {service.settings.tenant_max_active}); "
-            "retry when one finishes",
+            f"{active - 1} requests of this tenant are unfinished (the limit is {limit}); retry when one finishes",
             retry_after=RETRY_AFTER_SECONDS,
             limit="concurrent_requests",
         )
+
+
+async def _check_monthly_budget(service, tenant: str) -> None:
+    """429 when the tenant has spent its monthly GPU-second budget (billing/quotas.py, from the ledger): the
+    problem says which limit and when it renews."""
+    from turboflow.billing.quotas import check_monthly
+
     budgets = dict(service.settings.tenant_monthly_gpu_seconds)
     if not budgets or service.ledger is None:
         return
@@ -245,18 +263,15 @@ async def create_video(
             if submission.id_given:
                 raise ApiProblem("idempotency_conflict", "this Idempotency-Key was already used for another id")
             request_id = claimed_id
-    replay = await _existing(
-        service, request, tenant, request_id, submission.input_sha256, "id_conflict", f"request id {request_id!r}"
-    )
+    replay = await _existing(service, request, tenant, request_id, submission, "id_conflict")
     if replay is not None:
         return replay
-    await _check_limits(service, tenant)
+    await _check_monthly_budget(service, tenant)
     if image is not None:
         if service.store is None:
             raise ApiProblem("storage_unavailable", "this gateway has no object store for uploads")
         await uploads.store_upload(service.store, submission.data["image"], image, request_id)
 
-    accepted_at = datetime.now(UTC)
     now = now_rfc3339()
     record = RequestRecord(
         id=request_id,
@@ -269,22 +284,39 @@ async def create_video(
         source=submissions.SOURCE,
         webhook=submission.webhook,
         events=["queued"],
+        accepted=False,  # until the broker has it (below)
+        base_url=_base_url(service, request),
     )
     if not await service.states.create(record):  # a concurrent submission of the same id got there first
-        replay = await _existing(
-            service, request, tenant, request_id, submission.input_sha256, "id_conflict", f"request id {request_id!r}"
-        )
+        replay = await _existing(service, request, tenant, request_id, submission, "id_conflict")
         if replay is not None:
             return replay
-    event = submissions.request_event(submission.task, request_id, tenant, submission.data, accepted_at)
+    # counted after the record exists, so concurrent submissions cannot all slip under the limit
+    await _check_concurrency(service, tenant, request_id)
+    await _hand_to_broker(service, record, submission)
+    await service.changed(record, ["queued"])
+    return JSONResponse(await _resource(service, request, record), status_code=201)
+
+
+async def _hand_to_broker(service: GatewayService, record: RequestRecord, submission) -> None:
+    """Emit the request event, then mark the record accepted. A refusal discards the record (503: nothing was
+    accepted, a retry submits it again); the event's time is the record's, so a re-sent event is the same event."""
+    when = datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
+    event = submissions.request_event(submission.task, record.id, record.tenant, submission.data, when)
     try:
         await service.emitter.emit(event)
     except BrokerUnavailable as e:
-        # never accepted: forget it, so that retrying the same id or Idempotency-Key submits it again
-        await service.states.discard(tenant, request_id)
+        await service.states.discard(record.tenant, record.id)
         raise ApiProblem("broker_unavailable", f"the request was not accepted: {e}; try again") from e
-    await service.changed(record, ["queued"])
-    return JSONResponse(await _resource(service, request, record), status_code=201)
+    await service.states.update(record.tenant, record.id, _mark_accepted)
+    record.accepted = True
+
+
+def _mark_accepted(record: RequestRecord) -> RequestRecord | None:
+    if record.accepted:
+        return None
+    record.accepted = True
+    return record
 
 
 def _not_found(request_id: str) -> ApiProblem:
@@ -345,7 +377,9 @@ async def list_videos(
     if after is not None:
         records = [r for r in records if (r.created_at, r.id) < after]
     page = records[:limit]
-    data = [await _resource(service, request, r) for r in page]
+    positions = await service.states.queue_positions(page)  # one scan for the page, not one per queued item
+    base_url, store = _base_url(service, request), service.store
+    data = [video_resource(r, base_url=base_url, store=store, queue_position=p) for r, p in zip(page, positions)]
     next_cursor = encode_cursor(page[-1]) if len(records) > limit else None
     return JSONResponse({"data": data, "next_cursor": next_cursor})
 

@@ -72,32 +72,80 @@ def webhook_id(msg_id: str) -> str:
     return "msg_" + hashlib.sha256(msg_id.encode("utf-8")).hexdigest()[:32]
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+DNS_TIMEOUT_S = 5.0
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries and routes to: v4-mapped, 6to4, NAT64, Teredo's client, or the
+    deprecated v4-compatible ::a.b.c.d (Python's `is_global` judges those by their v6 prefix, not their target)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in network for network in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d (not :: or ::1, which are judged as they are)
+        return ipaddress.IPv4Address(int(ip))
+    return None
+
+
 def is_public_address(address: str) -> bool:
     """True only for globally routable unicast addresses: loopback, private, carrier-grade NAT, link-local
-    (cloud metadata), multicast, reserved and unspecified ones are not (v4, v6, v4-mapped v6)."""
+    (cloud metadata), multicast, reserved and unspecified ones are not (v4, v6, and v4 carried inside v6)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
 
-async def refused_destination(url: str, allow_private: bool) -> str | None:
-    """Why `url` may not be called now (None: it may). Resolves the host: every address must be public."""
+async def resolve_destination(url: str, allow_private: bool) -> tuple[str | None, str | None]:
+    """(why `url` may not be called now, or None; the address to connect to, or None to let the client resolve).
+
+    Every address the host resolves to must be public, and the delivery then connects to the address checked here
+    (a second lookup could answer differently: DNS rebinding)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "the webhook URL is not an http(s) URL"
+        return "the webhook URL is not an http(s) URL", None
     if allow_private:
-        return None
+        return None, None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(
+                parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+            ),
+            DNS_TIMEOUT_S,
         )
+    except TimeoutError:
+        return f"cannot resolve {parts.hostname}: no answer within {DNS_TIMEOUT_S:.0f} s", None
     except OSError as e:
-        return f"cannot resolve {parts.hostname}: {e.strerror or e}"
-    private = sorted({info[4][0] for info in infos if not is_public_address(info[4][0])})
+        return f"cannot resolve {parts.hostname}: {e.strerror or e}", None
+    addresses = [info[4][0] for info in infos]
+    private = sorted({a for a in addresses if not is_public_address(a)})
     if private:
-        return f"{parts.hostname} resolves to a non-public address ({', '.join(private)}); refused"
-    return None
+        return f"{parts.hostname} resolves to a non-public address ({', '.join(private)}); refused", None
+    return (None, addresses[0]) if addresses else (f"cannot resolve {parts.hostname}", None)
+
+
+async def refused_destination(url: str, allow_private: bool) -> str | None:
+    """Why `url` may not be called now (None: it may)."""
+    return (await resolve_destination(url, allow_private))[0]
+
+
+def pinned_request(url: str, address: str | None) -> tuple[str, dict, dict]:
+    """(URL, extra headers, request extensions) that reach `url`'s host at `address`: the URL names the address,
+    `Host` and the TLS server name (SNI, and the certificate check) stay the original host's."""
+    if address is None:
+        return url, {}, {}
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    pinned = parts._replace(netloc=netloc).geturl()
+    original = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return pinned, {"host": original}, extensions
 
 
 def with_attempt(record, attempt: dict):
@@ -264,7 +312,7 @@ class WebhookWorker:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.timeout + 30.0,
-            max_deliver=-1,
+            max_deliver=self.max_attempts + 2,  # a job that keeps failing unexpectedly is not retried for ever
             max_ack_pending=max(self.concurrency * 4, 64),
         )
         slots = asyncio.Semaphore(self.concurrency)
@@ -311,7 +359,7 @@ class WebhookWorker:
     async def deliver(self, job: dict, attempt_number: int) -> tuple[dict, bool]:
         """One try of `job`: (the attempt to record, whether to try again)."""
         name = job["event"]
-        refused = await refused_destination(job["url"], self.allow_private)
+        refused, address = await resolve_destination(job["url"], self.allow_private)
         if refused:
             metrics.WEBHOOK_ATTEMPTS.labels(name, "refused").inc()
             return self._attempt(name, attempt_number, None, refused), False
@@ -325,7 +373,10 @@ class WebhookWorker:
         }
         status, error = None, None
         try:
-            response = await self._http.post(job["url"], content=job["body"].encode("utf-8"), headers=headers)
+            url, host, extensions = pinned_request(job["url"], address)
+            response = await self._http.post(
+                url, content=job["body"].encode("utf-8"), headers={**headers, **host}, extensions=extensions
+            )
             status = response.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}"

@@ -18,6 +18,7 @@ KUSTOMIZATIONS = (
     "knative",
     "overlays/dev",
     "overlays/gpu",
+    "overlays/gpu-2x",
     "model-cache",
     "model-cache/warm",
     "monitoring",

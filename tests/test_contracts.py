@@ -22,7 +22,7 @@ from turboflow.eventing.contracts import (
     parse_request,
     validator,
 )
-from turboflow.eventing.types import COMPLETED, FAILED, I2V_REQUESTED, LIFECYCLE_TYPES, T2V_REQUESTED
+from turboflow.eventing.types import COMPLETED, FAILED, I2V_REQUESTED, LIFECYCLE_TYPES, POD_TYPES, T2V_REQUESTED
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -56,7 +56,7 @@ def test_asyncapi_document_covers_every_event():
     doc = yaml.safe_load((asyncapi.REPO_ROOT / asyncapi.ASYNCAPI_PATH).read_text())
     assert doc["asyncapi"].startswith("3.")
     addresses = {c["address"] for c in doc["channels"].values()}
-    assert addresses == {T2V_REQUESTED, I2V_REQUESTED, *LIFECYCLE_TYPES}
+    assert addresses == {T2V_REQUESTED, I2V_REQUESTED, *LIFECYCLE_TYPES, *POD_TYPES}
     for msg in doc["components"]["messages"].values():
         ref = msg["payload"]["$ref"].rsplit("/", 1)[-1]
         assert ref in doc["components"]["schemas"]

@@ -233,7 +233,7 @@ def completed(ctx: dict, request_id: str, key: str, body: bytes = b"mp4"):
                   "sha256": hashlib.sha256(body).hexdigest(), "content_type": "video/mp4",
                   "url": "https://stale.example/x", "url_expires_at": "2026-01-01T00:00:00Z"},
         "width": 640, "height": 480, "num_frames": 17, "fps": 16.0, "duration": 1.0625, "seed": 7, "num_steps": 4,
-        "sigma_max": 80.0, "timings": {"total": 1.5}, "completed_at": "2026-01-01T00:01:00Z", "input_sha256": "0" * 64,
+        "sigma_max": 80.0, "timings": {"total": 1.5}, "completed_at": "2026-01-01T00:01:00Z",
         "usage": {"gpu_seconds": 1.25, "cold_start": False, "model_load_seconds": 0.0, "device": "cpu"},
     }  # fmt: skip
     return lifecycle_event(
@@ -347,3 +347,74 @@ def test_committed_openapi_document_is_current():
     create = document["paths"]["/v1/videos"]["post"]
     assert PROBLEM in create["responses"]["422"]["content"]
     assert set(create["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+
+
+def test_the_tenant_limit_holds_under_concurrent_submissions(gateway_stack, client):  # noqa: F811
+    """Counted after the record exists: twenty parallel POSTs with room for three accept exactly three."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c, tenant = client
+    limit = gateway_stack.settings.tenant_max_active
+    key = c.headers["authorization"]
+
+    def post(n: int) -> int:
+        with httpx.Client(base_url=gateway_stack.url, headers={"authorization": key}, timeout=30) as own:
+            return own.post("/v1/videos", json={**T2V, "seed": n}).status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = list(pool.map(post, range(20)))
+    assert codes.count(201) <= limit and set(codes) <= {201, 429}
+    listed = c.get("/v1/videos?status=queued").json()["data"]
+    assert len(listed) == codes.count(201)  # the refused ones left nothing behind
+
+
+def test_a_lone_surrogate_is_invalid_json_not_a_500(client):
+    c, _ = client
+    body = b'{"task": "t2v", "prompt": "\\ud800"}'
+    r = c.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert_problem(r, 400, "invalid_json")
+
+
+def test_a_multipart_upload_without_a_length_is_refused(client):
+    c, _ = client
+    boundary = "b0undary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n{json.dumps(T2V)}\r\n--{boundary}--\r\n'
+    ).encode()
+
+    def chunks():  # a generator body: httpx sends it chunked, without Content-Length
+        yield part
+
+    r = c.post("/v1/videos", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_problem(r, 411, "length_required")
+
+
+def test_an_id_first_seen_from_a_producer_is_not_replayed_to_a_gateway_client(gateway_stack, client):  # noqa: F811
+    """A record made from a broker event has no input hash: the same id through the gateway is a conflict, never
+    someone else's request handed back as a replay."""
+    c, tenant = client
+    event = {
+        "specversion": "1.0",
+        "id": "squatted-1",
+        "source": "/somewhere",
+        "type": T2V_REQUESTED,
+        "tenant": tenant,
+        "datacontenttype": "application/json",
+        "data": {"prompt": "not yours"},
+    }
+    internal = httpx.post(
+        f"{gateway_stack.url}/internal/events",
+        content=json.dumps(event),
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    assert internal.status_code in (200, 202)
+    assert_problem(c.post("/v1/videos", json={**T2V, "id": "squatted-1"}), 409, "id_conflict")
+    # and producers' requests do not count against the tenant's limit
+    for n in range(gateway_stack.settings.tenant_max_active + 1):
+        event = {**event, "id": f"producer-{n}"}
+        httpx.post(
+            f"{gateway_stack.url}/internal/events",
+            content=json.dumps(event),
+            headers={"content-type": "application/cloudevents+json"},
+        )
+    assert c.post("/v1/videos", json=T2V).status_code == 201

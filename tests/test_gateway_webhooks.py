@@ -182,10 +182,24 @@ def test_backoff_doubles_up_to_the_cap():
 def test_address_rules():
     public = ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"]
     private = ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1", "::ffff:10.0.0.1",
-               "0.0.0.0", "100.64.0.1"]  # fmt: skip
+               "0.0.0.0", "100.64.0.1",
+               # IPv4 inside IPv6: NAT64 of the metadata address, 6to4 of loopback, v4-compatible loopback
+               "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "::127.0.0.1"]  # fmt: skip
     assert all(is_public_address(a) for a in public)
     assert not any(is_public_address(a) for a in private)
     assert job_msg_id("acme", "r.1", "completed") == "acme/r.1/completed/0"
+
+
+def test_deliveries_connect_to_the_address_that_was_checked():
+    """No second lookup between the check and the connection (DNS rebinding): the URL names the checked address,
+    the Host header and the TLS server name stay the original host's."""
+    from turboflow.gateway.webhooks import pinned_request
+
+    url, headers, extensions = pinned_request("https://hooks.example.com:8443/in?x=1", "93.184.216.34")
+    assert url == "https://93.184.216.34:8443/in?x=1"
+    assert headers == {"host": "hooks.example.com:8443"} and extensions == {"sni_hostname": "hooks.example.com"}
+    assert pinned_request("http://hooks.example.com/in", "2606:2800:220:1::1")[0] == "http://[2606:2800:220:1::1]/in"
+    assert pinned_request("http://127.0.0.1:9/in", None) == ("http://127.0.0.1:9/in", {}, {})  # private allowed
 
 
 async def test_refused_destination_resolves_names():

@@ -19,7 +19,7 @@ from kustomized import INFRA, KUSTOMIZATIONS, kustomized, resource_id
 from turboflow.eventing.triggers import parse_duration as iso_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ["overlays/dev", "overlays/gpu"]
+OVERLAYS = ["overlays/dev", "overlays/gpu", "overlays/gpu-2x"]
 FUNCTIONS = {"turboflow-t2v": "t2v", "turboflow-i2v": "i2v"}
 GATEWAY = "turboflow-gateway"
 # COMMON.md's shared numbers
@@ -203,7 +203,8 @@ POD_SPEC = obj(
                 {
                     "name": STR,
                     "persistentVolumeClaim": obj({"claimName": STR, "readOnly": {"type": "boolean"}}, ["claimName"]),
-                    "emptyDir": obj({"sizeLimit": QUANTITY}),
+                    # k8s also takes HugePages media, which no manifest here uses
+                    "emptyDir": obj({"sizeLimit": QUANTITY, "medium": {"enum": ["", "Memory"]}}),
                 },
                 ["name"],
             ),
@@ -466,6 +467,54 @@ def test_gpu_overlay_requests_a_gpu_on_accelerator_nodes(rendered):
     assert gpu_users == set(FUNCTIONS)
     (pvc,) = kind(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _memory_gib(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(Gi|Mi)", quantity).groups()
+    return int(number) / (1024 if unit == "Mi" else 1)
+
+
+def test_two_gpu_overlay_spreads_i2v_over_two_nvlink_gpus_with_shared_memory(rendered):
+    one, two = rendered["overlays/gpu"], rendered["overlays/gpu-2x"]
+    svc = ksvc(two, "turboflow-i2v")
+    pod, c = svc["spec"]["template"]["spec"], container(svc)
+    e = env(c)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and e["TURBOFLOW_GPUS"] == "2"
+    assert e["TURBOFLOW_DEVICE"] == "cuda"  # cuda:0..1, one rank each (functions/slot.py parallel_devices)
+    assert e["NCCL_NVLS_ENABLE"] == "0"  # NVLink multicast off
+    assert float(e["TURBOFLOW_COLLECTIVE_TIMEOUT_SECONDS"]) < svc["spec"]["template"]["spec"]["timeoutSeconds"]
+    # NCCL's shared memory: a memory-backed /dev/shm, bounded, inside the container's memory limit
+    (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == shm["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory" and not shm.get("readOnly")
+    limit = _memory_gib(c["resources"]["limits"]["memory"])
+    assert _memory_gib(volume["emptyDir"]["sizeLimit"]) < limit - _memory_gib(c["resources"]["requests"]["memory"])
+    # more host memory and a longer startup than one GPU's: two processes load the weights
+    before = container(ksvc(one, "turboflow-i2v"))
+    assert limit > _memory_gib(before["resources"]["limits"]["memory"])
+    s, s1 = c["startupProbe"], before["startupProbe"]
+    window = s["periodSeconds"] * s["failureThreshold"]
+    assert window > s1["periodSeconds"] * s1["failureThreshold"]
+    deadline = go_seconds(svc["spec"]["template"]["metadata"]["annotations"]["serving.knative.dev/progress-deadline"])
+    assert deadline >= window + 600
+    # NVLink GPUs only: Ulysses' all-to-alls over PCIe cost more than the second GPU saves
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (expr,) = term["matchExpressions"]
+    assert expr["key"] == "nvidia.com/gpu.product" and set(expr["values"]) == {"NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"}
+    # everything else is the gpu overlay's: T2V as it was, the rest of the system untouched
+    assert ksvc(two, "turboflow-t2v") == ksvc(one, "turboflow-t2v")
+    i2v = resource_id(ksvc(one, "turboflow-i2v"))
+    assert [d for d in two if resource_id(d) != i2v] == [d for d in one if resource_id(d) != i2v]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_function_runs_across_exactly_the_gpus_it_requests(rendered, overlay):
+    for name in FUNCTIONS:
+        c = container(ksvc(rendered[overlay], name))
+        gpus = int(c["resources"].get("limits", {}).get("nvidia.com/gpu", "0"))
+        assert int(env(c).get("TURBOFLOW_GPUS", "1")) == max(gpus, 1), (overlay, name)
+        if gpus > 1:  # NCCL needs more than a container's default 64 MiB of shared memory
+            assert "/dev/shm" in {m["mountPath"] for m in c["volumeMounts"]}
 
 
 def test_dev_overlay_is_cpu_only_with_tiny_models(rendered):
@@ -962,7 +1011,7 @@ def test_every_container_is_non_root_and_unprivileged(rendered, kdir):
     assert {"turboflow-deadletter", "turboflow-s3-uploads"} <= names, names
 
 
-@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/dev"])
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/gpu-2x", "overlays/dev"])
 def test_function_settings_are_valid_engine_options(rendered, overlay):
     from turboflow.engine.options import LoadOptions
     from turboflow.settings import Settings

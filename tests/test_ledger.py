@@ -250,6 +250,115 @@ def test_failed_requests_pay_the_gpu_time_they_report(ledger):
     assert by_id["f1"].billed_s == 3.5
 
 
+# ---- attribution with the pods' own facts (io.turboflow.pod.ready / .stopped) --------------------------------------
+POD_READY = "io.turboflow.pod.ready"
+POD_STOPPED = "io.turboflow.pod.stopped"
+
+
+def pod_ready(pod, *, at, load, model="Wan2.1-T2V-1.3B", gpu_type="H200", started="2026-11-30T22:54:40.000Z"):
+    data = {
+        "pod": pod, "kind": "t2v", "model": model, "gpu_type": gpu_type, "device": "cuda:0",
+        "process_started_at": started, "load_seconds": load, "start_to_ready_seconds": load + 6.0, "ready_at": at,
+    }  # fmt: skip
+    return {"specversion": "1.0", "id": f"ready-{pod}-{at}", "source": "/turboflow/t2v", "type": POD_READY,
+            "time": at, "subject": pod, "data": data}  # fmt: skip
+
+
+def pod_stopped(pod, *, at, idle, busy=50.6, model="Wan2.1-T2V-1.3B", gpu_type="H200"):
+    data = {
+        "pod": pod, "kind": "t2v", "model": model, "gpu_type": gpu_type, "device": "cuda:0",
+        "process_started_at": "2026-11-30T22:54:40.000Z", "ready_seconds": idle + busy, "busy_seconds": busy,
+        "warm_idle_seconds": idle, "requests_served": 1, "ready_at": "2026-11-30T22:54:55Z", "stopped_at": at,
+    }  # fmt: skip
+    return {"specversion": "1.0", "id": f"stopped-{pod}", "source": "/turboflow/t2v", "type": POD_STOPPED,
+            "time": at, "subject": pod, "data": data}  # fmt: skip
+
+
+def on_pod(event, pod, requested_at=None, gpu_type="H200"):
+    """A completion that names the pod that ran it (and when it was requested), as the functions now send."""
+    event["data"]["usage"].update(pod=pod, gpu_type=gpu_type)
+    if requested_at:
+        event["data"]["usage"]["requested_at"] = requested_at
+    return event
+
+
+def test_with_pod_ready_the_issue_case_is_billed_by_the_documented_rule(ledger):
+    """Ready 22:54:55, requested 22:55:31 (after): the 8.07 s load is platform overhead, 50.6 s billed."""
+    ledger.record(pod_ready("pod-a", at="2026-11-30T22:54:55Z", load=8.07))
+    ledger.record(
+        on_pod(
+            completed("issue15", gpu_seconds=58.67, cold_start=True, load=8.07, queue_wait=0.003,
+                      at="2026-11-30T22:56:22Z"),
+            "pod-a", requested_at="2026-11-30T22:55:31Z",
+        )
+    )  # fmt: skip
+    (billed,) = charges(ledger.facts(tenant="acme"), pod_facts=ledger.facts(types=(POD_READY,)))
+    assert round(billed.billed_s, 1) == 50.6 and billed.platform_load_s == pytest.approx(8.07)
+    assert billed.ready_event_id == "ready-pod-a-2026-11-30T22:54:55Z" and billed.gpu_type == "H200"
+
+
+def test_a_request_the_activator_held_while_the_pod_loaded_pays_the_load(ledger):
+    """Requested 22:54:40, before ready at 22:54:55: it waited (outside the pod, queue_wait ~ 0), so it pays the
+    load. Without the pod.ready fact the queue_wait fallback cannot see that wait."""
+    ledger.record(pod_ready("pod-b", at="2026-11-30T22:54:55Z", load=8.07))
+    ledger.record(
+        on_pod(
+            completed("woken", gpu_seconds=58.67, cold_start=True, load=8.07, queue_wait=0.003,
+                      at="2026-11-30T22:55:46Z"),
+            "pod-b", requested_at="2026-11-30T22:54:40Z",
+        )
+    )  # fmt: skip
+    facts = ledger.facts()
+    (with_ready,) = charges(facts)
+    assert with_ready.billed_s == pytest.approx(58.67) and with_ready.request_load_s == pytest.approx(8.07)
+    (without,) = charges([f for f in facts if f.type != POD_READY])
+    assert without.billed_s == pytest.approx(50.6) and without.ready_event_id is None
+
+
+def test_platform_report_lists_unpaid_loads_and_warm_idle_per_model_and_gpu_type(ledger_url, tmp_path, capsys):
+    small, big = "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"
+    _record(
+        ledger_url,
+        tmp_path,
+        [
+            pod_ready("pod-a", at="2026-11-30T22:54:55Z", load=8.0),  # its request came later: platform pays
+            on_pod(completed("late", cold_start=True, load=8.0, at="2026-11-30T22:56:22Z"), "pod-a",
+                   requested_at="2026-11-30T22:55:31Z"),
+            pod_stopped("pod-a", at="2026-11-30T23:10:00Z", idle=900.0),
+            pod_ready("pod-b", at="2026-11-30T10:00:00Z", load=5.0),  # its request waited for it: the tenant pays
+            on_pod(completed("early", cold_start=True, load=5.0, at="2026-11-30T10:01:00Z"), "pod-b",
+                   requested_at="2026-11-30T09:59:58Z"),
+            pod_ready("pod-c", at="2026-11-30T11:00:00Z", load=30.0, model=big, gpu_type="RTX5090"),  # never used
+            pod_stopped("pod-c", at="2026-11-30T11:05:00Z", idle=300.0, busy=0.0, model=big, gpu_type="RTX5090"),
+            # history from before pods reported themselves: the queue_wait rule leaves this load to the platform
+            completed("old", tenant="globex", cold_start=True, load=7.0, at="2026-11-30T09:00:00Z"),
+        ],
+    )  # fmt: skip
+    capsys.readouterr()
+    argv = ["billing", "report", "--platform", "--from", "2026-11-30", "--to", "2026-11-30", "--ledger", ledger_url]
+    assert main([*argv, "--format", "json", "--gpu-price", "H200=3.6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {(r["model"], r["gpu_type"]): r for r in report["rows"]}
+    assert rows[(small, "H200")]["pods"] == 2
+    assert rows[(small, "H200")]["platform_load_s"] == pytest.approx(8.0)  # pod-a's; pod-b's was paid
+    assert rows[(small, "H200")]["warm_idle_s"] == pytest.approx(900.0)
+    assert rows[(small, "H200")]["cost_usd"] == pytest.approx(908.0 / 3600 * 3.6)
+    assert rows[(small, "unknown")]["platform_load_s"] == pytest.approx(7.0)
+    assert (rows[(big, "RTX5090")]["platform_load_s"], rows[(big, "RTX5090")]["warm_idle_s"]) == (30.0, 300.0)
+    assert rows[(big, "RTX5090")]["price_per_gpu_hour"] == 0.90  # priced at its own GPU type
+    assert rows[("*", "*")]["overhead_s"] == pytest.approx(8.0 + 900.0 + 7.0 + 30.0 + 300.0)
+    # the tenant's own bill agrees: pod-b's load is charged to acme, pod-a's is not
+    acme = json.loads(_report(ledger_url, capsys, "json", "--from", "2026-11-30"))
+    assert acme["rows"][-1]["load_charged_s"] == pytest.approx(5.0)
+    table = main([*argv, "--format", "table"])
+    assert table == 0 and capsys.readouterr().out.splitlines()[-1].split()[:3] == ["total", "*", "*"]
+
+
+def test_a_report_needs_a_tenant_or_platform(ledger_url, capsys):
+    assert main(["billing", "report", "--from", "2026-11-30", "--to", "2026-11-30", "--ledger", ledger_url]) == 2
+    assert "--tenant TENANT" in capsys.readouterr().err
+
+
 # ---- the report, through the command line --------------------------------------------------------------------
 def _record(ledger_url, tmp_path, events):
     path = tmp_path / "events.jsonl"

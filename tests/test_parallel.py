@@ -3,7 +3,8 @@
 The DiT test spawns two ranks that run the sharded model and save their outputs; this process computes the
 reference with an unsharded copy built from the same seed. The pipeline test drives a real worker process through
 `ParallelPipeline` and compares the frames with the session's single-process pipeline, then kills the worker in
-the middle of a request: the call must end in WorkerLostError (bounded by the collective timeout), never hang.
+the middle of a request: the call must end in WorkerLostError (bounded by the collective timeout), never hang. A
+cancel at a step boundary stops every rank there and leaves the pipeline usable.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.errors import ConfigError
+from turboflow.errors import ConfigError, RequestCancelled
 
 # latent [C, F', H', W'] with the 1x2x2 patch: 3 x 8 x 13 = 312 tokens (even), 3 x 7 x 13 = 273 (odd: padded)
 LATENTS = {"even": (16, 3, 16, 26), "odd": (16, 3, 14, 26)}
@@ -122,7 +123,8 @@ def test_unshardable_models_are_refused_clearly():
 
 
 def test_parallel_pipeline_frames_equal_single_process_and_a_dead_worker_fails_fast(tiny_t2v_dir, t2v_pipeline):
-    from turboflow.engine.parallel import ParallelPipeline, WorkerLostError
+    from turboflow.engine.parallel import ParallelPipeline
+    from turboflow.errors import WorkerLostError
 
     requests = [
         dict(seed=5, num_steps=2, **FAST),
@@ -130,8 +132,10 @@ def test_parallel_pipeline_frames_equal_single_process_and_a_dead_worker_fails_f
     ]
     with ParallelPipeline(tiny_t2v_dir, world_size=2, devices=["cpu", "cpu"], timeout_s=60) as parallel:
         assert parallel.healthy and parallel.kind == "t2v"
+        want_first = None
         for fields in requests:
             want = t2v_pipeline(t2v_pipeline.request("a red fox", **fields))
+            want_first = want_first or want
             got = parallel(parallel.request("a red fox", **fields))
             assert got.frames.shape == want.frames.shape and got.seed == want.seed
             # float32 throughout: the sharded matmuls round differently in the last bits, which may move a pixel
@@ -144,6 +148,18 @@ def test_parallel_pipeline_frames_equal_single_process_and_a_dead_worker_fails_f
         with pytest.raises(TypeError):
             parallel("not a validated request")
         assert parallel.healthy
+
+        # a cancel at a step boundary stops every rank there (the workers do not wait in the next step's
+        # all-to-all until the collective timeout), and the pipeline serves the next request
+        def cancel_after_first_step(stage, done, total):
+            if stage == "diffusion" and done == 1:
+                raise RequestCancelled("cancelled by the test")
+
+        with pytest.raises(RequestCancelled):
+            parallel(parallel.request("a boat", seed=1, num_steps=3, **FAST), stage_progress=cancel_after_first_step)
+        assert parallel.healthy and parallel.problem is None
+        again = parallel(parallel.request("a red fox", **requests[0]))
+        assert np.abs(again.frames.astype(int) - want_first.frames.astype(int)).max() <= 1
 
         worker = parallel._workers[0][0]
 

@@ -198,3 +198,60 @@ async def test_store_lists_watches_queues_and_claims(nats_url):
         assert await states.claim_idempotency("beta", "key-1", "q9", "b" * 64) == ("q1", "a" * 64)
     finally:
         await states.close()
+
+
+def test_a_functions_terminal_event_settles_a_provisional_cancel():
+    """The gateway cancels a queued request at once; if the function had in fact started it, its own terminal
+    event wins: a finished video is shown (and paid), a cancel while running records the device time used."""
+    record, _ = replay([requested()])
+    cancelled, _ = request_cancel_transition(record)
+    assert cancelled.cancelled["by"] == "gateway"
+    done, changes = apply(cancelled, completed())
+    assert done.status == "completed" and changes == ["completed"] and done.events[-1] == "completed"
+    data = {"while": "running", "gpu_seconds": 2.5, "cancelled_at": "2026-12-01T10:00:03Z"}
+    late = lifecycle_event(CANCELLED, CTX, data, source="/turboflow/functions/t2v", signing_key=KEY)
+    settled, changes = apply(cancelled, late)
+    assert settled.status == "cancelled" and changes == [] and settled.cancelled["gpu_seconds"] == 2.5
+    assert apply(settled, completed()) == (None, [])  # settled: no longer provisional
+    gateway_echo = lifecycle_event(CANCELLED, CTX, dict(data, gpu_seconds=0.0), source="/turboflow/gateway")
+    assert apply(cancelled, gateway_echo) == (None, [])
+
+
+def test_events_of_another_input_under_the_same_id_are_ignored():
+    record, _ = replay([requested()])
+    record.input_sha256 = "a" * 64
+    data = {"stage": "diffusion", "step": 1, "of": 4, "elapsed": 1.0, "eta": 2.0, "input_sha256": "b" * 64}
+    other = lifecycle_event(PROGRESS, CTX, data, source="/turboflow/functions/t2v", signing_key=KEY, sequence="x")
+    assert apply(record, other) == (None, [])
+    same = lifecycle_event(
+        PROGRESS, CTX, dict(data, input_sha256="a" * 64), source="/turboflow/functions/t2v", signing_key=KEY
+    )
+    assert apply(record, same)[1] == ["started", "progress"]
+
+
+def test_started_details_arriving_after_progress_are_kept():
+    record, _ = replay([requested(), progress("diffusion", 1)])
+    assert record.started is None
+    later, changes = apply(record, started())
+    assert changes == [] and later.started["pod"] == "t2v-abc"  # written although nothing new is announced
+
+
+def test_an_event_marks_an_unaccepted_record_accepted():
+    record, _ = replay([requested()])
+    record.accepted = False
+    assert apply(record, started())[0].accepted
+
+
+async def test_discard_removes_only_records_the_broker_never_accepted(nats_url):
+    states = await RequestStates.connect(nats_url)
+    try:
+        pending = RequestRecord(id="d1", tenant="gamma", task="t2v", created_at="2026-12-01T10:00:00Z", accepted=False)
+        taken = RequestRecord(id="d2", tenant="gamma", task="t2v", created_at="2026-12-01T10:00:01Z")
+        assert await states.create(pending) and await states.create(taken)
+        assert await states.count_active("gamma") == 2
+        assert await states.discard("gamma", "d1") and await states.get("gamma", "d1") is None
+        assert not await states.discard("gamma", "d2") and await states.get("gamma", "d2") is not None
+        assert await states.count_active("gamma") == 1
+        assert await states.count_active("gamma", source="/turboflow/gateway") == 0  # d2 has no gateway source
+    finally:
+        await states.close()

@@ -269,3 +269,67 @@ def test_sweep_writes_plots_summary_and_results(tmp_path, capsys):
     first_rows = [line for line in summary.splitlines() if line.startswith("| **all**")]
     again_rows = [line for line in (again / "summary.md").read_text().splitlines() if line.startswith("| **all**")]
     assert first_rows == again_rows
+
+
+# ---- the simulator against a short replay on the real dev stack ----------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+async def test_the_queueing_model_matches_a_replay_on_the_dev_stack(tiny_t2v_dir, moto_s3, tmp_path):
+    """6 Poisson arrivals (utilization ~0.6 of the one tiny-model function) through gateway -> broker -> function
+    -> gateway; the service time fitted from the same run, simulated with one warm replica: mean latency within
+    35 % (a sanity check of the queueing model, not a benchmark; numbers in docs/capacity-planning.md)."""
+    import asyncio
+    import time
+    import uuid
+
+    from turboflow.billing.validation import replay_check
+    from turboflow.eventing.devstack import DevConfig
+    from turboflow.eventing.types import COMPLETED
+    from turboflow.gateway.client import GatewayClient
+    from turboflow.gateway.devstack import GatewayDevStack
+
+    fields = dict(prompt="a queue of tiny videos", resolution="480p", aspect_ratio="4:3", num_frames=1, num_steps=1)
+    cfg = DevConfig(
+        s3_endpoint=moto_s3,
+        bucket=f"replay-{uuid.uuid4().hex[:8]}",
+        kinds=("t2v",),
+        models={"t2v": tiny_t2v_dir},
+        log_dir=tmp_path / "dev",
+    )
+    async with GatewayDevStack(cfg) as dev:
+        await dev.wait_ready(timeout=120)
+        async with GatewayClient(dev.url, dev.api_key, timeout=60) as client:
+
+            async def one(delay: float) -> tuple[str, float, float]:
+                await asyncio.sleep(delay)
+                sent = time.monotonic()
+                video = await client.create("t2v", fields)
+                final = await client.wait(video["id"])
+                assert final["status"] == "completed", final
+                return video["id"], sent, time.monotonic() - sent
+
+            # the cold start and first-request warm-ups are not part of the replay (the model has no cold start)
+            for _ in range(2):
+                await one(0.0)
+            warm = [f for f in dev.service.ledger.facts(tenant=dev.tenant) if f.type == COMPLETED]
+            service = max(f.data["usage"]["gpu_seconds"] for f in warm if not f.data["usage"]["cold_start"])
+            rng = random.Random(15)
+            arrivals, t = [], 0.0
+            for _ in range(6):  # the simulation replays these very arrivals and service times: 6 are enough
+                t += rng.expovariate(0.6 / service)  # utilization ~0.6 of the device
+                arrivals.append(t)
+            runs = await asyncio.gather(*(one(a) for a in arrivals))
+        by_id = {
+            f.data["request_id"]: f.data for f in dev.service.ledger.facts(tenant=dev.tenant) if f.type == COMPLETED
+        }
+    ids, sent, latencies = zip(*runs)
+    held = [by_id[i]["usage"]["gpu_seconds"] for i in ids]
+    assert not any(by_id[i]["usage"]["cold_start"] for i in ids)
+    waits = [by_id[i]["timings"]["queue_wait"] for i in ids]
+    check = replay_check([s - min(sent) for s in sent], list(latencies), held, waits)
+    print(
+        f"replay: {check.requests} requests, service mean {check.service_mean_s:.3f} s cv {check.service_cv:.2f}, "
+        f"fixed path {check.fixed_path_s:.3f} s, mean latency measured {check.measured_mean_s:.3f} s, "
+        f"simulated {check.simulated_mean_s:.3f} s ({check.error * 100:+.1f} %)"
+    )
+    assert abs(check.error) < 0.35

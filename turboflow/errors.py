@@ -86,6 +86,15 @@ class DeviceUnavailableError(ConfigError):
     code = "device_unavailable"
 
 
+class WorkerLostError(TurboflowError):
+    """A worker process of a multi-device pipeline (engine/parallel.py) died, failed or stopped answering (a
+    collective timed out). The pipeline is unusable from then on (the pod goes not-ready and restarts); the request
+    itself may succeed on another pod, so it is retryable (the function answers 503 and the broker retries)."""
+
+    code = "device_unavailable"
+    retryable = True
+
+
 class RequestCancelled(TurboflowError):
     """The request was cancelled (before it reached the device, or at a step boundary while it ran). Not a
     failure: the function answers with an `io.turboflow.video.cancelled` event."""
