@@ -101,6 +101,7 @@ def key_inputs(
     sla_topk: float | None,
     sla_pooling: str,
     compile_mode: str,
+    sla_backend: str = "auto",
     backend: str,
     dtype: str,
 ) -> dict:
@@ -115,6 +116,7 @@ def key_inputs(
         "attention": attention,
         "sla_topk": sla_topk,
         "sla_pooling": sla_pooling,
+        "sla_backend": sla_backend,
         "compile_mode": compile_mode,
         "backend": backend,
         "dtype": dtype,

@@ -19,8 +19,9 @@ from typing import Any
 MAX_PROMPT_CHARS = 4000
 MAX_FRAMES = 241  # a service limit: 15 s at 16 fps; the models were trained on 81
 SEED_MAX = 2**63 - 1
-# Attention types a request may ask for: every one is implemented (engine/sla.py for "sla").
-ATTENTION_TYPES = ("original", "sla")
+# Attention types a request may ask for: every one is implemented (engine/sla.py for "sla", engine/sagesla.py for
+# "sagesla"); together they are upstream TurboDiffusion's --attention_type choices.
+ATTENTION_TYPES = ("original", "sla", "sagesla")
 # TurboDiffusion's VIDEO_RES_SIZE_INFO: (width, height)
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
     "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (640, 640), "4:3": (640, 480), "3:4": (480, 640)},
@@ -152,8 +153,9 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
         str,
         {"type": "string", "enum": list(ATTENTION_TYPES)},
         "Self-attention kernel; default the model's (`sla` for checkpoints fine-tuned "
-        "with it, else `original`). Upstream names this build lacks (e.g. `sagesla`) fail "
-        "with `unsupported_option` and the reason.",
+        "with it, else `original`). `sagesla` is SLA with a quantized sparse branch "
+        "(SpargeAttn's math: int8 Q·Kᵀ, fp8 P·V, 64x128 blocks on Hopper), upstream "
+        "TurboDiffusion's default attention.",
         default="original",
         model_default=True,
         flags=("--attention",),
@@ -257,8 +259,7 @@ def add_arguments(parser, *, engine_only: bool = False) -> None:
             parser.add_argument(*f.flags, action="store_const", const=not f.default, **common)
         else:
             metavar = "{" + ",".join(f.schema["enum"]) + "}" if "enum" in f.schema else None
-            # no argparse choices: a bad value gets the same typed error (e.g. unsupported_option for sagesla)
-            # as in an event
+            # no argparse choices: a bad value gets the same typed error (e.g. invalid_attention) as in an event
             parser.add_argument(*f.flags, type=f.type, metavar=metavar, **common)
 
 

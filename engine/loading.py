@@ -122,8 +122,11 @@ def load_pipeline(
       model's resolution, 16:9, 81 frames) -- one 1-step request each, so the first real request runs compiled.
     fast_vae: chunked VAE decode, equal to diffusers' decode up to rounding (default on); vae_chunk latent frames
       per decoder call (default by frame size).
+    prompt_cache: text embeddings kept on the device for repeated prompts (an LRU of that many prompts).
     sla_pooling: "input" (default) rounds SLA's block selection in the model dtype as upstream; "fp32" keeps it in
       fp32 (selects different blocks for a few % of query blocks in bf16; for comparisons, bench/sla_pooling.py).
+    sla_backend: SLA's sparse-branch kernels (engine/sla.py BACKENDS): "auto" = the Triton kernels on CUDA, else
+      FlexAttention, else gather + SDPA; pin "flex" or "gather" to leave the Triton kernels out.
     load_threads: safetensors reader threads (default by CPU count); warmup: one tiny generation on CUDA.
     All of these are the fields of `options` (engine/options.py LoadOptions, checked when built; the functions build
     it from their Settings); keyword arguments named like its fields override them (`quant_linear="fp8"`).
@@ -147,6 +150,12 @@ def load_pipeline(
         if not path.is_dir():
             raise ModelCacheError(f"component {role!r} missing: {path}", code="model_cache_incomplete")
     check_supported(quant_linear, device)
+    if opts.sla_backend in ("triton", "flex") and device.type != "cuda":
+        raise ConfigError(
+            f"sla_backend {opts.sla_backend!r} runs on CUDA only (this load is on {device.type}): use 'auto' or "
+            "'gather'",
+            field="sla_backend",
+        )
     _check_request_defaults(root, manifest)
     sizes = {r: _weight_bytes(p, dtype) for r, p in networks.items()}
     if quant_linear in ("fp8", "int8", "int8_weight_only"):
@@ -214,7 +223,9 @@ def load_pipeline(
         offload=policy,
         fast_vae=fast_vae,
         vae_chunk=vae_chunk,
+        prompt_cache=opts.prompt_cache,
         sla_pooling=opts.sla_pooling,
+        sla_backend=opts.sla_backend,
         sla_proj_l={
             role: load_sla_proj_l(root / manifest.components[role])
             for role in spec.transformer_roles
@@ -275,6 +286,7 @@ def compile_artifact_inputs(root: Path, manifest, spec: FamilySpec, device, dtyp
         attention=warm.request.attention,
         sla_topk=warm.request.sla_topk,
         sla_pooling=opts.sla_pooling,
+        sla_backend=opts.sla_backend,
         compile_mode=DEFAULT_MODE if opts.compile is True else str(opts.compile),
         backend=opts.compile_backend,
         dtype=str(dtype).removeprefix("torch."),

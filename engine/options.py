@@ -15,8 +15,10 @@ no environment variable; a bad value is a ConfigError naming the variable or opt
     compile_backend    inductor | aot_eager                     torch.compile backend (aot_eager: CPU tests)
     fast_vae           bool                                     chunked VAE decode (default on)
     vae_chunk          latent frames per decoder call           (None: by frame size)
+    prompt_cache       text embeddings kept, by prompt          (0: encode every request's prompt)
     offload            auto | none | experts                    I2V expert placement
     sla_pooling        input | fp32                             SLA block selection precision (engine/sla.py)
+    sla_backend        auto | triton | flex | gather            SLA's sparse-branch kernels (engine/sla.py)
     load_threads       threads reading safetensors              (None: CPU count, 2..16)
     warmup             bool                                     one tiny generation on CUDA before returning
     gpus               devices one pipeline spans (1..8)        > 1: engine/parallel.py ParallelPipeline, one
@@ -31,7 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from turboflow.errors import ConfigError
-from turboflow.settings import COMPILE_MODES, OFFLOAD_POLICIES, QUANT_LINEAR_MODES, Settings
+from turboflow.settings import COMPILE_MODES, OFFLOAD_POLICIES, QUANT_LINEAR_MODES, SLA_BACKENDS, Settings
 
 from .request import MAX_FRAMES, RESOLUTIONS
 
@@ -53,8 +55,10 @@ class LoadOptions:
     compile_backend: str = "inductor"
     fast_vae: bool = True
     vae_chunk: int | None = None
+    prompt_cache: int = 32
     offload: str = "auto"
     sla_pooling: str = "input"
+    sla_backend: str = "auto"
     load_threads: int | None = None
     warmup: bool = True
     gpus: int = 1
@@ -83,9 +87,17 @@ class LoadOptions:
             raise ConfigError(
                 f"sla_pooling must be one of {list(POOLING_MODES)}, got {self.sla_pooling!r}", field="sla_pooling"
             )
+        if self.sla_backend not in SLA_BACKENDS:
+            raise ConfigError(
+                f"sla_backend must be one of {list(SLA_BACKENDS)}, got {self.sla_backend!r}", field="sla_backend"
+            )
         if self.vae_chunk is not None and (not isinstance(self.vae_chunk, int) or self.vae_chunk < 1):
             raise ConfigError(
                 f"vae_chunk must be a positive number of latent frames, got {self.vae_chunk!r}", field="vae_chunk"
+            )
+        if isinstance(self.prompt_cache, bool) or not isinstance(self.prompt_cache, int) or self.prompt_cache < 0:
+            raise ConfigError(
+                f"prompt_cache must be a whole number of prompts, got {self.prompt_cache!r}", field="prompt_cache"
             )
         if self.load_threads is not None and (not isinstance(self.load_threads, int) or self.load_threads < 1):
             raise ConfigError(
@@ -112,6 +124,8 @@ class LoadOptions:
             compile_warmup=None if sizes is None else check_sizes(sizes, "TURBOFLOW_COMPILE_WARMUP"),
             fast_vae=settings.fast_vae,
             vae_chunk=settings.vae_chunk,
+            prompt_cache=settings.prompt_cache,
+            sla_backend=settings.sla_backend,
             offload=settings.offload,
             load_threads=settings.load_threads,
             warmup=settings.warmup,

@@ -9,7 +9,8 @@ and a second all-to-all trades back:
 Cross-attention (text keys, replicated on every rank), the FFN, the norms and the modulation are token-local and
 run on the shard as they are. RoPE uses each token's global position: the rotary table is computed for the whole
 video and sliced like the tokens. Attention sees every token of its heads, which is exactly what SLA's block
-selection needs, so dense attention ("original") and SLA (engine/sla.py) both give the single-process result.
+selection needs, so dense attention ("original"), SLA (engine/sla.py) and SageSLA (engine/sagesla.py: its
+quantization scales are per head too) all give the single-process result.
 
 Token counts not divisible by N are padded at the end to L' = N * ceil(L / N); the padding is cut off after the
 first all-to-all (attention never sees it) and from the gathered DiT output, so it changes nothing.
@@ -137,18 +138,8 @@ class UlyssesProcessor:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, L, h, D] each -> [B, L, h, D], the wrapped processor's kernel."""
-        if self._sla:
-            from .sla import sla_attention
-
-            p = self.inner
-            out = sla_attention(
-                *(t.transpose(1, 2) for t in (q, k, v)),
-                topk=p.topk,
-                proj_weight=p.proj_weight,
-                proj_bias=p.proj_bias,
-                pooling=p.pooling,
-            )
-            return out.transpose(1, 2)
+        if self._sla:  # SLA or SageSLA, as the processor's kind says
+            return self.inner.attend(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         return dispatch_attention_fn(

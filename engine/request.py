@@ -25,13 +25,9 @@ from .fields import (  # noqa: F401  (the limits are part of this module's surfa
 from .prompt import clean_prompt
 
 # Upstream attention types this build does not offer, with the reason a request naming one is refused
-# (`unsupported_option`, not `invalid_attention`: the name is known, the build cannot honour it).
-UNAVAILABLE_ATTENTION = {
-    "sagesla": "attention 'sagesla' is not available in turboflow: upstream's SageSLA runs SpargeAttn's quantized "
-    "kernels (int8 Q·Kᵀ, fp8 P·V, 64x128 blocks on Hopper), which this build does not ship. 'sla' is "
-    "TurboDiffusion's sparse-linear attention (bf16, the attention its checkpoints were fine-tuned with; "
-    "its output differs slightly from SageSLA's); 'original' is dense attention",
-}
+# (`unsupported_option`, not `invalid_attention`: the name is known, the build cannot honour it). Empty: every
+# upstream type (original, sla, sagesla) is implemented; the front ends keep the check for a future one.
+UNAVAILABLE_ATTENTION: dict[str, str] = {}
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 # Image formats an I2V request may use (Pillow format names). Nothing else is ever handed to a decoder: Pillow's
 # EPS/PS plugins would start Ghostscript where it is installed, and exotic formats widen the attack surface.

@@ -13,10 +13,17 @@ Per (batch, head):
   * output o_s + proj_l(o_l).
 TurboDiffusion's `--attention sla` uses blk_q 128, blk_k 64. The checkpoints were fine-tuned with this attention,
 so it is needed for faithful output, not only for speed. Upstream's default, `sagesla`, is a different computation
-(SpargeAttn kernels: 64x128 blocks on Hopper, int8 Q·Kᵀ and fp8 P·V) that this module does not implement.
+(SpargeAttn kernels: 64x128 blocks on Hopper, int8 Q·Kᵀ and fp8 P·V): engine/sagesla.py.
 
-`sla_attention` gathers each Q block's selected K/V blocks and runs SDPA on them (CPU and GPU); `sla_reference` is
-the same math with an explicit dense mask, for tests.
+Backends of `sla_attention` (the block selection is torch in all of them):
+  * "triton": engine/kernels' Triton kernels: the sparse branch walks each query tile's selected K blocks, the linear
+    branch and proj_l are fused into its epilogue, one output write (the torch op turboflow::sla_sparse_linear, so a
+    compiled DiT block calls it without a graph break). Head dim 64 or 128;
+  * "flex": FlexAttention with a BlockMask built from the block table, the linear branch in torch (CUDA);
+  * "gather": each Q block's selected K/V blocks gathered and SDPA run on them (CPU and GPU);
+  * "auto": "triton" on CUDA when Triton imports and the kernels build, else "flex", else "gather" (a failed build
+    warns once and is not tried again in the process).
+`sla_reference` is the same math with an explicit dense mask, for tests.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from turboflow.settings import SLA_BACKENDS
+
 log = logging.getLogger(__name__)
 
 BLK_Q, BLK_K = 128, 64
+BACKENDS = SLA_BACKENDS  # see the module docstring
 # how block selection rounds: "input" = the input dtype, as upstream (default); "fp32" = pooled and scored in fp32
 POOLING_MODES = ("input", "fp32")
 
@@ -94,6 +104,42 @@ def _project(o_l: torch.Tensor, proj_weight, proj_bias) -> torch.Tensor:
 
 _flex = None
 _flex_broken = False
+_triton_broken = False
+_AUTO_TRITON_DEVICES = ("cuda",)  # where backend "auto" tries the Triton kernels (Triton's interpreter aside)
+
+
+def _triton_ready() -> bool:
+    """Whether the Triton kernels can be tried: Triton imports and no earlier build failed. Imports the kernel module
+    (registering the op) on first use, never at engine import (Triton's import costs seconds of cold start);
+    set_attention calls it eagerly so a compiled block's trace only reads the flag."""
+    global _triton_broken
+    if _triton_broken:
+        return False
+    try:
+        from .kernels import sparse_attention  # noqa: F401  (registers torch.ops.turboflow.sla_sparse_linear)
+    except Exception as e:  # not installed, or an installation that does not import
+        _triton_broken = True
+        log.warning("Triton unavailable (%s: %s); SLA uses FlexAttention or gather+SDPA", type(e).__name__, e)
+        return False
+    return True
+
+
+def _triton_supports(q: torch.Tensor, blk_q: int, blk_k: int) -> bool:
+    """Shapes the kernels take (engine/kernels/sparse_attention.check_inputs); others go to flex/gather quietly."""
+    return (
+        q.shape[-1] in (64, 128)
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and blk_k >= 16
+        and blk_k & (blk_k - 1) == 0
+        and blk_q >= 16
+        and blk_q & (blk_q - 1) == 0
+    )
+
+
+def _sla_triton(q, k, v, lut, proj_weight, proj_bias, blk_q: int, blk_k: int) -> torch.Tensor:
+    from .kernels import sla_sparse_linear
+
+    return sla_sparse_linear(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
 
 
 def _sparse_flex(q, k, v, lut, blk_q: int, blk_k: int, compiled: bool = True) -> torch.Tensor:
@@ -133,11 +179,30 @@ def sla_attention(
     backend: str = "auto",
     pooling: str = "input",
 ) -> torch.Tensor:
-    """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: "flex" (CUDA), "gather" (any device) or "auto";
+    """q, k, v [B, H, L, D] -> [B, H, L, D]. backend: BACKENDS (see the module docstring);
     pooling: the block selection's rounding, POOLING_MODES."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     b, h, length, d = q.shape
     lut = select_blocks(q, k, topk, blk_q, blk_k, pooling)  # [B, H, Mq, S]
-    global _flex_broken
+    global _flex_broken, _triton_broken
+    if backend == "triton":
+        return _sla_triton(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
+    if (
+        backend == "auto"
+        and q.device.type in _AUTO_TRITON_DEVICES
+        and _triton_supports(q, blk_q, blk_k)
+        and _triton_ready()
+    ):
+        if torch.compiler.is_compiling():  # a build failure surfaces when the graph compiles, as for flex
+            return _sla_triton(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
+        try:
+            return _sla_triton(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
+        except torch.OutOfMemoryError:
+            raise  # another backend would not fit either; the caller reports it
+        except Exception as e:  # e.g. no C compiler for Triton's launcher in a slim image: stay correct, get slower
+            _triton_broken = True
+            log.warning("Triton SLA kernels unavailable (%s: %s); SLA falls back", type(e).__name__, e)
     if torch.compiler.is_compiling() and backend != "gather" and q.is_cuda:
         # inside a torch.compile'd DiT block: let dynamo trace FlexAttention itself (fused with the rest)
         return _sparse_flex(q, k, v, lut, blk_q, blk_k, compiled=False) + _project(
@@ -200,8 +265,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
+SPARSE_KINDS = ("sla", "sagesla")  # what SLAProcessor computes: SLA, or SageSLA (engine/sagesla.py)
+
+
 class SLAProcessor:
-    """Attention processor for a WanTransformer3DModel block's self-attention (`attn1`) computing SLA."""
+    """Attention processor for a WanTransformer3DModel block's self-attention (`attn1`) computing SLA, or SageSLA
+    (`kind="sagesla"`: the same selection, linear branch and proj_l, a quantized sparse branch)."""
 
     def __init__(
         self,
@@ -209,8 +278,25 @@ class SLAProcessor:
         proj_weight: torch.Tensor | None = None,
         proj_bias: torch.Tensor | None = None,
         pooling: str = "input",
+        kind: str = "sla",
+        backend: str = "auto",
     ):
+        if kind not in SPARSE_KINDS:
+            raise ValueError(f"kind must be one of {list(SPARSE_KINDS)}, got {kind!r}")
         self.topk, self.proj_weight, self.proj_bias, self.pooling = topk, proj_weight, proj_bias, pooling
+        self.kind = kind
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend  # SLA's sparse-branch kernels; SageSLA picks its own (engine/sagesla.py)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, L, D] each -> [B, H, L, D]: this processor's attention over all the tokens given."""
+        common = {"topk": self.topk, "proj_weight": self.proj_weight, "proj_bias": self.proj_bias}
+        if self.kind == "sagesla":
+            from .sagesla import sagesla_attention
+
+            return sagesla_attention(q, k, v, pooling=self.pooling, **common)
+        return sla_attention(q, k, v, pooling=self.pooling, backend=self.backend, **common)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -223,33 +309,50 @@ class SLAProcessor:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D]
-        out = sla_attention(
-            q, k, v, topk=self.topk, proj_weight=self.proj_weight, proj_bias=self.proj_bias, pooling=self.pooling
-        )
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = self.attend(q, k, v).transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
 def set_attention(
-    transformer, attention: str, *, topk: float = 0.1, proj_l: dict | None = None, pooling: str = "input"
+    transformer,
+    attention: str,
+    *,
+    topk: float = 0.1,
+    proj_l: dict | None = None,
+    pooling: str = "input",
+    backend: str = "auto",
 ) -> None:
-    """Swap every block's self-attention to SLA ('sla') or back to diffusers' dense processor ('original').
+    """Swap every block's self-attention to SLA ('sla'), SageSLA ('sagesla', engine/sagesla.py) or back to
+    diffusers' dense processor ('original').
 
-    proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l).
-    pooling: how SLA's block selection rounds (POOLING_MODES; default "input", as upstream)."""
+    proj_l: {"blocks.N.proj_l.weight": [D, D], "blocks.N.proj_l.bias": [D]} (engine.checkpoint.load_sla_proj_l);
+    SageSLA uses the same fine-tuned proj_l (upstream's SageSparseLinearAttention has the same parameters).
+    pooling: how the block selection rounds (POOLING_MODES; default "input", as upstream).
+    backend: SLA's sparse-branch kernels (BACKENDS; default "auto")."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    if attention not in ("original", "sla"):
-        raise ValueError(f"attention must be 'original' or 'sla', got {attention!r}")
+    if attention not in ("original", *SPARSE_KINDS):
+        raise ValueError(f"attention must be one of {['original', *SPARSE_KINDS]}, got {attention!r}")
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {pooling!r}")
     proj_l = proj_l or {}
     device = next(transformer.parameters()).device
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if attention == "sla" and backend in ("auto", "triton") and device.type in _AUTO_TRITON_DEVICES:
+        _triton_ready()  # import the kernels now, outside any compiled trace
     for i, block in enumerate(transformer.blocks):
         if attention == "original":
             block.attn1.set_processor(WanAttnProcessor())
             continue
         w, b = proj_l.get(f"blocks.{i}.proj_l.weight"), proj_l.get(f"blocks.{i}.proj_l.bias")
         block.attn1.set_processor(
-            SLAProcessor(topk, None if w is None else w.to(device), None if b is None else b.to(device), pooling)
+            SLAProcessor(
+                topk,
+                None if w is None else w.to(device),
+                None if b is None else b.to(device),
+                pooling,
+                attention,
+                backend,
+            )
         )

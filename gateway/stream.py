@@ -11,8 +11,8 @@ The current state comes first (named after where the request is: queued, started
 or its terminal status); after that one event per lifecycle name a record update adds, `progress` whenever
 progress moves, and `cancel_requested` turning true is sent under the current name. Updates that change nothing a
 client follows (webhook attempts) send nothing. The stream ends after a terminal event. A comment line
-(`: keep-alive`) goes out every 15 s of silence so proxies keep the connection; a client that disconnects stops
-the watch.
+(`: keep-alive`, with no blank line after it) goes out every 15 s of silence so proxies keep the connection; a
+client that disconnects stops the watch.
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ async def stream_events(id: str, request: Request, tenant: str = Depends(current
         events = record_events(service.states.watch(tenant, id))
         async for item in _with_heartbeats(events, HEARTBEAT_SECONDS):
             if item is None:
-                yield b": keep-alive\n\n"
+                # one comment line, no blank line after it: a blank line would end an "event" for decoders that
+                # dispatch on it whenever a last event id is set (httpx-sse does: an empty `message` event)
+                yield b": keep-alive\n"
                 continue
             name, record = item
             sequence += 1

@@ -21,6 +21,7 @@ KUSTOMIZATIONS = (
     "overlays/gpu-2x",
     "model-cache",
     "model-cache/warm",
+    "image-prepull",
     "monitoring",
     "eventing-auth",
 )

@@ -175,14 +175,18 @@ def test_seed_zero_is_a_seed_and_an_omitted_seed_is_derived():
     assert "default" not in SCHEMAS[T2V_REQUESTED]["properties"]["seed"]
 
 
-def test_unavailable_attention_is_unsupported_with_the_reason():
+def test_sagesla_is_accepted_and_an_unavailable_attention_is_unsupported_with_the_reason(monkeypatch):
     from turboflow.eventing.contracts import UNAVAILABLE_ATTENTION
 
-    assert "sagesla" in UNAVAILABLE_ATTENTION
-    assert "sagesla" not in SCHEMAS[T2V_REQUESTED]["properties"]["attention"]["enum"]
+    assert "sagesla" in SCHEMAS[T2V_REQUESTED]["properties"]["attention"]["enum"]
+    assert parse_request(_event({"prompt": "x", "attention": "sagesla"})).generation.request.attention == "sagesla"
+    monkeypatch.setitem(UNAVAILABLE_ATTENTION, "flash4", "attention 'flash4' is not in this build")
     with pytest.raises(InvalidRequestError) as e:
-        parse_request(_event({"prompt": "x", "attention": "sagesla"}))
-    assert e.value.code == "unsupported_option" and e.value.message == UNAVAILABLE_ATTENTION["sagesla"]
+        parse_request(_event({"prompt": "x", "attention": "flash4"}))
+    assert e.value.code == "unsupported_option" and e.value.message == UNAVAILABLE_ATTENTION["flash4"]
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request(_event({"prompt": "x", "attention": "flash9"}))
+    assert e.value.code == "invalid_attention"
 
 
 def test_time_is_optional_and_must_parse():

@@ -1,5 +1,5 @@
 """`turboflow` CLI papercuts: device errors, --version, --help, progress for every stage, quiet library loggers,
-random vs explicit seeds, sagesla refused with its reason."""
+random vs explicit seeds, every attention type offered, an unavailable one refused with its reason."""
 
 import io
 import json
@@ -102,7 +102,7 @@ def test_help_is_for_users_and_lists_the_verbs_by_task(capsys):
         assert verb in epilog
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
-    assert "sagesla" not in capsys.readouterr().out
+    assert "{original,sla,sagesla}" in capsys.readouterr().out
 
 
 def test_progress_covers_every_stage_including_the_decode_on_a_terminal(tiny_t2v_dir, tmp_path, monkeypatch, capsys):
@@ -142,11 +142,15 @@ def test_omitted_seed_is_random_and_printed_seed_zero_is_zero(tiny_t2v_dir, tmp_
     assert probe_video(tmp_path / "zero.mp4").num_frames == 5
 
 
-def test_sagesla_is_refused_with_its_reason(tiny_t2v_dir, tmp_path, capsys):
-    assert _generate(tiny_t2v_dir, tmp_path / "v.mp4", "--attention", "sagesla") == 2
-    assert capsys.readouterr().err.strip() == f"error[unsupported_option]: {UNAVAILABLE_ATTENTION['sagesla']}"
+def test_sagesla_generates_and_other_names_fail_with_their_reason(tiny_t2v_dir, tmp_path, capsys, monkeypatch):
+    assert _generate(tiny_t2v_dir, tmp_path / "v.mp4", "--attention", "sagesla", "--seed", "3") == 0
+    assert probe_video(tmp_path / "v.mp4").num_frames == 5
+    capsys.readouterr()
     assert _generate(tiny_t2v_dir, tmp_path / "v.mp4", "--attention", "flash9") == 2
     assert "error[invalid_attention]" in capsys.readouterr().err
+    monkeypatch.setitem(UNAVAILABLE_ATTENTION, "flash4", "attention 'flash4' is not in this build")
+    assert _generate(tiny_t2v_dir, tmp_path / "v.mp4", "--attention", "flash4") == 2
+    assert capsys.readouterr().err.strip() == "error[unsupported_option]: attention 'flash4' is not in this build"
 
 
 CHATTY = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer")

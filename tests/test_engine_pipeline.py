@@ -17,7 +17,6 @@ from turboflow.engine import (
     ImageError,
     InvalidRequestError,
     ModelCacheError,
-    UnsupportedOptionError,
 )
 from turboflow.engine.loading import load_pipeline
 from turboflow.engine.modelcache import read_manifest
@@ -195,7 +194,6 @@ def test_i2v_image_changes_the_video(i2v_pipeline):
         (dict(seed=-1), InvalidRequestError, "invalid_seed"),
         (dict(sigma_max=float("nan")), InvalidRequestError, "invalid_sigma_max"),
         (dict(attention="flash9"), InvalidRequestError, "invalid_attention"),
-        (dict(attention="sagesla"), UnsupportedOptionError, "unsupported_option"),
         (dict(seed=True), InvalidRequestError, "invalid_seed"),
         (dict(seed=2**63), InvalidRequestError, "invalid_seed"),
         (dict(kind="i2v"), ImageError, "invalid_image"),

@@ -42,3 +42,54 @@ def test_a_prompt_that_cleans_to_nothing_is_invalid():
     with pytest.raises(InvalidRequestError) as info:
         GenerationRequest(prompt="&nbsp; &#32;").validated()
     assert info.value.code == "invalid_prompt" and "cleaned" in info.value.message
+
+
+def _count_encoder_calls(pipeline) -> list:
+    calls = []
+    pipeline.text_encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
+def test_repeated_prompts_skip_the_text_encoder_and_give_the_same_embeddings(tiny_t2v_dir):
+    from turboflow.engine.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_t2v_dir, device="cpu", prompt_cache=2)
+    calls = _count_encoder_calls(pipeline)
+    first = pipeline.encode_prompt("a red fox")
+    fresh = pipeline._encode_text("a red fox")  # what encoding again gives
+    assert len(calls) == 2
+    assert torch.equal(pipeline.encode_prompt("  a red   fox "), fresh)  # the cleaned text is the key
+    assert torch.equal(first, fresh) and len(calls) == 2
+    pipeline.encode_prompt("a dog")
+    pipeline.encode_prompt("a red fox")  # used last: "a dog" is now the least recently used
+    pipeline.encode_prompt("a cat")  # evicts "a dog"
+    assert len(calls) == 4
+    pipeline.encode_prompt("a red fox")
+    assert len(calls) == 4
+    pipeline.encode_prompt("a dog")
+    assert len(calls) == 5
+    assert list(pipeline._prompt_cache) == ["a red fox", "a dog"]
+
+
+def test_prompt_cache_zero_encodes_every_time(tiny_t2v_dir):
+    from turboflow.engine.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_t2v_dir, device="cpu", prompt_cache=0)
+    calls = _count_encoder_calls(pipeline)
+    pipeline.encode_prompt("a red fox")
+    pipeline.encode_prompt("a red fox")
+    assert len(calls) == 2 and not pipeline._prompt_cache
+
+
+def test_prompt_cache_setting_is_checked():
+    from turboflow.engine.options import LoadOptions
+    from turboflow.errors import ConfigError
+    from turboflow.settings import Settings
+
+    assert LoadOptions.from_settings(Settings.from_env({"TURBOFLOW_PROMPT_CACHE": "0"})).prompt_cache == 0
+    assert LoadOptions().prompt_cache == 32
+    with pytest.raises(ConfigError):
+        LoadOptions(prompt_cache=-1)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TURBOFLOW_PROMPT_CACHE": "lots"})
+    assert "TURBOFLOW_PROMPT_CACHE" in str(info.value)

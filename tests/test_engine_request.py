@@ -22,21 +22,24 @@ def test_seed_defaults_to_none_and_zero_is_a_seed():
     assert GenerationRequest(prompt="x", seed=SEED_MAX).validated().request.seed == SEED_MAX
 
 
-def test_attention_offers_only_what_is_implemented():
-    assert ATTENTION_TYPES == ("original", "sla")
-    assert set(UNAVAILABLE_ATTENTION) == {"sagesla"} and not set(UNAVAILABLE_ATTENTION) & set(ATTENTION_TYPES)
+def test_attention_offers_every_upstream_type():
+    assert ATTENTION_TYPES == ("original", "sla", "sagesla")  # upstream TurboDiffusion's --attention_type choices
+    assert UNAVAILABLE_ATTENTION == {}
 
 
-def test_sagesla_is_refused_with_the_reason():
+def test_sagesla_is_accepted_and_other_names_are_typed_errors(monkeypatch):
+    assert GenerationRequest(prompt="x", attention="sagesla").validated().request.attention == "sagesla"
+    for bad in ("flash9", "SageSLA", "sagesla ", ["sagesla"]):  # full match; an unhashable JSON value stays typed
+        with pytest.raises(InvalidRequestError) as info:
+            GenerationRequest(prompt="x", attention=bad).validated()
+        assert info.value.code == "invalid_attention" and info.value.field == "attention"
+    # a name upstream knows but a build lacks is refused with the reason (the mechanism the front ends share)
+    monkeypatch.setitem(UNAVAILABLE_ATTENTION, "flash4", "attention 'flash4' is not in this build")
     with pytest.raises(UnsupportedOptionError) as info:
-        GenerationRequest(prompt="x", attention="sagesla").validated()
+        GenerationRequest(prompt="x", attention="flash4").validated()
     err = info.value
     assert err.code == "unsupported_option" and err.field == "attention" and not err.retryable
-    assert err.message == UNAVAILABLE_ATTENTION["sagesla"]
-    assert "SpargeAttn" in err.message and "'sla'" in err.message and "same math" not in err.message
-    with pytest.raises(InvalidRequestError) as info:
-        GenerationRequest(prompt="x", attention=["sagesla"]).validated()  # unhashable JSON value: still typed
-    assert info.value.code == "invalid_attention"
+    assert err.message == "attention 'flash4' is not in this build"
 
 
 @pytest.mark.parametrize("fmt", ["EPS", "TIFF", "ICO"])

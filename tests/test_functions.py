@@ -351,7 +351,6 @@ MALFORMED = [
     ("seed-float", "t2v", {"prompt": "x", "seed": 1.5}, {}, "invalid_seed"),
     ("sigma-zero", "t2v", {"prompt": "x", "sigma_max": 0}, {}, "invalid_sigma_max"),
     ("attention-unknown", "t2v", {"prompt": "x", "attention": "flash"}, {}, "invalid_attention"),
-    ("attention-unbuilt", "t2v", {"prompt": "x", "attention": "sagesla"}, {}, "unsupported_option"),
     ("topk-2", "t2v", {"prompt": "x", "sla_topk": 2}, {}, "invalid_sla_topk"),
     ("ode-string", "t2v", {"prompt": "x", "ode": "yes"}, {}, "invalid_ode"),
     ("prefix-traversal", "t2v", {"prompt": "x", "output_prefix": "../../other-tenant"}, {}, "invalid_output_prefix"),
@@ -473,10 +472,6 @@ def test_malformed_request_gets_failed_reply(request, case_id, kind, data, attrs
     assert body["retryable"] is False and body["message"]
     assert body["request_id"] == event.get_id() and reply.get_subject() == event.get_id()
     assert reply.get_extension("traceparent") == TRACEPARENT
-    if code == "unsupported_option":
-        from turboflow.eventing.contracts import UNAVAILABLE_ATTENTION
-
-        assert body["message"] == UNAVAILABLE_ATTENTION[data["attention"]]
     if code == "image_not_allowed":
         assert "globex" not in body["message"]
 

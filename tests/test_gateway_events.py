@@ -159,6 +159,31 @@ async def test_the_event_stream_follows_a_request_to_completion(gateway):
     assert last["urls"]["stream"].endswith(f"/v1/videos/{request_id}/events")
 
 
+async def test_heartbeats_keep_the_stream_open_without_events_of_their_own(gateway, monkeypatch):
+    from turboflow.gateway import stream
+
+    monkeypatch.setattr(stream, "HEARTBEAT_SECONDS", 0.1)
+    request_id = new_id()
+    await gateway.create("acme", request_id)
+    headers = gateway.api_key("acme")
+    seen: list[tuple[str, str]] = []
+    async with gateway.http.stream("GET", f"/v1/videos/{request_id}/events", headers=headers) as response:
+        raw = b""
+        async for chunk in response.aiter_raw():
+            raw += chunk
+            if raw.count(b": keep-alive") >= 3:
+                break
+    # the heartbeats went out after the first event; a decoder sees that event and nothing else
+    assert raw.startswith(b"event: queued") and raw.count(b": keep-alive") >= 3
+    async with aconnect_sse(gateway.http, "GET", f"/v1/videos/{request_id}/events", headers=headers) as source:
+        async for sse in source.aiter_sse():
+            seen.append((sse.event, sse.data[:1]))
+            if len(seen) == 1:
+                await asyncio.sleep(0.5)  # several heartbeats in a row, then the request ends
+                assert (await gateway.post_event(completed_event("acme", request_id))).status_code == 200
+    assert seen == [("queued", "{"), ("completed", "{")]
+
+
 async def test_the_stream_of_a_finished_request_sends_its_state_and_ends(gateway):
     request_id = new_id()
     await gateway.create("acme", request_id)

@@ -98,11 +98,11 @@ def test_a_manifest_default_that_makes_no_valid_request_is_a_model_cache_error(t
         name=manifest.name,
         kind=manifest.kind,
         components=manifest.components,
-        defaults={**manifest.defaults, "attention": "sagesla"},
+        defaults={**manifest.defaults, "attention": "flash9"},
     )
     with pytest.raises(ModelCacheError) as info:
         load_pipeline(root, device="cpu")
-    assert info.value.code == "model_cache_invalid" and "sagesla" in info.value.message
+    assert info.value.code == "model_cache_invalid" and "flash9" in info.value.message
     with pytest.raises(ConfigError, match="vae_chunk"):
         load_pipeline(tiny_t2v_dir, device="cpu", vae_chunk=0)
 
@@ -196,7 +196,7 @@ def test_function_applies_settings_and_model_defaults(quantized_fn, tmp_path):
     # no attention in the request: the model's default (SLA at its top-k) is used and reported
     body = _completed(quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, **SMALL}, tmp_path)
     assert body["attention"] == "sla" and body["sla_topk"] == 0.25
-    assert pipe._attention == ("sla", 0.25, "input")  # the SLA processors really ran, pooling as upstream
+    assert pipe._attention == ("sla", 0.25, "input", "auto")  # the SLA processors ran, pooling as upstream
     # the request's own choice wins
     body = _completed(
         quantized_fn, {"prompt": "a lighthouse at dusk", "seed": 3, "attention": "original", **SMALL}, tmp_path

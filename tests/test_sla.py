@@ -68,3 +68,50 @@ def test_pipeline_runs_sla_per_request(t2v_pipeline):
     assert sparse.frames.shape == dense.frames.shape
     assert not np.array_equal(sparse.frames, dense.frames)
     assert np.array_equal(again.frames, dense.frames)  # the dense processor is restored for 'original'
+
+
+def test_the_sla_backend_setting_reaches_every_processor(tiny_t2v_dir):
+    from turboflow.engine.loading import load_pipeline
+    from turboflow.engine.options import LoadOptions
+    from turboflow.engine.sla import SLAProcessor
+    from turboflow.settings import Settings
+
+    options = LoadOptions.from_settings(Settings.from_env({"TURBOFLOW_SLA_BACKEND": "gather"}))
+    assert options.sla_backend == "gather"
+    pipeline = load_pipeline(tiny_t2v_dir, device="cpu", options=options)
+    video = pipeline(pipeline.request("a fox", seed=3, attention="sla", sla_topk=0.5, **FAST))
+    processors = [block.attn1.processor for block in pipeline.transformer.blocks]
+    assert all(isinstance(p, SLAProcessor) and p.backend == "gather" for p in processors)
+    # on the CPU "auto" is gather + SDPA too: the same frames
+    auto = load_pipeline(tiny_t2v_dir, device="cpu")
+    assert np.array_equal(
+        auto(auto.request("a fox", seed=3, attention="sla", sla_topk=0.5, **FAST)).frames, video.frames
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_a_cuda_only_sla_backend_on_the_cpu_is_a_config_error(tiny_t2v_dir, backend):
+    from turboflow.engine.loading import load_pipeline
+    from turboflow.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(tiny_t2v_dir, device="cpu", sla_backend=backend)
+    assert info.value.field == "sla_backend" and "CUDA" in info.value.message
+
+
+def test_unknown_sla_backends_are_refused_where_they_are_set():
+    from turboflow.engine.options import LoadOptions
+    from turboflow.engine.sla import SLAProcessor
+    from turboflow.errors import ConfigError
+    from turboflow.settings import Settings
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TURBOFLOW_SLA_BACKEND": "cuda"})
+    assert "TURBOFLOW_SLA_BACKEND" in str(info.value)
+    with pytest.raises(ConfigError):
+        LoadOptions(sla_backend="sdpa")
+    with pytest.raises(ValueError):
+        SLAProcessor(0.1, backend="sdpa")
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError):
+        sla_attention(q, q, q, topk=0.5, backend="sdpa")

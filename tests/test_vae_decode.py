@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import FAST
 
-from turboflow.engine.vae_decode import default_chunk, fast_decode, psnr
+from turboflow.engine import vae_decode
+from turboflow.engine.vae_decode import DecodeVariant, default_chunk, fast_decode, host_frames, psnr
+from turboflow.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +39,14 @@ def test_decode_without_the_causal_cache_would_differ(vae):
     assert not torch.allclose(tail[:, :, 1:], ref[:, :, 5:], atol=1e-3)
 
 
-def test_bf16_decode_quality(vae):
+@pytest.mark.parametrize("spec", ["base", "conv2d"])
+def test_bf16_decode_quality(vae, spec):
     z = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(4))
     ref = vae.decode(z, return_dict=False)[0]
     vae16 = type(vae).from_config(vae.config).eval()
     vae16.load_state_dict(vae.state_dict())
     vae16.to(torch.bfloat16)
-    out = fast_decode(vae16, z.to(torch.bfloat16), chunk=2).float()
+    out = fast_decode(vae16, z.to(torch.bfloat16), chunk=2, variant=DecodeVariant.parse(spec)).float()
     stock = vae16.decode(z.to(torch.bfloat16), return_dict=False)[0].float()
     assert psnr(out, ref) > 30 and psnr(stock, ref) > 30
     assert abs(psnr(out, ref) - psnr(stock, ref)) < 6
@@ -91,3 +94,137 @@ def test_frame_sink_gets_every_frame_in_order_while_decoding(t2v_pipeline, tmp_p
     whole = write_mp4(result.frames, tmp_path / "whole.mp4", fps=result.fps)
     (_, a), (_, b) = probe_video(streamed.path, return_frames=True), probe_video(whole.path, return_frames=True)
     assert streamed.num_frames == 9 and np.array_equal(a, b)  # same encoder input, same pictures
+
+
+# ---- decode variants (engine/vae_decode.py DecodeVariant): each equal to diffusers' decode in float32 ----------
+
+
+@pytest.fixture
+def count_conv3d(monkeypatch):
+    """Counts F.conv3d calls (the fast path's and nn.Conv3d's) while the test runs."""
+    calls = []
+    conv3d = torch.nn.functional.conv3d
+    monkeypatch.setattr(torch.nn.functional, "conv3d", lambda *a, **kw: calls.append(1) or conv3d(*a, **kw))
+    return calls
+
+
+@pytest.fixture
+def count_upsample(monkeypatch):
+    """Counts F.interpolate calls (nn.Upsample's) while the test runs."""
+    calls = []
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **kw: calls.append(1) or interpolate(*a, **kw))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def reference(vae):
+    """diffusers' decode of a seeded latent with `frames` latent frames, computed once per module."""
+    done = {}
+
+    def decode(frames: int):
+        if frames not in done:
+            z = torch.randn(1, 16, frames, 6, 10, generator=torch.Generator().manual_seed(100 + frames))
+            done[frames] = z, vae.decode(z, return_dict=False)[0]
+        return done[frames]
+
+    return decode
+
+
+# (latent frames, chunk, channels_last): chunk 1 (720p's), 2 with a capture at chunk 3 and a shorter last chunk,
+# 4 with a shorter last chunk
+CASES = [(6, 1, False), (8, 2, True), (6, 4, False)]
+
+
+@pytest.mark.parametrize(
+    "spec", ["conv2d", "conv2d_shifted", "upsample", "subpixel", "graph", "conv2d+upsample+graph", "conv2d+subpixel"]
+)
+@pytest.mark.parametrize("frames,chunk,channels_last", CASES)
+def test_variant_equals_diffusers(
+    vae, reference, spec, frames, chunk, channels_last, monkeypatch, count_conv3d, count_upsample
+):
+    # every conv through the variant's kernels, conv_out (3 outputs) included: the tiny VAE's full-resolution
+    # stage has 8 channels, below the production threshold
+    monkeypatch.setattr(vae_decode, "MIN_CONV2D_OUT_CHANNELS", 1)
+    z, ref = reference(frames)
+    count_conv3d.clear()
+    count_upsample.clear()
+    out = fast_decode(vae, z, chunk=chunk, channels_last=channels_last, variant=DecodeVariant.parse(spec))
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
+    # the variants really ran other kernels: the conv2d ones no conv3d, the subpixel ones no upsampling
+    assert (len(count_conv3d) == 0) == spec.startswith("conv2d")
+    assert (len(count_upsample) == 0) == ("subpixel" in spec)
+
+
+def test_conv2d_variant_keeps_conv3d_for_few_output_channels(vae, reference, count_conv3d):
+    """With the production threshold, conv_out (3 channels) and the 8-channel stage stay conv3d, the rest is 2-D."""
+    z, ref = reference(6)
+    count_conv3d.clear()
+    out = fast_decode(vae, z, chunk=4, variant=DecodeVariant(conv="conv2d"))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0)
+    small = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d) and m.out_channels < 16]
+    assert small and len(count_conv3d) == 3 * len(small)  # three decoder calls (chunks of 1, 4 and 1 frames)
+
+
+@pytest.mark.parametrize("spec", ["conv2d+compile_block", "compile_norm"])
+def test_compiled_variant_equals_diffusers(vae, reference, spec):
+    """dynamo + AOTAutograd (aot_eager: no C++/Triton build on a CPU machine; Inductor runs on the GPU bench)
+    trace the residual blocks as whole graphs (fullgraph=True: a graph break fails)."""
+    torch._dynamo.reset()
+    vae_decode._COMPILED.clear()
+    variant = DecodeVariant(**{**DecodeVariant.parse(spec).__dict__, "compile_backend": "aot_eager"})
+    z, ref = reference(4)
+    try:
+        out = fast_decode(vae, z, chunk=1, variant=variant)  # chunks 2 and 3 have two-frame caches: compiled
+        assert list(vae_decode._COMPILED) == [
+            ("_residual_core" if variant.compile == "block" else "_norm_silu", "aot_eager", None)
+        ]
+    finally:
+        torch._dynamo.reset()
+        vae_decode._COMPILED.clear()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
+
+
+def test_static_cache_slots_update_in_place():
+    slots = vae_decode._CacheSlots([None, torch.zeros(2), "Rep"])
+    slots[0] = torch.ones(2)  # not static: replaced
+    first = slots[0]
+    slots.static = True
+    slots[0] = torch.full((2,), 3.0)
+    assert slots[0] is first and first.tolist() == [3.0, 3.0]  # the captured buffer, updated
+    slots[1] = torch.ones(3)  # another shape: replaced even when static
+    slots[2] = torch.ones(1)  # a marker string: replaced
+    assert slots[1].shape == (3,) and isinstance(slots[2], torch.Tensor)
+
+
+def test_variant_parse_and_names():
+    for spec in ("base", "conv2d", "conv2d_shifted+compile_block+upsample+graph", "compile_norm", "subpixel"):
+        assert DecodeVariant.parse(spec).name == spec
+    assert DecodeVariant.parse("upsample+conv2d") == DecodeVariant(conv="conv2d", native_upsample=True)
+    for bad in ("", "conv2d+", "Conv2d", "conv4d", "conv2d+conv2d_shifted", "base+graph", "conv2d;graph"):
+        with pytest.raises(ConfigError) as err:
+            DecodeVariant.parse(bad)
+        assert err.value.code == "invalid_config"
+    with pytest.raises(ConfigError):
+        DecodeVariant(compile="all")
+
+
+def test_host_frames_converts_in_order_one_piece_behind():
+    from turboflow.engine.pipeline import TurboVideoPipeline
+
+    video = torch.rand(1, 3, 9, 4, 6, generator=torch.Generator().manual_seed(2)) * 2.4 - 1.2  # clamping too
+    log = []
+
+    def pieces():
+        for start, stop in ((0, 1), (1, 5), (5, 9)):
+            log.append(f"made {start}")
+            yield video[:, :, start:stop]
+
+    got = []
+    for frames in host_frames(pieces()):
+        log.append(f"got {len(frames)}")
+        got.append(frames)
+    # each piece is handed over after the next one was produced (its copy overlaps the next chunk's decode)
+    assert log == ["made 0", "made 1", "got 1", "made 5", "got 4", "got 4"]
+    assert np.array_equal(np.concatenate(got), TurboVideoPipeline._to_frames(video))

@@ -47,7 +47,7 @@ class ImageError(InvalidRequestError):
 
 
 class UnsupportedOptionError(InvalidRequestError):
-    """A recognised option this build or device cannot honour (e.g. sagesla without SpargeAttn)."""
+    """A recognised option this build or device cannot honour (e.g. an upstream attention type not implemented)."""
 
     code = "unsupported_option"
 

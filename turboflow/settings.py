@@ -34,6 +34,7 @@ TASKS = ("t2v", "i2v")
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OFFLOAD_POLICIES = ("auto", "none", "experts")
+SLA_BACKENDS = ("auto", "triton", "flex", "gather")  # engine/sla.py: SLA's sparse-branch kernels
 STORES = ("s3", "local")
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit on a presigned URL
 MIN_SIGNING_KEY_BYTES = 16
@@ -306,6 +307,8 @@ class Settings:
     compile_save_artifacts: bool = True
     fast_vae: bool = True
     vae_chunk: int | None = None
+    prompt_cache: int = 32
+    sla_backend: str = "auto"
     offload: str = "auto"
     load_threads: int | None = None
     warmup: bool = True
@@ -583,6 +586,22 @@ VARIABLES: tuple[Variable, ...] = (
         whole(1),
         "vae_chunk",
         "by frame size",
+    ),
+    _v(
+        "TURBOFLOW_PROMPT_CACHE",
+        "engine",
+        "text embeddings kept per prompt on the device (about 4 MB each for Wan's umT5); `0` = none",
+        whole(0, 4096),
+        "prompt_cache",
+        "32",
+    ),
+    _v(
+        "TURBOFLOW_SLA_BACKEND",
+        "engine",
+        "SLA's sparse attention kernels: `auto` = Triton on CUDA (else FlexAttention, else gather); `flex` or "
+        "`gather` leave the Triton kernels out",
+        choice(*SLA_BACKENDS),
+        "sla_backend",
     ),
     _v(
         "TURBOFLOW_OFFLOAD",

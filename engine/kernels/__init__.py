@@ -1,0 +1,51 @@
+"""Triton kernels for the engine, loaded on first use: importing this package imports no Triton (engine cold start).
+
+triton_available()  -> whether Triton imports here (a kernel may still fail to build: no C compiler, old GPU)
+sla_sparse_linear(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k) -> SLA's sparse + projected linear branch
+    (the torch custom op `torch.ops.turboflow.sla_sparse_linear`; engine/kernels/sparse_attention.py)
+sagesla(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k) -> SageSLA: int8 Q.K^T / fp8 P.V sparse branch + projected
+    linear branch (the torch custom op `torch.ops.turboflow.sagesla`; engine/kernels/sagesla_kernel.py)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def triton_available() -> bool:
+    """True when the `triton` package is installed (found without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def sla_sparse_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    blk_q: int,
+    blk_k: int,
+) -> torch.Tensor:
+    """q, k, v [B, H, L, D] (D 64 or 128; bf16, fp16 or fp32), lut [B, H, ceil(L/blk_q), n_sel] -> [B, H, L, D]."""
+    from . import sparse_attention  # imports Triton and registers the op
+
+    return sparse_attention.sla_sparse_linear(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
+
+
+def sagesla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    blk_q: int,
+    blk_k: int,
+) -> torch.Tensor:
+    """q, k, v [B, H, L, D] (D 64 or 128), lut [B, H, ceil(L/blk_q), n_sel] -> SageSLA [B, H, L, D]."""
+    from . import sagesla_kernel  # imports Triton and registers the op
+
+    return sagesla_kernel.sagesla(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k)
