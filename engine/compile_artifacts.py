@@ -7,10 +7,10 @@ had to compile) are saved with `torch.compiler.save_cache_artifacts()` and loade
 
 Layout: `<dir>/artifacts/<key>.bin` (the bytes, framed with their header) + `<key>.json` (the same header, for
 people and for explaining a mismatch). The key is sha256 over the canonical JSON of everything that makes a compiled
-graph unusable elsewhere (`key_inputs`): GPU architecture (or "cpu"), torch/CUDA/triton versions, Python minor,
-model name + manifest digest, the warm-up sizes and the graph-changing options. The .bin is self-describing: a
-reader trusts only its embedded header (key, inputs, payload sha256), so a sidecar from another writer can never
-pair with the wrong bytes.
+graph unusable elsewhere (`key_inputs`): the engine's source digest, GPU architecture (or "cpu"), torch/CUDA/triton
+versions, Python minor, model name + manifest digest, the warm-up sizes and the graph-changing options. The .bin
+is self-describing: a reader trusts only its embedded header (key, inputs, payload sha256), so a sidecar from
+another writer can never pair with the wrong bytes.
 
 Writes are atomic (temp file in the same directory, fsync, os.replace): concurrent writers are fine, the last rename
 wins and a reader sees either the old file or the new one, never a torn one. Every failure to find or use an
@@ -59,6 +59,18 @@ class ArtifactReport:
 
 
 # ---- the key ---------------------------------------------------------------------------------------------------------
+def engine_code_digest(root: Path | None = None) -> str:
+    """sha256 over the engine's Python sources (path and bytes of each, sorted): the code dynamo traces. Another
+    release's blocks, attention or kernels give other graphs, which a saved artifact does not hold; without this an
+    upgraded pod would load a matching artifact and still compile at start."""
+    root = root or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def platform_inputs(device) -> dict:
     """The parts of the key a compiled kernel depends on outside the model: accelerator architecture, library
     versions, Python minor. Kernels built for sm_90 run on any sm_90 GPU, so the architecture, not the name."""
@@ -77,6 +89,7 @@ def platform_inputs(device) -> dict:
     except ImportError:
         triton_version = None
     return {
+        "engine_code": engine_code_digest(),
         "accelerator": accelerator,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -39,6 +39,7 @@ CHANGED = {
     "attention": "original",
     "sla_topk": 0.2,
     "sla_pooling": "fp32",
+    "sla_backend": "flex",
     "compile_mode": "max-autotune",
     "backend": "aot_eager",
     "dtype": "float16",
@@ -49,6 +50,7 @@ PLATFORM_CHANGED = {
     "cuda": ["13.0", None],
     "triton": [None, "3.6.0"],
     "python": ["3.12"],
+    "engine_code": ["0" * 64],
 }
 
 
@@ -66,6 +68,20 @@ def test_every_key_input_changes_the_key():
     sizes = ca.key_inputs(**{**BASE, "sizes": [("480p", "16:9", 81), ("720p", "16:9", 81)]})
     swapped = ca.key_inputs(**{**BASE, "sizes": [("720p", "16:9", 81), ("480p", "16:9", 81)]})
     assert ca.artifact_key(sizes) != ca.artifact_key(swapped)  # the warm-up compiles them in this order
+
+
+def test_the_engine_code_digest_follows_the_sources(tmp_path):
+    import shutil
+
+    engine = Path(ca.__file__).resolve().parent
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert ca.engine_code_digest(copy) == ca.engine_code_digest(engine) == ca.platform_inputs("cpu")["engine_code"]
+    sla = copy / "sla.py"
+    sla.write_text(sla.read_text() + "\n# another release\n")
+    assert ca.engine_code_digest(copy) != ca.engine_code_digest(engine)
+    (copy / "sla.py").rename(copy / "sla2.py")  # a renamed module is other code too
+    assert len({ca.engine_code_digest(copy), ca.engine_code_digest(engine)}) == 2
 
 
 def test_platform_of_this_process():

@@ -43,9 +43,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..sagesla import LOG2E, S_FP8_OFFSET, V_FP8_RANGE
+from ._inputs import check_attention_inputs
 
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _P_OFFSET = tl.constexpr(S_FP8_OFFSET)  # a kernel reads module constants only as constexpr
 _V_BLOCK_L = 64  # tokens per V-quantization program (divides every blk_k the op accepts)
 
@@ -261,27 +260,10 @@ def fp8_dot_supported(device: torch.device) -> bool:
 
 def check_inputs(q, k, v, lut, blk_q: int, blk_k: int, proj_weight=None, proj_bias=None) -> None:
     """ValueError naming the first argument the kernels do not support."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must be [B, H, L, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h, length, d = q.shape
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q)
     for name, blk in (("blk_q", blk_q), ("blk_k", blk_k)):
         if blk < _V_BLOCK_L or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= {_V_BLOCK_L}, got {blk}")
-    n_q_blocks = -(-length // blk_q)
-    if lut.dim() != 4 or tuple(lut.shape[:3]) != (b, h, n_q_blocks) or lut.shape[3] < 1:
-        raise ValueError(f"lut must be [B, H, n_q_blocks={n_q_blocks}, n_sel >= 1], got {tuple(lut.shape)}")
-    if proj_weight is None and proj_bias is not None:
-        raise ValueError("proj_bias without proj_weight")
-    if proj_weight is not None and tuple(proj_weight.shape) != (d, d):
-        raise ValueError(f"proj_weight must be [{d}, {d}], got {tuple(proj_weight.shape)}")
-    if proj_bias is not None and tuple(proj_bias.shape) != (d,):
-        raise ValueError(f"proj_bias must be [{d}], got {tuple(proj_bias.shape)}")
 
 
 class Quantized(NamedTuple):

@@ -41,8 +41,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from ._inputs import check_attention_inputs
+
 _LOG2E = math.log2(math.e)
 _LINEAR_BLOCK_L = 64  # tokens per step of the linear-state reduction
 _MIN_TOKENS_PER_SPLIT = 512  # below this the partial sums ([D, D] fp32 per split) cost more than they spread
@@ -267,28 +267,11 @@ INTERPRETED = not isinstance(_sla_forward_kernel, triton.runtime.jit.JITFunction
 
 def check_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q: int, blk_k: int, block_m: int) -> None:
     """ValueError naming the first argument the kernels do not support."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must be [B, H, L, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h, length, d = q.shape
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q)
     if blk_k < 16 or blk_k & (blk_k - 1):
         raise ValueError(f"blk_k must be a power of two >= 16, got {blk_k}")
     if block_m < 16 or block_m & (block_m - 1) or blk_q % block_m:
         raise ValueError(f"block_m must be a power of two >= 16 dividing blk_q={blk_q}, got {block_m}")
-    n_q_blocks = -(-length // blk_q)
-    if lut.dim() != 4 or tuple(lut.shape[:3]) != (b, h, n_q_blocks) or lut.shape[3] < 1:
-        raise ValueError(f"lut must be [B, H, n_q_blocks={n_q_blocks}, n_sel >= 1], got {tuple(lut.shape)}")
-    if proj_weight is None and proj_bias is not None:
-        raise ValueError("proj_bias without proj_weight")
-    if proj_weight is not None and tuple(proj_weight.shape) != (d, d):
-        raise ValueError(f"proj_weight must be [{d}, {d}], got {tuple(proj_weight.shape)}")
-    if proj_bias is not None and tuple(proj_bias.shape) != (d,):
-        raise ValueError(f"proj_bias must be [{d}], got {tuple(proj_bias.shape)}")
 
 
 def _linear_splits(batch_heads: int, length: int) -> tuple[int, int]:
