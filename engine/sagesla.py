@@ -186,16 +186,10 @@ def _kernel_ready() -> bool:
     """Whether the Triton kernel can be tried: Triton imports and no earlier launch failed. Imports the kernel module
     (registering the op) on first use, never at engine import. Not called while torch.compile traces: inductor on
     CUDA needs Triton itself."""
-    global _triton_broken
-    if _triton_broken:
-        return False
-    try:
-        from .kernels import sagesla_kernel  # noqa: F401  (registers torch.ops.turboflow.sagesla)
-    except Exception as e:  # not installed, or an installation that does not import
-        _triton_broken = True
-        log.warning("Triton unavailable (%s: %s); SageSLA uses its torch emulation", type(e).__name__, e)
-        return False
-    return True
+    from .kernels import kernels_ready
+
+    # sagesla_kernel registers torch.ops.turboflow.sagesla
+    return not _triton_broken and kernels_ready("sagesla_kernel", "SageSLA uses its torch emulation")
 
 
 def _kernel_supports(q: torch.Tensor, blk_q: int, blk_k: int) -> bool:

@@ -112,16 +112,10 @@ def _triton_ready() -> bool:
     """Whether the Triton kernels can be tried: Triton imports and no earlier build failed. Imports the kernel module
     (registering the op) on first use, never at engine import (Triton's import costs seconds of cold start);
     set_attention calls it eagerly so a compiled block's trace only reads the flag."""
-    global _triton_broken
-    if _triton_broken:
-        return False
-    try:
-        from .kernels import sparse_attention  # noqa: F401  (registers torch.ops.turboflow.sla_sparse_linear)
-    except Exception as e:  # not installed, or an installation that does not import
-        _triton_broken = True
-        log.warning("Triton unavailable (%s: %s); SLA uses FlexAttention or gather+SDPA", type(e).__name__, e)
-        return False
-    return True
+    from .kernels import kernels_ready
+
+    # sparse_attention registers torch.ops.turboflow.sla_sparse_linear
+    return not _triton_broken and kernels_ready("sparse_attention", "SLA uses FlexAttention or gather+SDPA")
 
 
 def _triton_supports(q: torch.Tensor, blk_q: int, blk_k: int) -> bool:

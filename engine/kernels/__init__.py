@@ -9,14 +9,34 @@ sagesla(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k) -> SageSLA: int8 Q.K
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
+_unimportable: set[str] = set()  # kernel modules whose import failed once: not tried again in this process
 
 
 def triton_available() -> bool:
     """True when the `triton` package is installed (found without importing it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def kernels_ready(module: str, fallback: str) -> bool:
+    """Import engine/kernels/<module> (Triton, and the torch op it registers) on first use, never at engine import;
+    False when it cannot be imported (Triton not installed, or an installation that does not import), said once in a
+    warning naming the `fallback` the caller takes, and not tried again."""
+    if module in _unimportable:
+        return False
+    try:
+        importlib.import_module(f"{__name__}.{module}")
+    except Exception as e:
+        _unimportable.add(module)
+        log.warning("Triton unavailable (%s: %s); %s", type(e).__name__, e, fallback)
+        return False
+    return True
 
 
 def sla_sparse_linear(
