@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 import traceback
 
@@ -101,6 +103,13 @@ class _Run:
             traceback.print_exc()
             self.res["errors"][name] = f"{type(e).__name__}: {str(e)[:500]}"
         self.res["part_seconds"][name] = round(time.perf_counter() - t0, 1)
+
+
+def _tile_fields(row: dict) -> dict:
+    """The TileConfig fields of a sweep row (which also holds its timings)."""
+    from turboflow.engine.kernels import sparse_attention as sa
+
+    return {f.name: row[f.name] for f in dataclasses.fields(sa.TileConfig) if f.name in row}
 
 
 def main() -> None:
@@ -210,6 +219,9 @@ def main() -> None:
         rows = []
         configs = [sa.TileConfig(m, w_, s_) for m in (64, 128) for w_ in (4, 8) for s_ in (2, 3, 4)]
         configs += [sa.TileConfig(128, 8, s_, epilogue_fp32=False) for s_ in (2, 3, 4)]  # epilogue in bf16
+        # two selected K blocks per softmax step (128-wide products)
+        for m, w_ in ((128, 8), (128, 4), (64, 4)):
+            configs += [sa.TileConfig(m, w_, s_, keys_per_step=2) for s_ in (2, 3)]
         for tiles in configs:
             row = vars(tiles).copy()
             try:
@@ -222,14 +234,28 @@ def main() -> None:
             rows.append(row)
         res["sweep_topk0.1"] = rows
         ok = [r for r in rows if "ms" in r and r["max_abs_vs_default"] < 1e-2]
-        res["best_tiles"] = min(ok, key=lambda r: r["ms"]) if ok else None
+        # one pass is noisy (+-10-20 %): the five fastest and the default again, round-robin, median of 3 rounds
+        finalists = sorted(ok, key=lambda r: r["ms"])[:5]
+        default = next((r for r in ok if sa.TileConfig(**_tile_fields(r)) == sa.DEFAULT_TILES), None)
+        if default is not None and default not in finalists:
+            finalists.append(default)
+        rounds: dict[int, list[float]] = {id(r): [] for r in finalists}
+        for _ in range(3):
+            for r in finalists:
+                tiles = sa.TileConfig(**_tile_fields(r))
+                with _direct_launches():
+                    rounds[id(r)].append(
+                        _ms(lambda: sa.sla_sparse_linear_forward(q, k, v, lut, w, bias, BLK_Q, BLK_K, tiles), reps)
+                    )
+        for r in finalists:
+            r["ms_confirmed"] = statistics.median(rounds[id(r)])
+        res["best_tiles"] = min(finalists, key=lambda r: r["ms_confirmed"]) if finalists else None
 
     run.part("sweep", sweep)
 
     def heads_14b():
         best = res.get("best_tiles")
-        fields = ("block_m", "num_warps", "num_stages", "epilogue_fp32")
-        tiles = sa.TileConfig(**{f: best[f] for f in fields}) if best else sa.DEFAULT_TILES
+        tiles = sa.TileConfig(**_tile_fields(best)) if best else sa.DEFAULT_TILES
         for label, tokens in (("480p", TOKENS), ("720p", TOKENS_720P)):
             if run.elapsed() > OPTIONAL_PARTS_BUDGET_S:
                 res["errors"][f"14b_{label}"] = "skipped: time budget"

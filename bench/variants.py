@@ -39,18 +39,21 @@ def _nets(pipe):
     return [n for n in (pipe.transformer, pipe.transformer_2) if n is not None]
 
 
-def fast_vae(pipe) -> None:
-    from turboflow.engine.vae_decode import to_channels_last
+def fast_vae(pipe, *, compiled: bool = False, variant: str = "auto") -> None:
+    """The fast decode as load_pipeline sets it up: channels_last and the decode variant `variant` ("auto": what a
+    load with (compiled) picks, engine/vae_decode.py AUTO_VARIANTS)."""
+    from turboflow.engine.vae_decode import choose_variant, to_channels_last
 
     pipe.fast_vae = True  # the pipeline turns cudnn.benchmark on around this decode only
+    pipe.vae_variant = choose_variant(variant, device_type=pipe.device.type, compiled=compiled)
     if pipe.device.type == "cuda":
         to_channels_last(pipe.vae)
 
 
-def compiled(pipe) -> None:
+def compiled(pipe, *, vae: str = "auto") -> None:
     from turboflow.engine.compiled import compile_transformer, use_cache_dir
 
-    fast_vae(pipe)
+    fast_vae(pipe, compiled=True, variant=vae)
     if getattr(pipe, "_bench_compiled", False):
         return
     use_cache_dir(__import__("pathlib").Path(tempfile.mkdtemp(prefix="turboflow-compile-")))  # a cold cache
@@ -59,19 +62,24 @@ def compiled(pipe) -> None:
     pipe._bench_compiled = True
 
 
-def fp8_compiled(pipe) -> None:
+def fp8_compiled(pipe, *, vae: str = "auto") -> None:
     from turboflow.engine.linear import quantize_transformer
 
     for net in _nets(pipe):
         quantize_transformer(net, "fp8")  # a no-op when the harness already quantised at build
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
-    compiled(pipe)
+    compiled(pipe, vae=vae)
 
 
 SLA = {"attention": "sla", "sla_topk": 0.1}
 register("sla", request=SLA, note="+ SLA sparse-linear attention, top-k 0.1 (FlexAttention on CUDA).")
-register("sla-vae", request=SLA, prepare=fast_vae, note="+ fast chunked VAE decode (channels_last, bf16).")
+register(
+    "sla-vae",
+    request=SLA,
+    prepare=fast_vae,
+    note="+ fast chunked VAE decode (channels_last, bf16, the variant a load without compile picks).",
+)
 register(
     "sla-vae-compile",
     request=SLA,
@@ -84,4 +92,11 @@ register(
     prepare=fp8_compiled,
     quant="fp8",
     note="+ FP8 W8A8 linears in the DiT blocks: everything on (SLA 0.1, fast VAE, compiled, FP8).",
+)
+register(
+    "turbo-vae-base",
+    request=SLA,
+    prepare=lambda pipe: fp8_compiled(pipe, vae="base"),
+    quant="fp8",
+    note="turbo with the base fast decode (before the decode variants: run it before `turbo` for a before/after).",
 )

@@ -115,6 +115,7 @@ def key_inputs(
     sla_pooling: str,
     compile_mode: str,
     sla_backend: str = "auto",
+    vae_decode: str = "base",
     backend: str,
     dtype: str,
 ) -> dict:
@@ -130,6 +131,7 @@ def key_inputs(
         "sla_topk": sla_topk,
         "sla_pooling": sla_pooling,
         "sla_backend": sla_backend,
+        "vae_decode": vae_decode,
         "compile_mode": compile_mode,
         "backend": backend,
         "dtype": dtype,

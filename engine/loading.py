@@ -121,7 +121,8 @@ def load_pipeline(
       compile_warmup: (resolution, aspect_ratio, frames) sizes to compile before returning, on CUDA (default: the
       model's resolution, 16:9, 81 frames) -- one 1-step request each, so the first real request runs compiled.
     fast_vae: chunked VAE decode, equal to diffusers' decode up to rounding (default on); vae_chunk latent frames
-      per decoder call (default by frame size).
+      per decoder call (default by frame size); vae_decode: how it runs ("auto": vae_decode.AUTO_VARIANTS by device
+      and whether the DiT is compiled, or a DecodeVariant spec).
     prompt_cache: text embeddings kept on the device for repeated prompts (an LRU of that many prompts).
     sla_pooling: "input" (default) rounds SLA's block selection in the model dtype as upstream; "fp32" keeps it in
       fp32 (selects different blocks for a few % of query blocks in bf16; for comparisons, bench/sla_pooling.py).
@@ -198,6 +199,12 @@ def load_pipeline(
             torch.cuda.empty_cache()
     if artifact is not None:
         compile = _compile_dit(artifact, spec, opts, parts)  # False: artifacts required and absent, DiT runs eager
+    from .vae_decode import choose_variant
+
+    # chosen after _compile_dit: where the DiT may not compile at start, neither does the VAE
+    vae_variant = choose_variant(
+        opts.vae_decode, device_type=device.type, compiled=bool(compile), compile_backend=opts.compile_backend
+    )
     log.info(
         "loaded %s (%s, %s) on %s in %.2fs, offload=%s",
         manifest.name,
@@ -223,6 +230,7 @@ def load_pipeline(
         offload=policy,
         fast_vae=fast_vae,
         vae_chunk=vae_chunk,
+        vae_variant=vae_variant,
         prompt_cache=opts.prompt_cache,
         sla_pooling=opts.sla_pooling,
         sla_backend=opts.sla_backend,
@@ -274,6 +282,7 @@ def compile_artifact_inputs(root: Path, manifest, spec: FamilySpec, device, dtyp
     being the model's defaults (what the warm-up requests use)."""
     from .compiled import DEFAULT_MODE
     from .request import GenerationRequest
+    from .vae_decode import choose_variant
 
     warm = GenerationRequest(prompt="warm up", kind=manifest.kind)
     warm = warm.validated(spec, manifest.defaults, image_pending=True)
@@ -287,6 +296,9 @@ def compile_artifact_inputs(root: Path, manifest, spec: FamilySpec, device, dtyp
         sla_topk=warm.request.sla_topk,
         sla_pooling=opts.sla_pooling,
         sla_backend=opts.sla_backend,
+        vae_decode=choose_variant(
+            opts.vae_decode, device_type=torch.device(device).type, compiled=True, compile_backend=opts.compile_backend
+        ).name,
         compile_mode=DEFAULT_MODE if opts.compile is True else str(opts.compile),
         backend=opts.compile_backend,
         dtype=str(dtype).removeprefix("torch."),

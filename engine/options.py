@@ -15,6 +15,7 @@ no environment variable; a bad value is a ConfigError naming the variable or opt
     compile_backend    inductor | aot_eager                     torch.compile backend (aot_eager: CPU tests)
     fast_vae           bool                                     chunked VAE decode (default on)
     vae_chunk          latent frames per decoder call           (None: by frame size)
+    vae_decode         auto | base | DecodeVariant tokens       how the fast decode runs (engine/vae_decode.py)
     prompt_cache       text embeddings kept, by prompt          (0: encode every request's prompt)
     offload            auto | none | experts                    I2V expert placement
     sla_pooling        input | fp32                             SLA block selection precision (engine/sla.py)
@@ -55,6 +56,7 @@ class LoadOptions:
     compile_backend: str = "inductor"
     fast_vae: bool = True
     vae_chunk: int | None = None
+    vae_decode: str = "auto"
     prompt_cache: int = 32
     offload: str = "auto"
     sla_pooling: str = "input"
@@ -95,6 +97,10 @@ class LoadOptions:
             raise ConfigError(
                 f"vae_chunk must be a positive number of latent frames, got {self.vae_chunk!r}", field="vae_chunk"
             )
+        if self.vae_decode != "auto":
+            from .vae_decode import DecodeVariant
+
+            DecodeVariant.parse(self.vae_decode)  # ConfigError(field="vae_variant") naming the bad token
         if isinstance(self.prompt_cache, bool) or not isinstance(self.prompt_cache, int) or self.prompt_cache < 0:
             raise ConfigError(
                 f"prompt_cache must be a whole number of prompts, got {self.prompt_cache!r}", field="prompt_cache"
@@ -124,6 +130,7 @@ class LoadOptions:
             compile_warmup=None if sizes is None else check_sizes(sizes, "TURBOFLOW_COMPILE_WARMUP"),
             fast_vae=settings.fast_vae,
             vae_chunk=settings.vae_chunk,
+            vae_decode=settings.vae_decode,
             prompt_cache=settings.prompt_cache,
             sla_backend=settings.sla_backend,
             offload=settings.offload,

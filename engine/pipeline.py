@@ -113,6 +113,7 @@ class TurboVideoPipeline:
         sla_proj_l: dict[str, dict] | None = None,
         fast_vae: bool = False,
         vae_chunk: int | None = None,
+        vae_variant=None,
         prompt_cache: int = 0,
         sla_pooling: str = "input",
         sla_backend: str = "auto",
@@ -157,6 +158,8 @@ class TurboVideoPipeline:
         self._attention: tuple = ("original", 0.0)
         # engine.vae_decode.fast_decode (chunked causal decode, fused padding/norm) instead of diffusers' per-frame loop
         self.fast_vae, self.vae_chunk = fast_vae, vae_chunk
+        # how the fast decode runs (engine.vae_decode.DecodeVariant; None: the base variant)
+        self.vae_variant = vae_variant
         # text embeddings of recent prompts, least recently used first: a repeated prompt skips the text encoder
         # (umT5-xxl: ~0.05 s on an H200, seconds on a CPU) for ~4 MB of device memory per prompt kept
         self.prompt_cache_size = prompt_cache
@@ -238,7 +241,7 @@ class TurboVideoPipeline:
         rest decodes (per chunk with the fast decode, all at once with diffusers')."""
         z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
         if self.fast_vae:
-            from .vae_decode import decode_chunks, host_frames
+            from .vae_decode import BASE, decode_chunks, host_frames
 
             pieces: list[np.ndarray] = []
             # the chunks have fixed shapes: cuDNN's algorithm search pays off here (only here: I2V encodes
@@ -250,7 +253,11 @@ class TurboVideoPipeline:
                 # the next chunk's decode instead of stalling the GPU
                 for frames in host_frames(
                     decode_chunks(
-                        self.vae, z.to(self.vae_dtype), chunk=self.vae_chunk, channels_last=self.device.type == "cuda"
+                        self.vae,
+                        z.to(self.vae_dtype),
+                        chunk=self.vae_chunk,
+                        channels_last=self.device.type == "cuda",
+                        variant=self.vae_variant or BASE,
                     )
                 ):
                     pieces.append(frames)

@@ -51,6 +51,7 @@ Variants (`DecodeVariant`, each the same function; the default is the decode abo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import types
 from collections.abc import Iterable, Iterator
@@ -130,6 +131,29 @@ class DecodeVariant:
 
 
 BASE = DecodeVariant()
+
+# What "auto" runs, by (device type, DiT compiled). Measured on an H200, Wan2.1 VAE at 480p 81 frames, bf16
+# (BENCHMARKS.md run 14, bench/vae_variants.py): base 1.10 s, subpixel 1.01 s (no compile), compile_block+upsample
+# 0.82 s (its compile, ~13 s, belongs to the start that compiles the DiT and is kept in the compile artifact, so
+# it is only chosen when the DiT is compiled too). conv2d (1.21 s) and CUDA graphs (0.84 s on top of
+# compile_block) did not pay. Every variant computes the same function (equal in float32); on the CPU the base
+# decode runs (no Inductor build on a CPU pod).
+AUTO_VARIANTS = {
+    ("cuda", True): "compile_block+upsample",
+    ("cuda", False): "subpixel",
+}
+
+
+def choose_variant(spec: str, *, device_type: str, compiled: bool, compile_backend: str = "inductor") -> DecodeVariant:
+    """The DecodeVariant a load runs: `spec` "auto" picks from AUTO_VARIANTS (base where none is listed), any other
+    spec is DecodeVariant.parse'd (ConfigError naming vae_variant if bad); compile_backend goes to the compiled
+    parts (aot_eager in CPU tests)."""
+    if spec == "auto":
+        spec = AUTO_VARIANTS.get((device_type, bool(compiled)), "base")
+    variant = DecodeVariant.parse(spec)
+    if variant.compile and compile_backend != variant.compile_backend:
+        variant = dataclasses.replace(variant, compile_backend=compile_backend)
+    return variant
 
 
 # ---- causal convolutions -------------------------------------------------------------------------------------

@@ -120,6 +120,31 @@ def test_kernel_matches_float64_reference(b, h, length, d, topk, with_proj, with
     torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=RTOL)
 
 
+# two selected K blocks per softmax step: odd block counts (the last step's second half masked), a short last K
+# block, and the unmasked path (256 tokens, an even count)
+TWO_BLOCK_CASES = [
+    (1, 2, 300, 64, 0.6, True, True, 128),  # 3 of 5 blocks: odd, the short block may be among them
+    (1, 2, 256, 64, 0.5, True, False, 64),  # 2 of 4: even, no key masked
+    (1, 3, 1000, 64, 0.2, False, False, 128),  # 3 of 16: odd
+    (1, 2, 1000, 64, 0.7, True, True, 64),  # 11 of 16: odd, several steps
+]
+
+
+@kernels_here
+@pytest.mark.parametrize("b,h,length,d,topk,with_proj,with_bias,block_m", TWO_BLOCK_CASES)
+def test_two_key_blocks_per_step_match_float64_reference(b, h, length, d, topk, with_proj, with_bias, block_m):
+    from turboflow.engine.kernels import sparse_attention as sa
+
+    q, k, v = _qkv(b, h, length, d, seed=length + 2 * d)
+    w, bias = _proj(d, length, with_bias) if with_proj else (None, None)
+    lut = select_blocks(q, k, topk)
+    assert (lut.shape[-1] % 2 == 1) == (length != 256)  # the odd counts this test is about
+    ref = sla_reference(q, k, v, topk=topk, proj_weight=w, proj_bias=bias)
+    tiles = sa.TileConfig(block_m=block_m, num_warps=4, num_stages=2, keys_per_step=2)
+    out = _kernel(q, k, v, lut, w, bias, tiles)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=RTOL)
+
+
 @kernels_here
 def test_all_blocks_selected_is_dense_attention():
     q, k, v = _qkv(1, 2, 300, 64, seed=7)

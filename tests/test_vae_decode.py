@@ -210,6 +210,35 @@ def test_variant_parse_and_names():
         DecodeVariant(compile="all")
 
 
+def test_auto_variant_by_device_and_compile_and_the_settings_token_list():
+    from turboflow.settings import VAE_DECODE_TOKENS
+
+    assert sorted(VAE_DECODE_TOKENS) == sorted(DecodeVariant._TOKENS)  # TURBOFLOW_VAE_DECODE checks the same names
+    choose = vae_decode.choose_variant
+    assert choose("auto", device_type="cpu", compiled=True) == vae_decode.BASE
+    assert choose("auto", device_type="cuda", compiled=False).name == "subpixel"
+    assert choose("auto", device_type="cuda", compiled=True).name == "compile_block+upsample"
+    compiled_for_tests = choose("compile_block", device_type="cpu", compiled=False, compile_backend="aot_eager")
+    assert compiled_for_tests.compile == "block" and compiled_for_tests.compile_backend == "aot_eager"
+    with pytest.raises(ConfigError):
+        choose("conv5d", device_type="cuda", compiled=False)
+
+
+def test_load_option_vae_decode_reaches_the_decode(tiny_t2v_dir):
+    """A variant chosen at load runs in the pipeline's decode and gives the base decode's frames (float32, CPU)."""
+    from turboflow.engine.loading import load_pipeline
+
+    base = load_pipeline(tiny_t2v_dir, device="cpu", warmup=False)
+    subpixel = load_pipeline(tiny_t2v_dir, device="cpu", warmup=False, vae_decode="subpixel")
+    assert base.vae_variant == vae_decode.BASE and subpixel.vae_variant.subpixel
+    req = base.request("waves", seed=3, **dict(FAST, num_frames=5))
+    a, b = base(req).frames, subpixel(req).frames
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_t2v_dir, device="cpu", warmup=False, vae_decode="subpixel+graph+conv9d")
+    assert err.value.field == "vae_variant"
+
+
 def test_host_frames_converts_in_order_one_piece_behind():
     from turboflow.engine.pipeline import TurboVideoPipeline
 

@@ -35,6 +35,8 @@ QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OFFLOAD_POLICIES = ("auto", "none", "experts")
 SLA_BACKENDS = ("auto", "triton", "flex", "gather")  # engine/sla.py: SLA's sparse-branch kernels
+# engine/vae_decode.py DecodeVariant's tokens (a test keeps the two lists equal)
+VAE_DECODE_TOKENS = ("conv2d", "conv2d_shifted", "upsample", "subpixel", "compile_norm", "compile_block", "graph")
 STORES = ("s3", "local")
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit on a presigned URL
 MIN_SIGNING_KEY_BYTES = 16
@@ -119,6 +121,18 @@ def compile_mode(raw: str) -> bool | str:
     if value in COMPILE_MODES:
         return value
     raise ValueError(f"expected 0, 1 or one of {', '.join(COMPILE_MODES)}, got {raw!r}")
+
+
+def vae_decode_spec(raw: str) -> str:
+    """`auto`, `base`, or DecodeVariant tokens joined by `+` (each at most once)."""
+    value = raw.lower()
+    if value in ("auto", "base"):
+        return value
+    tokens = value.split("+")
+    unknown = [t for t in tokens if t not in VAE_DECODE_TOKENS]
+    if unknown or len(set(tokens)) != len(tokens):
+        raise ValueError(f"expected auto, base or tokens of {', '.join(VAE_DECODE_TOKENS)} joined by '+', got {raw!r}")
+    return value
 
 
 def warmup_sizes(raw: str) -> tuple[tuple[str, str, int], ...]:
@@ -307,6 +321,7 @@ class Settings:
     compile_save_artifacts: bool = True
     fast_vae: bool = True
     vae_chunk: int | None = None
+    vae_decode: str = "auto"
     prompt_cache: int = 32
     sla_backend: str = "auto"
     offload: str = "auto"
@@ -586,6 +601,15 @@ VARIABLES: tuple[Variable, ...] = (
         whole(1),
         "vae_chunk",
         "by frame size",
+    ),
+    _v(
+        "TURBOFLOW_VAE_DECODE",
+        "engine",
+        "how the fast VAE decode runs: `auto` = `compile_block+upsample` on CUDA when the DiT is compiled, "
+        "`subpixel` on CUDA otherwise, `base` on the CPU; or tokens of engine/vae_decode.py joined by `+` "
+        "(all compute the same function)",
+        vae_decode_spec,
+        "vae_decode",
     ),
     _v(
         "TURBOFLOW_PROMPT_CACHE",

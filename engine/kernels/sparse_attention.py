@@ -20,7 +20,8 @@ Three kernels:
     exp(s / sqrt(D)) = 2^(s * log2(e) / sqrt(D))), then adds the projected linear branch and stores the tile once.
     Keys >= L (the short last block) are masked; query rows >= L are computed on zeros and never stored.
 
-Tiles match the selection geometry: BLOCK_N = blk_k (one K block per loop step), BLOCK_M = blk_q or blk_q / 2 (then
+Tiles match the selection geometry: BLOCK_N = blk_k x keys_per_step (one or two selected K blocks per loop step:
+two make the products 128 keys wide and halve the online-softmax rescales), BLOCK_M = blk_q or blk_q / 2 (then
 two programs read the same LUT row). Precision for bf16/fp16 inputs: tensor-core products with fp32 accumulation;
 P (softmax weights) and phi(k) are rounded to the input dtype before their products, as FlashAttention does with P;
 KVW and the epilogue's product are fp32/TF32 (TileConfig.epilogue_fp32; or the input dtype). float32 inputs use IEEE
@@ -53,13 +54,14 @@ _FINALIZE_ROWS = 16  # rows of KV W^T per finalize program
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape of the sparse kernel: block_m query rows per program (blk_q or blk_q / 2), warps, pipeline
-    stages; epilogue_fp32: the linear branch's last product in fp32 (TF32 on the GPU) instead of the input dtype
-    (fp32 inputs always use fp32)."""
+    stages, selected K blocks per step; epilogue_fp32: the linear branch's last product in fp32 (TF32 on the GPU)
+    instead of the input dtype (fp32 inputs always use fp32)."""
 
     block_m: int = 128
     num_warps: int = 8
     num_stages: int = 3
     epilogue_fp32: bool = True
+    keys_per_step: int = 1  # selected K blocks per online-softmax step (1 or 2)
 
 
 DEFAULT_TILES = TileConfig()
@@ -193,9 +195,11 @@ def _sla_forward_kernel(
     QK_SCALE_LOG2: tl.constexpr,  # log2(e) / sqrt(D): a constant, so the scores stay fp32 under every launcher
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # = blk_k: one selected K block per loop step
+    BLOCK_N: tl.constexpr,  # = BLK_K * KEYS_PER_STEP: the keys of the selected blocks one loop step reads
     BLK_Q: tl.constexpr,
-    KEYS_EVEN: tl.constexpr,  # L % blk_k == 0: no key is masked
+    BLK_K: tl.constexpr,
+    KEYS_PER_STEP: tl.constexpr,  # selected K blocks per step, 1 or 2
+    KEYS_EVEN: tl.constexpr,  # L % blk_k == 0 and n_sel % KEYS_PER_STEP == 0: no key is masked
     HAS_LINEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs; bf16/fp16 products ignore it
@@ -219,17 +223,26 @@ def _sla_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max of the log2-scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for slot in range(n_sel):
-        offs_key = tl.load(lut_row + slot * stride_lut_s) * BLOCK_N + offs_n
+    for slot in range(0, n_sel, KEYS_PER_STEP):
+        if KEYS_PER_STEP == 1:
+            offs_key = tl.load(lut_row + slot * stride_lut_s) * BLK_K + offs_n
+            key_valid = offs_key < seq_len
+        else:
+            # column n holds key n % BLK_K of the step's (n // BLK_K)-th block; past the last selected block (odd
+            # n_sel) the columns are masked like keys >= L
+            sub = slot + offs_n // BLK_K
+            block = tl.load(lut_row + sub * stride_lut_s, mask=sub < n_sel, other=0)
+            offs_key = block * BLK_K + offs_n % BLK_K
+            key_valid = (offs_key < seq_len) & (sub < n_sel)
         k_ptrs = k_base + offs_key[None, :] * stride_kl + offs_d[:, None] * stride_kd  # K^T tile [D, BLOCK_N]
         v_ptrs = v_base + offs_key[:, None] * stride_vl + offs_d[None, :] * stride_vd
         if KEYS_EVEN:
             k_t = tl.load(k_ptrs)
         else:
-            k_t = tl.load(k_ptrs, mask=offs_key[None, :] < seq_len, other=0.0)
+            k_t = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * QK_SCALE_LOG2
         if not KEYS_EVEN:
-            s = tl.where(offs_key[None, :] < seq_len, s, float("-inf"))
+            s = tl.where(key_valid[None, :], s, float("-inf"))
         # every selected block holds at least one key < L, so m_new is finite and alpha = 2^-inf = 0 on the first step
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -238,7 +251,7 @@ def _sla_forward_kernel(
         if KEYS_EVEN:
             v = tl.load(v_ptrs)
         else:
-            v = tl.load(v_ptrs, mask=offs_key[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs, mask=key_valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -265,13 +278,17 @@ def _sla_forward_kernel(
 INTERPRETED = not isinstance(_sla_forward_kernel, triton.runtime.jit.JITFunction)
 
 
-def check_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q: int, blk_k: int, block_m: int) -> None:
+def check_inputs(
+    q, k, v, lut, proj_weight, proj_bias, blk_q: int, blk_k: int, block_m: int, keys_per_step: int = 1
+) -> None:
     """ValueError naming the first argument the kernels do not support."""
     check_attention_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q)
     if blk_k < 16 or blk_k & (blk_k - 1):
         raise ValueError(f"blk_k must be a power of two >= 16, got {blk_k}")
     if block_m < 16 or block_m & (block_m - 1) or blk_q % block_m:
         raise ValueError(f"block_m must be a power of two >= 16 dividing blk_q={blk_q}, got {block_m}")
+    if keys_per_step not in (1, 2):
+        raise ValueError(f"keys_per_step must be 1 or 2, got {keys_per_step}")
 
 
 def _linear_splits(batch_heads: int, length: int) -> tuple[int, int]:
@@ -355,7 +372,7 @@ def sla_sparse_linear_forward(
     It is also the op's fake implementation (triton_op registers it): under FakeTensorMode wrap_triton records the
     launches instead of running them. Triton's interpreter bypasses wrap_triton, so there the launches are skipped
     for fake tensors (shapes, dtypes and strides of the result are all a fake call needs)."""
-    check_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k, tiles.block_m)
+    check_inputs(q, k, v, lut, proj_weight, proj_bias, blk_q, blk_k, tiles.block_m, tiles.keys_per_step)
     b, h, length, d = q.shape
     fp32_inputs = q.dtype == torch.float32
     lut = lut.to(torch.int32)
@@ -393,9 +410,11 @@ def sla_sparse_linear_forward(
         QK_SCALE_LOG2=_LOG2E / math.sqrt(d),
         HEAD_DIM=d,
         BLOCK_M=tiles.block_m,
-        BLOCK_N=blk_k,
+        BLOCK_N=blk_k * tiles.keys_per_step,
         BLK_Q=blk_q,
-        KEYS_EVEN=length % blk_k == 0,
+        BLK_K=blk_k,
+        KEYS_PER_STEP=tiles.keys_per_step,
+        KEYS_EVEN=length % blk_k == 0 and n_sel % tiles.keys_per_step == 0,
         HAS_LINEAR=has_linear,
         HAS_BIAS=proj_bias is not None,
         DOT_PRECISION="ieee" if fp32_inputs else "tf32",
