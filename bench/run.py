@@ -148,11 +148,18 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Path) -> dict:
+def _size(spec: Spec) -> tuple[int, int]:
     from turboflow.engine.request import GenerationRequest
-    from turboflow.engine.video import Mp4Stream
 
-    w, h = GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).validated().size
+    return GenerationRequest(prompt="x", resolution=spec.resolution, aspect_ratio=spec.aspect_ratio).validated().size
+
+
+def ours_request(pipe, spec: Spec, variant: dict, num_steps: int):
+    """The request run_ours sends (seed 1, the spec's size, frames, sigma_max and boundary, the variant's fields;
+    I2V: the seeded random image), validated without the manifest's defaults: the spec and the variant decide every
+    field. The image is decoded here, outside any timed run."""
+    from turboflow.engine.request import GenerationRequest
+
     base = dict(
         prompt=PROMPT,
         kind=spec.kind,
@@ -166,12 +173,17 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
         **variant.get("request", {}),
     )
     if spec.kind == "i2v":
-        base["image"] = _image(w, h)
+        base["image"] = _image(*_size(spec))
+    return GenerationRequest(num_steps=num_steps, **base).validated(pipe.family)
+
+
+def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Path) -> dict:
+    from turboflow.engine.video import Mp4Stream
+
+    w, h = _size(spec)
     log(f"  ours: warm-up ({spec.warmup_steps} step(s))")
-    # validated without the manifest's defaults: the spec and the variant decide every field (the image is
-    # decoded here, outside the timed run)
-    pipe(GenerationRequest(num_steps=spec.warmup_steps, **base).validated(pipe.family))
-    timed = GenerationRequest(num_steps=spec.steps, **base).validated(pipe.family)
+    pipe(ours_request(pipe, spec, variant, spec.warmup_steps))
+    timed = ours_request(pipe, spec, variant, spec.steps)
     if clock.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(clock.device)
     marks = []
@@ -225,20 +237,17 @@ def run_ours(pipe, spec: Spec, variant: dict, clock: Clock, s3: S3, workdir: Pat
     }
 
 
-def bench_model(
-    key: str, spec: Spec, variants: list[str], device, dtype, s3: S3, workdir: Path, baseline: bool
-) -> list[dict]:
+def build_pipeline(key: str, spec: Spec, device, dtype, workdir: Path, quant_at_build: str | None = None):
+    """The whole TurboVideoPipeline of `spec` with random weights built on `device` (text encoder, VAE, the DiT or
+    both I2V experts, always in that order: seed torch first and every process builds the same weights), each DiT
+    quantised to `quant_at_build` as soon as it exists; I2V decides its offload as load_pipeline's "auto" does.
+    Returns (pipeline, build seconds, offload, DiT weights GB as built)."""
     from turboflow.engine.pipeline import TurboVideoPipeline
 
     clock = Clock(device)
-    log(f"{key}: building {spec.name} with random weights on {device}")
     t = time.perf_counter()
     te = build_text_encoder(spec.text, device, dtype)
     vae = build_vae(spec.vae, device, dtype)
-    # I2V with only quantising variants: quantise each expert as soon as it exists, so both fit on the GPU at once
-    # (T2V quantises in the variant's prepare, after the bf16 baseline)
-    quants = {VARIANTS[v].get("quant") for v in variants}
-    quant_at_build = quants.pop() if len(quants) == 1 and spec.kind == "i2v" else None
 
     def transformer():
         net = build_transformer(spec.transformer, device, dtype)
@@ -277,6 +286,19 @@ def bench_model(
         model_name=key,
         offload=offload,
     )
+    return pipe, build_s, offload, built_weights_gb
+
+
+def bench_model(
+    key: str, spec: Spec, variants: list[str], device, dtype, s3: S3, workdir: Path, baseline: bool
+) -> list[dict]:
+    clock = Clock(device)
+    log(f"{key}: building {spec.name} with random weights on {device}")
+    # I2V with only quantising variants: quantise each expert as soon as it exists, so both fit on the GPU at once
+    # (T2V quantises in the variant's prepare, after the bf16 baseline)
+    quants = {VARIANTS[v].get("quant") for v in variants}
+    quant_at_build = quants.pop() if len(quants) == 1 and spec.kind == "i2v" else None
+    pipe, build_s, offload, built_weights_gb = build_pipeline(key, spec, device, dtype, workdir, quant_at_build)
     rows = []
     base = None
     if baseline and quant_at_build:
@@ -329,7 +351,7 @@ def bench_model(
     for row in rows:
         row["baseline"] = base
         row["speedup"] = speedups(row.get("ours"), base)
-    del pipe, te, vae, tr, tr2
+    del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

@@ -249,3 +249,17 @@ def test_tiny_cold_start_in_the_serving_only_environment(tmp_path):
     assert [r["compile_artifact"]["artifact"] for r in result["runs"][3:]] == ["missing", "missing"]
     assert dict(result["importtime"]["top_level_cumulative_ms"]).keys() >= {"torch", "diffusers"}
     assert out.with_suffix(".importtime.txt").read_text().startswith("import time:")
+
+
+def test_dit_profile_groups_a_forward_by_category(tmp_path):
+    from bench import dit_profile
+
+    assert dit_profile.category("void _sla_forward_kernel") == "attention"
+    assert dit_profile.category("sm90_xmma_gemm_e4m3e4m3_bf16") == "fp8 gemm"
+    assert dit_profile.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 gemm"
+    assert dit_profile.category("triton_per_fused_add_mul_0") == "inductor fused"
+    assert dit_profile.category("aten::nothing_known") == "other"
+    assert dit_profile.main(["--tiny", "--attention", "sla", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "dit_profile.json").read_text())["rows"]["sla"]
+    assert "error" not in row and row["forward_median_s"] > 0 and row["top_kernels"]
+    assert sum(row["by_category_ms"].values()) == pytest.approx(row["busy_ms"], abs=0.05)

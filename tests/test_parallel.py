@@ -173,3 +173,42 @@ def test_parallel_pipeline_frames_equal_single_process_and_a_dead_worker_fails_f
         assert not parallel.healthy
         with pytest.raises(WorkerLostError, match="unusable"):  # refused at once, before any collective
             parallel(parallel.request("a boat", seed=1, num_steps=1, **FAST))
+
+
+# ---- bench/parallel.py --request: the whole request on one rank and on two (the GPU measurement's CPU smoke) --------
+def test_bench_parallel_request_times_one_rank_and_two_with_equal_frames(tmp_path):
+    """Two gloo processes run bench.parallel's request mode on the tiny I2V model (both experts sharded, the seeded
+    image through the VAE encoder): the one-rank row and the two-rank row each time text encode -> DiT -> decode ->
+    mp4 -> S3 (moto), and the two rows' videos are the same."""
+    import json
+
+    from bench import parallel as bench_parallel
+
+    out = tmp_path / "out"
+    # --variant sla: the GPU run's `fast` less FP8 (no CPU kernel worth timing) and compile (aot_eager on the CPU
+    # proves nothing about Inductor and costs seconds here); four requests of ~3 s each (the tiny VAE decodes 640x480
+    # in ~2 s on one CPU thread) after two processes' imports
+    argv = ["--tiny", "--request", "--model", "i2v-a14b-720p", "--variant", "sla", "--steps", "2", "--out", str(out)]
+    assert bench_parallel.main(argv) == 0
+    doc = json.loads((out / "parallel_request.json").read_text())
+    assert doc["world_size"] == 2 and doc["s3_error"] is None and doc["variant_settings"]["attention"] == "sla"
+    (entry,) = doc["models"]
+    assert entry["key"] == "i2v-a14b-720p" and entry["kind"] == "i2v" and entry["offload"] == "none"
+    rows = entry["rows"]
+    assert [rows["1gpu"]["gpus"], rows["cp"]["gpus"]] == [1, 2]
+    for row in rows.values():
+        assert row["experts"] == ["high", "low"] and len(row["steps_s"]) == 2 and row["mp4_bytes"] > 0
+        for stage in ("text_encode_s", "vae_encode_s", "diffusion_s", "vae_decode_s", "s3_upload_s", "total_s"):
+            assert row[stage] > 0, stage
+    # float32 on gloo: the sharded matmuls may move a pixel by one level, never further
+    assert entry["frames_max_abs_diff"] <= 1 and entry["frames_mean_abs_diff"] < 0.05
+    table = (out / "parallel_request.md").read_text()
+    assert "| **request total** |" in table and "| VAE encode (I2V) |" in table and "1 GPU / 2 GPUs" in table
+
+
+def test_bench_parallel_takes_an_i2v_model_only_for_whole_requests(tmp_path):
+    from bench import parallel as bench_parallel
+
+    for argv in (["--model", "i2v-a14b-720p"], ["--model", "14b-720p,14b-480p"], ["--request", "--model", "nope"]):
+        with pytest.raises(SystemExit):
+            bench_parallel.main(["--tiny", "--out", str(tmp_path), *argv])
