@@ -184,6 +184,8 @@ def run_child(argv: list[str], label: str, env: dict, log) -> dict:
     log(f"  {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items() if k.startswith("import_")))
     if "ready_s" in r:
         art = r.get("compile_artifact") or {}
+        if r.get("aot_blocks"):
+            log(f"  {label}: AOT block calls in the warm-up {r['aot_blocks']}")
         log(
             f"  {label}: imports {r['imports_s']:.2f}s, ready {r['ready_s']:.2f}s after process start "
             f"(read {r.get('read_s', 0):.2f}s at {r.get('gbps', 0):.1f} GB/s, warm-up {r.get('warmup_s', 0):.2f}s"
@@ -352,6 +354,16 @@ def _environment_probe() -> dict:
     }
 
 
+def cli(argv: list[str]) -> int:
+    """`turboflow ARGS` where turboflow is not installed (the serving site: bench maps the repository's packages onto
+    the namespace), e.g. the AOT block packages' build in bench/serving_env.py."""
+    from turboflow.cli import main  # importable: running bench.coldstart imported bench/__init__.py first
+
+    return main(argv)
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--cli":
+        sys.exit(cli(sys.argv[2:]))

@@ -15,12 +15,16 @@ cold-start child of `bench/coldstart.py` inside it:
 5. each child runs as `python -I -S -c LAUNCHER SITE REPO bench.coldstart --child CACHE MODE`: isolated, no site
    module, `sys.path` = [SITE, REPO] + the standard library.
 
-Then: one `-X importtime` child (summarised), the cold start twice with a warm page cache and twice with a dropped one
-(`vm.drop_caches`, else `POSIX_FADV_DONTNEED` on the weights and every file of the site), then the artifact phases
-(`artifact_phases`: the serving import path with compile off, a JIT compile + FP8 start that saves the compile
-artifact, fresh pods that load it). On the GPU machine:
+Then (`--phases all`, the default): one `-X importtime` child (summarised), the cold start twice with a warm page cache
+and twice with a dropped one (`vm.drop_caches`, else `POSIX_FADV_DONTNEED` on the weights and every file of the site),
+then the artifact phases (`artifact_phases`: the serving import path with compile off, a JIT compile + FP8 start that
+saves the compile artifact, fresh pods that load it). `--phases aot`: the serving import path with compile off, then
+the AOT block packages built ahead (`aot_phases`: `turboflow model compile-artifacts --compile aot` in the site, timed
+as a build, not as a pod) and fresh pods that load them (TURBOFLOW_COMPILE=aot, FP8, no compile at start);
+`--phases all+aot`: both. On the GPU machine:
 
     python -m bench.serving_env --wheels .whl-bench --cache-dir /tmp/cache --out $OUT/coldstart-serving.json
+    python -m bench.serving_env --wheels .whl-bench --cache-dir /tmp/cache --phases aot --out $OUT/coldstart-aot.json
 """
 
 from __future__ import annotations
@@ -291,8 +295,19 @@ def _gpu() -> dict:
         return {"gpu": None, "driver": None}
 
 
+PHASES = ("all", "aot", "all+aot")
+
+
 def measure(
-    cache: Path, site: Path, wheels: Path | None, tiny: bool, runs: int, compile_bytecode: bool, log
+    cache: Path,
+    site: Path,
+    wheels: Path | None,
+    tiny: bool,
+    runs: int,
+    compile_bytecode: bool,
+    log,
+    phases: str = "all",
+    sla_backend: str = "auto",
 ) -> tuple[dict, str]:
     """Build the serving site and the model cache, then time the cold starts inside the site; (result, importtime
     text)."""
@@ -328,6 +343,10 @@ def measure(
     child = child_env(tiny)
     warm_page_cache(_files(cache))
     warm_page_cache(site_files(site))
+    result["runs"] = []
+    if phases == "aot":  # the short plan: compile off beside the AOT packages, nothing else
+        result["runs"] += aot_phases(cache, site, tiny, runs, child, log, compile_off=True, sla_backend=sla_backend)
+        return result, ""
     probe = subprocess.run(
         child_argv(site, "bench.coldstart", "--child", str(cache), "imports", importtime=True),
         capture_output=True,
@@ -341,7 +360,6 @@ def measure(
     lines = [ln for ln in probe.stdout.splitlines() if ln.startswith("{")]
     result["importtime_child"] = json.loads(lines[-1]) if lines else {"error": probe.stderr[-2000:]}
     log(f"  importtime: {result['importtime']['top_cumulative_ms'][:6]}")
-    result["runs"] = []
     for cold in (False, True):
         for i in range(1, runs + 1):
             label = f"{'cold' if cold else 'warm'} page cache #{i}"
@@ -355,6 +373,8 @@ def measure(
             r.update(page_cache=how, mode="fast (diffusers imported before start)")
             result["runs"].append(r)
     result["runs"] += artifact_phases(cache, site, tiny, runs, child, log)
+    if phases == "all+aot":
+        result["runs"] += aot_phases(cache, site, tiny, runs, child, log, compile_off=False, sla_backend=sla_backend)
     return result, importtime
 
 
@@ -385,6 +405,62 @@ def artifact_phases(cache: Path, site: Path, tiny: bool, runs: int, env: dict, l
     return out
 
 
+def aot_phases(
+    cache: Path, site: Path, tiny: bool, runs: int, env: dict, log, *, compile_off: bool, sla_backend: str = "auto"
+) -> list[dict]:
+    """Warm page cache, the serving import path (`lean`): compile off (`compile_off`); then the AOT block packages
+    built ahead in the site (`turboflow model compile-artifacts --compile aot`, FP8; its seconds recorded as the
+    build, not as a pod); then `runs` fresh pods, each with an empty compile cache holding only those packages in
+    aoti/, TURBOFLOW_COMPILE=aot and TURBOFLOW_COMPILE_REQUIRE_ARTIFACTS=1 (a missing or mismatched package runs
+    eager: the run's compile_artifact says which, its aot_blocks how many block calls the warm-up ran compiled)."""
+    root = site.parent / (site.name + "-aot")
+    shutil.rmtree(root, ignore_errors=True)
+    aot = {"TURBOFLOW_COMPILE": "aot"} if tiny else {"TURBOFLOW_COMPILE": "aot", "TURBOFLOW_QUANT_LINEAR": "fp8"}
+    aot["TURBOFLOW_SLA_BACKEND"] = sla_backend  # the build's too: it is part of the key
+    label = ("aot" if tiny else "aot+fp8") + ("" if sla_backend == "auto" else f", SLA {sla_backend}")
+    out = []
+    if compile_off:
+        for i in range(1, runs + 1):
+            warm_page_cache(_files(cache))
+            argv = child_argv(site, "bench.coldstart", "--child", str(cache), "lean")
+            r = run_child(argv, f"lean, compile off #{i}", env, log)
+            r.update(page_cache="weights read once before", mode="lean", env={})
+            out.append(r)
+    build = root / "build"
+    args = ["model", "compile-artifacts", "--model-dir", str(cache), "--compile", "aot", "--compile-cache", str(build)]
+    args += ["--sla-backend", sla_backend] + ([] if tiny else ["--quant-linear", "fp8"])
+    start = time.perf_counter()
+    proc = subprocess.run(
+        child_argv(site, "bench.coldstart", "--cli", *args),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+        cwd=REPO,
+    )
+    built = {"label": "aot packages built ahead (not a pod)", "seconds": time.perf_counter() - start}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        built["error"] = (proc.stderr or proc.stdout)[-3000:]
+        log(f"  {built['label']}: FAILED in {built['seconds']:.1f}s\n{built['error']}")
+    else:
+        built["result"] = json.loads(lines[-1])
+        log(f"  {built['label']}: {built['seconds']:.1f}s, {built['result'].get('path')}")
+    out.append(built)
+    for i in range(1, runs + 1):
+        compile_cache = root / f"p{i}"
+        compile_cache.mkdir(parents=True)
+        if (build / "aoti").is_dir():  # a new pod: only the packages the build left (the model-cache job's place)
+            shutil.copytree(build / "aoti", compile_cache / "aoti")
+        extra = {**aot, "TURBOFLOW_COMPILE_REQUIRE_ARTIFACTS": "1", "TURBOFLOW_COMPILE_CACHE": str(compile_cache)}
+        warm_page_cache(_files(cache))
+        argv = child_argv(site, "bench.coldstart", "--child", str(cache), "lean")
+        r = run_child(argv, f"lean, {label}, packages loaded #{i}", {**env, **extra}, log)
+        r.update(page_cache="weights read once before", mode="lean", env=extra)
+        out.append(r)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serving_env", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="the JSON result (the -X importtime text goes beside it)")
@@ -394,6 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=2, help="cold starts per page-cache state")
     ap.add_argument("--tiny", action="store_true", help="tiny model cache, CPU (smoke test)")
     ap.add_argument("--no-compile", action="store_true", help="skip the bytecode step (smoke test)")
+    ap.add_argument(
+        "--phases",
+        choices=PHASES,
+        default="all",
+        help="all: imports, fast warm/cold, compile artifacts; aot: compile off beside AOT block packages; all+aot",
+    )
+    ap.add_argument(
+        "--sla-backend",
+        default="auto",
+        choices=("auto", "triton", "flex", "gather"),
+        help="the AOT phases' SLA kernels (TURBOFLOW_SLA_BACKEND of the build and the pods; default auto)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         runs=args.runs,
         compile_bytecode=not args.no_compile,
         log=lambda *a: print(*a, flush=True),
+        phases=args.phases,
+        sla_backend=args.sla_backend,
     )
     result["command"] = "python -m bench.serving_env " + " ".join(argv if argv is not None else sys.argv[1:])
     out.write_text(json.dumps(result, indent=1, default=str))

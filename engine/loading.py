@@ -19,7 +19,7 @@ from turboflow.errors import ConfigError, DeviceUnavailableError, ModelCacheErro
 from . import compile_artifacts, fastload, modelcache
 from .checkpoint import load_sla_proj_l
 from .families import FamilySpec, family
-from .options import LoadOptions
+from .options import AOT_COMPILE, LoadOptions
 from .pipeline import TurboVideoPipeline
 from .quant import INT8_STORAGE
 
@@ -117,7 +117,8 @@ def load_pipeline(
     quant_linear: None | "fp8" | "int8" | "int8_weight_only" -- the DiT blocks' Linear layers (default None: the
       fine-tuned bf16 weights as they are; fp8 is the fast choice on H100/Ada, int8_weight_only halves memory).
     compile: False | True | an inductor mode -- torch.compile each DiT block (default off: the first request at a
-      new video size pays the compile; the cache in `compile_cache_dir` makes later processes reuse it).
+      new video size pays the compile; the cache in `compile_cache_dir` makes later processes reuse it); "aot" --
+      AOTInductor packages of the blocks built ahead of time (engine/aot_blocks.py): loaded, no trace or compile.
       compile_warmup: (resolution, aspect_ratio, frames) sizes to compile before returning, on CUDA (default: the
       model's resolution, 16:9, 81 frames) -- one 1-step request each, so the first real request runs compiled.
     fast_vae: chunked VAE decode, equal to diffusers' decode up to rounding (default on); vae_chunk latent frames
@@ -134,6 +135,7 @@ def load_pipeline(
     """
     opts = (options or LoadOptions()).replace(**option_overrides)
     quant_linear, compile, vae_chunk, fast_vae = opts.quant_linear, opts.compile, opts.vae_chunk, opts.fast_vae
+    aot = compile == AOT_COMPILE
     from .linear import check_supported, quantize_transformer
 
     root = Path(model_dir)
@@ -176,9 +178,8 @@ def load_pipeline(
     # imports, cache files written). One thread does all of these imports, in order: never two importers at once.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-prepare") as pool:
         classes = _LazyClasses(pool.submit(lambda: {role: spec.components[role].load_class() for role in networks}))
-        artifact_future = (
-            pool.submit(_load_compile_artifact, root, manifest, spec, device, dtype, opts) if compile else None
-        )
+        load_artifact = _load_aot_blocks if aot else _load_compile_artifact
+        artifact_future = pool.submit(load_artifact, root, manifest, spec, device, dtype, opts) if compile else None
         parts = fastload.load_models(
             networks, dtype, devices, classes=classes, report=report, threads=opts.load_threads
         )
@@ -197,7 +198,7 @@ def load_pipeline(
                 log.info("%s: %d linears -> %s", role, n, quant_linear)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if artifact is not None:
+    if artifact is not None and not aot:
         compile = _compile_dit(artifact, spec, opts, parts)  # False: artifacts required and absent, DiT runs eager
     from .vae_decode import choose_variant
 
@@ -241,8 +242,21 @@ def load_pipeline(
         },
     )
     pipeline.compile_artifact = artifact  # ArtifactReport | None (save_compile_artifacts, the load report)
+    if aot:
+        compile = _attach_aot_blocks(pipeline, artifact, root, manifest, opts)  # False: the DiT runs eager
     warmup_s = 0.0
-    if device.type == "cuda" and opts.warmup:
+    if device.type == "cuda" and opts.warmup and aot:
+        warm = time.perf_counter()
+        misses = compile_artifacts.fx_graph_cache_misses()
+        warmup(pipeline, dit=not compile)  # a compiled DiT is warmed at the served sizes, through its packages
+        if compile:
+            from . import aot_blocks
+
+            aot_blocks.warm(pipeline, warmup_sizes(opts, manifest))
+        artifact.jit_compiles = compile_artifacts.fx_graph_cache_misses() - misses
+        warmup_s = time.perf_counter() - warm
+        log.info("warm-up in %.2fs", warmup_s)
+    elif device.type == "cuda" and opts.warmup:
         warm = time.perf_counter()
         warmup(pipeline)
         if compile:
@@ -265,6 +279,8 @@ def load_pipeline(
         # {"artifact": loaded|missing|mismatch|corrupt, "key": ..., "load_s", "jit_compiles", ...}; None: no compile
         "compile_artifact": None if artifact is None else artifact.to_dict(),
         "compile_artifact_load_s": 0.0 if artifact is None else artifact.load_s,
+        # compile "aot": block calls through the packages and eager ones so far (the warm-up's, on CUDA)
+        "aot_blocks": artifact.stats.to_dict() if aot else None,
     }
     return pipeline
 
@@ -333,6 +349,44 @@ def _load_compile_artifact(root: Path, manifest, spec: FamilySpec, device, dtype
     return report
 
 
+def aot_artifact_inputs(root: Path, manifest, spec: FamilySpec, device, dtype, opts: LoadOptions) -> dict:
+    """The AOT block packages' key inputs: the compile artifacts' (compile_mode "aot"), and on the CPU its
+    capability (Inductor's CPU kernels are built for the ISA of the machine that compiled them)."""
+    inputs = compile_artifact_inputs(root, manifest, spec, device, dtype, opts)
+    if torch.device(device).type == "cpu":
+        inputs["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return inputs
+
+
+def _load_aot_blocks(root: Path, manifest, spec: FamilySpec, device, dtype, opts: LoadOptions):
+    """Find and load the AOT block packages of this load (engine/aot_blocks.py), beside the weight read: no
+    compile, no dynamo. The ArtifactReport with its packages, store and inputs."""
+    from . import aot_blocks
+
+    inputs = aot_artifact_inputs(root, manifest, spec, device, dtype, opts)
+    store = aot_blocks.store_for_model(root, opts.compile_cache_dir)
+    report = aot_blocks.load(store, compile_artifacts.artifact_key(inputs), inputs, device)
+    report.store, report.inputs = store, inputs
+    return report
+
+
+def _attach_aot_blocks(pipeline: TurboVideoPipeline, report, root: Path, manifest, opts: LoadOptions) -> bool:
+    """Run the DiT blocks through the loaded packages; without them eager (compile_require_artifacts), or build them
+    now like a first pod (in the compile cache's Inductor directory). Whether the blocks run packages."""
+    from . import aot_blocks
+    from .compiled import compile_cache_dir, use_cache_dir
+
+    if report.artifact != "loaded" and not opts.compile_require_artifacts:
+        use_cache_dir(compile_cache_dir(root, opts.compile_cache_dir))  # the build compiles: Inductor's files there
+    return aot_blocks.attach(
+        pipeline,
+        report,
+        warmup_sizes(opts, manifest),
+        require=opts.compile_require_artifacts,
+        save=opts.compile_save_artifacts,
+    )
+
+
 def _compile_dit(report, spec: FamilySpec, opts: LoadOptions, parts: dict) -> bool:
     """Mark the DiT blocks for compilation; with `compile_require_artifacts` and no usable artifact leave them eager
     (no compile at start, ever) and say so. Whether the DiT is compiled."""
@@ -359,6 +413,8 @@ def save_compile_artifacts(pipeline: TurboVideoPipeline) -> str | None:
     report = getattr(pipeline, "compile_artifact", None)
     if report is None or not report.compiled:
         return None
+    if hasattr(report, "packages"):  # compile "aot": its packages are saved where they are built (aot_blocks.attach)
+        return report.saved
     try:
         path = compile_artifacts.save(report.store, report.key, report.inputs)
     except OSError as e:
@@ -408,14 +464,15 @@ def warm_compiled(pipeline: TurboVideoPipeline, sizes: list[tuple[str, str, int]
 
 
 @torch.no_grad()
-def warmup(pipeline: TurboVideoPipeline) -> None:
+def warmup(pipeline: TurboVideoPipeline, *, dit: bool = True) -> None:
     """Tiny forward passes through every network so CUDA context, cuBLAS/cuDNN handles and kernels are loaded
-    before the pod reports ready (the first real request then runs at steady-state speed). No compile."""
+    before the pod reports ready (the first real request then runs at steady-state speed). No compile.
+    dit=False leaves the DiTs out (compile "aot" warms them at the served sizes, engine/aot_blocks.warm)."""
     dev = pipeline.device
     pipeline.encode_prompt("warm up")
     c = pipeline.latent_channels
     ctx = torch.zeros(1, 8, pipeline.text_encoder.config.d_model, device=dev, dtype=pipeline.dtype)
-    for net in (pipeline.transformer, pipeline.transformer_2):
+    for net in (pipeline.transformer, pipeline.transformer_2) if dit else ():
         if net is None or next(net.parameters()).device != dev:
             continue
         x = torch.randn(1, net.config.in_channels, 1, 4, 4, device=dev, dtype=pipeline.dtype)

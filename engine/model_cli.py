@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from turboflow.errors import ModelCacheError
-from turboflow.settings import COMPILE_MODES, QUANT_LINEAR_MODES, warmup_sizes
+from turboflow.settings import AOT_COMPILE, COMPILE_MODES, QUANT_LINEAR_MODES, SLA_BACKENDS, warmup_sizes
 
 from . import modelcache
 from .families import families
@@ -80,7 +80,9 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
         description="Loads the model with compile on, runs one 1-step request per size (the warm-up a pod runs), "
         "and saves the compiled graphs and kernels atomically as <compile cache>/artifacts/<key>.bin + .json, "
         "keyed like a serving pod with the same options looks them up (engine/compile_artifacts.py). Run it on a "
-        "node with the serving GPU architecture.",
+        "node with the serving GPU architecture. With --compile aot: AOTInductor packages of the DiT blocks "
+        "(engine/aot_blocks.py) as <compile cache>/aoti/<key>.bin + .json, built only when no intact one exists "
+        "(--force: always).",
     )
     art.add_argument("--model-dir", required=True, help="the model cache directory")
     art.add_argument(
@@ -89,7 +91,16 @@ def add_model_parsers(msub: argparse._SubParsersAction) -> None:
         help="comma list RESOLUTION:W:H:FRAMES, as TURBOFLOW_COMPILE_WARMUP (default: the model's resolution:16:9:81)",
     )
     art.add_argument("--quant-linear", default=None, choices=QUANT_LINEAR_MODES, help="as TURBOFLOW_QUANT_LINEAR")
-    art.add_argument("--compile", default="default", choices=COMPILE_MODES, help="inductor mode (TURBOFLOW_COMPILE)")
+    art.add_argument(
+        "--compile",
+        default="default",
+        choices=(*COMPILE_MODES, AOT_COMPILE),
+        help="inductor mode, or aot (TURBOFLOW_COMPILE)",
+    )
+    art.add_argument("--force", action="store_true", help="aot: build even when an intact package exists")
+    art.add_argument(
+        "--sla-backend", default="auto", choices=SLA_BACKENDS, help="as TURBOFLOW_SLA_BACKEND (in the key)"
+    )
     art.add_argument(
         "--compile-cache",
         default=None,
@@ -162,10 +173,13 @@ def _cmd_compile_artifacts(args) -> int:
         sizes = None if args.sizes is None else check_sizes(warmup_sizes(args.sizes), "--sizes")
     except ValueError as e:
         raise ModelCacheError(f"--sizes: {e}", code="invalid_sizes") from e
+    if args.compile == AOT_COMPILE:
+        return _build_aot_blocks(args, sizes)
     pipeline = load_pipeline(
         args.model_dir,
         device=args.device,
         quant_linear=args.quant_linear,
+        sla_backend=args.sla_backend,
         compile=args.compile,
         compile_backend=args.backend,
         compile_cache_dir=args.compile_cache,
@@ -187,4 +201,48 @@ def _cmd_compile_artifacts(args) -> int:
             {"key": report.key, "path": path, "before": report.artifact, "compile_s": seconds, "inputs": report.inputs}
         )
     )
+    return 0
+
+
+def _build_aot_blocks(args, sizes) -> int:
+    """--compile aot: load eager (no build at load), then build, save and check the packages unless an intact one
+    for the same key is there already."""
+    import time
+
+    from . import aot_blocks
+    from .compiled import compile_cache_dir, use_cache_dir
+    from .loading import load_pipeline
+
+    pipeline = load_pipeline(
+        args.model_dir,
+        device=args.device,
+        quant_linear=args.quant_linear,
+        sla_backend=args.sla_backend,
+        compile=AOT_COMPILE,
+        compile_cache_dir=args.compile_cache,
+        compile_warmup=sizes,
+        compile_require_artifacts=True,  # the build below, not one inside the load
+        warmup=False,
+    )
+    report = pipeline.compile_artifact
+    result = {"key": report.key, "before": report.artifact, "inputs": report.inputs}
+    if report.artifact == "loaded" and not args.force:
+        print(json.dumps({**result, "path": report.path, "built": False}))
+        return 0
+    use_cache_dir(compile_cache_dir(args.model_dir, args.compile_cache))
+    sizes = [(r, a, f) for r, a, f in report.inputs["sizes"]]
+    start = time.perf_counter()
+    try:
+        aot_blocks.build_and_save(pipeline, report, sizes)
+    except Exception as e:  # noqa: BLE001  (export or AOTInductor failing: a typed error naming the cause)
+        raise ModelCacheError(
+            f"AOT block packages for key {report.key} could not be built: {type(e).__name__}: {e}",
+            code="compile_artifact_not_saved",
+        ) from e
+    if report.saved is None:
+        raise ModelCacheError(
+            f"AOT block packages for key {report.key} built but not written (is the store writable?)",
+            code="compile_artifact_not_saved",
+        )
+    print(json.dumps({**result, "path": report.saved, "built": True, "build_s": time.perf_counter() - start}))
     return 0

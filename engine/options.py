@@ -5,7 +5,8 @@ turboflow/settings.py), the CLI from its flags (`LoadOptions(...)`): the same sw
 no environment variable; a bad value is a ConfigError naming the variable or option.
 
     quant_linear       None | fp8 | int8 | int8_weight_only   DiT linears (None: weights as shipped)
-    compile            False | True | an inductor mode         torch.compile the DiT blocks
+    compile            False | True | an inductor mode | aot   torch.compile the DiT blocks; aot: AOTInductor
+                                                                packages built ahead (engine/aot_blocks.py)
     compile_cache_dir  directory                                persistent Inductor/Triton cache (engine/compiled.py)
     compile_warmup     ((resolution, aspect, frames), ...)      compiled before ready (None: the model's resolution,
                                                                 16:9, 81 frames; (): none)
@@ -34,11 +35,18 @@ import dataclasses
 from dataclasses import dataclass
 
 from turboflow.errors import ConfigError
-from turboflow.settings import COMPILE_MODES, OFFLOAD_POLICIES, QUANT_LINEAR_MODES, SLA_BACKENDS, Settings
+from turboflow.settings import (
+    AOT_COMPILE,
+    COMPILE_MODES,
+    OFFLOAD_POLICIES,
+    QUANT_LINEAR_MODES,
+    SLA_BACKENDS,
+    Settings,
+)
 
 from .request import MAX_FRAMES, RESOLUTIONS
 
-__all__ = ["COMPILE_MODES", "OFFLOAD_POLICIES", "LoadOptions", "check_sizes"]
+__all__ = ["AOT_COMPILE", "COMPILE_MODES", "OFFLOAD_POLICIES", "LoadOptions", "check_sizes"]
 
 WarmupSizes = tuple[tuple[str, str, int], ...]
 MAX_GPUS = 8  # one host's GPUs (TURBOFLOW_GPUS allows the same range)
@@ -74,9 +82,15 @@ class LoadOptions:
                 f"quant_linear must be None or one of {list(QUANT_LINEAR_MODES)}, got {self.quant_linear!r}",
                 field="quant_linear",
             )
-        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+        if isinstance(self.compile, str) and self.compile not in (*COMPILE_MODES, AOT_COMPILE):
             raise ConfigError(
-                f"compile mode must be one of {list(COMPILE_MODES)}, got {self.compile!r}", field="compile"
+                f"compile mode must be one of {[*COMPILE_MODES, AOT_COMPILE]}, got {self.compile!r}", field="compile"
+            )
+        if self.compile == AOT_COMPILE and self.gpus > 1:
+            raise ConfigError(
+                "compile 'aot' packages one GPU's blocks; with gpus > 1 the sequence is sharded across devices and no "
+                "package would match: use compile=True (torch.compile) with several GPUs",
+                field="compile",
             )
         if self.compile_backend not in COMPILE_BACKENDS:
             raise ConfigError(

@@ -272,7 +272,7 @@ class TurboVideoPipeline:
             frame_sink(frames)
         return frames
 
-    def _set_attention(self, attention: str, topk: float) -> None:
+    def use_attention(self, attention: str, topk: float) -> None:
         """Swap the DiT self-attention processors when a request asks for another attention than the last."""
         from .sla import set_attention
 
@@ -374,7 +374,7 @@ class TurboVideoPipeline:
 
         experts: list[str] = []
         ones = torch.ones(shape[0], device=self.device)
-        self._set_attention(req.attention, req.sla_topk)
+        self.use_attention(req.attention, req.sla_topk)
 
         def denoise(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
             expert = self.family.expert_for(t, req.boundary)

@@ -32,7 +32,8 @@ from turboflow.errors import ConfigError
 
 TASKS = ("t2v", "i2v")
 QUANT_LINEAR_MODES = ("fp8", "int8", "int8_weight_only")  # engine/linear.py
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
+AOT_COMPILE = "aot"  # AOTInductor packages of the DiT blocks, built ahead of time (engine/aot_blocks.py)
 OFFLOAD_POLICIES = ("auto", "none", "experts")
 SLA_BACKENDS = ("auto", "triton", "flex", "gather")  # engine/sla.py: SLA's sparse-branch kernels
 # engine/vae_decode.py DecodeVariant's tokens (a test keeps the two lists equal)
@@ -118,9 +119,9 @@ def compile_mode(raw: str) -> bool | str:
         return True
     if value in _FALSE:
         return False
-    if value in COMPILE_MODES:
+    if value in (*COMPILE_MODES, AOT_COMPILE):
         return value
-    raise ValueError(f"expected 0, 1 or one of {', '.join(COMPILE_MODES)}, got {raw!r}")
+    raise ValueError(f"expected 0, 1, {AOT_COMPILE} or one of {', '.join(COMPILE_MODES)}, got {raw!r}")
 
 
 def vae_decode_spec(raw: str) -> str:
@@ -550,7 +551,8 @@ VARIABLES: tuple[Variable, ...] = (
         "TURBOFLOW_COMPILE",
         "engine",
         "`1` or an inductor mode: torch.compile the DiT blocks (the warm-up sizes are "
-        "compiled before the pod reports ready)",
+        "compiled before the pod reports ready); `aot`: AOTInductor packages of the blocks built ahead of time "
+        "(`turboflow model compile-artifacts --compile aot`), loaded at start with no trace or compile",
         compile_mode,
         "compile",
         "0",
