@@ -175,8 +175,9 @@ def run_child(argv: list[str], label: str, env: dict, log) -> dict:
     )
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not line:
-        log(f"  {label}: FAILED\n{proc.stderr[-2000:]}")
-        return {"label": label, "error": (proc.stderr or proc.stdout)[-2000:]}
+        log(f"  {label}: FAILED (exit status {proc.returncode})\n{proc.stderr[-2000:]}")
+        # a negative status is a signal (-11: a segfault, which prints nothing unless PYTHONFAULTHANDLER is set)
+        return {"label": label, "returncode": proc.returncode, "error": (proc.stderr or proc.stdout)[-2000:]}
     r = json.loads(line[-1])
     r.update(label=label, interpreter_s=r["t_child_start"] - launched, imports_s=r["t_imports"] - launched)
     if "t_ready" in r:

@@ -28,9 +28,11 @@ from .parallel import _Inputs, _prepare_ours, _sync
 # kernel name fragments -> category, first match wins (names as CUDA's profiler reports them on Hopper)
 CATEGORIES = (
     ("attention", ("_sla_forward", "_linear_state", "_sagesla", "flex_attention", "flash", "fmha", "sdpa")),
-    ("fp8 gemm", ("f8", "e4m3", "fp8", "scaled_mm")),
-    ("bf16 gemm", ("gemm", "xmma", "cutlass", "sm90_", "nvjet")),
+    # Inductor's kernels before the GEMMs: its FP8 activation quantization is named after _scaled_mm
     ("inductor fused", ("triton_",)),
+    # cuBLASLt's FP8 kernels on Hopper are nvjet_sm90_qq...; CUTLASS/xmma ones name e4m3
+    ("fp8 gemm", ("_qq", "f8", "e4m3", "fp8")),
+    ("bf16 gemm", ("gemm", "xmma", "cutlass", "sm90_", "nvjet")),
     ("copies", ("copy", "memcpy", "memset", "cat")),
 )
 

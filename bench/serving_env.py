@@ -237,7 +237,8 @@ def precompile(roots: Iterable[Path]) -> dict:
 def child_argv(site: Path, module: str, *args: str, importtime: bool = False) -> list[str]:
     """This interpreter, isolated (-I: no PYTHON* variables, no user site, no script directory) and without the
     site module (-S: no site-packages, no .pth files), running `module` with sys.path = [site, repo] + stdlib."""
-    flags = ["-X", "importtime"] if importtime else []
+    # faulthandler: a child that dies of a signal (a segfault in a native loader) still says where
+    flags = ["-X", "faulthandler", *(["-X", "importtime"] if importtime else [])]
     return [sys.executable, "-I", "-S", *flags, "-c", LAUNCHER, str(site), str(REPO), module, *args]
 
 
@@ -441,6 +442,7 @@ def aot_phases(
     built = {"label": "aot packages built ahead (not a pod)", "seconds": time.perf_counter() - start}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
+        built["returncode"] = proc.returncode
         built["error"] = (proc.stderr or proc.stdout)[-3000:]
         log(f"  {built['label']}: FAILED in {built['seconds']:.1f}s\n{built['error']}")
     else:

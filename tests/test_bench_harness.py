@@ -256,6 +256,8 @@ def test_dit_profile_groups_a_forward_by_category(tmp_path):
 
     assert dit_profile.category("void _sla_forward_kernel") == "attention"
     assert dit_profile.category("sm90_xmma_gemm_e4m3e4m3_bf16") == "fp8 gemm"
+    assert dit_profile.category("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_bias_TNT") == "fp8 gemm"
+    assert dit_profile.category("triton_red_fused__scaled_mm__to_copy_abs_amax") == "inductor fused"
     assert dit_profile.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 gemm"
     assert dit_profile.category("triton_per_fused_add_mul_0") == "inductor fused"
     assert dit_profile.category("aten::nothing_known") == "other"
