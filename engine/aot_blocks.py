@@ -266,6 +266,12 @@ def build(pipeline, sizes: list[tuple[str, str, int]]) -> tuple[bytes, dict]:
     return b"".join(parts), {"format": FORMAT, "models": models}
 
 
+# Loading a package on CUDA crashed the process (exit -11 in AOTIModelPackageLoader on torch 2.11, run 15): until a
+# GPU run shows a loader call that works (bench/aoti_probe.py sets this to try), a CUDA load is refused with a
+# report, never attempted, and the DiT runs eager.
+CUDA_LOADER_VERIFIED = False
+
+
 # ---- loading and running ---------------------------------------------------------------------------------------------
 @dataclass
 class BlockPackage:
@@ -291,6 +297,11 @@ def load_packages(payload: bytes, info: Mapping, device: torch.device) -> list[B
         raise CorruptArtifact(f"not a {FORMAT} payload (info format {info.get('format')!r})")
     if sum(int(m.get("bytes", -1)) for m in models) != len(payload):
         raise CorruptArtifact("the .pt2 sizes in the header do not add up to the payload")
+    if device.type == "cuda" and not CUDA_LOADER_VERIFIED:
+        raise CorruptArtifact(
+            "AOT block packages are not loaded on CUDA yet: AOTInductor's package loader segfaulted there (torch "
+            "2.11, H200, BENCHMARKS.md run 15), so the blocks run eager instead of risking the pod"
+        )
     index = -1 if device.type != "cuda" or device.index is None else device.index
     packages, offset = [], 0
     with tempfile.TemporaryDirectory(prefix="turboflow-aoti-") as work:

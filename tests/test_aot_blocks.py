@@ -240,3 +240,13 @@ def test_the_key_differs_from_the_compile_artifacts_and_the_stores_are_apart(sla
         tmp_path / "aoti",
         sla_model / ".compile-cache" / "aoti",
     ]
+
+
+def test_a_cuda_load_is_refused_until_the_loader_is_verified():
+    """The package loader segfaulted on CUDA (BENCHMARKS.md run 15): a CUDA load must be a report, never a try."""
+    from turboflow.engine.compile_artifacts import CorruptArtifact
+
+    info = {"format": aot_blocks.FORMAT, "models": [{"signature": {}, "bytes": 3}]}
+    assert aot_blocks.CUDA_LOADER_VERIFIED is False
+    with pytest.raises(CorruptArtifact, match="not loaded on CUDA"):
+        aot_blocks.load_packages(b"pt2", info, torch.device("cuda", 0))
