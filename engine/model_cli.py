@@ -11,8 +11,11 @@ from turboflow.settings import AOT_COMPILE, COMPILE_MODES, QUANT_LINEAR_MODES, S
 
 from . import modelcache
 from .families import families
-from .model_import import DTYPES, import_model, pull_model
 from .options import COMPILE_BACKENDS, check_sizes
+
+# model_import.DTYPES' names (tests/test_model_import.py keeps them equal): model_import imports torch, which every
+# `turboflow` verb would otherwise pay (~1.3 s) just to list --dtype's choices
+DTYPE_CHOICES = ("bf16", "bfloat16", "float32", "fp16", "fp32", "keep")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-max", type=float, help="default sigma_max (default 80 t2v / 200 i2v)")
     p.add_argument("--boundary", type=float, help="I2V expert switch (default 0.9)")
     p.add_argument("--resolution", choices=("480p", "720p"), help="default resolution")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store weights as (default: as in file)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep", help="store weights as (default: as in file)")
     p.add_argument(
         "--keep-int8",
         action="store_true",
@@ -138,6 +141,8 @@ def _report(manifest: modelcache.Manifest, root) -> int:
 
 
 def _cmd_import(args) -> int:
+    from .model_import import import_model
+
     manifest = import_model(
         args.dir,
         dit=args.dit,
@@ -152,6 +157,8 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_pull(args) -> int:
+    from .model_import import pull_model
+
     manifest = pull_model(
         args.dir,
         files=args.files,

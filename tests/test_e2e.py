@@ -203,7 +203,8 @@ async def test_s3_upload_triggers_i2v(stack, completions, tmp_path):
 async def test_function_sigkilled_mid_generation_is_redelivered(stack, completions, tmp_path):
     fn = stack.functions["t2v"]
     restarts = fn.restarts
-    req = build_request("t2v", "a robot walking in the city", options={**SMALL, "num_frames": 9})
+    # 5 frames: seconds of generating on the CPU, the window in which the kill lands
+    req = build_request("t2v", "a robot walking in the city", options={**SMALL, "num_frames": 5})
     await http_post(stack, req)
     async with httpx.AsyncClient() as client:  # wait until the function is generating it
         for _ in range(200):

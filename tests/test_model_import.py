@@ -418,6 +418,24 @@ def test_cli_import_and_errors(native_t2v, tiny_t2v_dir, tmp_path, capsys):
     assert main(["model", "verify", str(out), "--checksums"]) == 0
 
 
+def test_cli_lists_the_import_dtypes_without_importing_torch():
+    """`--dtype` offers exactly model_import.DTYPES, and building the parser imports no torch: every `turboflow`
+    verb (simulate, submit, events, ...) builds it, and torch's import is most of a short verb's run."""
+    import subprocess
+    import sys
+
+    from turboflow.engine.model_cli import DTYPE_CHOICES
+    from turboflow.engine.model_import import DTYPES
+
+    assert sorted(DTYPE_CHOICES) == sorted(DTYPES)
+    code = (
+        "import sys; from turboflow.cli import build_parser; build_parser(); "
+        "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_real_downloader_refuses_when_offline(tmp_path, monkeypatch):
     """The hub is unreachable here; the default downloader must fail fast and clearly, never hang on a network call."""
     from huggingface_hub import constants

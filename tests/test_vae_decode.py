@@ -143,8 +143,8 @@ CASES = [(6, 1, False), (8, 2, True), (6, 4, False)]
 def test_variant_equals_diffusers(
     vae, reference, spec, frames, chunk, channels_last, monkeypatch, count_conv3d, count_upsample
 ):
-    # every conv through the variant's kernels, conv_out (3 outputs) included: the tiny VAE's full-resolution
-    # stage has 8 channels, below the production threshold
+    # every conv through the variant's kernels, conv_out (3 outputs) included: the tiny VAE's two full-size stages
+    # have 8 and 4 channels, below the production threshold
     monkeypatch.setattr(vae_decode, "MIN_CONV2D_OUT_CHANNELS", 1)
     z, ref = reference(frames)
     count_conv3d.clear()
@@ -158,7 +158,8 @@ def test_variant_equals_diffusers(
 
 
 def test_conv2d_variant_keeps_conv3d_for_few_output_channels(vae, reference, count_conv3d):
-    """With the production threshold, conv_out (3 channels) and the 8-channel stage stay conv3d, the rest is 2-D."""
+    """With the production threshold, conv_out (3 channels) and the 8- and 4-channel stages stay conv3d, the rest
+    is 2-D."""
     z, ref = reference(6)
     count_conv3d.clear()
     out = fast_decode(vae, z, chunk=4, variant=DecodeVariant(conv="conv2d"))
