@@ -7,12 +7,13 @@ replica's consumer applied. Each SSE event is
     id:    1, 2, 3 ... (the order within this stream)
     data:  the Video JSON (as GET /v1/videos/{id} answers it)
 
-The current state comes first (named after where the request is: queued, started, progress when it has progress,
-or its terminal status); after that one event per lifecycle name a record update adds, `progress` whenever
-progress moves, and `cancel_requested` turning true is sent under the current name. Updates that change nothing a
-client follows (webhook attempts) send nothing. The stream ends after a terminal event. A comment line
-(`: keep-alive`, with no blank line after it) goes out every 15 s of silence so proxies keep the connection; a
-client that disconnects stops the watch.
+The current state comes first, named after where the request is: queued, started, or its terminal status; a
+request that is running and has progress opens with `started` (who runs it: pod, cold start, queue wait) and then
+`progress`, so a client that joins late still sees the start. After that comes one event per lifecycle name a record
+update adds, `progress` whenever progress moves, and `cancel_requested` turning true is sent under the current
+name. Updates that change nothing a client follows (webhook attempts) send nothing. The stream ends after a
+terminal event. A comment line (`: keep-alive`, with no blank line after it) goes out every 15 s of silence so
+proxies keep the connection; a client that disconnects stops the watch.
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ SSE_MEDIA_TYPE = "text/event-stream"
 
 
 def current_name(record) -> str:
-    """The event name of the state a record is in (the first event of a stream)."""
+    """The event name of the state a record is in."""
     if record.status in TERMINAL_STATUSES:
         return record.status
     if record.status == "queued":
         return "queued"
     return "progress" if record.progress else "started"
+
+
+def opening_names(record) -> list[str]:
+    """The first events of a stream: the current state, with `started` before a running request's `progress`."""
+    name = current_name(record)
+    return ["started", "progress"] if name == "progress" else [name]
 
 
 def update_names(previous, record) -> list[str]:
@@ -64,7 +71,7 @@ async def record_events(records: AsyncIterator) -> AsyncIterator[tuple[str, obje
     previous = None
     try:
         async for record in records:
-            names = [current_name(record)] if previous is None else update_names(previous, record)
+            names = opening_names(record) if previous is None else update_names(previous, record)
             previous = record
             for name in names:
                 yield name, record

@@ -184,6 +184,24 @@ async def test_heartbeats_keep_the_stream_open_without_events_of_their_own(gatew
     assert seen == [("queued", "{"), ("completed", "{")]
 
 
+async def test_a_stream_opened_mid_run_starts_with_started_then_progress(gateway):
+    """A client that joins while the request runs still learns who runs it (pod, cold start) before the progress."""
+    request_id = new_id()
+    await gateway.create("acme", request_id)
+    for event in (started_event("acme", request_id), progress_event("acme", request_id, "diffusion", 2)):
+        assert (await gateway.post_event(event)).status_code == 200
+    seen: list[tuple[str, dict]] = []
+    async with aconnect_sse(
+        gateway.http, "GET", f"/v1/videos/{request_id}/events", headers=gateway.api_key("acme")
+    ) as source:
+        async for sse in source.aiter_sse():
+            seen.append((sse.event, sse.json()))
+            if len(seen) == 2:
+                assert (await gateway.post_event(completed_event("acme", request_id))).status_code == 200
+    assert [name for name, _ in seen] == ["started", "progress", "completed"]
+    assert seen[0][1]["started"]["pod"] and seen[1][1]["progress"]["step"] == 2
+
+
 async def test_the_stream_of_a_finished_request_sends_its_state_and_ends(gateway):
     request_id = new_id()
     await gateway.create("acme", request_id)
