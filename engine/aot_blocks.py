@@ -193,12 +193,10 @@ def dit_inputs(pipeline, net, size: tuple[str, str, int]) -> dict:
 
 
 def _nets_on_device(pipeline) -> list:
-    """The DiTs whose weights are on the pipeline's device (an expert parked on the host is not). The pipeline's
-    device may name no index ("cuda") while its tensors do ("cuda:0"): compared as the device it means."""
-    device = pipeline.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return [n for n in nets(pipeline) if next(n.parameters()).device == device]
+    """The DiTs whose weights are on the pipeline's device (an expert parked on the host is not)."""
+    from .pipeline import on_device
+
+    return [n for n in nets(pipeline) if on_device(n, pipeline.device)]
 
 
 @torch.no_grad()

@@ -30,16 +30,23 @@ def compile_cache_dir(model_dir: str | os.PathLike, override: str | os.PathLike 
     return Path.home() / ".cache" / "turboflow" / "compile" / model_dir.name
 
 
-def use_cache_dir(path: Path) -> None:
-    """Point Inductor's and Triton's on-disk caches at `path` and turn Inductor's persistent caches on. The one
-    place the engine writes the process environment: torch and Triton read these variables when they first compile
-    (called by load_pipeline when it compiles, never at import)."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
+def point_kernel_caches(path: Path) -> None:
+    """Point Inductor's and Triton's on-disk caches at `path`. The one place the engine writes the process
+    environment: torch and Triton read these variables when they compile, so kernels a pod compiles on its first
+    use (SLA's Triton kernels, the FP8 quantizer, even with the DiT uncompiled) are found on disk by the next pod.
+    Imports nothing (a pod with compile off does not import Inductor for it)."""
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+
+
+def use_cache_dir(path: Path) -> None:
+    """point_kernel_caches, and Inductor's persistent caches turned on (called by load_pipeline when it compiles,
+    never at import)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    point_kernel_caches(path)
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
 

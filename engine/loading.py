@@ -20,7 +20,7 @@ from . import compile_artifacts, fastload, modelcache
 from .checkpoint import load_sla_proj_l
 from .families import FamilySpec, family
 from .options import AOT_COMPILE, LoadOptions
-from .pipeline import TurboVideoPipeline
+from .pipeline import TurboVideoPipeline, on_device
 from .quant import INT8_STORAGE
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,12 @@ def load_pipeline(
     pipeline.compile_artifact = artifact  # ArtifactReport | None (save_compile_artifacts, the load report)
     if aot:
         compile = _attach_aot_blocks(pipeline, artifact, root, manifest, opts)  # False: the DiT runs eager
+    if device.type == "cuda":
+        from .compiled import compile_cache_dir, point_kernel_caches
+
+        # the kernels compiled on first use, compiled DiT or not, go to the cache volume: the next pod loads them
+        # from disk (the same folder a compile's artifact load already pointed them at)
+        point_kernel_caches(compile_cache_dir(root, opts.compile_cache_dir))
     warmup_s = 0.0
     if device.type == "cuda" and opts.warmup and aot:
         warm = time.perf_counter()
@@ -473,7 +479,7 @@ def warmup(pipeline: TurboVideoPipeline, *, dit: bool = True) -> None:
     c = pipeline.latent_channels
     ctx = torch.zeros(1, 8, pipeline.text_encoder.config.d_model, device=dev, dtype=pipeline.dtype)
     for net in (pipeline.transformer, pipeline.transformer_2) if dit else ():
-        if net is None or next(net.parameters()).device != dev:
+        if net is None or not on_device(net, dev):  # an expert parked on the host is warmed when it is brought
             continue
         x = torch.randn(1, net.config.in_channels, 1, 4, 4, device=dev, dtype=pipeline.dtype)
         net(
@@ -487,7 +493,8 @@ def warmup(pipeline: TurboVideoPipeline, *, dit: bool = True) -> None:
         from PIL import Image
 
         pipeline.encode_image(Image.new("RGB", (32, 32)), 32, 32, 1)
-    torch.cuda.synchronize(dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def _offload_policy(offload: str, spec: FamilySpec, weight_bytes: dict, device: torch.device) -> str:

@@ -37,6 +37,17 @@ def pick_seed(seed: int | None) -> int:
     return random.SystemRandom().randint(0, SEED_MAX) if seed is None else seed
 
 
+def same_device(placed: torch.device, wanted: torch.device) -> bool:
+    """Whether a tensor on `placed` is on `wanted`. A device without an index ("cuda") stands for any of its type:
+    torch places tensors on "cuda:0", never on "cuda", so the two never compare equal with ==."""
+    return placed.type == wanted.type and (wanted.index is None or placed.index in (None, wanted.index))
+
+
+def on_device(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the module's parameters live on `device` (an expert parked on the host does not)."""
+    return same_device(next(module.parameters()).device, device)
+
+
 class _Stopwatch:
     def __init__(self, device: torch.device):
         self.device, self.timings = device, {}

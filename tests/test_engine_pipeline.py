@@ -330,3 +330,35 @@ def test_mp4_stream_lifecycle_misuse_is_clear(tmp_path):
         stream.finish()
     stream.abort()  # a no-op once finished: the video stays
     assert (tmp_path / "v.mp4").is_file()
+
+
+@pytest.mark.parametrize(
+    "placed, wanted, expected",
+    [
+        ("cuda:0", "cuda", True),  # the pipeline's "cuda" and its parameters' "cuda:0": the case == got wrong
+        ("cuda:0", "cuda:0", True),
+        ("cuda:1", "cuda:0", False),
+        ("cpu", "cuda", False),  # an expert parked on the host
+        ("cpu", "cpu", True),
+    ],
+)
+def test_a_device_without_an_index_means_any_of_its_type(placed, wanted, expected):
+    from turboflow.engine.pipeline import same_device
+
+    assert same_device(torch.device(placed), torch.device(wanted)) is expected
+
+
+def test_warmup_runs_each_resident_dit_once(i2v_pipeline):
+    """The load's warm-up (on CUDA, before the pod says ready) runs each resident DiT once, so its kernels (cuBLAS,
+    SLA's Triton kernels, the FP8 quantizer) are compiled and loaded before the first request, not during it."""
+    from turboflow.engine.loading import warmup
+
+    calls = []
+    nets = {"high": i2v_pipeline.transformer, "low": i2v_pipeline.transformer_2}
+    hooks = [net.register_forward_pre_hook(lambda *_, name=name: calls.append(name)) for name, net in nets.items()]
+    try:
+        warmup(i2v_pipeline)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == ["high", "low"]

@@ -41,3 +41,22 @@ def test_compile_cache_dir_choice(tmp_path, monkeypatch):
     use_cache_dir(tmp_path / "c")
     assert (tmp_path / "c").is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c" / "inductor")
+
+
+def test_kernel_caches_point_at_the_volume_without_importing_inductor(tmp_path):
+    """A pod with compile off still keeps the kernels it compiles on first use (SLA's Triton kernels, the FP8
+    quantizer) on the cache volume, and pays no Inductor import for saying where."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, sys; from turboflow.engine.compiled import point_kernel_caches; "
+        f"point_kernel_caches(__import__('pathlib').Path({str(tmp_path / 'c')!r})); "
+        "print(json.dumps([os.environ['TRITON_CACHE_DIR'], os.environ['TORCHINDUCTOR_CACHE_DIR'], "
+        "'torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    triton, inductor, *imported = json.loads(out.stdout)
+    assert (triton, inductor) == (str(tmp_path / "c" / "triton"), str(tmp_path / "c" / "inductor"))
+    assert imported == [False, False] and (tmp_path / "c").is_dir()

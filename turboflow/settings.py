@@ -815,7 +815,7 @@ VARIABLES: tuple[Variable, ...] = (
     _v(
         "TORCHINDUCTOR_CACHE_DIR",
         "external",
-        "torch Inductor's cache (set from `TURBOFLOW_COMPILE_CACHE` when compiling)",
+        "torch Inductor's cache (on CUDA set from `TURBOFLOW_COMPILE_CACHE`, compiled DiT or not)",
     ),
     _v("TRITON_CACHE_DIR", "external", "Triton's kernel cache (set like `TORCHINDUCTOR_CACHE_DIR`)"),
     _v("HOME", "external", "the container user's home; default caches live under it"),
