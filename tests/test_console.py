@@ -307,6 +307,23 @@ async def sign_in(page, key: str) -> None:
     await page.get_by_role("button", name="Sign in").click()
 
 
+async def shown_or_explained(page, locator) -> None:
+    """Wait for `locator` to be visible; when it is not, fail with what the page showed instead (its route, the
+    visible section and error texts, script errors): a timeout alone says nothing of why."""
+    try:
+        await locator.wait_for()
+    except Exception as e:
+        state = await page.evaluate(
+            """() => ({
+              hash: location.hash,
+              sections: [...document.querySelectorAll("main > section")].filter((s) => !s.hidden).map((s) => s.id),
+              errors: [...document.querySelectorAll("[id$='-error']")].map((n) => [n.id, n.textContent]).filter(
+                ([, text]) => text),
+            })"""
+        )
+        pytest.fail(f"{locator} never showed: {type(e).__name__}; page: {state}; script errors: {page.errors}")
+
+
 async def fill_form(page, prompt: str, fields: dict) -> None:
     await page.get_by_label("Prompt").fill(prompt)
     for name, value in fields.items():
@@ -464,7 +481,7 @@ async def test_history_filters_and_pages(page, dev):
     await sign_in(page, dev.api_key)
     await page.get_by_role("link", name="History").click()
     cards = page.locator("#h-list li")
-    await cards.first.wait_for()
+    await shown_or_explained(page, cards.first)
     assert await cards.count() >= 2
     await page.get_by_label("Status").select_option("cancelled")
     await page.wait_for_url("**#/history?status=cancelled")
