@@ -33,8 +33,8 @@ def compile_cache_dir(model_dir: str | os.PathLike, override: str | os.PathLike 
 def point_kernel_caches(path: Path) -> None:
     """Point Inductor's and Triton's on-disk caches at `path`. The one place the engine writes the process
     environment: torch and Triton read these variables when they compile, so kernels a pod compiles on its first
-    use (SLA's Triton kernels, the FP8 quantizer, even with the DiT uncompiled) are found on disk by the next pod.
-    Imports nothing (a pod with compile off does not import Inductor for it)."""
+    use (SLA's Triton kernels, the FP8 quantizer, even with the DiT uncompiled) are found there by the next pod
+    when `path` persists. Imports nothing (a pod with compile off does not import Inductor for it)."""
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")

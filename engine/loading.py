@@ -247,9 +247,14 @@ def load_pipeline(
     if device.type == "cuda":
         from .compiled import compile_cache_dir, point_kernel_caches
 
-        # the kernels compiled on first use, compiled DiT or not, go to the cache volume: the next pod loads them
-        # from disk (the same folder a compile's artifact load already pointed them at)
-        point_kernel_caches(compile_cache_dir(root, opts.compile_cache_dir))
+        # the kernels compiled on first use, compiled DiT or not, go to the compile cache folder (the one a
+        # compile's artifact load already pointed them at); where that folder persists (TURBOFLOW_COMPILE_CACHE on
+        # a volume), the next pod loads them from disk. Best effort: an uncompiled load never failed for want of
+        # a writable cache folder, and does not start to now.
+        try:
+            point_kernel_caches(compile_cache_dir(root, opts.compile_cache_dir))
+        except OSError as e:
+            log.warning("kernel caches stay where they were: %s", e)
     warmup_s = 0.0
     if device.type == "cuda" and opts.warmup and aot:
         warm = time.perf_counter()

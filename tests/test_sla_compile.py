@@ -45,7 +45,7 @@ def test_compile_cache_dir_choice(tmp_path, monkeypatch):
 
 def test_kernel_caches_point_at_the_volume_without_importing_inductor(tmp_path):
     """A pod with compile off still keeps the kernels it compiles on first use (SLA's Triton kernels, the FP8
-    quantizer) on the cache volume, and pays no Inductor import for saying where."""
+    quantizer) in its compile cache folder, and pays no Inductor import for saying where."""
     import json
     import subprocess
     import sys
